@@ -1,0 +1,201 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The one place raw file system calls are made. Every failure becomes `FormatError.io` naming
+/// the path and the operation; short reads are errors (a file that shrank under us is truncated).
+public final class SystemFile: @unchecked Sendable {
+    public let path: String
+    public let descriptor: Int32
+
+    private init(path: String, descriptor: Int32) {
+        self.path = path
+        self.descriptor = descriptor
+    }
+
+    deinit { close(descriptor) }
+
+    public static func openForReading(_ path: String) throws(FormatError) -> SystemFile {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(path: path, operation: "open for reading", code: errno) }
+        var info = stat()
+        if fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR {
+            close(fd)
+            throw .io(path: path, operation: "read a directory as a file", code: EISDIR)
+        }
+        return SystemFile(path: path, descriptor: fd)
+    }
+
+    /// Creates a new file; fails if it exists (so two writers never share a temporary name).
+    public static func createExclusive(_ path: String) throws(FormatError) -> SystemFile {
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .io(path: path, operation: "create", code: errno) }
+        return SystemFile(path: path, descriptor: fd)
+    }
+
+    public func size() throws(FormatError) -> Int {
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw .io(path: path, operation: "stat", code: errno) }
+        return Int(info.st_size)
+    }
+
+    /// Reads exactly `buffer.count` bytes at `offset`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(FormatError) {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset)", code: errno)
+            }
+            if n == 0 { throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset) (unexpected end of file)", code: EIO) }
+            done += n
+        }
+    }
+
+    public func read(count: Int, at offset: Int) throws(FormatError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        if count == 0 { return bytes }
+        try withMutableBytes(&bytes) { (buffer) throws(FormatError) in try read(into: buffer, at: offset) }
+        return bytes
+    }
+
+    /// Writes all of `buffer` at `offset`.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(FormatError) {
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "write \(buffer.count) bytes at offset \(offset)", code: errno)
+            }
+            done += n
+        }
+    }
+
+    public func truncate(to length: Int) throws(FormatError) {
+        guard ftruncate(descriptor, off_t(length)) == 0 else { throw .io(path: path, operation: "set the file length", code: errno) }
+    }
+
+    public func synchronize() throws(FormatError) {
+        guard fsync(descriptor) == 0 else { throw .io(path: path, operation: "flush to storage", code: errno) }
+    }
+
+    /// Tells the kernel we will not reread `length` bytes at `offset` soon, so a conversion
+    /// of a 40 GB checkpoint does not push everything else out of the page cache.
+    public func dropCache(offset: Int, length: Int) {
+        #if os(Linux)
+        _ = posix_fadvise(descriptor, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
+        #endif
+    }
+}
+
+public enum FileSystem {
+    public static func exists(_ path: String) -> Bool {
+        var info = stat()
+        return lstat(path, &info) == 0
+    }
+
+    public static func isDirectory(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    public static func fileSize(_ path: String) throws(FormatError) -> Int {
+        var info = stat()
+        guard stat(path, &info) == 0 else { throw .io(path: path, operation: "stat", code: errno) }
+        return Int(info.st_size)
+    }
+
+    public static func readAll(_ path: String, limit: Int) throws(FormatError) -> [UInt8] {
+        let file = try SystemFile.openForReading(path)
+        let size = try file.size()
+        guard size <= limit else {
+            throw .invalidRequest("\(path) is \(size) bytes; files of this kind are at most \(limit) bytes")
+        }
+        return try file.read(count: size, at: 0)
+    }
+
+    public static func rename(_ from: String, to: String) throws(FormatError) {
+        guard Glibc.rename(from, to) == 0 else { throw .io(path: to, operation: "rename \(from) into place", code: errno) }
+    }
+
+    public static func remove(_ path: String) {
+        unlink(path)
+    }
+
+    /// Directory entries (names only), sorted.
+    public static func list(_ directory: String) throws(FormatError) -> [String] {
+        guard let dir = opendir(directory) else { throw .io(path: directory, operation: "list the directory", code: errno) }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted()
+    }
+
+    /// The directory part of a path ("." for a bare name).
+    public static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    public static func join(_ directory: String, _ name: String) -> String {
+        directory.hasSuffix("/") ? directory + name : directory + "/" + name
+    }
+
+    /// A unique temporary path beside `path`, so that the final rename stays on one file system.
+    public static func temporaryPath(beside path: String) -> String {
+        let directory = directory(of: path)
+        let base = path.split(separator: "/").last.map(String.init) ?? "output"
+        return join(directory, ".\(base).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp")
+    }
+}
+
+/// A read-only memory map of a whole file.
+public final class MappedFile: @unchecked Sendable {
+    public let path: String
+    public let bytes: UnsafeRawBufferPointer
+
+    public init(path: String) throws(FormatError) {
+        let file = try SystemFile.openForReading(path)
+        let size = try file.size()
+        self.path = path
+        if size == 0 {
+            bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+            return
+        }
+        guard let base = mmap(nil, size, PROT_READ, MAP_SHARED, file.descriptor, 0), base != MAP_FAILED else {
+            throw .io(path: path, operation: "memory-map \(size) bytes", code: errno)
+        }
+        bytes = UnsafeRawBufferPointer(start: base, count: size)
+    }
+
+    deinit {
+        if let base = bytes.baseAddress { munmap(UnsafeMutableRawPointer(mutating: base), bytes.count) }
+    }
+}
+
+/// `withUnsafeBytes` for bodies with typed throws (the standard library's version is `rethrows`,
+/// which erases the error type).
+@inline(__always)
+func withBytes<R>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(FormatError) -> R) throws(FormatError) -> R {
+    let result: Result<R, FormatError> = bytes.withUnsafeBytes { raw in
+        do throws(FormatError) { return .success(try body(raw)) } catch { return .failure(error) }
+    }
+    return try result.get()
+}
+
+@inline(__always)
+func withMutableBytes<R>(_ bytes: inout [UInt8], _ body: (UnsafeMutableRawBufferPointer) throws(FormatError) -> R) throws(FormatError) -> R {
+    let result: Result<R, FormatError> = bytes.withUnsafeMutableBytes { raw in
+        do throws(FormatError) { return .success(try body(raw)) } catch { return .failure(error) }
+    }
+    return try result.get()
+}

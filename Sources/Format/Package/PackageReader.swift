@@ -1,0 +1,199 @@
+/// Opens a .stpk package: memory-maps it, checks the header and manifest, and checks every range
+/// the manifest names before anything uses it (`specs/FORMAT.md`, "Reader obligations").
+/// Opening does not read tensor data; `verify()` checks every checksum and every padding byte.
+public final class PackageReader: @unchecked Sendable {
+    public let path: String
+    public let header: PackageHeader
+    public let manifest: PackageManifest
+    public let mapping: MappedFile
+    /// Name → index into `manifest.tensors`.
+    public let tensorIndex: [String: Int]
+
+    public init(path: String) throws(FormatError) {
+        self.path = path
+        mapping = try MappedFile(path: path)
+        let bytes = mapping.bytes
+        func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
+
+        header = try PackageHeader(decoding: Array(bytes.prefix(PackageFormat.headerLength)), fileSize: bytes.count, path: path)
+        let manifestBytes = UnsafeRawBufferPointer(rebasing: bytes[header.manifestOffset..<header.manifestOffset + header.manifestLength])
+        let actualCRC = CRC32.checksum(manifestBytes)
+        guard actualCRC == header.manifestCRC32 else {
+            throw defect(.manifestChecksum, "manifest at byte \(header.manifestOffset) has CRC-32 \(CRC32.hex(actualCRC)); the header records \(CRC32.hex(header.manifestCRC32))")
+        }
+        let json: JSONValue
+        do {
+            json = try JSONParser.parse(manifestBytes)
+        } catch {
+            throw defect(.invalidManifest, "\(error.reason) at byte \(header.manifestOffset + error.offset)")
+        }
+        manifest = try PackageManifest(json: json, path: path)
+        tensorIndex = try PackageReader.checkStructure(manifest, header: header, path: path)
+    }
+
+    /// Every cross-field and range check that needs no tensor data.
+    static func checkStructure(_ m: PackageManifest, header: PackageHeader, path: String) throws(FormatError) -> [String: Int] {
+        func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
+        guard m.tensors.count <= PackageFormat.maximumTensorCount, m.files.count <= PackageFormat.maximumFileCount else {
+            throw defect(.invalidManifest, "\(m.tensors.count) tensors and \(m.files.count) files exceed the limits \(PackageFormat.maximumTensorCount) and \(PackageFormat.maximumFileCount)")
+        }
+        // Ranges: inside the data region, not overlapping, aligned.
+        var ranges: [(start: Int, end: Int, what: String)] = []
+        func checkRange(_ offset: Int, _ length: Int, _ what: String) throws(FormatError) {
+            let (end, overflow) = offset.addingReportingOverflow(length)
+            guard !overflow, offset >= header.dataOffset, end <= header.fileLength else {
+                throw defect(.rangeOutOfBounds, "\(what) at [\(offset), \(offset &+ length)) lies outside the data region [\(header.dataOffset), \(header.fileLength))")
+            }
+            ranges.append((offset, end, what))
+        }
+        var index: [String: Int] = [:]
+        for (i, t) in m.tensors.enumerated() {
+            guard index.updateValue(i, forKey: t.name) == nil else { throw defect(.invalidManifest, "tensor \(t.name) is listed twice") }
+            guard let length = t.dtype.byteLength(shape: t.shape), length == t.length else {
+                throw defect(.invalidManifest, "tensor \(t.name): \(t.dtype.rawValue) \(t.shape) needs \(t.dtype.byteLength(shape: t.shape).map(String.init) ?? "an impossible number of") bytes, but its length is \(t.length)")
+            }
+            guard t.offset % PackageFormat.tensorAlignment == 0 else {
+                throw defect(.misaligned, "tensor \(t.name) at byte \(t.offset) is not \(PackageFormat.tensorAlignment)-byte aligned")
+            }
+            guard t.layout == .rowMajor || t.shape.count == 2 else { throw defect(.invalidManifest, "tensor \(t.name) is transposed but not 2-D") }
+            try checkRange(t.offset, t.length, "tensor \(t.name)")
+        }
+        var fileNames = Set<String>()
+        for f in m.files {
+            guard fileNames.insert(f.name).inserted else { throw defect(.invalidManifest, "file \(f.name) is listed twice") }
+            try checkRange(f.offset, f.length, "file \(f.name)")
+        }
+        ranges.sort { $0.start < $1.start }
+        for (a, b) in zip(ranges, ranges.dropFirst()) where b.start < a.end {
+            throw defect(.overlappingRanges, "\(a.what) [\(a.start), \(a.end)) overlaps \(b.what) from byte \(b.start)")
+        }
+
+        // The model: every tensor the config calls for, with the shape it calls for.
+        let c = m.config
+        var seen = Set<String>()
+        func require(_ expected: ExpectedTensor) throws(FormatError) -> TensorEntry {
+            guard let i = index[expected.name] else { throw defect(.invalidManifest, "tensor \(expected.name) is missing") }
+            let t = m.tensors[i]
+            guard t.shape == expected.storedShape, t.layout == expected.layout else {
+                throw defect(.invalidManifest, "tensor \(t.name) is \(t.shape) \(t.layout.rawValue); the config calls for \(expected.storedShape) \(expected.layout.rawValue)")
+            }
+            seen.insert(t.name)
+            return t
+        }
+        for expected in TensorNames.denseTensors(c) { _ = try require(expected) }
+
+        // Bundles: one per (layer, expert), layer-major, aligned, each holding exactly its expert's
+        // three tensors in order, the first at the bundle's start.
+        guard m.bundles.count == c.layerCount * c.expertCount else {
+            throw defect(.invalidManifest, "\(m.bundles.count) expert bundles; the config calls for \(c.layerCount) × \(c.expertCount)")
+        }
+        var previousEnd = 0
+        for (i, b) in m.bundles.enumerated() {
+            let where_ = "expert bundle (layer \(b.layer), expert \(b.expert)) at byte \(b.offset)"
+            guard b.layer == i / c.expertCount, b.expert == i % c.expertCount else {
+                throw defect(.invalidManifest, "\(where_) is out of order; bundles are layer-major, expert-minor")
+            }
+            guard b.offset % PackageFormat.bundleAlignment == 0, b.length % PackageFormat.bundleAlignment == 0, b.length > 0 else {
+                throw defect(.misaligned, "\(where_) with length \(b.length) is not \(PackageFormat.bundleAlignment)-byte aligned and padded")
+            }
+            let (end, overflow) = b.offset.addingReportingOverflow(b.length)
+            guard !overflow, b.offset >= header.dataOffset, end <= header.fileLength, b.offset >= previousEnd else {
+                throw defect(.rangeOutOfBounds, "\(where_) with length \(b.length) is outside the data region or overlaps the previous bundle")
+            }
+            previousEnd = end
+            let expected = TensorNames.expertTensors(c, layer: b.layer, expert: b.expert)
+            guard b.tensors == expected.map(\.name) else {
+                throw defect(.invalidManifest, "\(where_) holds \(b.tensors); expected \(expected.map(\.name))")
+            }
+            var cursor = b.offset
+            for e in expected {
+                let t = try require(e)
+                guard t.offset >= cursor, t.offset + t.length <= end, t.offset - cursor < PackageFormat.tensorAlignment else {
+                    throw defect(.rangeOutOfBounds, "tensor \(t.name) at [\(t.offset), \(t.offset + t.length)) is not packed inside \(where_)")
+                }
+                cursor = t.offset + t.length
+            }
+            guard end - cursor < PackageFormat.bundleAlignment else {
+                throw defect(.invalidManifest, "\(where_) has \(end - cursor) bytes of padding; at most \(PackageFormat.bundleAlignment - 1) are allowed")
+            }
+        }
+        if let extra = m.tensors.first(where: { !seen.contains($0.name) }) {
+            throw defect(.invalidManifest, "tensor \(extra.name) is not part of the model the config describes")
+        }
+        return index
+    }
+
+    // MARK: Access
+
+    public func bytes(of tensor: TensorEntry) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: mapping.bytes[tensor.offset..<tensor.offset + tensor.length])
+    }
+
+    public func tensor(_ name: String) -> TensorEntry? {
+        tensorIndex[name].map { manifest.tensors[$0] }
+    }
+
+    public func fileContents(_ name: String) -> [UInt8]? {
+        guard let f = manifest.file(named: name) else { return nil }
+        return Array(mapping.bytes[f.offset..<f.offset + f.length])
+    }
+
+    // MARK: Verification
+
+    /// Checks every checksum (tensor, bundle, file) and that every byte not covered by a
+    /// checksummed range is zero. Throws at the first problem, naming it and its byte offset.
+    /// `progress` is called with bytes checked so far and the total.
+    public func verify(progress: (Int, Int) -> Void = { _, _ in }) throws(FormatError) {
+        func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
+        let bytes = mapping.bytes
+        let total = header.fileLength
+        // Gaps: manifest end → data offset, and between ranges in the data region.
+        var covered: [(Int, Int)] = manifest.tensors.map { ($0.offset, $0.offset + $0.length) } + manifest.files.map { ($0.offset, $0.offset + $0.length) }
+        covered.sort { $0.0 < $1.0 }
+        var cursor = header.manifestOffset + header.manifestLength
+        func checkZero(_ start: Int, _ end: Int) throws(FormatError) {
+            guard start < end else { return }
+            let region = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+            if let i = region.firstIndex(where: { $0 != 0 }) {
+                throw defect(.nonZeroPadding, "byte \(start + i) lies in padding but is 0x\(String(region[i], radix: 16))")
+            }
+        }
+        try checkZero(cursor, header.dataOffset)
+        cursor = header.dataOffset
+        for (start, end) in covered {
+            try checkZero(cursor, start)
+            cursor = max(cursor, end)
+        }
+        try checkZero(cursor, total)
+
+        // Tensors first, so that a corruption is reported against the tensor it hit; then the
+        // bundle checksums, which a streaming reader uses to check one whole-bundle read.
+        var done = 0
+        var bundleOf: [String: BundleEntry] = [:]
+        for b in manifest.bundles {
+            for name in b.tensors { bundleOf[name] = b }
+        }
+        for t in manifest.tensors {
+            let actual = CRC32.checksum(self.bytes(of: t))
+            guard actual == t.crc32 else {
+                let inBundle = bundleOf[t.name].map { " (in the expert bundle of layer \($0.layer), expert \($0.expert) at byte \($0.offset))" } ?? ""
+                throw defect(.tensorChecksum, "tensor \(t.name) at byte \(t.offset)\(inBundle): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(t.crc32))")
+            }
+            done += t.length
+            progress(done, total)
+        }
+        for b in manifest.bundles {
+            let actual = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[b.offset..<b.offset + b.length]))
+            guard actual == b.crc32 else {
+                throw defect(.bundleChecksum, "expert bundle of layer \(b.layer), expert \(b.expert) at byte \(b.offset): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(b.crc32))")
+            }
+        }
+        for f in manifest.files {
+            let actual = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[f.offset..<f.offset + f.length]))
+            guard actual == f.crc32 else {
+                throw defect(.tensorChecksum, "embedded file \(f.name) at byte \(f.offset): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(f.crc32))")
+            }
+        }
+        progress(total, total)
+    }
+}

@@ -1,0 +1,174 @@
+/// Writes a package planned by `PackageLayout`, streaming.
+///
+/// Tensors and files are written in file order, each through a sink that accepts its bytes in any
+/// chunking; the writer inserts alignment padding, computes every checksum on the way (tensor,
+/// bundle, file, manifest, header) and never holds more than its output buffer. Everything goes
+/// to a temporary file beside the destination, renamed into place by `finish()`; a writer that is
+/// dropped unfinished (an error anywhere) removes the temporary file, so no partial package is
+/// ever left at the destination.
+public final class PackageWriter {
+    public let destination: String
+    public let temporaryPath: String
+    public private(set) var manifest: PackageManifest
+    private let dataOffset: Int
+    private let fileLength: Int
+    private let file: SystemFile
+
+    /// Items (tensors and files) in file order.
+    private enum Item { case tensor(Int), file(Int) }
+    private var items: [Item] = []
+    private var nextItem = 0
+
+    private var position: Int
+    private var buffer: [UInt8] = []
+    private var bufferStart: Int
+    private static let bufferCapacity = 8 << 20
+    private var bundleCursor = 0
+    private var bundleCRC = CRC32()
+    private var finished = false
+
+    /// - Parameter overwrite: replace an existing destination (only once the new one is complete).
+    public init(destination: String, manifest: PackageManifest, dataOffset: Int, overwrite: Bool) throws(FormatError) {
+        if FileSystem.exists(destination) && !overwrite { throw .outputExists(path: destination) }
+        if FileSystem.isDirectory(destination) {
+            throw .invalidRequest("\(destination) is a directory; give the path of the package file to write")
+        }
+        self.destination = destination
+        self.manifest = manifest
+        self.dataOffset = dataOffset
+        fileLength = PackageLayout.fileLength(of: manifest, dataOffset: dataOffset)
+        temporaryPath = FileSystem.temporaryPath(beside: destination)
+        file = try SystemFile.createExclusive(temporaryPath)
+        position = dataOffset
+        bufferStart = dataOffset
+        buffer.reserveCapacity(PackageWriter.bufferCapacity)
+        let ordered = manifest.tensors.indices.map { (manifest.tensors[$0].offset, Item.tensor($0)) }
+            + manifest.files.indices.map { (manifest.files[$0].offset, Item.file($0)) }
+        items = ordered.sorted { $0.0 < $1.0 }.map(\.1)
+    }
+
+    deinit {
+        if !finished { FileSystem.remove(temporaryPath) }
+    }
+
+    /// The tensor that must be written next, or nil when only files (or nothing) remain.
+    public var nextTensorName: String? {
+        guard nextItem < items.count, case .tensor(let i) = items[nextItem] else { return nil }
+        return manifest.tensors[i].name
+    }
+
+    /// Writes tensor `name`, which must be the next item in file order. `body` gets a sink and
+    /// must append exactly the tensor's byte length.
+    public func writeTensor(_ name: String, _ body: (inout ByteSink) throws(FormatError) -> Void) throws(FormatError) {
+        guard nextItem < items.count, case .tensor(let index) = items[nextItem], manifest.tensors[index].name == name else {
+            preconditionFailure("tensor \(name) written out of order; next is \(nextTensorName ?? "a file")")
+        }
+        let entry = manifest.tensors[index]
+        try padTo(entry.offset)
+        var sink = ByteSink(writer: self, expected: entry.length, name: name)
+        try body(&sink)
+        guard sink.written == entry.length else {
+            throw .invalidRequest("internal error: tensor \(name) got \(sink.written) bytes, expected \(entry.length)")
+        }
+        manifest.tensors[index].crc32 = sink.crc.value
+        nextItem += 1
+    }
+
+    /// Writes the next embedded file.
+    public func writeFile(_ name: String, contents: [UInt8]) throws(FormatError) {
+        guard nextItem < items.count, case .file(let index) = items[nextItem], manifest.files[index].name == name else {
+            preconditionFailure("file \(name) written out of order")
+        }
+        try padTo(manifest.files[index].offset)
+        try withBytes(contents) { (raw) throws(FormatError) in try emit(raw) }
+        manifest.files[index].crc32 = CRC32.checksum(contents)
+        nextItem += 1
+    }
+
+    /// Writes the manifest and header, flushes to storage and renames into place.
+    public func finish() throws(FormatError) {
+        precondition(nextItem == items.count, "finish() before every tensor and file was written")
+        try padTo(fileLength)
+        try flush()
+        precondition(bundleCursor == manifest.bundles.count)
+        let manifestBytes = Array(JSONWriter.serialize(manifest.json).utf8)
+        precondition(PackageFormat.headerLength + manifestBytes.count <= dataOffset, "manifest grew after planning")
+        let header = PackageHeader(manifestLength: manifestBytes.count, dataOffset: dataOffset, fileLength: fileLength,
+                                   manifestCRC32: CRC32.checksum(manifestBytes))
+        // The region between the manifest's end and the data offset stays zero (sparse).
+        try withBytes(header.encoded() + manifestBytes) { (raw) throws(FormatError) in try file.write(raw, at: 0) }
+        try file.truncate(to: fileLength)
+        try file.synchronize()
+        try FileSystem.rename(temporaryPath, to: destination)
+        finished = true
+    }
+
+    // MARK: Byte stream
+
+    fileprivate func emit(_ bytes: UnsafeRawBufferPointer) throws(FormatError) {
+        var rest = bytes
+        while !rest.isEmpty {
+            var take = rest.count
+            if bundleCursor < manifest.bundles.count {
+                let bundle = manifest.bundles[bundleCursor]
+                if position < bundle.offset {
+                    take = min(take, bundle.offset - position)
+                } else {
+                    take = min(take, bundle.offset + bundle.length - position)
+                    bundleCRC.update(UnsafeRawBufferPointer(rebasing: rest[..<take]))
+                }
+            }
+            buffer.append(contentsOf: rest[..<take])
+            position += take
+            rest = UnsafeRawBufferPointer(rebasing: rest[take...])
+            if bundleCursor < manifest.bundles.count,
+               position == manifest.bundles[bundleCursor].offset + manifest.bundles[bundleCursor].length {
+                manifest.bundles[bundleCursor].crc32 = bundleCRC.value
+                bundleCRC = CRC32()
+                bundleCursor += 1
+            }
+            if buffer.count >= PackageWriter.bufferCapacity { try flush() }
+        }
+    }
+
+    private static let zeros = [UInt8](repeating: 0, count: 64 << 10)
+
+    private func padTo(_ offset: Int) throws(FormatError) {
+        precondition(offset >= position, "layout overlap at \(offset)")
+        while position < offset {
+            let count = min(offset - position, PackageWriter.zeros.count)
+            try withBytes(PackageWriter.zeros) { (raw) throws(FormatError) in
+                try emit(UnsafeRawBufferPointer(rebasing: raw[..<count]))
+            }
+        }
+    }
+
+    private func flush() throws(FormatError) {
+        guard !buffer.isEmpty else { return }
+        try withBytes(buffer) { (raw) throws(FormatError) in try file.write(raw, at: bufferStart) }
+        bufferStart += buffer.count
+        buffer.removeAll(keepingCapacity: true)
+    }
+}
+
+/// Receives one tensor's bytes for a `PackageWriter`.
+public struct ByteSink {
+    fileprivate let writer: PackageWriter
+    public let expected: Int
+    public let name: String
+    public fileprivate(set) var written = 0
+    fileprivate var crc = CRC32()
+
+    fileprivate init(writer: PackageWriter, expected: Int, name: String) {
+        self.writer = writer
+        self.expected = expected
+        self.name = name
+    }
+
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) throws(FormatError) {
+        precondition(written + bytes.count <= expected, "tensor \(name): more bytes than its length \(expected)")
+        crc.update(bytes)
+        try writer.emit(bytes)
+        written += bytes.count
+    }
+}

@@ -1,0 +1,124 @@
+import ArgumentParser
+import Format
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct STConvert: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stconvert",
+        abstract: "Convert a Hugging Face SmallThinker checkpoint into a .stpk package.",
+        discussion: """
+            Reads config.json and model.safetensors (or model-*-of-*.safetensors with \
+            model.safetensors.index.json), checks every tensor against the config, and writes one \
+            package file: dense tensors first, then one 4096-byte-aligned bundle per expert \
+            (gate, up, down, all neuron-major), then the tokenizer and generation config files.
+            """,
+        version: PackageFormat.converterVersion
+    )
+
+    @Argument(help: "The Hugging Face checkpoint folder.")
+    var checkpoint: String
+
+    @Option(name: .shortAndLong, help: "The package file to write.")
+    var output: String?
+
+    @Option(help: "Stored dtype of every tensor: f32, f16 or bf16 (default: keep the source dtype, lossless).")
+    var dtype: String?
+
+    @Option(help: "Take tokenizer.json and tokenizer_config.json from this folder instead of the checkpoint.")
+    var tokenizer: String?
+
+    @Flag(help: "Overwrite the output if it exists.")
+    var force = false
+
+    @Flag(name: .shortAndLong, help: "Print nothing but errors.")
+    var quiet = false
+
+    @Flag(help: "Print the plan (tensors, layout, output size) and write nothing.")
+    var dryRun = false
+
+    func validate() throws {
+        if let dtype, !["f32", "f16", "bf16"].contains(dtype) {
+            throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)'); quantise with stquant")
+        }
+        if output == nil && !dryRun {
+            throw ValidationError("missing -o/--output: the package file to write")
+        }
+    }
+
+    func run() throws {
+        do {
+            let source = try Checkpoint(directory: checkpoint, tokenizerDirectory: tokenizer)
+            let plan = try Converter.plan(checkpoint: source, dtype: dtype.flatMap(TensorDType.init(rawValue:)))
+            if dryRun {
+                print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
+                print("\nwould write \(plan.outputSize) bytes\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
+                return
+            }
+            let output = output!
+            var meter = ProgressMeter(enabled: !quiet && isatty(STDERR_FILENO) != 0)
+            try Converter.write(plan, to: output, overwrite: force) { progress in
+                let layer = progress.layer.map { "layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
+                meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
+            }
+            meter.finish()
+            if !quiet {
+                print("wrote \(output): \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, \(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)")
+            }
+        } catch {
+            writeStandardError("stconvert: error: \(error)\n")
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// One progress line on a terminal, rewritten in place at most five times a second.
+struct ProgressMeter {
+    let enabled: Bool
+    private let start = monotonicSeconds()
+    private var lastDraw = 0.0
+
+    init(enabled: Bool) { self.enabled = enabled }
+
+    mutating func update(done: Int, total: Int, label: String) {
+        guard enabled else { return }
+        let now = ProgressMeter.monotonicSeconds()
+        guard now - lastDraw >= 0.2 || done >= total else { return }
+        lastDraw = now
+        let elapsed = max(now - start, 1e-6)
+        let rate = Double(done) / elapsed
+        let percent = total > 0 ? Int(Double(done) * 100 / Double(total)) : 100
+        writeStandardError("\r\u{1B}[K\(label)  \(percent)%  \(PackageSummary.bytes(done)) / \(PackageSummary.bytes(total))  \(PackageSummary.bytes(Int(rate)))/s")
+    }
+
+    func finish() {
+        if enabled { writeStandardError("\r\u{1B}[K") }
+    }
+
+    var elapsedText: String {
+        let seconds = ProgressMeter.monotonicSeconds() - start
+        return "\(Double(Int(seconds * 10)) / 10) s"
+    }
+
+    static func monotonicSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
+
+/// Writes text to standard error unbuffered (progress lines and error messages).
+func writeStandardError(_ text: String) {
+    var bytes = Array(text.utf8)
+    bytes.withUnsafeMutableBytes { raw in
+        var offset = 0
+        while offset < raw.count {
+            let n = write(2, raw.baseAddress! + offset, raw.count - offset)
+            if n <= 0 { return }
+            offset += n
+        }
+    }
+}
