@@ -75,11 +75,16 @@ public final class Checkpoint: @unchecked Sendable {
                     throw .invalidCheckpoint(path: path, defect: .duplicateTensor,
                                              detail: "\(tensor.name) is in both \(Checkpoint.baseName(other.path)) and \(name)")
                 }
-                if let shardOf, shardOf[tensor.name] != name {
-                    let said = shardOf[tensor.name].map { "the index puts it in \($0)" } ?? "the index does not list it"
-                    throw .invalidCheckpoint(path: path, defect: .unexpectedTensor, detail: "\(tensor.name) is in \(name), but \(said)")
-                }
                 tensors[tensor.name] = tensor
+            }
+        }
+        // The index must describe the shards exactly: Hugging Face loads through it, so a tensor
+        // it misplaces or omits would silently be a different model there.
+        for tensor in tensors.values.sorted(by: { $0.name < $1.name }) {
+            let name = Checkpoint.baseName(tensor.path)
+            if let shardOf, shardOf[tensor.name] != name {
+                let said = shardOf[tensor.name].map { "the index puts it in \($0)" } ?? "the index does not list it"
+                throw .invalidCheckpoint(path: tensor.path, defect: .unexpectedTensor, detail: "\(tensor.name) is in \(name), but \(said)")
             }
         }
         if let shardOf, let (name, shard) = shardOf.sorted(by: { $0.key < $1.key }).first(where: { tensors[$0.key] == nil }) {
