@@ -140,59 +140,91 @@ public final class PackageReader: @unchecked Sendable {
 
     // MARK: Verification
 
-    /// Checks every checksum (tensor, bundle, file) and that every byte not covered by a
-    /// checksummed range is zero. Throws at the first problem, naming it and its byte offset.
+    /// Checks every checksum (tensor, bundle, file) and that every byte after the manifest not
+    /// covered by a tensor or file is zero. Reads the file once, front to back, in bounded chunks
+    /// (not through the memory map, so a 40 GB package does not become 40 GB of resident pages),
+    /// and throws at the first problem in file order, naming it and its byte offset.
     /// `progress` is called with bytes checked so far and the total.
     public func verify(progress: (Int, Int) -> Void = { _, _ in }) throws(FormatError) {
         func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
-        let bytes = mapping.bytes
-        let total = header.fileLength
-        // Gaps: manifest end → data offset, and between ranges in the data region.
-        var covered: [(Int, Int)] = manifest.tensors.map { ($0.offset, $0.offset + $0.length) } + manifest.files.map { ($0.offset, $0.offset + $0.length) }
-        covered.sort { $0.0 < $1.0 }
-        var cursor = header.manifestOffset + header.manifestLength
-        func checkZero(_ start: Int, _ end: Int) throws(FormatError) {
-            guard start < end else { return }
-            let region = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
-            if let i = region.firstIndex(where: { $0 != 0 }) {
-                throw defect(.nonZeroPadding, "byte \(start + i) lies in padding but is 0x\(String(region[i], radix: 16))")
-            }
-        }
-        try checkZero(cursor, header.dataOffset)
-        cursor = header.dataOffset
-        for (start, end) in covered {
-            try checkZero(cursor, start)
-            cursor = max(cursor, end)
-        }
-        try checkZero(cursor, total)
-
-        // Tensors first, so that a corruption is reported against the tensor it hit; then the
-        // bundle checksums, which a streaming reader uses to check one whole-bundle read.
-        var done = 0
+        enum Owner { case tensor(TensorEntry), file(FileEntry) }
+        let spans: [(start: Int, end: Int, owner: Owner)] = (manifest.tensors.map { ($0.offset, $0.offset + $0.length, Owner.tensor($0)) }
+            + manifest.files.map { ($0.offset, $0.offset + $0.length, Owner.file($0)) }).sorted { $0.0 < $1.0 }
         var bundleOf: [String: BundleEntry] = [:]
-        for b in manifest.bundles {
-            for name in b.tensors { bundleOf[name] = b }
-        }
-        for t in manifest.tensors {
-            let actual = CRC32.checksum(self.bytes(of: t))
-            guard actual == t.crc32 else {
+        for b in manifest.bundles { for name in b.tensors { bundleOf[name] = b } }
+
+        func finishSpan(_ span: (start: Int, end: Int, owner: Owner), _ crc: UInt32) throws(FormatError) {
+            switch span.owner {
+            case .tensor(let t) where crc != t.crc32:
                 let inBundle = bundleOf[t.name].map { " (in the expert bundle of layer \($0.layer), expert \($0.expert) at byte \($0.offset))" } ?? ""
-                throw defect(.tensorChecksum, "tensor \(t.name) at byte \(t.offset)\(inBundle): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(t.crc32))")
-            }
-            done += t.length
-            progress(done, total)
-        }
-        for b in manifest.bundles {
-            let actual = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[b.offset..<b.offset + b.length]))
-            guard actual == b.crc32 else {
-                throw defect(.bundleChecksum, "expert bundle of layer \(b.layer), expert \(b.expert) at byte \(b.offset): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(b.crc32))")
+                throw defect(.tensorChecksum, "tensor \(t.name) at byte \(t.offset)\(inBundle): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(t.crc32))")
+            case .file(let f) where crc != f.crc32:
+                throw defect(.tensorChecksum, "embedded file \(f.name) at byte \(f.offset): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(f.crc32))")
+            default: break
             }
         }
-        for f in manifest.files {
-            let actual = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[f.offset..<f.offset + f.length]))
-            guard actual == f.crc32 else {
-                throw defect(.tensorChecksum, "embedded file \(f.name) at byte \(f.offset): CRC-32 is \(CRC32.hex(actual)), expected \(CRC32.hex(f.crc32))")
+
+        let file = try SystemFile.openForReading(path)
+        let total = header.fileLength
+        let chunkSize = 8 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        var spanIndex = 0, spanCRC = CRC32()
+        var bundleIndex = 0, bundleCRC = CRC32()
+        var position = header.manifestOffset + header.manifestLength
+        while position < total {
+            let count = min(chunkSize, total - position)
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[..<count])
+            try file.read(into: chunk, at: position)
+            let chunkEnd = position + count
+            func slice(_ from: Int, _ to: Int) -> UnsafeRawBufferPointer {
+                UnsafeRawBufferPointer(rebasing: chunk[(from - position)..<(to - position)])
             }
+            // Tensors, files and the zero gaps between them.
+            var p = position
+            while p < chunkEnd {
+                if spanIndex < spans.count, p >= spans[spanIndex].start {
+                    let end = min(spans[spanIndex].end, chunkEnd)
+                    spanCRC.update(slice(p, end))
+                    p = end
+                    if p == spans[spanIndex].end {
+                        try finishSpan(spans[spanIndex], spanCRC.value)
+                        spanCRC = CRC32()
+                        spanIndex += 1
+                    }
+                } else {
+                    let end = min(spanIndex < spans.count ? spans[spanIndex].start : chunkEnd, chunkEnd)
+                    let gap = slice(p, end)
+                    if let i = gap.firstIndex(where: { $0 != 0 }) {
+                        throw defect(.nonZeroPadding, "byte \(p + i) lies in padding but is 0x\(String(gap[i], radix: 16))")
+                    }
+                    p = end
+                }
+            }
+            // Bundles: each CRC covers the bundle's tensors and its padding.
+            var b = position
+            while b < chunkEnd, bundleIndex < manifest.bundles.count {
+                let bundle = manifest.bundles[bundleIndex]
+                if b < bundle.offset { b = min(bundle.offset, chunkEnd); continue }
+                let end = min(bundle.offset + bundle.length, chunkEnd)
+                bundleCRC.update(slice(b, end))
+                b = end
+                if b == bundle.offset + bundle.length {
+                    guard bundleCRC.value == bundle.crc32 else {
+                        throw defect(.bundleChecksum, "expert bundle of layer \(bundle.layer), expert \(bundle.expert) at byte \(bundle.offset): CRC-32 is \(CRC32.hex(bundleCRC.value)), expected \(CRC32.hex(bundle.crc32))")
+                    }
+                    bundleCRC = CRC32()
+                    bundleIndex += 1
+                }
+            }
+            file.dropCache(offset: position, length: count)
+            position = chunkEnd
+            progress(position, total)
+        }
+        // Empty files at the very end have no bytes to visit.
+        while spanIndex < spans.count {
+            try finishSpan(spans[spanIndex], CRC32().value)
+            spanIndex += 1
         }
         progress(total, total)
     }
