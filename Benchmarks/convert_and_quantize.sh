@@ -13,17 +13,17 @@ swift build -c release >/dev/null
 if [ ! -f "$work/checkpoint/config.json" ]; then
     python3 Benchmarks/make_checkpoint.py "$work/checkpoint" "$@"
 fi
-size=$(du -sb "$work/checkpoint" | cut -f1)
+size=$(du -sbL "$work/checkpoint" | cut -f1)
 
 measure() {  # label, command...
     local label=$1; shift
     /usr/bin/time -f "%e %M" -o "$work/time.txt" "$@" >/dev/null
     read -r seconds rss_kb < "$work/time.txt"
-    printf '%-22s %8.1f s  %8.0f MB/s  peak RSS %7.1f MiB\n' "$label" "$seconds" \
-        "$(echo "$size / 1000000 / $seconds" | bc -l)" "$(echo "$rss_kb / 1024" | bc -l)"
+    awk -v l="$label" -v s="$seconds" -v r="$rss_kb" -v b="$size" \
+        'BEGIN { printf "%-22s %8.1f s  %8.0f MB/s  peak RSS %7.1f MiB\n", l, s, b / 1e6 / s, r / 1024 }'
 }
 
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; checkpoint $(echo "$size / 1073741824" | bc -l | cut -c1-5) GiB"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; checkpoint $(awk -v b="$size" 'BEGIN { printf "%.2f", b / 2^30 }') GiB"
 measure "stconvert (bf16)" .build/release/stconvert "$work/checkpoint" -o "$work/model.stpk" --force --quiet
 measure "strun verify" .build/release/strun verify "$work/model.stpk" --quiet
 if .build/release/stquant --help 2>/dev/null | grep -q -- "--type"; then
