@@ -61,7 +61,7 @@ struct STConvert: ParsableCommand {
             let output = output!
             var meter = ProgressMeter(enabled: !quiet && isatty(STDERR_FILENO) != 0)
             try Converter.write(plan, to: output, overwrite: force) { progress in
-                let layer = progress.layer.map { "layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
+                let layer = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
                 meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
             }
             meter.finish()

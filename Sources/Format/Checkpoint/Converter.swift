@@ -4,7 +4,7 @@ public struct WriteProgress: Sendable {
     public var totalBytes: Int
     public var tensorsWritten: Int
     public var totalTensors: Int
-    /// The layer being written, nil while writing dense tensors or files.
+    /// The layer whose experts are being written; nil while writing dense tensors or files.
     public var layer: Int?
 }
 
@@ -79,7 +79,7 @@ public enum Converter {
             shard.doneReading(source)
             state.bytesWritten = entry.offset + entry.length
             state.tensorsWritten += 1
-            state.layer = bundleLayer[entry.name] ?? Converter.layer(of: entry.name)
+            state.layer = bundleLayer[entry.name]
             progress(state)
         }
         state.layer = nil
@@ -89,11 +89,6 @@ public enum Converter {
         try writer.finish()
         state.bytesWritten = total
         progress(state)
-    }
-
-    static func layer(of name: String) -> Int? {
-        guard name.hasPrefix("layers.") else { return nil }
-        return Int(name.dropFirst("layers.".count).prefix { $0 != "." })
     }
 
     /// Row-major copy with dtype conversion, in chunks.
