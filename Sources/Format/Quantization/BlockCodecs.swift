@@ -1,0 +1,144 @@
+/// ggml's Q4_0 block: a float16 scale, then 32 4-bit values in 16 bytes. Value i < 16 is the low
+/// nibble of byte i, value 16 + i the high nibble; value = (nibble − 8) · d.
+///
+/// `quantize` is ggml's reference quantiser (`quantize_row_q4_0_ref`) operation for operation, so
+/// the bytes are identical: the largest-magnitude value m (first on ties, sign kept) sets
+/// d = m / −8; id = 1/d from the float32 d; nibble = min(15, trunc(x·id + 8.5)); d is stored
+/// as float16 rounded to nearest even.
+public enum Q4_0 {
+    public static let blockSize = 32
+    public static let blockBytes = 18
+
+    /// Quantises `count` values (a multiple of 32) into `count / 32` blocks.
+    public static func quantize(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer) {
+        precondition(count % blockSize == 0)
+        for b in 0..<count / blockSize {
+            let v = x + b * blockSize
+            let block = out + b * blockBytes
+            var amax: Float = 0
+            var max: Float = 0
+            for j in 0..<blockSize where amax < abs(v[j]) {
+                amax = abs(v[j])
+                max = v[j]
+            }
+            let d = max / -8
+            let id: Float = d != 0 ? 1 / d : 0
+            block.storeBytes(of: Float16(d).bitPattern.littleEndian, as: UInt16.self)
+            let qs = (block + 2).assumingMemoryBound(to: UInt8.self)
+            for j in 0..<blockSize / 2 {
+                let x0 = v[j] * id
+                let x1 = v[j + blockSize / 2] * id
+                let q0 = Swift.min(15, Int8(truncatingToward: x0 + 8.5))
+                let q1 = Swift.min(15, Int8(truncatingToward: x1 + 8.5))
+                // As in C: both are stored through uint8_t and combined without a mask (in range,
+                // 0...15, the mask would change nothing).
+                qs[j] = UInt8(bitPattern: q0) | UInt8(truncatingIfNeeded: UInt32(UInt8(bitPattern: q1)) << 4)
+            }
+        }
+    }
+
+    public static func dequantize(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
+        precondition(count % blockSize == 0)
+        for b in 0..<count / blockSize {
+            let block = blocks + b * blockBytes
+            let d = Float(Float16(bitPattern: UInt16(littleEndian: block.loadUnaligned(as: UInt16.self))))
+            let qs = (block + 2).assumingMemoryBound(to: UInt8.self)
+            let o = out + b * blockSize
+            for j in 0..<blockSize / 2 {
+                o[j] = Float(Int(qs[j] & 0x0F) - 8) * d
+                o[j + blockSize / 2] = Float(Int(qs[j] >> 4) - 8) * d
+            }
+        }
+    }
+
+    /// The largest round-trip error a block can have. The codes run from −8 to +7 steps and the
+    /// largest magnitude maps to −8, so values of the other sign near it are clipped at +7: up
+    /// to one whole step |d| = amax / 8 (half a step elsewhere), plus float16 rounding of d
+    /// applied to the largest code, with slack.
+    public static func errorBound(blockMaxMagnitude amax: Float) -> Float {
+        let d = amax / 8
+        return d + 8 * d * Float(Float16.ulpOfOne) + Float(Float16.leastNonzeroMagnitude) * 8
+    }
+}
+
+/// ggml's Q8_0 block: a float16 scale d = amax / 127, then 32 signed bytes round(x / d), rounding
+/// half away from zero (ggml's `quantize_row_q8_0_ref`).
+public enum Q8_0 {
+    public static let blockSize = 32
+    public static let blockBytes = 34
+
+    public static func quantize(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer) {
+        precondition(count % blockSize == 0)
+        for b in 0..<count / blockSize {
+            let v = x + b * blockSize
+            let block = out + b * blockBytes
+            var amax: Float = 0
+            for j in 0..<blockSize { amax = Swift.max(amax, abs(v[j])) }
+            let d = amax / 127
+            let id: Float = d != 0 ? 1 / d : 0
+            block.storeBytes(of: Float16(d).bitPattern.littleEndian, as: UInt16.self)
+            let qs = (block + 2).assumingMemoryBound(to: Int8.self)
+            for j in 0..<blockSize {
+                qs[j] = Int8(truncatingIfNeeded: Int32(convertingLikeX86: (v[j] * id).rounded(.toNearestOrAwayFromZero)))
+            }
+        }
+    }
+
+    public static func dequantize(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
+        precondition(count % blockSize == 0)
+        for b in 0..<count / blockSize {
+            let block = blocks + b * blockBytes
+            let d = Float(Float16(bitPattern: UInt16(littleEndian: block.loadUnaligned(as: UInt16.self))))
+            let qs = (block + 2).assumingMemoryBound(to: Int8.self)
+            let o = out + b * blockSize
+            for j in 0..<blockSize { o[j] = Float(qs[j]) * d }
+        }
+    }
+
+    /// Half a step, plus float16 rounding of d applied to the largest code (127 steps), with slack.
+    public static func errorBound(blockMaxMagnitude amax: Float) -> Float {
+        let d = amax / 127
+        return d / 2 + 127 * d * Float(Float16.ulpOfOne) + Float(Float16.leastNonzeroMagnitude) * 127
+    }
+}
+
+/// Rows of any stored dtype to and from float32.
+public enum TensorCodec {
+    /// Decodes `count` values (whole blocks for quantised types) starting at `source`.
+    public static func decode(_ source: UnsafeRawPointer, dtype: TensorDType, count: Int, into out: UnsafeMutablePointer<Float>) {
+        switch dtype {
+        case .f32, .f16, .bf16: FloatCodecs.decode(source, dtype: dtype, count: count, into: out)
+        case .q4_0: Q4_0.dequantize(source, count: count, into: out)
+        case .q8_0: Q8_0.dequantize(source, count: count, into: out)
+        }
+    }
+
+    /// Encodes `count` values; returns the index of the first finite value that overflowed a
+    /// float type (quantised types store an infinite scale instead, as ggml does).
+    @discardableResult
+    public static func encode(_ values: UnsafePointer<Float>, count: Int, as dtype: TensorDType, into out: UnsafeMutableRawPointer) -> Int? {
+        switch dtype {
+        case .f32, .f16, .bf16: return FloatCodecs.encode(values, count: count, as: dtype, into: out)
+        case .q4_0: Q4_0.quantize(values, count: count, into: out); return nil
+        case .q8_0: Q8_0.quantize(values, count: count, into: out); return nil
+        }
+    }
+}
+
+extension Int8 {
+    /// C's float → int8_t conversion as compiled for x86 (cvttss2si, then the low byte):
+    /// truncation toward zero in range; NaN and out-of-range values give 0. In range this is
+    /// plain C; out of range C leaves it undefined, and this is what ggml's x86 builds do.
+    @inline(__always)
+    init(truncatingToward value: Float) {
+        self = Int8(truncatingIfNeeded: Int32(convertingLikeX86: value))
+    }
+}
+
+extension Int32 {
+    /// cvttss2si: truncation toward zero; NaN or out of range gives Int32.min ("integer indefinite").
+    @inline(__always)
+    init(convertingLikeX86 value: Float) {
+        if value.isNaN || value >= 2_147_483_648 || value < -2_147_483_648 { self = .min } else { self = Int32(value) }
+    }
+}
