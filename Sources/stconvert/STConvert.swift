@@ -59,7 +59,7 @@ struct STConvert: ParsableCommand {
                 return
             }
             let output = output!
-            var meter = ProgressMeter(enabled: !quiet && isatty(STDERR_FILENO) != 0)
+            var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
             try Converter.write(plan, to: output, overwrite: force) { progress in
                 let layer = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
                 meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
@@ -71,54 +71,6 @@ struct STConvert: ParsableCommand {
         } catch {
             writeStandardError("stconvert: error: \(error)\n")
             throw ExitCode(1)
-        }
-    }
-}
-
-/// One progress line on a terminal, rewritten in place at most five times a second.
-struct ProgressMeter {
-    let enabled: Bool
-    private let start = monotonicSeconds()
-    private var lastDraw = 0.0
-
-    init(enabled: Bool) { self.enabled = enabled }
-
-    mutating func update(done: Int, total: Int, label: String) {
-        guard enabled else { return }
-        let now = ProgressMeter.monotonicSeconds()
-        guard now - lastDraw >= 0.2 || done >= total else { return }
-        lastDraw = now
-        let elapsed = max(now - start, 1e-6)
-        let rate = Double(done) / elapsed
-        let percent = total > 0 ? Int(Double(done) * 100 / Double(total)) : 100
-        writeStandardError("\r\u{1B}[K\(label)  \(percent)%  \(PackageSummary.bytes(done)) / \(PackageSummary.bytes(total))  \(PackageSummary.bytes(Int(rate)))/s")
-    }
-
-    func finish() {
-        if enabled { writeStandardError("\r\u{1B}[K") }
-    }
-
-    var elapsedText: String {
-        let seconds = ProgressMeter.monotonicSeconds() - start
-        return "\(Double(Int(seconds * 10)) / 10) s"
-    }
-
-    static func monotonicSeconds() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
-}
-
-/// Writes text to standard error unbuffered (progress lines and error messages).
-func writeStandardError(_ text: String) {
-    var bytes = Array(text.utf8)
-    bytes.withUnsafeMutableBytes { raw in
-        var offset = 0
-        while offset < raw.count {
-            let n = write(2, raw.baseAddress! + offset, raw.count - offset)
-            if n <= 0 { return }
-            offset += n
         }
     }
 }

@@ -1,15 +1,107 @@
 import ArgumentParser
 import Format
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @main
 struct STQuant: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stquant",
         abstract: "Quantise a .stpk package to Q4_0 or Q8_0 (ggml-compatible blocks).",
+        discussion: """
+            Default policy: every 2-D weight whose rows split into blocks of 32 becomes --type \
+            (embeddings and output head included); norms and routers stay f32; a matrix whose rows \
+            cannot be split falls back to f16. The expert bundles keep their layout: contiguous per \
+            layer, 4096-byte aligned, gate/up/down neuron-major.
+            """,
         version: PackageFormat.converterVersion
     )
 
+    @Argument(help: "The float package to quantise.")
+    var input: String
+
+    @Option(name: .shortAndLong, help: "The package file to write.")
+    var output: String?
+
+    @Option(help: "q4_0 or q8_0.")
+    var type: String
+
+    @Option(help: "Type for the token embeddings (e.g. q8_0, f16, f32).")
+    var embeddingType: String?
+
+    @Option(help: "Type for the untied output head.")
+    var outputType: String?
+
+    @Option(name: .customLong("tensor-type"), help: ArgumentHelp("Type for tensors whose name matches PATTERN (* matches anything), e.g. 'layers.*.attn_v=q8_0'. Repeatable; the first match wins.", valueName: "PATTERN=TYPE"))
+    var tensorTypes: [String] = []
+
+    @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
+    var allowRequantize = false
+
+    @Option(name: [.customShort("t"), .long], help: "Worker threads (default: all cores).")
+    var threads: Int?
+
+    @Flag(help: "Overwrite the output if it exists.")
+    var force = false
+
+    @Flag(name: .shortAndLong, help: "Print nothing but errors.")
+    var quiet = false
+
+    @Flag(help: "Print the per-tensor plan and write nothing.")
+    var dryRun = false
+
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    func validate() throws {
+        guard let t = TensorDType(rawValue: type.lowercased()), t.isQuantized else {
+            throw ValidationError("--type must be q4_0 or q8_0 (got '\(type)')")
+        }
+        for (flag, value) in [("--embedding-type", embeddingType), ("--output-type", outputType)] {
+            if let value, TensorDType(rawValue: value.lowercased()) == nil {
+                throw ValidationError("\(flag) must be one of \(TensorDType.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(value)')")
+            }
+        }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if output == nil && !dryRun { throw ValidationError("missing -o/--output: the package file to write") }
+    }
+
     func run() throws {
-        throw ValidationError("not implemented yet")
+        do {
+            var overrides: [(pattern: String, type: TensorDType)] = []
+            for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
+            let policy = QuantizationPolicy(type: TensorDType(rawValue: type.lowercased())!,
+                                            embeddingType: embeddingType.flatMap { TensorDType(rawValue: $0.lowercased()) },
+                                            outputType: outputType.flatMap { TensorDType(rawValue: $0.lowercased()) },
+                                            overrides: overrides, allowRequantize: allowRequantize)
+            let source = try PackageReader(path: input)
+            let plan = try Quantizer.plan(source: source, policy: policy)
+            let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }
+            if dryRun {
+                print(QuantizationSummary.plan(plan))
+                return
+            }
+            if !quiet && !json, !fallbacks.isEmpty {
+                writeStandardError("stquant: note: \(fallbacks.count) tensors cannot use \(policy.type.rawValue) and stay f16: \(QuantizationSummary.fallbackText(plan))\n")
+            }
+            let output = output!
+            var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
+            let report = try Quantizer.write(plan, to: output, overwrite: force,
+                                             threads: threads ?? Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) { progress in
+                let label = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
+                meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: label)
+            }
+            meter.finish()
+            if json {
+                print(JSONWriter.serialize(QuantizationSummary.json(report, output: output, type: policy.type), pretty: true))
+            } else if !quiet {
+                print(QuantizationSummary.text(report, input: input, output: output, type: policy.type))
+            }
+        } catch {
+            writeStandardError("stquant: error: \(error)\n")
+            throw ExitCode(1)
+        }
     }
 }

@@ -76,16 +76,3 @@ struct Verify: ParsableCommand {
         }
     }
 }
-
-/// Writes text to standard error unbuffered (progress lines and error messages).
-func writeStandardError(_ text: String) {
-    var bytes = Array(text.utf8)
-    bytes.withUnsafeMutableBytes { raw in
-        var offset = 0
-        while offset < raw.count {
-            let n = write(2, raw.baseAddress! + offset, raw.count - offset)
-            if n <= 0 { return }
-            offset += n
-        }
-    }
-}

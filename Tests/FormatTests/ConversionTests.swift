@@ -56,35 +56,7 @@ import Testing
     @Test(arguments: Fixtures.models)
     func expertBundlesAreLayerMajorAlignedAndContiguous(model: String) throws {
         let scratch = ScratchDirectory()
-        let reader = try PackageReader(path: try convertFixture(model, in: scratch))
-        let m = reader.manifest
-        let c = m.config
-        #expect(m.bundles.count == c.layerCount * c.expertCount)
-        let bundled = Set(m.bundles.flatMap(\.tensors))
-        let denseEnd = m.tensors.filter { !bundled.contains($0.name) }.map { $0.offset + $0.length }.max()!
-        // Dense tensors come first, each 64-byte aligned.
-        for t in m.tensors where !bundled.contains(t.name) {
-            #expect(t.offset % 64 == 0)
-            #expect(t.offset < m.bundles[0].offset)
-        }
-        #expect(m.bundles[0].offset >= denseEnd && m.bundles[0].offset - denseEnd < 4096)
-        for (i, b) in m.bundles.enumerated() {
-            #expect(b.layer == i / c.expertCount && b.expert == i % c.expertCount)
-            #expect(b.offset % 4096 == 0 && b.length % 4096 == 0)
-            if i > 0 { #expect(b.offset == m.bundles[i - 1].offset + m.bundles[i - 1].length, "bundles are adjacent") }
-            #expect(b.tensors == ["gate", "up", "down"].map { "layers.\(b.layer).experts.\(b.expert).\($0)" })
-            let ts = b.tensors.map { m.tensor(named: $0)! }
-            #expect(ts[0].offset == b.offset, "the bundle starts with gate")
-            #expect(ts.allSatisfy { $0.shape == [c.expertFFNSize, c.hiddenSize] }, "all three neuron-major")
-            #expect(ts[2].layout == .transposed && ts[0].layout == .rowMajor && ts[1].layout == .rowMajor)
-            for (a, next) in zip(ts, ts.dropFirst()) {
-                #expect(next.offset >= a.offset + a.length && next.offset - (a.offset + a.length) < 64, "back to back")
-            }
-            #expect(b.offset + b.length - (ts[2].offset + ts[2].length) < 4096, "padding less than one page")
-        }
-        // Files come after the expert region.
-        let last = m.bundles.last!
-        #expect(m.files.allSatisfy { $0.offset >= last.offset + last.length })
+        checkStorageLayout(try PackageReader(path: try convertFixture(model, in: scratch)))
     }
 
     @Test func configIsNormalisedWithExplicitRouting() throws {

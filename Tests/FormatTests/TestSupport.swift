@@ -1,4 +1,5 @@
 import Foundation
+import Testing
 @testable import Format
 
 /// Paths and small helpers shared by the Format tests.
@@ -97,4 +98,35 @@ func convertFixture(_ model: String, in scratch: ScratchDirectory, dtype: Tensor
     let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Fixtures.model(model)), dtype: dtype)
     try Converter.write(plan, to: output, overwrite: false)
     return output
+}
+
+/// The storage-optimised layout (`specs/FORMAT.md`): dense tensors first and 64-byte aligned, then
+/// one bundle per expert, layer-major, 4096-aligned and padded, adjacent, each holding gate, up,
+/// down back to back, all neuron-major; embedded files after the expert region.
+func checkStorageLayout(_ reader: PackageReader, sourceLocation: SourceLocation = #_sourceLocation) {
+    let m = reader.manifest
+    let c = m.config
+    #expect(m.bundles.count == c.layerCount * c.expertCount, sourceLocation: sourceLocation)
+    let bundled = Set(m.bundles.flatMap(\.tensors))
+    let denseEnd = m.tensors.filter { !bundled.contains($0.name) }.map { $0.offset + $0.length }.max()!
+    for t in m.tensors where !bundled.contains(t.name) {
+        #expect(t.offset % 64 == 0 && t.offset < m.bundles[0].offset, "\(t.name)", sourceLocation: sourceLocation)
+    }
+    #expect(m.bundles[0].offset >= denseEnd && m.bundles[0].offset - denseEnd < 4096, sourceLocation: sourceLocation)
+    for (i, b) in m.bundles.enumerated() {
+        #expect(b.layer == i / c.expertCount && b.expert == i % c.expertCount, sourceLocation: sourceLocation)
+        #expect(b.offset % 4096 == 0 && b.length % 4096 == 0, sourceLocation: sourceLocation)
+        if i > 0 { #expect(b.offset == m.bundles[i - 1].offset + m.bundles[i - 1].length, "bundles are adjacent", sourceLocation: sourceLocation) }
+        #expect(b.tensors == ["gate", "up", "down"].map { "layers.\(b.layer).experts.\(b.expert).\($0)" }, sourceLocation: sourceLocation)
+        let ts = b.tensors.map { m.tensor(named: $0)! }
+        #expect(ts[0].offset == b.offset, "the bundle starts with gate", sourceLocation: sourceLocation)
+        #expect(ts.allSatisfy { $0.shape == [c.expertFFNSize, c.hiddenSize] }, "all three neuron-major", sourceLocation: sourceLocation)
+        #expect(ts[2].layout == .transposed && ts[0].layout == .rowMajor && ts[1].layout == .rowMajor, sourceLocation: sourceLocation)
+        for (a, next) in zip(ts, ts.dropFirst()) {
+            #expect(next.offset >= a.offset + a.length && next.offset - (a.offset + a.length) < 64, "back to back", sourceLocation: sourceLocation)
+        }
+        #expect(b.offset + b.length - (ts[2].offset + ts[2].length) < 4096, "padding less than one page", sourceLocation: sourceLocation)
+    }
+    let last = m.bundles.last!
+    #expect(m.files.allSatisfy { $0.offset >= last.offset + last.length }, sourceLocation: sourceLocation)
 }

@@ -92,6 +92,21 @@ public final class SystemFile: @unchecked Sendable {
     }
 }
 
+/// Writes text to standard error, unbuffered. The executables' one way to print diagnostics and
+/// progress (the libraries themselves never print).
+public func writeStandardError(_ text: String) {
+    var bytes = Array(text.utf8)
+    bytes.withUnsafeMutableBytes { raw in
+        var offset = 0
+        while offset < raw.count {
+            let n = write(2, raw.baseAddress! + offset, raw.count - offset)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            offset += n
+        }
+    }
+}
+
 public enum FileSystem {
     public static func exists(_ path: String) -> Bool {
         var info = stat()

@@ -6,12 +6,15 @@ public final class PackageReader: @unchecked Sendable {
     public let header: PackageHeader
     public let manifest: PackageManifest
     public let mapping: MappedFile
+    /// For positioned reads that should not stay resident (streaming tools).
+    let file: SystemFile
     /// Name → index into `manifest.tensors`.
     public let tensorIndex: [String: Int]
 
     public init(path: String) throws(FormatError) {
         self.path = path
         mapping = try MappedFile(path: path)
+        file = try SystemFile.openForReading(path)
         let bytes = mapping.bytes
         func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
 
@@ -129,6 +132,14 @@ public final class PackageReader: @unchecked Sendable {
         UnsafeRawBufferPointer(rebasing: mapping.bytes[tensor.offset..<tensor.offset + tensor.length])
     }
 
+    /// Reads `buffer.count` bytes of `tensor`, starting `offset` bytes into it, with a positioned
+    /// read (no memory map), and lets the page cache drop them.
+    public func read(_ tensor: TensorEntry, from offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FormatError) {
+        precondition(offset >= 0 && offset + buffer.count <= tensor.length)
+        try file.read(into: buffer, at: tensor.offset + offset)
+        file.dropCache(offset: tensor.offset + offset, length: buffer.count)
+    }
+
     public func tensor(_ name: String) -> TensorEntry? {
         tensorIndex[name].map { manifest.tensors[$0] }
     }
@@ -164,7 +175,6 @@ public final class PackageReader: @unchecked Sendable {
             }
         }
 
-        let file = try SystemFile.openForReading(path)
         let total = header.fileLength
         let chunkSize = 8 << 20
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)

@@ -1,0 +1,213 @@
+import Dispatch
+
+/// Round-trip error of one tensor (or a group of them), in the tensor's own units.
+public struct QuantizationError: Sendable {
+    public var count = 0
+    public var sumSquaredError = 0.0
+    public var sumSquaredValue = 0.0
+    public var maxAbsoluteError: Float = 0
+
+    public var rmse: Double { count > 0 ? (sumSquaredError / Double(count)).squareRoot() : 0 }
+    /// RMS error relative to the RMS value: comparable across tensors of different scales.
+    public var relativeRMSE: Double { sumSquaredValue > 0 ? (sumSquaredError / sumSquaredValue).squareRoot() : 0 }
+
+    mutating func merge(_ other: QuantizationError) {
+        count += other.count
+        sumSquaredError += other.sumSquaredError
+        sumSquaredValue += other.sumSquaredValue
+        maxAbsoluteError = max(maxAbsoluteError, other.maxAbsoluteError)
+    }
+}
+
+/// A quantisation, planned: what `stquant --dry-run` shows and `Quantizer.write` executes.
+public struct QuantizationPlan: Sendable {
+    public let source: PackageReader
+    public let manifest: PackageManifest
+    public let dataOffset: Int
+    /// Output tensor name → decision.
+    public let decisions: [String: QuantizationPolicy.Decision]
+    public let policy: QuantizationPolicy
+    public var outputSize: Int { PackageLayout.fileLength(of: manifest, dataOffset: dataOffset) }
+}
+
+public struct QuantizationReport: Sendable {
+    public struct Tensor: Sendable {
+        public var name: String
+        public var role: TensorRole
+        public var from: TensorDType
+        public var to: TensorDType
+        public var elements: Int
+        public var bytesBefore: Int
+        public var bytesAfter: Int
+        public var error: QuantizationError
+    }
+    public var sizeBefore: Int
+    public var sizeAfter: Int
+    public var tensors: [Tensor]
+    public var seconds: Double
+
+    /// Stored bits per weight over all tensors.
+    public var bitsPerWeight: Double {
+        let elements = tensors.reduce(0) { $0 + $1.elements }
+        return Double(tensors.reduce(0) { $0 + $1.bytesAfter } * 8) / Double(max(elements, 1))
+    }
+
+    public func byRole() -> [(role: TensorRole, tensors: Int, dtypes: [TensorDType], error: QuantizationError)] {
+        TensorRole.allCases.compactMap { role in
+            let group = tensors.filter { $0.role == role }
+            guard !group.isEmpty else { return nil }
+            var error = QuantizationError()
+            for t in group { error.merge(t.error) }
+            return (role, group.count, Array(Set(group.map(\.to))).sorted { $0.rawValue < $1.rawValue }, error)
+        }
+    }
+}
+
+/// Float package → quantised package, keeping the storage-optimised layout.
+public enum Quantizer {
+    public static func plan(source: PackageReader, policy: QuantizationPolicy) throws(FormatError) -> QuantizationPlan {
+        guard policy.type.isQuantized else {
+            throw .invalidRequest("--type must be q4_0 or q8_0 (got \(policy.type.rawValue)); stconvert --dtype writes float types")
+        }
+        var decisions: [String: QuantizationPolicy.Decision] = [:]
+        var planned: [PlannedTensor] = []
+        var bundleOf: [String: (layer: Int, expert: Int)] = [:]
+        for b in source.manifest.bundles { for name in b.tensors { bundleOf[name] = (b.layer, b.expert) } }
+        for t in source.manifest.tensors {
+            let decision = policy.decide(t)
+            if t.dtype.isQuantized && decision.dtype != t.dtype && !policy.allowRequantize {
+                throw .invalidRequest("tensor \(t.name) is already \(t.dtype.rawValue); quantising it again to \(decision.dtype.rawValue) compounds the error. Quantise the float package instead, or pass --allow-requantize")
+            }
+            decisions[t.name] = decision
+            planned.append(PlannedTensor(name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
+                                         layout: t.layout, bundle: bundleOf[t.name]))
+        }
+        var provenance = source.manifest.provenance
+        var quantization = JSONObject()
+        quantization["tool"] = .string("stquant \(PackageFormat.converterVersion)")
+        quantization["type"] = .string(policy.type.rawValue)
+        if let e = policy.embeddingType { quantization["embedding_type"] = .string(e.rawValue) }
+        if let o = policy.outputType { quantization["output_type"] = .string(o.rawValue) }
+        if !policy.overrides.isEmpty {
+            quantization["tensor_types"] = .array(policy.overrides.map { .string("\($0.pattern)=\($0.type.rawValue)") })
+        }
+        quantization["source_package"] = .object(JSONObject([
+            ("name", .string(Checkpoint.baseName(source.path))), ("size", .int(source.header.fileLength))]))
+        provenance["quantization"] = .object(quantization)
+        let files = source.manifest.files.map { (name: $0.name, length: $0.length) }
+        let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned, files: files, provenance: provenance)
+        return QuantizationPlan(source: source, manifest: manifest, dataOffset: dataOffset, decisions: decisions, policy: policy)
+    }
+
+    /// Values converted per chunk (both threads together): bounds memory for the embedding.
+    static let chunkElements = 1 << 22
+
+    @discardableResult
+    public static func write(_ plan: QuantizationPlan, to destination: String, overwrite: Bool, threads: Int,
+                             progress: (WriteProgress) -> Void = { _ in }) throws(FormatError) -> QuantizationReport {
+        let start = ProgressReporter.monotonicSeconds()
+        let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
+        let source = plan.source
+        var state = WriteProgress(bytesWritten: 0, totalBytes: plan.outputSize, tensorsWritten: 0, totalTensors: plan.manifest.tensors.count, layer: nil)
+        var bundleLayer: [String: Int] = [:]
+        for b in plan.manifest.bundles { for name in b.tensors { bundleLayer[name] = b.layer } }
+        var reports: [QuantizationReport.Tensor] = []
+        let workers = max(1, threads)
+
+        let input = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkElements * 4, alignment: 64)
+        defer { input.deallocate() }
+        let floats = UnsafeMutablePointer<Float>.allocate(capacity: chunkElements)
+        defer { floats.deallocate() }
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkElements * 4, alignment: 64)
+        defer { output.deallocate() }
+        let roundTrip = UnsafeMutablePointer<Float>.allocate(capacity: chunkElements)
+        defer { roundTrip.deallocate() }
+
+        for entry in plan.manifest.tensors {
+            let from = source.tensor(entry.name)!
+            var error = QuantizationError()
+            try writer.writeTensor(entry.name) { (sink) throws(FormatError) in
+                if from.dtype == entry.dtype {
+                    // Unchanged: copy the bytes as they are.
+                    var done = 0
+                    while done < from.length {
+                        let n = min(input.count, from.length - done)
+                        let chunk = UnsafeMutableRawBufferPointer(rebasing: input[..<n])
+                        try source.read(from, from: done, into: chunk)
+                        try sink.append(UnsafeRawBufferPointer(chunk))
+                        done += n
+                    }
+                    return
+                }
+                // Whole rows per chunk; rows split among the workers.
+                let rowLength = from.rowLength
+                let rowsPerChunk = max(1, chunkElements / rowLength)
+                let inRowBytes = from.dtype.byteLength(shape: [rowLength])!
+                let outRowBytes = entry.dtype.byteLength(shape: [rowLength])!
+                var row = 0
+                while row < from.rows {
+                    let rows = min(rowsPerChunk, from.rows - row)
+                    let inBytes = UnsafeMutableRawBufferPointer(rebasing: input[..<(rows * inRowBytes)])
+                    try source.read(from, from: row * inRowBytes, into: inBytes)
+                    let slices = min(workers, rows)
+                    let partial = UnsafeMutableBufferPointer<QuantizationError>.allocate(capacity: slices)
+                    defer { partial.deallocate() }
+                    let overflow = UnsafeMutableBufferPointer<Int>.allocate(capacity: slices)
+                    defer { overflow.deallocate() }
+                    let buffers = Unchecked((input: UnsafeRawPointer(inBytes.baseAddress!), output: output.baseAddress!, floats: floats,
+                                             back: roundTrip, partial: partial, overflow: overflow))
+                    let fromType = from.dtype, toType = entry.dtype
+                    parallelFor(slices) { slice in
+                        let b = buffers.value
+                        let first = rows * slice / slices, last = rows * (slice + 1) / slices
+                        let count = (last - first) * rowLength
+                        let values = b.floats + first * rowLength
+                        TensorCodec.decode(b.input + first * inRowBytes, dtype: fromType, count: count, into: values)
+                        let encoded = b.output + first * outRowBytes
+                        b.overflow[slice] = TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
+                        let back = b.back + first * rowLength
+                        TensorCodec.decode(encoded, dtype: toType, count: count, into: back)
+                        var e = QuantizationError()
+                        e.count = count
+                        for i in 0..<count {
+                            let diff = back[i] - values[i]
+                            e.sumSquaredError += Double(diff * diff)
+                            e.sumSquaredValue += Double(values[i] * values[i])
+                            e.maxAbsoluteError = max(e.maxAbsoluteError, abs(diff))
+                        }
+                        b.partial[slice] = e
+                    }
+                    for slice in 0..<slices {
+                        if overflow[slice] >= 0 {
+                            throw .unrepresentable(tensor: entry.name, detail: "value \(floats[overflow[slice]]) overflows \(entry.dtype.rawValue); choose f32 for it with --tensor-type")
+                        }
+                        error.merge(partial[slice])
+                    }
+                    guard error.sumSquaredValue.isFinite else {
+                        throw .unrepresentable(tensor: entry.name, detail: "contains NaN or infinite values; the source package is damaged")
+                    }
+                    guard error.sumSquaredError.isFinite else {
+                        throw .unrepresentable(tensor: entry.name, detail: "values too large for a \(entry.dtype.rawValue) block scale (float16); choose f32 for it with --tensor-type")
+                    }
+                    try sink.append(UnsafeRawBufferPointer(rebasing: output[..<(rows * outRowBytes)]))
+                    row += rows
+                }
+            }
+            reports.append(.init(name: entry.name, role: TensorNames.role(of: entry.name), from: from.dtype, to: entry.dtype,
+                                 elements: entry.elementCount, bytesBefore: from.length, bytesAfter: entry.length, error: error))
+            state.bytesWritten = entry.offset + entry.length
+            state.tensorsWritten += 1
+            state.layer = bundleLayer[entry.name]
+            progress(state)
+        }
+        state.layer = nil
+        for file in plan.manifest.files {
+            try writer.writeFile(file.name, contents: source.fileContents(file.name)!)
+        }
+        try writer.finish()
+        state.bytesWritten = state.totalBytes
+        progress(state)
+        return QuantizationReport(sizeBefore: source.header.fileLength, sizeAfter: plan.outputSize, tensors: reports,
+                                  seconds: ProgressReporter.monotonicSeconds() - start)
+    }
+}

@@ -1,0 +1,129 @@
+import Foundation
+import Testing
+@testable import Format
+
+/// stquant's library: policy, layout, error bounds against the float package, requantisation.
+@Suite struct QuantizerTests {
+    func quantize(_ package: String, _ policy: QuantizationPolicy, in scratch: ScratchDirectory, name: String) throws -> (PackageReader, QuantizationReport) {
+        let output = scratch.file(name)
+        let plan = try Quantizer.plan(source: try PackageReader(path: package), policy: policy)
+        let report = try Quantizer.write(plan, to: output, overwrite: false, threads: 2)
+        return (try PackageReader(path: output), report)
+    }
+
+    func floats(_ reader: PackageReader, _ t: TensorEntry) -> [Float] {
+        var out = [Float](repeating: .nan, count: t.elementCount)
+        out.withUnsafeMutableBufferPointer { TensorCodec.decode(reader.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!) }
+        return out
+    }
+
+    static let combinations = Fixtures.models.flatMap { m in [TensorDType.q4_0, .q8_0].map { (m, $0) } }
+
+    @Test(arguments: combinations)
+    func quantisedPackageVerifiesKeepsLayoutAndStaysWithinTheCodecBound(model: String, type: TensorDType) throws {
+        let scratch = ScratchDirectory()
+        let float = try PackageReader(path: try convertFixture(model, in: scratch))
+        let (quantised, report) = try quantize(float.path, QuantizationPolicy(type: type), in: scratch, name: "q.stpk")
+        try quantised.verify()
+        checkStorageLayout(quantised)
+        #expect(quantised.manifest.config == float.manifest.config)
+        #expect(quantised.manifest.files.map(\.name) == float.manifest.files.map(\.name))
+        for name in quantised.manifest.files.map(\.name) { #expect(quantised.fileContents(name) == float.fileContents(name)) }
+
+        for t in quantised.manifest.tensors {
+            let original = float.tensor(t.name)!
+            let role = TensorNames.role(of: t.name)
+            let a = floats(float, original), b = floats(quantised, t)
+            #expect(t.shape == original.shape && t.layout == original.layout)
+            switch role {
+            case .norm, .router:
+                #expect(t.dtype == .f32, "\(t.name)")
+                #expect(a == b, "\(t.name) kept exactly")
+            default:
+                #expect(t.dtype == type, "\(t.name)")
+                for block in 0..<a.count / 32 {
+                    let range = block * 32..<(block + 1) * 32
+                    let amax = a[range].map(abs).max()!
+                    let bound = type == .q4_0 ? Q4_0.errorBound(blockMaxMagnitude: amax) : Q8_0.errorBound(blockMaxMagnitude: amax)
+                    let worst = range.map { abs(a[$0] - b[$0]) }.max()!
+                    if worst > bound { Issue.record("\(t.name) block \(block): error \(worst) exceeds bound \(bound)"); break }
+                }
+            }
+        }
+        // The report agrees with what we measure: relative RMS error of the quantised kinds.
+        for group in report.byRole() where group.role == .expert || group.role == .attention {
+            if type == .q4_0 { #expect((0.05...0.12).contains(group.error.relativeRMSE), "\(group.role): \(group.error.relativeRMSE)") }
+            else { #expect(group.error.relativeRMSE < 0.008, "\(group.role): \(group.error.relativeRMSE)") }
+        }
+        let quantisedBits = Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.bytesAfter } * 8)
+            / Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.elements })
+        #expect(quantisedBits == (type == .q4_0 ? 4.5 : 8.5))
+        #expect(report.sizeAfter == quantised.header.fileLength && report.sizeBefore == float.header.fileLength)
+    }
+
+    @Test func alreadyQuantisedTensorsAreRefusedUnlessAllowed() throws {
+        let scratch = ScratchDirectory()
+        let float = try convertFixture("tiny-4b-like", in: scratch)
+        let (q8, _) = try quantize(float, QuantizationPolicy(type: .q8_0), in: scratch, name: "q8.stpk")
+        #expect {
+            _ = try Quantizer.plan(source: q8, policy: QuantizationPolicy(type: .q4_0))
+        } throws: { error in
+            guard case .invalidRequest(let message) = error as? FormatError else { return false }
+            return message.contains("already q8_0") && message.contains("--allow-requantize")
+        }
+        let (q4, _) = try quantize(q8.path, QuantizationPolicy(type: .q4_0, allowRequantize: true), in: scratch, name: "q4.stpk")
+        try q4.verify()
+        #expect(q4.tensor("layers.1.attn_q")!.dtype == .q4_0)
+        // Same type again: nothing to re-quantise, the bytes are copied unchanged.
+        let (again, _) = try quantize(q8.path, QuantizationPolicy(type: .q8_0), in: scratch, name: "again.stpk")
+        for t in again.manifest.tensors { #expect(again.bytes(of: t).elementsEqual(q8.bytes(of: q8.tensor(t.name)!)), "\(t.name)") }
+    }
+
+    @Test func overridesChooseTypesPerTensorAndForTheEmbedding() throws {
+        let scratch = ScratchDirectory()
+        let float = try convertFixture("tiny-untied", in: scratch)
+        let policy = QuantizationPolicy(type: .q4_0, embeddingType: .q8_0, outputType: .f16,
+                                        overrides: [("layers.*.attn_v", .q8_0), ("layers.2.experts.*", .f32)])
+        let (q, _) = try quantize(float, policy, in: scratch, name: "q.stpk")
+        #expect(q.tensor("token_embd")!.dtype == .q8_0)
+        #expect(q.tensor("output")!.dtype == .f16)
+        #expect(q.tensor("layers.3.attn_v")!.dtype == .q8_0)
+        #expect(q.tensor("layers.3.attn_k")!.dtype == .q4_0)
+        #expect(q.tensor("layers.2.experts.5.down")!.dtype == .f32)
+        #expect(q.tensor("layers.1.experts.5.down")!.dtype == .q4_0)
+        checkStorageLayout(q)
+        #expect(q.manifest.provenance["quantization"]?.objectValue?["tensor_types"]?.arrayValue?.count == 2)
+    }
+
+    @Test func rowsThatDoNotSplitIntoBlocksFallBackToFloat16() {
+        let policy = QuantizationPolicy(type: .q4_0)
+        let odd = TensorEntry(name: "layers.0.attn_output", sourceName: "x", dtype: .bf16, shape: [96, 48], layout: .rowMajor)
+        let decision = policy.decide(odd)
+        #expect(decision.dtype == .f16 && decision.fellBack)
+        #expect(decision.reason.contains("48"))
+        let even = TensorEntry(name: "layers.0.attn_output", sourceName: "x", dtype: .bf16, shape: [48, 96], layout: .rowMajor)
+        #expect(policy.decide(even) == .init(dtype: .q4_0, reason: "default", fellBack: false))
+    }
+
+    @Test(arguments: [("layers.*.attn_v", "layers.12.attn_v", true), ("layers.*.attn_v", "layers.12.attn_v2", false),
+                      ("*", "token_embd", true), ("token_embd", "token_embd", true), ("layers.1.*", "layers.12.attn_q", false),
+                      ("*experts*down", "layers.3.experts.7.down", true), ("a*b*c", "abbbc", true), ("a*b*c", "acb", false)])
+    func globMatchesWholeNames(pattern: String, name: String, matches: Bool) {
+        #expect(QuantizationPolicy.glob(pattern, matches: name) == matches)
+    }
+
+    @Test func overrideParsingRejectsUnknownTypes() throws {
+        #expect(try QuantizationPolicy.parseOverride("layers.*.attn_v=Q8_0") == ("layers.*.attn_v", .q8_0))
+        #expect(throws: FormatError.self) { try QuantizationPolicy.parseOverride("layers.*.attn_v=q5_k") }
+        #expect(throws: FormatError.self) { try QuantizationPolicy.parseOverride("=q8_0") }
+    }
+
+    @Test func threadCountDoesNotChangeTheBytes() throws {
+        let scratch = ScratchDirectory()
+        let float = try PackageReader(path: try convertFixture("tiny-21b-like", in: scratch))
+        let plan = try Quantizer.plan(source: float, policy: QuantizationPolicy(type: .q4_0))
+        try Quantizer.write(plan, to: scratch.file("one.stpk"), overwrite: false, threads: 1)
+        try Quantizer.write(plan, to: scratch.file("three.stpk"), overwrite: false, threads: 3)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: scratch.file("one.stpk"))) == Data(contentsOf: URL(fileURLWithPath: scratch.file("three.stpk"))))
+    }
+}
