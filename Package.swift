@@ -36,7 +36,8 @@ let package = Package(
             name: "strun",
             dependencies: ["Format", "Engine", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
-        .testTarget(name: "FormatTests", dependencies: ["Format"], exclude: []),
+        .testTarget(name: "FormatTests", dependencies: ["Format"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine"]),
         .testTarget(
             name: "ToolTests",
             dependencies: ["Format", "stconvert", "stquant", "strun"]

@@ -138,7 +138,7 @@ extension Int8 {
 extension Int32 {
     /// cvttss2si: truncation toward zero; NaN or out of range gives Int32.min ("integer indefinite").
     @inline(__always)
-    init(convertingLikeX86 value: Float) {
+    public init(convertingLikeX86 value: Float) {
         if value.isNaN || value >= 2_147_483_648 || value < -2_147_483_648 { self = .min } else { self = Int32(value) }
     }
 }

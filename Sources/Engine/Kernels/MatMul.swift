@@ -1,0 +1,77 @@
+/// A batch of activation vectors (`count` rows of `columns` floats) with its Q8_0 form, made on
+/// first use by a quantised weight and reused by every product that reads the same input (q, k
+/// and v all read the normed residual: one quantisation serves three products).
+public final class ActivationBatch: @unchecked Sendable {
+    public let columns: Int
+    public let capacity: Int
+    public let floats: UnsafeMutablePointer<Float>
+    public private(set) var count = 0
+    let quantized: QuantizedActivations?
+    private var quantizedCount = 0
+
+    public init(columns: Int, capacity: Int) {
+        self.columns = columns
+        self.capacity = capacity
+        floats = .allocate(capacity: columns * capacity)
+        floats.initialize(repeating: 0, count: columns * capacity)
+        quantized = columns % 32 == 0 ? QuantizedActivations(columns: columns, capacity: capacity) : nil
+    }
+
+    deinit {
+        floats.deallocate()
+        quantized?.deallocate()
+    }
+
+    /// Declares that rows 0..<count now hold new values (invalidates the Q8_0 form).
+    public func setCount(_ count: Int) {
+        precondition(count <= capacity)
+        self.count = count
+        quantizedCount = 0
+    }
+
+    public func row(_ index: Int) -> UnsafeMutablePointer<Float> { floats + index * columns }
+
+    func quantizedForm() -> QuantizedActivations {
+        guard let quantized else { preconditionFailure("Q8_0 activations need a width that is a multiple of 32") }
+        while quantizedCount < count {
+            quantized.quantize(row(quantizedCount), at: quantizedCount)
+            quantizedCount += 1
+        }
+        return quantized
+    }
+}
+
+public enum MatMul {
+    /// Work below this many multiply-adds runs on the calling thread.
+    static let parallelThreshold = 1 << 15
+
+    /// y[t][r] = W[r] · x[t] for every activation row t and weight row r; `y` has rows of
+    /// `outputStride` floats. Float weights use float activations; Q4_0/Q8_0 weights use the
+    /// Q8_0 form and integer block dot products.
+    public static func multiply(_ w: WeightMatrix, _ x: ActivationBatch, into y: UnsafeMutablePointer<Float>, outputStride: Int, threads: Int) {
+        precondition(x.columns == w.columns, "\(w.name): \(w.columns) columns, activations have \(x.columns)")
+        let count = x.count
+        let q = w.dtype.isQuantized ? x.quantizedForm() : nil
+        let work = Unchecked((w: w, x: x, q: q, y: y))
+        let slices = w.rows * w.columns * count >= parallelThreshold ? max(1, min(threads, w.rows)) : 1
+        parallelFor(slices) { slice in
+            let (w, x, q, y) = work.value
+            let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
+            let blocks = w.columns / 32
+            for r in first..<last {
+                let row = w.row(r)
+                for t in 0..<count {
+                    let value: Float
+                    switch w.dtype {
+                    case .f32: value = DotKernels.f32(row, x.row(t), w.columns)
+                    case .bf16: value = DotKernels.bf16(row, x.row(t), w.columns)
+                    case .f16: value = DotKernels.f16(row, x.row(t), w.columns)
+                    case .q4_0: value = DotKernels.q4_0(row, q!.scales + t * blocks, q!.values + t * w.columns, blocks)
+                    case .q8_0: value = DotKernels.q8_0(row, q!.scales + t * blocks, q!.values + t * w.columns, blocks)
+                    }
+                    y[t * outputStride + r] = value
+                }
+            }
+        }
+    }
+}

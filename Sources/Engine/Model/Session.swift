@@ -1,0 +1,308 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the router chose for one token in one layer (for tests and diagnostics).
+public struct RoutingDecision: Sendable {
+    public let layer: Int
+    public let position: Int
+    /// Chosen experts, highest router logit first.
+    public let experts: [Int]
+    /// Their weights in the mixture (sum to 1).
+    public let weights: [Float]
+}
+
+/// One conversation's state: the KV cache, the position, and every working buffer, allocated
+/// once. `evaluate` runs a batch of tokens through the model (SMALLTHINKER.md §3) and returns
+/// logits; decoding is a batch of one.
+public final class Session: @unchecked Sendable {
+    public let model: Model
+    /// Positions this session can hold; `evaluate` refuses to go past it.
+    public let contextLength: Int
+    /// Tokens evaluated so far (the next token's position).
+    public private(set) var position = 0
+    public var threads: Int
+    /// Called for every routing decision when set.
+    public var routingObserver: ((RoutingDecision) -> Void)?
+
+    /// Tokens per forward batch; longer inputs are split.
+    public static let maximumBatch = 32
+
+    let caches: [KVCache]
+    let residual: ActivationBatch      // (batch, hidden): the residual stream, also the router input
+    let normed: ActivationBatch        // (batch, hidden)
+    let queries: UnsafeMutablePointer<Float>     // (batch, heads·head_dim)
+    let keys: UnsafeMutablePointer<Float>        // (batch, kv_heads·head_dim)
+    let values: UnsafeMutablePointer<Float>      // (batch, kv_heads·head_dim)
+    let attention: ActivationBatch     // (batch, heads·head_dim)
+    let projected: UnsafeMutablePointer<Float>   // (batch, hidden)
+    let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
+    let expertInput: ActivationBatch   // (batch, hidden): the tokens routed to one expert
+    let gates: UnsafeMutablePointer<Float>       // (batch, ffn)
+    let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
+    let scores: UnsafeMutablePointer<Float>      // (context): one head's attention scores
+    let ropeTable: RoPETable
+
+    public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads) throws(EngineError) {
+        let c = model.config
+        let context = contextLength ?? model.defaultContextLength
+        guard context >= 1, context <= c.maxPositionEmbeddings else {
+            throw .invalidRequest("context length \(context) is outside 1...\(c.maxPositionEmbeddings) (the model's max_position_embeddings)")
+        }
+        self.model = model
+        self.contextLength = context
+        self.threads = max(1, threads)
+        let b = Session.maximumBatch
+        caches = model.layers.map { KVCache(capacity: min(context, $0.window ?? context), width: c.kvWidth, window: $0.window) }
+        residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
+        normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
+        queries = .allocate(capacity: b * c.queryWidth)
+        keys = .allocate(capacity: b * c.kvWidth)
+        values = .allocate(capacity: b * c.kvWidth)
+        attention = ActivationBatch(columns: c.queryWidth, capacity: b)
+        projected = .allocate(capacity: b * c.hiddenSize)
+        routerLogits = .allocate(capacity: b * c.expertCount)
+        expertInput = ActivationBatch(columns: c.hiddenSize, capacity: b)
+        gates = .allocate(capacity: b * c.expertFFNSize)
+        mixture = .allocate(capacity: b * c.hiddenSize)
+        scores = .allocate(capacity: context)
+        ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
+    }
+
+    deinit {
+        queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
+        routerLogits.deallocate(); gates.deallocate(); mixture.deallocate(); scores.deallocate()
+    }
+
+    public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+
+    /// Forgets the conversation.
+    public func reset() { position = 0 }
+
+    /// Runs `tokens` at the next positions. Returns logits (vocab floats per token) for every
+    /// token when `allLogits`, else for the last one only.
+    public func evaluate(_ tokens: [Int], allLogits: Bool = false) throws(EngineError) -> [Float] {
+        let vocab = model.config.vocabSize
+        guard !tokens.isEmpty else { throw .invalidRequest("no tokens to evaluate") }
+        if let bad = tokens.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
+        guard position + tokens.count <= contextLength else { throw .contextFull(limit: contextLength) }
+        var logits = [Float](repeating: 0, count: (allLogits ? tokens.count : 1) * vocab)
+        var start = 0
+        while start < tokens.count {
+            let batch = Array(tokens[start..<min(start + Session.maximumBatch, tokens.count)])
+            forward(batch)
+            let isLast = start + batch.count == tokens.count
+            if allLogits || isLast {
+                let first = allLogits ? 0 : batch.count - 1
+                logits.withUnsafeMutableBufferPointer { out in
+                    computeLogits(rows: first..<batch.count, into: out.baseAddress! + (allLogits ? start * vocab : 0))
+                }
+            }
+            start += batch.count
+        }
+        return logits
+    }
+
+    // MARK: The forward pass
+
+    /// Runs one batch through every layer, leaving the final residual stream in `residual`.
+    func forward(_ tokens: [Int]) {
+        let c = model.config
+        let n = tokens.count
+        residual.setCount(n)
+        for (t, token) in tokens.enumerated() { model.embedding.decodeRow(token, into: residual.row(t)) }
+        for (index, layer) in model.layers.enumerated() {
+            // Router first, on the raw residual: the experts are known before attention runs.
+            MatMul.multiply(layer.router, residual, into: routerLogits, outputStride: c.expertCount, threads: threads)
+            attend(layer: layer, cache: caches[index], count: n)
+            mixExperts(layer: layer, index: index, count: n)
+        }
+        position += n
+    }
+
+    /// x += Wo · attention(rmsnorm(x)) for the batch.
+    func attend(layer: LayerWeights, cache: KVCache, count n: Int) {
+        let c = model.config
+        normed.setCount(n)
+        for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
+        MatMul.multiply(layer.query, normed, into: queries, outputStride: c.queryWidth, threads: threads)
+        MatMul.multiply(layer.key, normed, into: keys, outputStride: c.kvWidth, threads: threads)
+        MatMul.multiply(layer.value, normed, into: values, outputStride: c.kvWidth, threads: threads)
+        attention.setCount(n)
+        let scale = 1 / Float(c.headDim).squareRoot()
+        for t in 0..<n {
+            let p = position + t
+            let q = queries + t * c.queryWidth, k = keys + t * c.kvWidth
+            if layer.rope {
+                for h in 0..<c.attentionHeads { ropeTable.rotate(q + h * c.headDim, position: p) }
+                for h in 0..<c.kvHeads { ropeTable.rotate(k + h * c.headDim, position: p) }
+            }
+            // Store this token's key and value, then attend over what it may see: tokens of the
+            // batch are taken in order, so a window never loses keys a later query needs.
+            cache.store(key: k, value: values + t * c.kvWidth, position: p)
+            let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
+            for h in 0..<c.attentionHeads {
+                let kvHead = h / c.groupSize
+                let qh = q + h * c.headDim
+                var maxScore = -Float.infinity
+                for j in first...p {
+                    let s = DotKernels.f32(UnsafeRawPointer(cache.key(position: j) + kvHead * c.headDim), qh, c.headDim) * scale
+                    scores[j - first] = s
+                    maxScore = max(maxScore, s)
+                }
+                var sum: Float = 0
+                for j in 0...(p - first) {
+                    let e = exp(scores[j] - maxScore)
+                    scores[j] = e
+                    sum += e
+                }
+                let out = attention.row(t) + h * c.headDim
+                out.update(repeating: 0, count: c.headDim)
+                for j in first...p {
+                    DotKernels.addScaledRow(UnsafeRawPointer(cache.value(position: j) + kvHead * c.headDim), dtype: .f32,
+                                            scale: scores[j - first] / sum, into: out, c.headDim)
+                }
+            }
+        }
+        MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
+        for t in 0..<n {
+            let x = residual.row(t), y = projected + t * c.hiddenSize
+            for i in 0..<c.hiddenSize { x[i] += y[i] }
+        }
+        residual.setCount(n)
+    }
+
+    /// x += Σ weight_e · down_e(relu(gate_e · h) ⊙ (up_e · h)), h = rmsnorm(x), over the chosen experts.
+    func mixExperts(layer: LayerWeights, index: Int, count n: Int) {
+        let c = model.config
+        // Routing (from the logits computed before attention).
+        var assigned = [[(token: Int, weight: Float)]](repeating: [], count: c.expertCount)
+        for t in 0..<n {
+            let logits = routerLogits + t * c.expertCount
+            let chosen = (0..<c.expertCount).sorted { logits[$0] > logits[$1] || (logits[$0] == logits[$1] && $0 < $1) }.prefix(c.activeExperts)
+            var weights: [Float]
+            if c.routerSoftmax {
+                let top = logits[chosen.first!]
+                weights = chosen.map { exp(logits[$0] - top) }
+            } else {
+                weights = chosen.map { 1 / (1 + exp(-logits[$0])) }
+            }
+            let total = weights.reduce(0, +)
+            weights = weights.map { $0 / total }
+            for (e, w) in zip(chosen, weights) { assigned[e].append((t, w)) }
+            routingObserver?(RoutingDecision(layer: index, position: position + t, experts: Array(chosen), weights: weights))
+        }
+
+        normed.setCount(n)
+        for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
+        mixture.update(repeating: 0, count: n * c.hiddenSize)
+        let ffn = c.expertFFNSize
+        for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
+            let expert = layer.experts[e]
+            expertInput.setCount(tokens.count)
+            for (i, entry) in tokens.enumerated() { expertInput.row(i).update(from: normed.row(entry.token), count: c.hiddenSize) }
+            // Gate densely; up and down only for neurons the ReLU lets through (ReGLU sparsity:
+            // a neuron with gate ≤ 0 contributes exactly nothing).
+            MatMul.multiply(expert.gate, expertInput, into: gates, outputStride: ffn, threads: threads)
+            for (i, entry) in tokens.enumerated() {
+                let g = gates + i * ffn
+                let out = mixture + entry.token * c.hiddenSize
+                for j in 0..<ffn where g[j] > 0 {
+                    let u = rowDot(expert.up, j, expertInput, i)
+                    DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g[j] * u, into: out, c.hiddenSize)
+                }
+            }
+        }
+        for t in 0..<n {
+            let x = residual.row(t), y = mixture + t * c.hiddenSize
+            for i in 0..<c.hiddenSize { x[i] += y[i] }
+        }
+        residual.setCount(n)
+    }
+
+    /// Logits for batch rows `rows` of the final residual: lm_head · rmsnorm(x, norm).
+    func computeLogits(rows: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let c = model.config
+        normed.setCount(rows.count)
+        for (i, t) in rows.enumerated() { rmsNorm(residual.row(t), model.outputNorm, into: normed.row(i)) }
+        MatMul.multiply(model.output, normed, into: out, outputStride: c.vocabSize, threads: threads)
+    }
+
+    /// The final-norm output of the last batch's rows (for tests against `final_norm_out`).
+    func rmsNorm(_ x: UnsafePointer<Float>, _ weight: [Float], into out: UnsafeMutablePointer<Float>) {
+        let n = weight.count
+        var sum: Double = 0
+        for i in 0..<n { sum += Double(x[i]) * Double(x[i]) }
+        let inverse = Float(1 / (sum / Double(n) + model.config.rmsNormEps).squareRoot())
+        for i in 0..<n { out[i] = weight[i] * (x[i] * inverse) }
+    }
+
+    @inline(__always)
+    func rowDot(_ w: WeightMatrix, _ r: Int, _ x: ActivationBatch, _ t: Int) -> Float {
+        switch w.dtype {
+        case .f32: return DotKernels.f32(w.row(r), x.row(t), w.columns)
+        case .bf16: return DotKernels.bf16(w.row(r), x.row(t), w.columns)
+        case .f16: return DotKernels.f16(w.row(r), x.row(t), w.columns)
+        case .q4_0, .q8_0:
+            let q = x.quantizedForm(), blocks = w.columns / 32
+            return w.dtype == .q4_0
+                ? DotKernels.q4_0(w.row(r), q.scales + t * blocks, q.values + t * w.columns, blocks)
+                : DotKernels.q8_0(w.row(r), q.scales + t * blocks, q.values + t * w.columns, blocks)
+        }
+    }
+}
+
+/// Keys and values of one layer, float32. Global layers keep every position; sliding-window
+/// layers keep the last `window` in a ring.
+final class KVCache: @unchecked Sendable {
+    let capacity: Int
+    let width: Int
+    let window: Int?
+    let keys: UnsafeMutablePointer<Float>     // (capacity, kv_heads·head_dim)
+    let values: UnsafeMutablePointer<Float>   // (capacity, kv_heads·head_dim)
+
+    init(capacity: Int, width: Int, window: Int?) {
+        self.capacity = capacity
+        self.width = width
+        self.window = window
+        keys = .allocate(capacity: capacity * width)
+        values = .allocate(capacity: capacity * width)
+    }
+
+    deinit {
+        keys.deallocate()
+        values.deallocate()
+    }
+
+    @inline(__always) func slot(_ position: Int) -> Int { position % capacity }
+    @inline(__always) func key(position: Int) -> UnsafeMutablePointer<Float> { keys + slot(position) * width }
+    @inline(__always) func value(position: Int) -> UnsafeMutablePointer<Float> { values + slot(position) * width }
+
+    func store(key k: UnsafePointer<Float>, value v: UnsafePointer<Float>, position: Int) {
+        key(position: position).update(from: k, count: width)
+        value(position: position).update(from: v, count: width)
+    }
+}
+
+/// RoPE in the rotate-half (NeoX) form over the whole head: pairs (i, i + d/2), angle p·θ_i with
+/// θ_i = theta^(−2i/d). Frequencies and angles in double precision, never rounded to bf16.
+struct RoPETable {
+    let headDim: Int
+    let frequencies: [Double]
+
+    init(headDim: Int, theta: Double) {
+        self.headDim = headDim
+        frequencies = (0..<headDim / 2).map { pow(theta, -2 * Double($0) / Double(headDim)) }
+    }
+
+    func rotate(_ v: UnsafeMutablePointer<Float>, position: Int) {
+        let half = headDim / 2
+        for i in 0..<half {
+            let angle = Double(position) * frequencies[i]
+            let c = Float(cos(angle)), s = Float(sin(angle))
+            let a = v[i], b = v[i + half]
+            v[i] = a * c - b * s
+            v[i + half] = b * c + a * s
+        }
+    }
+}

@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+@testable import Engine
+
+/// The SmallThinker authors' reference outputs for a fixture (`Tests/Fixtures/README` in shared).
+struct Reference {
+    struct Sequence {
+        let inputIDs: [Int]
+        let logits: [[Float]]             // [T][vocab]
+        let greedyTokens: [Int]
+        let greedyMargins: [Float]
+        let greedyStepLogits: [[Float]]    // [16][vocab]
+        let topkExperts: [[[Int]]]         // [layers][T][k]
+        let topkWeights: [[[Float]]]       // [layers][T][k]
+    }
+
+    let sequences: [String: Sequence]
+
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures/smallthinker-tiny").path
+    static let models = ["tiny-4b-like", "tiny-21b-like", "tiny-untied"]
+
+    nonisolated(unsafe) private static var cache: [String: Reference] = [:]
+    private static let lock = NSLock()
+
+    static func load(_ model: String) throws -> Reference {
+        lock.lock(); defer { lock.unlock() }
+        if let cached = cache[model] { return cached }
+        let data = try Data(contentsOf: URL(fileURLWithPath: root + "/" + model + "/reference.json"))
+        let json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        let sequences = json["sequences"] as! [String: [String: Any]]
+        var result: [String: Sequence] = [:]
+        for (name, s) in sequences {
+            result[name] = Sequence(
+                inputIDs: s["input_ids"] as! [Int],
+                logits: matrix(s["logits"]),
+                greedyTokens: s["greedy_tokens"] as! [Int],
+                greedyMargins: (s["greedy_top1_top2_margins"] as! [Double]).map(Float.init),
+                greedyStepLogits: matrix(s["greedy_step_logits"]),
+                topkExperts: s["topk_experts"] as! [[[Int]]],
+                topkWeights: cube(s["topk_weights"]))
+        }
+        let reference = Reference(sequences: result)
+        cache[model] = reference
+        return reference
+    }
+
+    static func floats(_ any: Any?) -> (values: [Float], shape: [Int]) {
+        let object = any as! [String: Any]
+        let bytes = Data(base64Encoded: object["b64"] as! String)!
+        let values = bytes.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        return (values, object["shape"] as! [Int])
+    }
+
+    static func matrix(_ any: Any?) -> [[Float]] {
+        let (values, shape) = floats(any)
+        return (0..<shape[0]).map { Array(values[$0 * shape[1]..<($0 + 1) * shape[1]]) }
+    }
+
+    static func cube(_ any: Any?) -> [[[Float]]] {
+        let (values, shape) = floats(any)
+        return (0..<shape[0]).map { a in (0..<shape[1]).map { b in
+            let start = (a * shape[1] + b) * shape[2]
+            return Array(values[start..<start + shape[2]])
+        } }
+    }
+}
+
+/// A scratch directory removed when dropped.
+final class Scratch {
+    let path: String
+    init() {
+        path = NSTemporaryDirectory() + "engine-test-" + UUID().uuidString
+        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    func file(_ name: String) -> String { path + "/" + name }
+}
+
+/// Packages made once per test process and shared (conversion is deterministic).
+enum Packages {
+    nonisolated(unsafe) private static var made: [String: String] = [:]
+    private static let lock = NSLock()
+    private static let directory: String = {
+        let path = NSTemporaryDirectory() + "engine-packages-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }()
+
+    /// dtype: nil (source, bf16), f32, q8_0 or q4_0.
+    static func path(_ model: String, _ dtype: TensorDType? = nil) throws -> String {
+        lock.lock(); defer { lock.unlock() }
+        let key = "\(model)-\(dtype?.rawValue ?? "source")"
+        if let path = made[key] { return path }
+        let output = directory + "/" + key + ".stpk"
+        if let dtype, dtype.isQuantized {
+            lock.unlock()
+            let float = try path(model, .f32)
+            lock.lock()
+            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype))
+            try Quantizer.write(plan, to: output, overwrite: true, threads: 2)
+        } else {
+            let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.root + "/" + model), dtype: dtype)
+            try Converter.write(plan, to: output, overwrite: true)
+        }
+        made[key] = output
+        return output
+    }
+}
+
+func maxAbsDifference(_ a: ArraySlice<Float>, _ b: [Float]) -> Float {
+    zip(a, b).map { abs($0 - $1) }.max() ?? 0
+}
