@@ -11,7 +11,7 @@ struct STRun: ParsableCommand {
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
         version: PackageFormat.converterVersion,
-        subcommands: [Inspect.self, Verify.self]
+        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Compare.self]
     )
 }
 
@@ -20,6 +20,9 @@ func reportingErrors(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let error as FormatError {
+        writeStandardError("strun: error: \(error)\n")
+        throw ExitCode(1)
+    } catch let error as EngineError {
         writeStandardError("strun: error: \(error)\n")
         throw ExitCode(1)
     }

@@ -111,3 +111,29 @@ enum Packages {
 func maxAbsDifference(_ a: ArraySlice<Float>, _ b: [Float]) -> Float {
     zip(a, b).map { abs($0 - $1) }.max() ?? 0
 }
+
+/// Writes a float32 copy of a (quantised) package: same values as the quantised weights, so a
+/// float computation over it is the "dequantise, then compute in float" reference for kernels.
+func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
+    let source = try PackageReader(path: path)
+    var bundleOf: [String: (layer: Int, expert: Int)] = [:]
+    for b in source.manifest.bundles { for name in b.tensors { bundleOf[name] = (b.layer, b.expert) } }
+    let planned = source.manifest.tensors.map {
+        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout, bundle: bundleOf[$0.name])
+    }
+    let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned,
+                                                        files: source.manifest.files.map { ($0.name, $0.length) }, provenance: JSONObject())
+    let output = scratch.file("dequantized.stpk")
+    let writer = try PackageWriter(destination: output, manifest: manifest, dataOffset: dataOffset, overwrite: false)
+    for t in manifest.tensors {
+        let from = source.tensor(t.name)!
+        var values = [Float](repeating: 0, count: t.elementCount)
+        values.withUnsafeMutableBufferPointer { TensorCodec.decode(source.bytes(of: from).baseAddress!, dtype: from.dtype, count: t.elementCount, into: $0.baseAddress!) }
+        try writer.writeTensor(t.name) { (sink) throws(FormatError) in
+            try values.withUnsafeBytes { raw in try? sink.append(raw) }
+        }
+    }
+    for f in manifest.files { try writer.writeFile(f.name, contents: source.fileContents(f.name)!) }
+    try writer.finish()
+    return output
+}

@@ -137,6 +137,20 @@ public enum FileSystem {
         guard Glibc.rename(from, to) == 0 else { throw .io(path: to, operation: "rename \(from) into place", code: errno) }
     }
 
+    /// Writes `bytes` to a temporary file beside `path`, flushes it and renames it into place.
+    public static func writeAtomically(_ bytes: [UInt8], to path: String) throws(FormatError) {
+        let temporary = temporaryPath(beside: path)
+        let file = try SystemFile.createExclusive(temporary)
+        do throws(FormatError) {
+            try withBytes(bytes) { (raw) throws(FormatError) in try file.write(raw, at: 0) }
+            try file.synchronize()
+            try rename(temporary, to: path)
+        } catch {
+            remove(temporary)
+            throw error
+        }
+    }
+
     public static func remove(_ path: String) {
         unlink(path)
     }

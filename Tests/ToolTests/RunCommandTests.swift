@@ -1,0 +1,100 @@
+import Foundation
+import Testing
+
+/// strun logits / generate / compare, run as built binaries against the fixtures' reference.
+@Suite struct RunCommandTests {
+    struct Sequence {
+        let inputIDs: [Int]
+        let greedy: [Int]
+        let logits: [Float]   // [T, vocab]
+    }
+
+    static func reference(_ model: String, _ sequence: String = "short") throws -> Sequence {
+        let data = try Data(contentsOf: URL(fileURLWithPath: Tools.fixtures + "/\(model)/reference.json"))
+        let json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        let s = (json["sequences"] as! [String: [String: Any]])[sequence]!
+        let logits = Data(base64Encoded: (s["logits"] as! [String: Any])["b64"] as! String)!
+        return Sequence(inputIDs: s["input_ids"] as! [Int], greedy: s["greedy_tokens"] as! [Int],
+                        logits: logits.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
+    }
+
+    func package(_ scratch: ToolScratch, _ model: String, _ extra: [String] = []) throws -> String {
+        let path = scratch.file("\(model).stpk")
+        let result = try Tools.run("stconvert", [Tools.fixtures + "/" + model, "-o", path, "-q"] + extra)
+        #expect(result.status == 0, "\(result.stderr)")
+        return path
+    }
+
+    @Test func logitsFileMatchesTheReference() throws {
+        let scratch = ToolScratch()
+        let path = try package(scratch, "tiny-untied", ["--dtype", "f32"])
+        let reference = try Self.reference("tiny-untied")
+        let output = scratch.file("logits.f32")
+        let result = try Tools.run("strun", ["logits", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","), "--output", output])
+        #expect(result.status == 0, "\(result.stderr)")
+        let logits = try Data(contentsOf: URL(fileURLWithPath: output)).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        #expect(logits.count == reference.inputIDs.count * 512)
+        #expect(zip(logits, reference.logits).map { abs($0 - $1) }.max()! < 1e-3)
+    }
+
+    @Test(arguments: ["tiny-4b-like", "tiny-21b-like"])
+    func greedyGenerationPrintsTheReferenceContinuation(model: String) throws {
+        let scratch = ToolScratch()
+        let path = try package(scratch, model)
+        let reference = try Self.reference(model, "long")
+        let result = try Tools.run("strun", ["generate", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","),
+                                             "-n", "16", "--temperature", "0", "--ids"])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout == reference.greedy.map(String.init).joined(separator: " ") + "\n")
+    }
+
+    @Test func seededSamplingIsReproducible() throws {
+        let scratch = ToolScratch()
+        let path = try package(scratch, "tiny-4b-like")
+        let args = ["generate", path, "--tokens", "5,6,7", "-n", "12", "--temperature", "1.0", "--seed", "42", "--ids"]
+        let first = try Tools.run("strun", args), second = try Tools.run("strun", args)
+        #expect(first.status == 0 && first.stdout == second.stdout)
+        #expect(first.stdout.split(separator: " ").count == 12)
+        let other = try Tools.run("strun", ["generate", path, "--tokens", "5,6,7", "-n", "12", "--temperature", "1.0", "--seed", "43", "--ids"])
+        #expect(other.stdout != first.stdout, "another seed, another draw")
+    }
+
+    @Test func compareReportsAgreementAsJSON() throws {
+        let scratch = ToolScratch()
+        let float = try package(scratch, "tiny-4b-like", ["--dtype", "f32"])
+        let q8 = scratch.file("q8.stpk")
+        #expect(try Tools.run("stquant", [float, "-o", q8, "--type", "q8_0", "-q"]).status == 0)
+        let same = try Tools.run("strun", ["compare", float, float, "--json"])
+        #expect(same.status == 0, "\(same.stderr)")
+        let identical = try JSONSerialization.jsonObject(with: Data(same.stdout.utf8)) as! [String: Any]
+        #expect(identical["top1_agreement"] as? Double == 1)
+        #expect(identical["mean_kl"] as? Double == 0)
+        #expect(identical["positions"] as? Int == 128)
+        let tokensFile = scratch.file("tokens.txt")
+        try "1 2 3\n4,5,6,7,8\n".write(toFile: tokensFile, atomically: true, encoding: .utf8)
+        let result = try Tools.run("strun", ["compare", float, q8, "--tokens-file", tokensFile, "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+        #expect(report["positions"] as? Int == 8)
+        for key in ["mean_kl", "p99_kl", "top1_agreement", "max_abs_logit_difference", "base_perplexity", "other_perplexity"] {
+            #expect(report[key] is Double, "\(key)")
+        }
+        #expect((report["mean_kl"] as! Double) > 0)
+        let text = try Tools.run("strun", ["compare", float, q8, "--tokens", "1,2,3"])
+        #expect(text.stdout.contains("top-1 agreement"))
+    }
+
+    @Test func runErrorsAreClear() throws {
+        let scratch = ToolScratch()
+        let path = try package(scratch, "tiny-4b-like")
+        let outOfVocab = try Tools.run("strun", ["generate", path, "--tokens", "1,600", "--ids", "-n", "2"])
+        #expect(outOfVocab.status == 1 && outOfVocab.stderr.contains("token id 600 is outside the vocabulary"))
+        let full = try Tools.run("strun", ["logits", path, "--tokens", "1,2,3,4", "--context", "3", "-o", scratch.file("x.f32")])
+        #expect(full.status == 1 && full.stderr.contains("context is full (3 tokens)"))
+        #expect(!FileManager.default.fileExists(atPath: scratch.file("x.f32")))
+        let badTokens = try Tools.run("strun", ["logits", path, "--tokens", "1,x", "-o", scratch.file("y.f32")])
+        #expect(badTokens.status != 0 && badTokens.stderr.contains("'x' is not a token id"))
+        let noIDs = try Tools.run("strun", ["generate", path, "--tokens", "1"])
+        #expect(noIDs.status != 0 && noIDs.stderr.contains("--ids"))
+    }
+}
