@@ -66,85 +66,290 @@ struct Logits: ParsableCommand {
     }
 }
 
+/// Sampling flags; unset ones come from the package's generation_config.json, else the
+/// authors' recommendation (temperature 0.6, top-k 20, top-p 0.95).
+struct SamplingOptions: ParsableArguments {
+    @Option(help: "Sampling temperature; 0 is greedy.")
+    var temperature: Float?
+
+    @Option(help: "Keep the k most likely tokens (0: all).")
+    var topK: Int?
+
+    @Option(help: "Keep the most likely tokens up to this total probability.")
+    var topP: Float?
+
+    @Option(help: "Drop tokens less likely than this fraction of the most likely one.")
+    var minP: Float?
+
+    @Option(help: "Penalise tokens already seen (1: off).")
+    var repetitionPenalty: Float?
+
+    @Option(help: "Random seed (same seed, same output).")
+    var seed: UInt64 = 0
+
+    func validate() throws {
+        if let temperature, temperature < 0 { throw ValidationError("--temperature must not be negative") }
+        if let topP, !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1]") }
+        if let minP, !(minP >= 0 && minP < 1) { throw ValidationError("--min-p must be in [0, 1)") }
+        if let topK, topK < 0 { throw ValidationError("--top-k must not be negative") }
+        if let repetitionPenalty, repetitionPenalty <= 0 { throw ValidationError("--repetition-penalty must be positive") }
+    }
+
+    func parameters(for model: Model) -> SamplingParameters {
+        var p = SamplingParameters.defaults(generationConfig: model.package.fileContents("generation_config.json"))
+        if let temperature { p.temperature = temperature }
+        if let topK { p.topK = topK }
+        if let topP { p.topP = topP }
+        if let minP { p.minP = minP }
+        if let repetitionPenalty { p.repetitionPenalty = repetitionPenalty }
+        p.seed = seed
+        return p
+    }
+}
+
+/// The tokenizer embedded in a package, or one given with --tokenizer.
+func loadTokenizer(package: Model?, override path: String?) throws -> Tokenizer {
+    if let path { return try Tokenizer(path: path) }
+    guard let package, let bytes = package.package.fileContents("tokenizer.json") else {
+        throw ValidationError("the package has no tokenizer; give --tokenizer tokenizer.json (or convert with stconvert --tokenizer DIR)")
+    }
+    let tokenizer = try Tokenizer(json: bytes, path: "tokenizer.json in the package")
+    if tokenizer.vocabularySize > package.config.vocabSize {
+        throw TokenizerError.mismatch("the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of \(package.config.vocabSize)")
+    }
+    return tokenizer
+}
+
+/// Prints text as it arrives (no newline, flushed).
+func emitText(_ text: String) {
+    print(text, terminator: "")
+    fflush(nil)
+}
+
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Generate tokens after a prompt.",
-        discussion: "Greedy with --temperature 0. Stops after -n tokens or at an end-of-sequence token."
+        abstract: "Generate text (or token ids) after a prompt.",
+        discussion: "Text is streamed as it is produced. Stops after -n tokens, at <|im_end|> or <|endoftext|>, at the model's EOS ids, or at a --stop string."
     )
 
     @Argument(help: "The .stpk package.")
     var package: String
 
-    @Option(help: "Prompt token ids, e.g. 1,2,3.")
-    var tokens: String
+    @Option(name: .shortAndLong, help: "The prompt text.")
+    var prompt: String?
+
+    @Option(help: "Prompt token ids instead of text, e.g. 1,2,3.")
+    var tokens: String?
+
+    @Flag(help: "Wrap the prompt in the ChatML template (system prompt, user turn, assistant opening).")
+    var chat = false
+
+    @Option(help: "System prompt for --chat (default: \"\(ChatTemplate.defaultSystemPrompt)\").")
+    var system: String?
+
+    @Flag(help: "No system prompt with --chat.")
+    var noSystem = false
 
     @Option(name: .shortAndLong, help: "Most tokens to generate.")
-    var n: Int = 64
+    var n: Int = 256
 
-    @Option(help: "Sampling temperature; 0 is greedy.")
-    var temperature: Float = 0.6
+    @Option(help: "Stop when the output contains this text (repeatable; the text is not printed).")
+    var stop: [String] = []
 
-    @Option(help: "Keep the k most likely tokens (0: all).")
-    var topK: Int = 20
-
-    @Option(help: "Keep the most likely tokens up to this total probability.")
-    var topP: Float = 0.95
-
-    @Option(help: "Drop tokens less likely than this fraction of the most likely one.")
-    var minP: Float = 0
-
-    @Option(help: "Penalise tokens already seen (1: off).")
-    var repetitionPenalty: Float = 1
-
-    @Option(help: "Random seed (same seed, same output).")
-    var seed: UInt64 = 0
-
-    @Flag(help: "Print the generated token ids, space-separated, on one line.")
+    @Flag(help: "Print the generated token ids, space-separated, on one line, instead of text.")
     var ids = false
 
     @Flag(help: "Do not stop at end-of-sequence tokens.")
     var ignoreEOS = false
 
+    @Option(help: "Use this tokenizer.json instead of the package's.")
+    var tokenizer: String?
+
+    @OptionGroup var sampling: SamplingOptions
     @OptionGroup var runtime: RuntimeOptions
 
     func validate() throws {
         if n < 0 { throw ValidationError("-n must not be negative") }
-        if temperature < 0 { throw ValidationError("--temperature must not be negative") }
-        if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1]") }
-        if !ids { throw ValidationError("this package runs on token ids for now: pass --ids (text prompts need the tokenizer)") }
+        if (prompt == nil) == (tokens == nil) { throw ValidationError("give the prompt as text (-p) or as --tokens ids") }
+        if chat && tokens != nil { throw ValidationError("--chat needs a text prompt (-p)") }
+        if system != nil && noSystem { throw ValidationError("--system and --no-system contradict each other") }
     }
 
     func run() throws {
-        let prompt = try parseTokens(tokens, option: "--tokens")
+        let promptIDs = try tokens.map { try parseTokens($0, option: "--tokens") }
         try reportingErrors {
             let session = try runtime.session(package)
-            var parameters = SamplingParameters()
-            parameters.temperature = temperature
-            parameters.topK = topK
-            parameters.topP = topP
-            parameters.minP = minP
-            parameters.repetitionPenalty = repetitionPenalty
-            parameters.seed = seed
-            var sampler = Sampler(parameters)
-            let stops = Set(session.model.config.eosTokenIDs)
-            var history = prompt
-            var generated: [Int] = []
-            guard n > 0 else { print(""); return }
-            var logits = try session.evaluate(prompt)
-            while generated.count < n {
-                let next = sampler.sample(logits[...], history: history)
-                generated.append(next)
-                history.append(next)
-                if !ignoreEOS && stops.contains(next) { break }
-                if generated.count == n { break }
-                if session.position >= session.contextLength {
-                    writeStandardError("strun: note: the context is full (\(session.contextLength) tokens); stopping\n")
-                    break
+            let model = session.model
+            let parameters = sampling.parameters(for: model)
+            if ids && prompt == nil && tokenizer == nil && model.package.fileContents("tokenizer.json") == nil {
+                // Token ids in, token ids out: no tokenizer needed.
+                var sampler = Sampler(parameters)
+                let stops = ignoreEOS ? [] : Set(model.config.eosTokenIDs)
+                var history = promptIDs!
+                var generated: [Int] = []
+                if n > 0 {
+                    var logits = try session.evaluate(history)
+                    while true {
+                        let next = sampler.sample(logits[...], history: history)
+                        generated.append(next)
+                        history.append(next)
+                        if stops.contains(next) || generated.count == n || session.position >= session.contextLength { break }
+                        logits = try session.evaluate([next])
+                    }
                 }
-                logits = try session.evaluate([next])
+                print(generated.map(String.init).joined(separator: " "))
+                return
             }
-            print(generated.map(String.init).joined(separator: " "))
+            let tok = try loadTokenizer(package: model, override: tokenizer)
+            var generator = TextGenerator(session: session, tokenizer: tok, sampling: parameters, stopStrings: stop)
+            if ignoreEOS { generator.stopTokens = [] }
+            let text = chat ? ChatTemplate.prompt(user: prompt!, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt)) : prompt
+            let input = promptIDs ?? tok.encode(text!)
+            let (generated, reason) = try generator.run(prompt: input, maximumTokens: n) { piece in
+                if !ids { emitText(piece) }
+            }
+            if ids {
+                print(generated.map(String.init).joined(separator: " "))
+            } else {
+                print("")
+                if reason == .contextFull { writeStandardError("strun: note: stopped: the context is full (\(session.contextLength) tokens)\n") }
+            }
         }
+    }
+}
+
+struct Chat: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Talk with the model. Type a message and press return.",
+        discussion: "Commands: /reset starts over, /quit (or end of input) leaves. Works through a pipe too: one message per line."
+    )
+
+    @Argument(help: "The .stpk package.")
+    var package: String
+
+    @Option(help: "System prompt (default: \"\(ChatTemplate.defaultSystemPrompt)\").")
+    var system: String?
+
+    @Flag(help: "No system prompt.")
+    var noSystem = false
+
+    @Option(name: .shortAndLong, help: "Most tokens per reply.")
+    var n: Int = 512
+
+    @Option(help: "Use this tokenizer.json instead of the package's.")
+    var tokenizer: String?
+
+    @OptionGroup var sampling: SamplingOptions
+    @OptionGroup var runtime: RuntimeOptions
+
+    func validate() throws {
+        if n < 1 { throw ValidationError("-n must be at least 1") }
+        if system != nil && noSystem { throw ValidationError("--system and --no-system contradict each other") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let session = try runtime.session(package)
+            let tok = try loadTokenizer(package: session.model, override: tokenizer)
+            let generator = TextGenerator(session: session, tokenizer: tok, sampling: sampling.parameters(for: session.model))
+            let conversation = Conversation(generator: generator, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt))
+            let interactive = isatty(0) != 0
+            if interactive { print("Chatting with \(package). /reset starts over, /quit leaves.") }
+            while true {
+                if interactive { emitText("> ") }
+                guard let line = readLine(strippingNewline: true) else { break }
+                let text = line.trimmingWhitespace
+                if text.isEmpty { continue }
+                if text == "/quit" || text == "/exit" { break }
+                if text == "/reset" {
+                    conversation.reset()
+                    print("(conversation reset)")
+                    continue
+                }
+                do {
+                    let reason = try conversation.reply(to: text, maximumTokens: n) { emitText($0) }
+                    print("")
+                    if reason == .contextFull {
+                        print("(the context is full: \(session.contextLength) tokens; /reset to start over)")
+                    }
+                } catch EngineError.contextFull(let limit) {
+                    print("(the context is full: \(limit) tokens; /reset to start over)")
+                }
+            }
+        }
+    }
+}
+
+struct Tokenize: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the token ids of a text as a JSON array.")
+
+    @Argument(help: "A .stpk package with an embedded tokenizer (or use --tokenizer).")
+    var package: String?
+
+    @Option(help: "A tokenizer.json to use instead of a package.")
+    var tokenizer: String?
+
+    @Option(help: "The text.")
+    var text: String?
+
+    @Option(help: "A file whose contents are the text.")
+    var file: String?
+
+    func validate() throws {
+        if (package == nil) == (tokenizer == nil) { throw ValidationError("give a package or --tokenizer, not both") }
+        if (text == nil) == (file == nil) { throw ValidationError("give --text or --file") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let tok = try loadTokenizer(package: try package.map { try Model(path: $0) }, override: tokenizer)
+            let input: String
+            if let text { input = text } else {
+                let bytes = try FileSystem.readAll(file!, limit: 1 << 30)
+                guard let decoded = String(validating: bytes, as: UTF8.self) else {
+                    throw ValidationError("\(file!) is not valid UTF-8 text")
+                }
+                input = decoded
+            }
+            print("[" + tok.encode(input).map(String.init).joined(separator: ",") + "]")
+        }
+    }
+}
+
+struct Detokenize: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the text of token ids.")
+
+    @Argument(help: "A .stpk package with an embedded tokenizer (or use --tokenizer).")
+    var package: String?
+
+    @Option(help: "A tokenizer.json to use instead of a package.")
+    var tokenizer: String?
+
+    @Option(help: "Token ids, e.g. 1,2,3.")
+    var ids: String
+
+    @Flag(help: "Leave out special tokens such as <|im_end|>.")
+    var skipSpecialTokens = false
+
+    func validate() throws {
+        if (package == nil) == (tokenizer == nil) { throw ValidationError("give a package or --tokenizer, not both") }
+    }
+
+    func run() throws {
+        let list = try parseTokens(ids, option: "--ids")
+        try reportingErrors {
+            let tok = try loadTokenizer(package: try package.map { try Model(path: $0) }, override: tokenizer)
+            print(try tok.decode(list, skipSpecialTokens: skipSpecialTokens))
+        }
+    }
+}
+
+extension String {
+    var trimmingWhitespace: String {
+        let scalars = unicodeScalars
+        guard let first = scalars.firstIndex(where: { !$0.properties.isWhitespace }) else { return "" }
+        let last = scalars.lastIndex(where: { !$0.properties.isWhitespace })!
+        return String(scalars[first...last])
     }
 }
 

@@ -11,7 +11,7 @@ struct STRun: ParsableCommand {
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
         version: PackageFormat.converterVersion,
-        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Compare.self]
+        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self]
     )
 }
 
@@ -23,6 +23,9 @@ func reportingErrors(_ body: () throws -> Void) throws {
         writeStandardError("strun: error: \(error)\n")
         throw ExitCode(1)
     } catch let error as EngineError {
+        writeStandardError("strun: error: \(error)\n")
+        throw ExitCode(1)
+    } catch let error as TokenizerError {
         writeStandardError("strun: error: \(error)\n")
         throw ExitCode(1)
     }

@@ -109,6 +109,37 @@ public final class Checkpoint: @unchecked Sendable {
         auxiliaryFiles = auxiliary
 
         try checkTensors()
+        if let tokenizer = auxiliary.first(where: { $0.name == "tokenizer.json" }) {
+            try Checkpoint.checkTokenizer(tokenizer.path, fits: config)
+        }
+    }
+
+    /// The tokenizer's ids (vocabulary and added tokens) must all be rows of the embedding.
+    static func checkTokenizer(_ path: String, fits config: ModelConfig) throws(FormatError) {
+        func mismatch(_ detail: String) -> FormatError { .invalidCheckpoint(path: path, defect: .tokenizerMismatch, detail: detail) }
+        let bytes = try FileSystem.readAll(path, limit: maximumSideFileLength * 4)
+        let json: JSONValue
+        do {
+            json = try JSONParser.parse(bytes)
+        } catch {
+            throw mismatch("not valid JSON: \(error)")
+        }
+        guard let vocab = json.objectValue?["model"]?.objectValue?["vocab"]?.objectValue else {
+            throw mismatch("no model.vocab object; expected a Hugging Face tokenizer.json")
+        }
+        var maximum = (token: "", id: -1)
+        for (token, value) in vocab.entries {
+            guard let id = value.intValue, id >= 0 else { throw mismatch("vocab entry \(token) has id \(JSONWriter.serialize(value))") }
+            if id > maximum.id { maximum = (token, id) }
+        }
+        for entry in json.objectValue?["added_tokens"]?.arrayValue ?? [] {
+            if let id = entry.objectValue?["id"]?.intValue, id > maximum.id {
+                maximum = (entry.objectValue?["content"]?.stringValue ?? "?", id)
+            }
+        }
+        guard maximum.id < config.vocabSize else {
+            throw mismatch("token \(maximum.token) has id \(maximum.id), but the model has \(config.vocabSize) embedding rows (vocab_size); this tokenizer belongs to another model")
+        }
     }
 
     static func baseName(_ path: String) -> String {
