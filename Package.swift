@@ -22,8 +22,11 @@ let package = Package(
         ),
         // File formats and codecs. Never imports Engine.
         .target(name: "Format", dependencies: ["CZlib"]),
+        // Row kernels in C: per-function target attributes let one binary carry portable, AVX2
+        // and AVX-512 VNNI versions and pick at run time (Swift has no per-function targets).
+        .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
         // The runtime.
-        .target(name: "Engine", dependencies: ["Format"]),
+        .target(name: "Engine", dependencies: ["Format", "CKernels"]),
         .executableTarget(
             name: "stconvert",
             dependencies: ["Format", .product(name: "ArgumentParser", package: "swift-argument-parser")]

@@ -111,7 +111,7 @@ struct SamplingOptions: ParsableArguments {
 func loadTokenizer(package: Model?, override path: String?) throws -> Tokenizer {
     if let path { return try Tokenizer(path: path) }
     guard let package, let bytes = package.package.fileContents("tokenizer.json") else {
-        throw ValidationError("the package has no tokenizer; give --tokenizer tokenizer.json (or convert with stconvert --tokenizer DIR)")
+        throw ValidationError("the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token ids with --tokens and --ids")
     }
     let tokenizer = try Tokenizer(json: bytes, path: "tokenizer.json in the package")
     if tokenizer.vocabularySize > package.config.vocabSize {

@@ -1,8 +1,9 @@
+import CKernels
 import Foundation
 import Testing
 @testable import Engine
 
-/// Each fast kernel against its scalar reference, on awkward lengths and values.
+/// Every instruction set's kernels against the scalar reference, on awkward lengths and values.
 @Suite struct KernelTests {
     struct Generator {
         var state: UInt64
@@ -12,86 +13,113 @@ import Testing
         }
     }
 
+    /// The instruction sets this machine can run (the portable one always).
+    static let sets: [DotKernels.InstructionSet] = DotKernels.InstructionSet.allCases.filter { st_kernels_for($0.rawValue) != nil }
+
+    func table(_ set: DotKernels.InstructionSet) -> st_kernel_table { st_kernels_for(set.rawValue)!.pointee }
+
     func encoded(_ values: [Float], _ dtype: TensorDType) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: dtype.byteLength(shape: [values.count])!)
         values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { TensorCodec.encode(v.baseAddress!, count: values.count, as: dtype, into: $0.baseAddress!) } }
         return out
     }
 
-    @Test(arguments: [TensorDType.f32, .bf16, .f16], [1, 7, 8, 15, 16, 17, 31, 96, 1536])
-    func floatDotMatchesTheScalarReference(dtype: TensorDType, length: Int) {
-        var g = Generator(state: UInt64(length))
-        let w = (0..<length).map { _ in g.next() }, x = (0..<length).map { _ in g.next() }
-        let row = encoded(w, dtype)
-        row.withUnsafeBytes { r in
-            x.withUnsafeBufferPointer { xp in
-                let fast: Float
-                switch dtype {
-                case .f32: fast = DotKernels.f32(r.baseAddress!, xp.baseAddress!, length)
-                case .bf16: fast = DotKernels.bf16(r.baseAddress!, xp.baseAddress!, length)
-                default: fast = DotKernels.f16(r.baseAddress!, xp.baseAddress!, length)
+    @Test func theBestAvailableSetIsSelected() {
+        #expect(DotKernels.active == DotKernels.detected)
+        #expect(Self.sets.last == DotKernels.detected)
+        #expect(st_kernels_for(99) == nil)
+    }
+
+    @Test(arguments: sets, [TensorDType.f32, .bf16, .f16])
+    func floatDotMatchesTheReference(set: DotKernels.InstructionSet, dtype: TensorDType) {
+        let k = table(set)
+        for length in [1, 7, 8, 15, 16, 17, 31, 96, 1536] {
+            var g = Generator(state: UInt64(length))
+            let w = (0..<length).map { _ in g.next() }, x = (0..<length).map { _ in g.next() }
+            let row = encoded(w, dtype)
+            row.withUnsafeBytes { r in
+                x.withUnsafeBufferPointer { xp in
+                    let fast: Float
+                    switch dtype {
+                    case .f32: fast = k.dot_f32(r.baseAddress!.assumingMemoryBound(to: Float.self), xp.baseAddress!, Int32(length))
+                    case .bf16: fast = k.dot_bf16(r.baseAddress!.assumingMemoryBound(to: UInt16.self), xp.baseAddress!, Int32(length))
+                    default: fast = k.dot_f16(r.baseAddress!.assumingMemoryBound(to: UInt16.self), xp.baseAddress!, Int32(length))
+                    }
+                    let reference = ReferenceKernels.dot(r.baseAddress!, dtype: dtype, xp.baseAddress!, length)
+                    let scale = zip(w, x).reduce(Float(0)) { $0 + abs($1.0 * $1.1) }
+                    #expect(abs(fast - reference) <= 1e-6 * scale + 1e-7, "\(set) \(dtype) n=\(length): \(fast) vs \(reference)")
                 }
-                let reference = ReferenceKernels.dot(r.baseAddress!, dtype: dtype, xp.baseAddress!, length)
-                let scale = zip(w, x).reduce(Float(0)) { $0 + abs($1.0 * $1.1) }
-                #expect(abs(fast - reference) <= 1e-6 * scale + 1e-7, "\(fast) vs \(reference)")
             }
         }
     }
 
-    @Test(arguments: [TensorDType.q4_0, .q8_0], [32, 64, 1536])
-    func quantisedDotMatchesTheScalarReferenceAndTheFloatResult(dtype: TensorDType, length: Int) {
-        var g = Generator(state: 99 + UInt64(length))
-        let w = (0..<length).map { _ in g.next() }, x = (0..<length).map { _ in g.next() * 3 }
-        let row = encoded(w, dtype)
-        let activations = QuantizedActivations(columns: length, capacity: 1)
-        defer { activations.deallocate() }
-        x.withUnsafeBufferPointer { activations.quantize($0.baseAddress!, at: 0) }
-        row.withUnsafeBytes { r in
-            let blocks = length / 32
-            let fast = dtype == .q4_0
-                ? DotKernels.q4_0(r.baseAddress!, activations.scales, activations.values, blocks)
-                : DotKernels.q8_0(r.baseAddress!, activations.scales, activations.values, blocks)
-            let reference = ReferenceKernels.dotQuantized(r.baseAddress!, dtype: dtype, activations.scales, activations.values, blocks)
-            #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-6, "SIMD \(fast) vs scalar \(reference)")
-            // Against float: the only difference is the activation's Q8_0 rounding, at most half a
-            // step per value: |Σ w·(x − x̂)| ≤ Σ |w| · d_x / 2.
-            let float = x.withUnsafeBufferPointer { ReferenceKernels.dot(r.baseAddress!, dtype: dtype, $0.baseAddress!, length) }
-            var weights = [Float](repeating: 0, count: length)
-            weights.withUnsafeMutableBufferPointer { TensorCodec.decode(r.baseAddress!, dtype: dtype, count: length, into: $0.baseAddress!) }
-            var bound: Float = 0
-            for b in 0..<blocks {
-                let d = activations.scales[b]
-                for j in 0..<32 { bound += abs(weights[b * 32 + j]) * d / 2 }
+    @Test(arguments: sets, [TensorDType.q4_0, .q8_0])
+    func quantisedDotMatchesTheReferenceAndTheFloatResult(set: DotKernels.InstructionSet, dtype: TensorDType) {
+        let k = table(set)
+        for length in [32, 64, 1536] {
+            var g = Generator(state: 99 + UInt64(length))
+            let w = (0..<length).map { _ in g.next() }, x = (0..<length).map { _ in g.next() * 3 }
+            let row = encoded(w, dtype)
+            var scales = [Float](repeating: 0, count: length / 32)
+            var values = [Int8](repeating: 0, count: length)
+            k.quantize_q8_0(x, &scales, &values, Int32(length))
+            row.withUnsafeBytes { r in
+                let blocks = length / 32
+                let fast = dtype == .q4_0 ? k.dot_q4_0(r.baseAddress!, scales, values, Int32(blocks)) : k.dot_q8_0(r.baseAddress!, scales, values, Int32(blocks))
+                let reference = ReferenceKernels.dotQuantized(r.baseAddress!, dtype: dtype, scales, values, blocks)
+                #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-6, "\(set): \(fast) vs scalar \(reference)")
+                // Against float: the only difference is the activation's Q8_0 rounding, at most half a
+                // step per value: |Σ w·(x − x̂)| ≤ Σ |w| · d_x / 2.
+                let float = x.withUnsafeBufferPointer { ReferenceKernels.dot(r.baseAddress!, dtype: dtype, $0.baseAddress!, length) }
+                var weights = [Float](repeating: 0, count: length)
+                weights.withUnsafeMutableBufferPointer { TensorCodec.decode(r.baseAddress!, dtype: dtype, count: length, into: $0.baseAddress!) }
+                var bound: Float = 0
+                for b in 0..<blocks { for j in 0..<32 { bound += abs(weights[b * 32 + j]) * scales[b] / 2 } }
+                #expect(abs(fast - float) <= bound * 1.001 + 1e-5, "quantised \(fast) vs float \(float), bound \(bound)")
             }
-            #expect(abs(fast - float) <= bound * 1.001 + 1e-5, "quantised \(fast) vs float \(float), bound \(bound)")
         }
     }
 
-    @Test(arguments: [TensorDType.f32, .bf16, .f16, .q4_0, .q8_0], [32, 96, 1536])
-    func addScaledRowMatchesTheScalarReference(dtype: TensorDType, length: Int) {
-        var g = Generator(state: 5 + UInt64(length))
-        let w = (0..<length).map { _ in g.next() }
-        let start = (0..<length).map { _ in g.next() }
-        let row = encoded(w, dtype)
-        var fast = start, reference = start
-        row.withUnsafeBytes { r in
-            fast.withUnsafeMutableBufferPointer { DotKernels.addScaledRow(r.baseAddress!, dtype: dtype, scale: -0.37, into: $0.baseAddress!, length) }
-            reference.withUnsafeMutableBufferPointer { ReferenceKernels.addScaledRow(r.baseAddress!, dtype: dtype, scale: -0.37, into: $0.baseAddress!, length) }
+    @Test(arguments: sets, [TensorDType.f32, .bf16, .f16, .q4_0, .q8_0])
+    func addScaledRowMatchesTheReference(set: DotKernels.InstructionSet, dtype: TensorDType) {
+        let k = table(set)
+        for length in [32, 96, 1536] {
+            var g = Generator(state: 5 + UInt64(length))
+            let w = (0..<length).map { _ in g.next() }
+            let start = (0..<length).map { _ in g.next() }
+            let row = encoded(w, dtype)
+            var fast = start, reference = start
+            row.withUnsafeBytes { r in
+                let p = r.baseAddress!
+                fast.withUnsafeMutableBufferPointer { y in
+                    let n = Int32(length), out = y.baseAddress!
+                    switch dtype {
+                    case .f32: k.axpy_f32(p.assumingMemoryBound(to: Float.self), -0.37, out, n)
+                    case .bf16: k.axpy_bf16(p.assumingMemoryBound(to: UInt16.self), -0.37, out, n)
+                    case .f16: k.axpy_f16(p.assumingMemoryBound(to: UInt16.self), -0.37, out, n)
+                    case .q4_0: k.axpy_q4_0(p, -0.37, out, n)
+                    case .q8_0: k.axpy_q8_0(p, -0.37, out, n)
+                    }
+                }
+                reference.withUnsafeMutableBufferPointer { ReferenceKernels.addScaledRow(p, dtype: dtype, scale: -0.37, into: $0.baseAddress!, length) }
+            }
+            #expect(zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-6 }, "\(set) \(dtype): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
         }
-        #expect(zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-6 }, "max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
     }
 
-    @Test func activationQuantisationMatchesTheQ8_0Codec() {
+    @Test(arguments: sets)
+    func activationQuantisationMatchesTheQ8_0Codec(set: DotKernels.InstructionSet) {
         var g = Generator(state: 11)
-        let x = (0..<96).map { _ in g.next() * 5 }
-        let activations = QuantizedActivations(columns: 96, capacity: 2)
-        defer { activations.deallocate() }
-        x.withUnsafeBufferPointer { activations.quantize($0.baseAddress!, at: 1) }
+        var x = (0..<96).map { _ in g.next() * 5 }
+        x[3] = 0; x[40] = 2.5 * x.map(abs).max()! / 127  // a half step lands on .5
+        var scales = [Float](repeating: 0, count: 3)
+        var values = [Int8](repeating: 0, count: 96)
+        table(set).quantize_q8_0(x, &scales, &values, 96)
         let blocks = encoded(x, .q8_0)
         for b in 0..<3 {
             let d = blocks.withUnsafeBytes { Float(Float16(bitPattern: $0.loadUnaligned(fromByteOffset: b * 34, as: UInt16.self))) }
-            #expect(abs(activations.scales[3 + b] - d) <= d * 1e-3, "scale kept in float32, ggml rounds it to float16")
-            for j in 0..<32 { #expect(activations.values[96 + b * 32 + j] == Int8(bitPattern: blocks[b * 34 + 2 + j])) }
+            #expect(abs(scales[b] - d) <= d * 1e-3, "scale kept in float32, ggml rounds it to float16")
+            for j in 0..<32 { #expect(values[b * 32 + j] == Int8(bitPattern: blocks[b * 34 + 2 + j])) }
         }
     }
 }

@@ -32,12 +32,14 @@ import Testing
             let logits = try stepwise.evaluate([token])
             worst = max(worst, maxAbsDifference(all[t * vocab..<(t + 1) * vocab], logits))
         }
-        #expect(worst < 1e-4, "batched vs one-by-one: \(worst)")
+        // Two float computations of the same function (different batching and thread counts sum in
+        // different orders); a cache bug shows as errors of order 1.
+        #expect(worst < 1e-3, "batched vs one-by-one: \(worst)")
         // Split the prompt unevenly across calls: the cache carries over.
         let split = try Session(model: m, threads: 2)
         _ = try split.evaluate(Array(reference.inputIDs[0..<7]))
         let tail = try split.evaluate(Array(reference.inputIDs[7...]), allLogits: true)
-        #expect(maxAbsDifference(tail[0..<tail.count], Array(all[7 * vocab..<all.count])) < 1e-4)
+        #expect(maxAbsDifference(tail[0..<tail.count], Array(all[7 * vocab..<all.count])) < 1e-3)
     }
 
     @Test(arguments: Reference.models.flatMap { m in ["short", "long"].map { (m, $0) } })
@@ -52,7 +54,9 @@ import Testing
         for d in decisions {
             #expect(d.experts == reference.topkExperts[d.layer][d.position], "layer \(d.layer) position \(d.position)")
             let expectedWeights = reference.topkWeights[d.layer][d.position]
-            #expect(zip(d.weights, expectedWeights).allSatisfy { abs($0 - $1) < 1e-4 }, "weights at layer \(d.layer) position \(d.position)")
+            // Float noise reaches 1.3e-4 in tiny-21b-like's last layers (its residual grows to
+            // |x| ≈ 45); a wrong routing function (softmax vs sigmoid, unnormalised) is off by > 1e-2.
+            #expect(zip(d.weights, expectedWeights).allSatisfy { abs($0 - $1) < 1e-3 }, "weights at layer \(d.layer) position \(d.position)")
         }
     }
 

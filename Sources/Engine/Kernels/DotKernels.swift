@@ -1,154 +1,66 @@
-/// Row · vector kernels, one per weight dtype. The fast versions use Swift's portable SIMD types
-/// (lowered to the widest vector instructions the build targets) and finish any tail with the
-/// same scalar loop as `ReferenceKernels`, which the tests compare them against.
+import CKernels
+
+/// The row kernels the runtime uses: C implementations for the portable, AVX2 and AVX-512 VNNI
+/// instruction sets, the best one for this CPU selected once (`Kernels.select` overrides it, for
+/// tests and comparisons). `ReferenceKernels` is their plain definition.
 public enum DotKernels {
-    /// float32 row · float32 vector.
+    public enum InstructionSet: Int32, CaseIterable, Sendable {
+        case portable = 0, avx2 = 1, avx512 = 2
+    }
+
+    /// The best instruction set this CPU has.
+    public static var detected: InstructionSet { InstructionSet(rawValue: st_detect_isa()) ?? .portable }
+    /// The instruction set in use.
+    public static var active: InstructionSet { InstructionSet(rawValue: st_kernels_isa()) ?? .portable }
+
+    /// Uses `set` (or the best available below it); returns what is in use.
+    @discardableResult
+    public static func select(_ set: InstructionSet) -> InstructionSet {
+        InstructionSet(rawValue: st_kernels_select(set.rawValue)) ?? .portable
+    }
+
     @inline(__always)
     public static func f32(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
-        var i = 0
-        let xr = UnsafeRawPointer(x)
-        while i + 16 <= n {
-            acc0 += row.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) * xr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self)
-            acc1 += row.loadUnaligned(fromByteOffset: i * 4 + 32, as: SIMD8<Float>.self) * xr.loadUnaligned(fromByteOffset: i * 4 + 32, as: SIMD8<Float>.self)
-            i += 16
-        }
-        var sum = (acc0 + acc1).sum()
-        let w = row.assumingMemoryBound(to: Float.self)
-        while i < n { sum += w[i] * x[i]; i += 1 }
-        return sum
+        st_dot_f32(row.assumingMemoryBound(to: Float.self), x, Int32(n))
     }
 
-    /// bfloat16 row · float32 vector (bf16 → f32 is a 16-bit shift).
     @inline(__always)
     public static func bf16(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
-        var i = 0
-        let xr = UnsafeRawPointer(x)
-        while i + 16 <= n {
-            let h0 = SIMD8<UInt32>(truncatingIfNeeded: row.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<UInt16>.self)) &<< 16
-            let h1 = SIMD8<UInt32>(truncatingIfNeeded: row.loadUnaligned(fromByteOffset: i * 2 + 16, as: SIMD8<UInt16>.self)) &<< 16
-            acc0 += unsafeBitCast(h0, to: SIMD8<Float>.self) * xr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self)
-            acc1 += unsafeBitCast(h1, to: SIMD8<Float>.self) * xr.loadUnaligned(fromByteOffset: i * 4 + 32, as: SIMD8<Float>.self)
-            i += 16
-        }
-        var sum = (acc0 + acc1).sum()
-        let w = row.assumingMemoryBound(to: UInt16.self)
-        while i < n { sum += FloatCodecs.bf16ToFloat(w[i]) * x[i]; i += 1 }
-        return sum
+        st_dot_bf16(row.assumingMemoryBound(to: UInt16.self), x, Int32(n))
     }
 
-    /// float16 row · float32 vector.
     @inline(__always)
     public static func f16(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD8<Float>()
-        var i = 0
-        let xr = UnsafeRawPointer(x)
-        while i + 8 <= n {
-            let h = row.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<Float16>.self)
-            acc += SIMD8<Float>(h) * xr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self)
-            i += 8
-        }
-        var sum = acc.sum()
-        let w = row.assumingMemoryBound(to: UInt16.self)
-        while i < n { sum += FloatCodecs.f16ToFloat(w[i]) * x[i]; i += 1 }
-        return sum
+        st_dot_f16(row.assumingMemoryBound(to: UInt16.self), x, Int32(n))
     }
 
-    /// Q4_0 row · Q8_0 activations: integer dot products per block, scaled by both block scales.
     @inline(__always)
     public static func q4_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
-        var sum: Float = 0
-        let xr = UnsafeRawPointer(values)
-        for b in 0..<blocks {
-            let block = row + b * 18
-            let d = Float(Float16(bitPattern: block.loadUnaligned(as: UInt16.self)))
-            let packed = block.loadUnaligned(fromByteOffset: 2, as: SIMD16<UInt8>.self)
-            let low = SIMD16<Int16>(truncatingIfNeeded: packed & 0x0F) &- 8
-            let high = SIMD16<Int16>(truncatingIfNeeded: packed &>> 4) &- 8
-            let x0 = SIMD16<Int16>(truncatingIfNeeded: xr.loadUnaligned(fromByteOffset: b * 32, as: SIMD16<Int8>.self))
-            let x1 = SIMD16<Int16>(truncatingIfNeeded: xr.loadUnaligned(fromByteOffset: b * 32 + 16, as: SIMD16<Int8>.self))
-            // |(-8...7) × (-127...127)| ≤ 1016; two of them fit Int16, the block sum needs Int32.
-            let products = low &* x0 &+ high &* x1
-            sum += d * scales[b] * Float(SIMD16<Int32>(truncatingIfNeeded: products).wrappedSum())
-        }
-        return sum
+        st_dot_q4_0(row, scales, values, Int32(blocks))
     }
 
-    /// Q8_0 row · Q8_0 activations.
     @inline(__always)
     public static func q8_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
-        var sum: Float = 0
-        let xr = UnsafeRawPointer(values)
-        for b in 0..<blocks {
-            let block = row + b * 34
-            let d = Float(Float16(bitPattern: block.loadUnaligned(as: UInt16.self)))
-            let w0 = SIMD16<Int32>(truncatingIfNeeded: block.loadUnaligned(fromByteOffset: 2, as: SIMD16<Int8>.self))
-            let w1 = SIMD16<Int32>(truncatingIfNeeded: block.loadUnaligned(fromByteOffset: 18, as: SIMD16<Int8>.self))
-            let x0 = SIMD16<Int32>(truncatingIfNeeded: xr.loadUnaligned(fromByteOffset: b * 32, as: SIMD16<Int8>.self))
-            let x1 = SIMD16<Int32>(truncatingIfNeeded: xr.loadUnaligned(fromByteOffset: b * 32 + 16, as: SIMD16<Int8>.self))
-            sum += d * scales[b] * Float((w0 &* x0 &+ w1 &* x1).wrappedSum())
-        }
-        return sum
+        st_dot_q8_0(row, scales, values, Int32(blocks))
     }
 
     /// y += a · row, for a row of any dtype (the neuron-major down matrices: each active neuron
     /// adds its row, scaled by its activation, to the output).
     @inline(__always)
     public static func addScaledRow(_ row: UnsafeRawPointer, dtype: TensorDType, scale a: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        let yr = UnsafeMutableRawPointer(y)
         switch dtype {
-        case .f32:
-            var i = 0
-            while i + 8 <= n {
-                let v = yr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) + a * row.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self)
-                yr.storeBytes(of: v, toByteOffset: i * 4, as: SIMD8<Float>.self)
-                i += 8
-            }
-            let w = row.assumingMemoryBound(to: Float.self)
-            while i < n { y[i] += a * w[i]; i += 1 }
-        case .bf16:
-            var i = 0
-            while i + 8 <= n {
-                let h = SIMD8<UInt32>(truncatingIfNeeded: row.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<UInt16>.self)) &<< 16
-                let v = yr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) + a * unsafeBitCast(h, to: SIMD8<Float>.self)
-                yr.storeBytes(of: v, toByteOffset: i * 4, as: SIMD8<Float>.self)
-                i += 8
-            }
-            let w = row.assumingMemoryBound(to: UInt16.self)
-            while i < n { y[i] += a * FloatCodecs.bf16ToFloat(w[i]); i += 1 }
-        case .f16:
-            var i = 0
-            while i + 8 <= n {
-                let h = SIMD8<Float>(row.loadUnaligned(fromByteOffset: i * 2, as: SIMD8<Float16>.self))
-                let v = yr.loadUnaligned(fromByteOffset: i * 4, as: SIMD8<Float>.self) + a * h
-                yr.storeBytes(of: v, toByteOffset: i * 4, as: SIMD8<Float>.self)
-                i += 8
-            }
-            let w = row.assumingMemoryBound(to: UInt16.self)
-            while i < n { y[i] += a * FloatCodecs.f16ToFloat(w[i]); i += 1 }
-        case .q4_0:
-            for b in 0..<n / 32 {
-                let block = row + b * 18
-                let s = a * Float(Float16(bitPattern: block.loadUnaligned(as: UInt16.self)))
-                let packed = block.loadUnaligned(fromByteOffset: 2, as: SIMD16<UInt8>.self)
-                let low = SIMD16<Float>(SIMD16<Int32>(truncatingIfNeeded: packed & 0x0F) &- 8)
-                let high = SIMD16<Float>(SIMD16<Int32>(truncatingIfNeeded: packed &>> 4) &- 8)
-                let o = b * 32 * 4
-                yr.storeBytes(of: yr.loadUnaligned(fromByteOffset: o, as: SIMD16<Float>.self) + s * low, toByteOffset: o, as: SIMD16<Float>.self)
-                yr.storeBytes(of: yr.loadUnaligned(fromByteOffset: o + 64, as: SIMD16<Float>.self) + s * high, toByteOffset: o + 64, as: SIMD16<Float>.self)
-            }
-        case .q8_0:
-            for b in 0..<n / 32 {
-                let block = row + b * 34
-                let s = a * Float(Float16(bitPattern: block.loadUnaligned(as: UInt16.self)))
-                let q0 = SIMD16<Float>(SIMD16<Int32>(truncatingIfNeeded: block.loadUnaligned(fromByteOffset: 2, as: SIMD16<Int8>.self)))
-                let q1 = SIMD16<Float>(SIMD16<Int32>(truncatingIfNeeded: block.loadUnaligned(fromByteOffset: 18, as: SIMD16<Int8>.self)))
-                let o = b * 32 * 4
-                yr.storeBytes(of: yr.loadUnaligned(fromByteOffset: o, as: SIMD16<Float>.self) + s * q0, toByteOffset: o, as: SIMD16<Float>.self)
-                yr.storeBytes(of: yr.loadUnaligned(fromByteOffset: o + 64, as: SIMD16<Float>.self) + s * q1, toByteOffset: o + 64, as: SIMD16<Float>.self)
-            }
+        case .f32: st_axpy_f32(row.assumingMemoryBound(to: Float.self), a, y, Int32(n))
+        case .bf16: st_axpy_bf16(row.assumingMemoryBound(to: UInt16.self), a, y, Int32(n))
+        case .f16: st_axpy_f16(row.assumingMemoryBound(to: UInt16.self), a, y, Int32(n))
+        case .q4_0: st_axpy_q4_0(row, a, y, Int32(n))
+        case .q8_0: st_axpy_q8_0(row, a, y, Int32(n))
         }
+    }
+
+    /// Q8_0 activations: d = amax / 127 per block (float32), q = round-half-away(x / d).
+    @inline(__always)
+    public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>, _ n: Int) {
+        st_quantize_q8_0(x, scales, values, Int32(n))
     }
 }
 

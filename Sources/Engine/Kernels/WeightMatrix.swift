@@ -53,15 +53,6 @@ public struct QuantizedActivations {
     /// rounding half away from zero, as ggml's quantize_row_q8_0.
     public func quantize(_ x: UnsafePointer<Float>, at index: Int) {
         let blocks = columns / 32
-        for b in 0..<blocks {
-            let v = x + b * 32
-            var amax: Float = 0
-            for j in 0..<32 { amax = max(amax, abs(v[j])) }
-            let d = amax / 127
-            let id: Float = d != 0 ? 1 / d : 0
-            scales[index * blocks + b] = d
-            let q = values + index * columns + b * 32
-            for j in 0..<32 { q[j] = Int8(clamping: Int32(convertingLikeX86: (v[j] * id).rounded(.toNearestOrAwayFromZero))) }
-        }
+        DotKernels.quantizeActivations(x, scales: scales + index * blocks, values: values + index * columns, columns)
     }
 }

@@ -21,7 +21,8 @@ public final class Session: @unchecked Sendable {
     public let contextLength: Int
     /// Tokens evaluated so far (the next token's position).
     public private(set) var position = 0
-    public var threads: Int
+    /// Worker threads (fixed at creation: per-worker buffers are sized for it).
+    public let threads: Int
     /// Called for every routing decision when set.
     public var routingObserver: ((RoutingDecision) -> Void)?
 
@@ -37,10 +38,9 @@ public final class Session: @unchecked Sendable {
     let attention: ActivationBatch     // (batch, heads·head_dim)
     let projected: UnsafeMutablePointer<Float>   // (batch, hidden)
     let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
-    let expertInput: ActivationBatch   // (batch, hidden): the tokens routed to one expert
-    let gates: UnsafeMutablePointer<Float>       // (batch, ffn)
     let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
-    let scores: UnsafeMutablePointer<Float>      // (context): one head's attention scores
+    let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
+    let scores: UnsafeMutablePointer<Float>      // (threads, context): each worker's attention scores
     let ropeTable: RoPETable
 
     public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads) throws(EngineError) {
@@ -53,7 +53,7 @@ public final class Session: @unchecked Sendable {
         self.contextLength = context
         self.threads = max(1, threads)
         let b = Session.maximumBatch
-        caches = model.layers.map { KVCache(capacity: min(context, $0.window ?? context), width: c.kvWidth, window: $0.window) }
+        caches = model.layers.map { KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), width: c.kvWidth, window: $0.window) }
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
         queries = .allocate(capacity: b * c.queryWidth)
@@ -62,16 +62,15 @@ public final class Session: @unchecked Sendable {
         attention = ActivationBatch(columns: c.queryWidth, capacity: b)
         projected = .allocate(capacity: b * c.hiddenSize)
         routerLogits = .allocate(capacity: b * c.expertCount)
-        expertInput = ActivationBatch(columns: c.hiddenSize, capacity: b)
-        gates = .allocate(capacity: b * c.expertFFNSize)
         mixture = .allocate(capacity: b * c.hiddenSize)
-        scores = .allocate(capacity: context)
+        partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
+        scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
     }
 
     deinit {
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); gates.deallocate(); mixture.deallocate(); scores.deallocate()
+        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); scores.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
@@ -129,7 +128,9 @@ public final class Session: @unchecked Sendable {
         MatMul.multiply(layer.key, normed, into: keys, outputStride: c.kvWidth, threads: threads)
         MatMul.multiply(layer.value, normed, into: values, outputStride: c.kvWidth, threads: threads)
         attention.setCount(n)
-        let scale = 1 / Float(c.headDim).squareRoot()
+        // Rotate and store every key and value of the batch first; a window's ring holds
+        // window + maximumBatch positions, so this never overwrites a key a query of the batch
+        // still needs.
         for t in 0..<n {
             let p = position + t
             let q = queries + t * c.queryWidth, k = keys + t * c.kvWidth
@@ -137,13 +138,24 @@ public final class Session: @unchecked Sendable {
                 for h in 0..<c.attentionHeads { ropeTable.rotate(q + h * c.headDim, position: p) }
                 for h in 0..<c.kvHeads { ropeTable.rotate(k + h * c.headDim, position: p) }
             }
-            // Store this token's key and value, then attend over what it may see: tokens of the
-            // batch are taken in order, so a window never loses keys a later query needs.
             cache.store(key: k, value: values + t * c.kvWidth, position: p)
-            let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
-            for h in 0..<c.attentionHeads {
+        }
+        // One (token, head) pair per task: scores, softmax and the weighted sum of values,
+        // streaming over the cache with one score vector per worker.
+        let tasks = n * c.attentionHeads
+        let workers = max(1, min(threads, tasks, position + n >= 64 || n > 1 ? threads : 1))
+        let work = Unchecked((self, cache))
+        parallelFor(workers) { worker in
+            let (session, cache) = work.value
+            let c = session.model.config
+            let scores = session.scores + worker * session.contextLength
+            let scale = 1 / Float(c.headDim).squareRoot()
+            for task in stride(from: worker, to: tasks, by: workers) {
+                let t = task / c.attentionHeads, h = task % c.attentionHeads
+                let p = session.position + t
+                let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
                 let kvHead = h / c.groupSize
-                let qh = q + h * c.headDim
+                let qh = session.queries + t * c.queryWidth + h * c.headDim
                 var maxScore = -Float.infinity
                 for j in first...p {
                     let s = DotKernels.f32(UnsafeRawPointer(cache.key(position: j) + kvHead * c.headDim), qh, c.headDim) * scale
@@ -156,11 +168,12 @@ public final class Session: @unchecked Sendable {
                     scores[j] = e
                     sum += e
                 }
-                let out = attention.row(t) + h * c.headDim
+                let out = session.attention.row(t) + h * c.headDim
                 out.update(repeating: 0, count: c.headDim)
+                let inverse = 1 / sum
                 for j in first...p {
                     DotKernels.addScaledRow(UnsafeRawPointer(cache.value(position: j) + kvHead * c.headDim), dtype: .f32,
-                                            scale: scores[j - first] / sum, into: out, c.headDim)
+                                            scale: scores[j - first] * inverse, into: out, c.headDim)
                 }
             }
         }
@@ -195,27 +208,40 @@ public final class Session: @unchecked Sendable {
 
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
-        mixture.update(repeating: 0, count: n * c.hiddenSize)
-        let ffn = c.expertFFNSize
-        for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
-            let expert = layer.experts[e]
-            expertInput.setCount(tokens.count)
-            for (i, entry) in tokens.enumerated() { expertInput.row(i).update(from: normed.row(entry.token), count: c.hiddenSize) }
-            // Gate densely; up and down only for neurons the ReLU lets through (ReGLU sparsity:
-            // a neuron with gate ≤ 0 contributes exactly nothing).
-            MatMul.multiply(expert.gate, expertInput, into: gates, outputStride: ffn, threads: threads)
-            for (i, entry) in tokens.enumerated() {
-                let g = gates + i * ffn
-                let out = mixture + entry.token * c.hiddenSize
-                for j in 0..<ffn where g[j] > 0 {
-                    let u = rowDot(expert.up, j, expertInput, i)
-                    DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g[j] * u, into: out, c.hiddenSize)
+        if layer.experts.contains(where: { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }) { _ = normed.quantizedForm() }
+        // Each worker takes a slice of every chosen expert's neurons: gate, up and down rows j
+        // sit together in the neuron-major bundle. Gate for every token; up and down only where
+        // the ReLU lets the neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes
+        // exactly nothing). Workers add into their own buffer, summed in worker order.
+        let ffn = c.expertFFNSize, hidden = c.hiddenSize
+        let workers = max(1, min(threads, ffn))
+        let work = Unchecked((self, layer, assigned, partials))
+        parallelFor(workers) { worker in
+            let (session, layer, assigned, partials) = work.value
+            let out = partials + worker * Session.maximumBatch * hidden
+            out.update(repeating: 0, count: n * hidden)
+            let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
+            for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
+                let expert = layer.experts[e]
+                for j in first..<last {
+                    for entry in tokens {
+                        let g = session.rowDot(expert.gate, j, session.normed, entry.token)
+                        guard g > 0 else { continue }
+                        let u = session.rowDot(expert.up, j, session.normed, entry.token)
+                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g * u,
+                                                into: out + entry.token * hidden, hidden)
+                    }
                 }
             }
         }
+        mixture.update(from: partials, count: n * hidden)
+        for worker in 1..<workers {
+            let p = partials + worker * Session.maximumBatch * hidden
+            for i in 0..<n * hidden { mixture[i] += p[i] }
+        }
         for t in 0..<n {
-            let x = residual.row(t), y = mixture + t * c.hiddenSize
-            for i in 0..<c.hiddenSize { x[i] += y[i] }
+            let x = residual.row(t), y = mixture + t * hidden
+            for i in 0..<hidden { x[i] += y[i] }
         }
         residual.setCount(n)
     }

@@ -65,7 +65,7 @@ extension String {
     }
 
     /// A number with two decimals, without Foundation's formatter.
-    init(format2 value: Double) {
+    public init(format2 value: Double) {
         let hundredths = Int((value * 100).rounded())
         let fraction = hundredths % 100
         self = "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"

@@ -1,0 +1,61 @@
+#ifndef ST_CKERNELS_H
+#define ST_CKERNELS_H
+
+#include <stdint.h>
+
+// Row kernels for the runtime, one implementation per instruction set, chosen once at run time
+// (st_kernels_select). Every variant computes the same function as the portable C version; the
+// tests compare them. Activations in Q8_0 form are a float32 scale per block of 32 and 32 int8s.
+
+enum {
+    ST_ISA_PORTABLE = 0,
+    ST_ISA_AVX2 = 1,      // AVX2 + FMA + F16C
+    ST_ISA_AVX512 = 2,    // AVX-512 F/BW/VL + VNNI
+};
+
+/// The best instruction set this CPU supports.
+int st_detect_isa(void);
+/// Selects the kernels for `isa` (clamped to what the CPU supports); returns the one selected.
+int st_kernels_select(int isa);
+/// The selected instruction set.
+int st_kernels_isa(void);
+
+/// One instruction set's kernels (the functions below dispatch through the selected one).
+typedef struct st_kernel_table {
+    float (*dot_q4_0)(const void *row, const float *xs, const int8_t *xq, int blocks);
+    float (*dot_q8_0)(const void *row, const float *xs, const int8_t *xq, int blocks);
+    float (*dot_f32)(const float *row, const float *x, int n);
+    float (*dot_bf16)(const uint16_t *row, const float *x, int n);
+    float (*dot_f16)(const uint16_t *row, const float *x, int n);
+    void (*axpy_q4_0)(const void *row, float a, float *y, int n);
+    void (*axpy_q8_0)(const void *row, float a, float *y, int n);
+    void (*axpy_f32)(const float *row, float a, float *y, int n);
+    void (*axpy_bf16)(const uint16_t *row, float a, float *y, int n);
+    void (*axpy_f16)(const uint16_t *row, float a, float *y, int n);
+    void (*quantize_q8_0)(const float *x, float *scales, int8_t *q, int n);
+} st_kernel_table;
+
+/// The kernels of `isa`, or NULL when this CPU (or build) does not have it. For tests.
+const st_kernel_table *st_kernels_for(int isa);
+
+/// W row (Q4_0 blocks) · activations (Q8_0): Σ_b d_w[b] · xs[b] · Σ_i (nibble_i − 8) · xq_i.
+float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, int blocks);
+/// W row (Q8_0 blocks) · activations (Q8_0).
+float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, int blocks);
+/// Float rows · float32 vector.
+float st_dot_f32(const float *row, const float *x, int n);
+float st_dot_bf16(const uint16_t *row, const float *x, int n);
+float st_dot_f16(const uint16_t *row, const float *x, int n);
+
+/// y += a · row, for each dtype (the neuron-major down matrices).
+void st_axpy_q4_0(const void *row, float a, float *y, int n);
+void st_axpy_q8_0(const void *row, float a, float *y, int n);
+void st_axpy_f32(const float *row, float a, float *y, int n);
+void st_axpy_bf16(const uint16_t *row, float a, float *y, int n);
+void st_axpy_f16(const uint16_t *row, float a, float *y, int n);
+
+/// Quantises n floats (n a multiple of 32) to Q8_0 activations: d = amax/127 (float32),
+/// q = round-half-away(x/d).
+void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int n);
+
+#endif

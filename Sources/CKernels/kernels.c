@@ -1,0 +1,395 @@
+// Row kernels: a portable C version of each, plus AVX2 and AVX-512 VNNI versions compiled with
+// function-level target attributes, so one binary runs everywhere and uses what the CPU has.
+#include "ckernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define ST_X86 1
+#include <immintrin.h>
+#endif
+
+static inline float fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1F;
+    uint32_t mantissa = h & 0x3FF;
+    uint32_t bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exponent = 127 - 15 + 1;
+            while ((mantissa & 0x400) == 0) { mantissa <<= 1; exponent--; }
+            mantissa &= 0x3FF;
+            bits = sign | (exponent << 23) | (mantissa << 13);
+        }
+    } else if (exponent == 0x1F) {
+        bits = sign | 0x7F800000 | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_fp32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+// ---------------------------------------------------------------- portable
+
+static float dot_q4_0_portable(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    float sum = 0;
+    for (int b = 0; b < blocks; b++, w += 18) {
+        const float d = fp16_to_fp32(load_u16(w));
+        int32_t acc = 0;
+        for (int j = 0; j < 16; j++) {
+            acc += ((w[2 + j] & 0x0F) - 8) * xq[b * 32 + j];
+            acc += ((w[2 + j] >> 4) - 8) * xq[b * 32 + j + 16];
+        }
+        sum += d * xs[b] * (float)acc;
+    }
+    return sum;
+}
+
+static float dot_q8_0_portable(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    float sum = 0;
+    for (int b = 0; b < blocks; b++, w += 34) {
+        const float d = fp16_to_fp32(load_u16(w));
+        const int8_t *q = (const int8_t *)(w + 2);
+        int32_t acc = 0;
+        for (int j = 0; j < 32; j++) acc += q[j] * xq[b * 32 + j];
+        sum += d * xs[b] * (float)acc;
+    }
+    return sum;
+}
+
+static float dot_f32_portable(const float *row, const float *x, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += row[i] * x[i];
+    return sum;
+}
+
+static float dot_bf16_portable(const uint16_t *row, const float *x, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += bf16_to_fp32(row[i]) * x[i];
+    return sum;
+}
+
+static float dot_f16_portable(const uint16_t *row, const float *x, int n) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += fp16_to_fp32(row[i]) * x[i];
+    return sum;
+}
+
+static void axpy_q4_0_portable(const void *row, float a, float *y, int n) {
+    const uint8_t *w = row;
+    for (int b = 0; b < n / 32; b++, w += 18) {
+        const float s = a * fp16_to_fp32(load_u16(w));
+        for (int j = 0; j < 16; j++) {
+            y[b * 32 + j] += s * (float)((w[2 + j] & 0x0F) - 8);
+            y[b * 32 + j + 16] += s * (float)((w[2 + j] >> 4) - 8);
+        }
+    }
+}
+
+static void axpy_q8_0_portable(const void *row, float a, float *y, int n) {
+    const uint8_t *w = row;
+    for (int b = 0; b < n / 32; b++, w += 34) {
+        const float s = a * fp16_to_fp32(load_u16(w));
+        const int8_t *q = (const int8_t *)(w + 2);
+        for (int j = 0; j < 32; j++) y[b * 32 + j] += s * (float)q[j];
+    }
+}
+
+static void axpy_f32_portable(const float *row, float a, float *y, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * row[i];
+}
+
+static void axpy_bf16_portable(const uint16_t *row, float a, float *y, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * bf16_to_fp32(row[i]);
+}
+
+static void axpy_f16_portable(const uint16_t *row, float a, float *y, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * fp16_to_fp32(row[i]);
+}
+
+static void quantize_q8_0_portable(const float *x, float *scales, int8_t *q, int n) {
+    for (int b = 0; b < n / 32; b++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0 ? 1.0f / d : 0.0f;
+        scales[b] = d;
+        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)roundf(x[b * 32 + j] * id);
+    }
+}
+
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+
+#ifdef ST_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/// 32 nibbles of a Q4_0 block as bytes 0..15: low nibbles first, then high.
+AVX2 static inline __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+AVX2 static float dot_q4_0_avx2(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i eight = _mm256_set1_epi8(8);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < blocks; b++, w += 18) {
+        const __m256i wq = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        // maddubs needs unsigned × signed: |w| × (x with w's sign).
+        const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
+        const __m256i sums = _mm256_madd_epi16(products, ones);
+        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
+    }
+    return hsum256(acc);
+}
+
+AVX2 static float dot_q8_0_avx2(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < blocks; b++, w += 34) {
+        const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
+        const __m256i sums = _mm256_madd_epi16(products, ones);
+        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
+    }
+    return hsum256(acc);
+}
+
+AVX2 static float dot_f32_avx2(const float *row, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float sum = hsum256(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) sum += row[i] * x[i];
+    return sum;
+}
+
+AVX2 static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+AVX2 static float dot_bf16_avx2(const uint16_t *row, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(load_bf16x8(row + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load_bf16x8(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float sum = hsum256(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) sum += bf16_to_fp32(row[i]) * x[i];
+    return sum;
+}
+
+AVX2 static float dot_f16_avx2(const uint16_t *row, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i + 8))), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float sum = hsum256(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) sum += fp16_to_fp32(row[i]) * x[i];
+    return sum;
+}
+
+AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
+    const uint8_t *w = row;
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int b = 0; b < n / 32; b++, w += 18) {
+        const __m256 s = _mm256_set1_ps(a * fp16_to_fp32(load_u16(w)));
+        const __m256i q = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        float *o = y + b * 32;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(o + 8)));
+        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(o + 16)));
+        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(o + 24)));
+    }
+}
+
+AVX2 static void axpy_q8_0_avx2(const void *row, float a, float *y, int n) {
+    const uint8_t *w = row;
+    for (int b = 0; b < n / 32; b++, w += 34) {
+        const __m256 s = _mm256_set1_ps(a * fp16_to_fp32(load_u16(w)));
+        float *o = y + b * 32;
+        for (int k = 0; k < 4; k++) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + 8 * k))));
+            _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(s, q, _mm256_loadu_ps(o + 8 * k)));
+        }
+    }
+}
+
+AVX2 static void axpy_f32_avx2(const float *row, float a, float *y, int n) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_loadu_ps(row + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * row[i];
+}
+
+AVX2 static void axpy_bf16_avx2(const uint16_t *row, float a, float *y, int n) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, load_bf16x8(row + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * bf16_to_fp32(row[i]);
+}
+
+AVX2 static void axpy_f16_avx2(const uint16_t *row, float a, float *y, int n) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * fp16_to_fp32(row[i]);
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
+
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+AVX512 static float dot_q4_0_avx512(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i eight = _mm256_set1_epi8(8);
+    int b = 0;
+    for (; b < blocks; b++, w += 18) {
+        const __m256i nibbles = unpack_nibbles(w + 2);  // 0..15, unsigned
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        // Σ (n − 8)·x = Σ n·x − Σ 8·x, both as u8 × s8 dot products.
+        const __m256i nx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, x);
+        const __m256i ex = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, x);
+        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(nx, ex)), acc);
+    }
+    return hsum256(acc);
+}
+
+AVX512 static float dot_q8_0_avx512(const void *row, const float *xs, const int8_t *xq, int blocks) {
+    const uint8_t *w = row;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++, w += 34) {
+        const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wq), _mm256_sign_epi8(x, wq));
+        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
+    }
+    return hsum256(acc);
+}
+
+#endif
+
+// ---------------------------------------------------------------- dispatch
+
+typedef st_kernel_table kernel_table;
+
+static const kernel_table portable = {
+    dot_q4_0_portable, dot_q8_0_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
+    axpy_q4_0_portable, axpy_q8_0_portable, axpy_f32_portable, axpy_bf16_portable, axpy_f16_portable,
+    quantize_q8_0_portable,
+};
+
+#ifdef ST_X86
+static const kernel_table avx2 = {
+    dot_q4_0_avx2, dot_q8_0_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
+    axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
+    quantize_q8_0_portable,
+};
+static const kernel_table avx512 = {
+    dot_q4_0_avx512, dot_q8_0_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
+    axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
+    quantize_q8_0_portable,
+};
+#endif
+
+static const kernel_table *active = &portable;
+static int active_isa = -1;
+
+int st_detect_isa(void) {
+#ifdef ST_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        return ST_ISA_AVX512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        return ST_ISA_AVX2;
+    }
+#endif
+    return ST_ISA_PORTABLE;
+}
+
+int st_kernels_select(int isa) {
+    const int best = st_detect_isa();
+    if (isa > best) isa = best;
+    if (isa < 0) isa = 0;
+#ifdef ST_X86
+    active = isa == ST_ISA_AVX512 ? &avx512 : isa == ST_ISA_AVX2 ? &avx2 : &portable;
+#else
+    active = &portable;
+    isa = ST_ISA_PORTABLE;
+#endif
+    active_isa = isa;
+    return isa;
+}
+
+const st_kernel_table *st_kernels_for(int isa) {
+    if (isa < 0 || isa > st_detect_isa()) return 0;
+#ifdef ST_X86
+    if (isa == ST_ISA_AVX512) return &avx512;
+    if (isa == ST_ISA_AVX2) return &avx2;
+#endif
+    return &portable;
+}
+
+int st_kernels_isa(void) {
+    if (active_isa < 0) st_kernels_select(st_detect_isa());
+    return active_isa;
+}
+
+static inline const kernel_table *table(void) {
+    if (active_isa < 0) st_kernels_select(st_detect_isa());
+    return active;
+}
+
+float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, int blocks) { return table()->dot_q4_0(row, xs, xq, blocks); }
+float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, int blocks) { return table()->dot_q8_0(row, xs, xq, blocks); }
+float st_dot_f32(const float *row, const float *x, int n) { return table()->dot_f32(row, x, n); }
+float st_dot_bf16(const uint16_t *row, const float *x, int n) { return table()->dot_bf16(row, x, n); }
+float st_dot_f16(const uint16_t *row, const float *x, int n) { return table()->dot_f16(row, x, n); }
+void st_axpy_q4_0(const void *row, float a, float *y, int n) { table()->axpy_q4_0(row, a, y, n); }
+void st_axpy_q8_0(const void *row, float a, float *y, int n) { table()->axpy_q8_0(row, a, y, n); }
+void st_axpy_f32(const float *row, float a, float *y, int n) { table()->axpy_f32(row, a, y, n); }
+void st_axpy_bf16(const uint16_t *row, float a, float *y, int n) { table()->axpy_bf16(row, a, y, n); }
+void st_axpy_f16(const uint16_t *row, float a, float *y, int n) { table()->axpy_f16(row, a, y, n); }
+void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int n) { table()->quantize_q8_0(x, scales, q, n); }

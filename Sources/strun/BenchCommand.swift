@@ -1,0 +1,84 @@
+import ArgumentParser
+import Engine
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure prompt and decode speed, time to first token and peak memory.",
+        discussion: "Prompt: -p seeded random token ids evaluated as one prompt. Decode: -n tokens generated greedily one at a time after it. Each figure is the median over --repetitions runs."
+    )
+
+    @Argument(help: "The .stpk package.")
+    var package: String
+
+    @Option(name: .customShort("p"), help: "Prompt tokens.")
+    var promptTokens: Int = 128
+
+    @Option(name: .customShort("n"), help: "Tokens to decode.")
+    var decodeTokens: Int = 64
+
+    @Option(name: .shortAndLong, help: "Runs to take the median of.")
+    var repetitions: Int = 3
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    @OptionGroup var runtime: RuntimeOptions
+
+    func validate() throws {
+        if promptTokens < 1 || decodeTokens < 1 || repetitions < 1 { throw ValidationError("-p, -n and --repetitions must be at least 1") }
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let loadStart = ProgressReporter.monotonicSeconds()
+            let model = try Model(path: package)
+            let context = runtime.context ?? (promptTokens + decodeTokens)
+            let session = try Session(model: model, contextLength: context, threads: runtime.threads ?? Session.defaultThreads)
+            let loadSeconds = ProgressReporter.monotonicSeconds() - loadStart
+            var random = SplitMix64(seed: 1)
+            let prompt = (0..<promptTokens).map { _ in Int(random.next() % UInt64(model.config.vocabSize)) }
+            var promptRates: [Double] = [], decodeRates: [Double] = [], firstToken: [Double] = []
+            for _ in 0..<repetitions {
+                session.reset()
+                let start = ProgressReporter.monotonicSeconds()
+                var logits = try session.evaluate(prompt)
+                var next = LogitComparison.argmax(logits[...])
+                let prompted = ProgressReporter.monotonicSeconds()
+                promptRates.append(Double(promptTokens) / (prompted - start))
+                firstToken.append(prompted - start)
+                for _ in 0..<decodeTokens {
+                    logits = try session.evaluate([next])
+                    next = LogitComparison.argmax(logits[...])
+                }
+                decodeRates.append(Double(decodeTokens) / (ProgressReporter.monotonicSeconds() - prompted))
+            }
+            func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+            var usage = rusage()
+            getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+            let peak = Int(usage.ru_maxrss) * 1024
+            let threads = session.threads
+            if json {
+                print(JSONWriter.serialize(.object(JSONObject([
+                    ("package", .string(package)), ("threads", .int(threads)),
+                    ("prompt_tokens", .int(promptTokens)), ("decode_tokens", .int(decodeTokens)), ("repetitions", .int(repetitions)),
+                    ("prompt_tokens_per_second", .double(median(promptRates))),
+                    ("decode_tokens_per_second", .double(median(decodeRates))),
+                    ("time_to_first_token_seconds", .double(median(firstToken))),
+                    ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
+                ])), pretty: true))
+            } else {
+                print("""
+                    \(package): \(threads) threads, median of \(repetitions)
+                    prompt:  \(promptTokens) tokens at \(String(format2: median(promptRates))) tokens/s
+                    decode:  \(decodeTokens) tokens at \(String(format2: median(decodeRates))) tokens/s
+                    time to first token: \(String(format2: median(firstToken) * 1000)) ms (load \(String(format2: loadSeconds * 1000)) ms)
+                    peak RSS: \(PackageSummary.bytes(peak))
+                    """)
+            }
+        }
+    }
+}
