@@ -6,6 +6,8 @@ public final class ActivationBatch: @unchecked Sendable {
     public let capacity: Int
     public let floats: UnsafeMutablePointer<Float>
     public private(set) var count = 0
+    /// The Q8_0 form's storage (valid for the rows `quantizedForm()` has filled), nil when the
+    /// width is not a multiple of 32.
     let quantized: QuantizedActivations?
     private var quantizedCount = 0
 
@@ -61,17 +63,23 @@ public enum MatMul {
             for r in first..<last {
                 let row = w.row(r)
                 for t in 0..<count {
-                    let value: Float
-                    switch w.dtype {
-                    case .f32: value = DotKernels.f32(row, x.row(t), w.columns)
-                    case .bf16: value = DotKernels.bf16(row, x.row(t), w.columns)
-                    case .f16: value = DotKernels.f16(row, x.row(t), w.columns)
-                    case .q4_0: value = DotKernels.q4_0(row, q!.scales + t * blocks, q!.values + t * w.columns, blocks)
-                    case .q8_0: value = DotKernels.q8_0(row, q!.scales + t * blocks, q!.values + t * w.columns, blocks)
-                    }
-                    y[t * outputStride + r] = value
+                    y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), q.map { $0.scales + t * blocks },
+                                                         q.map { $0.values + t * w.columns }, w.columns)
                 }
             }
+        }
+    }
+
+    /// One row · one activation vector, for any weight dtype (quantised weights use the Q8_0 form).
+    @inline(__always)
+    static func dot(_ row: UnsafeRawPointer, _ dtype: TensorDType, _ x: UnsafePointer<Float>,
+                    _ scales: UnsafePointer<Float>?, _ values: UnsafePointer<Int8>?, _ n: Int) -> Float {
+        switch dtype {
+        case .f32: return DotKernels.f32(row, x, n)
+        case .bf16: return DotKernels.bf16(row, x, n)
+        case .f16: return DotKernels.f16(row, x, n)
+        case .q4_0: return DotKernels.q4_0(row, scales!, values!, n / 32)
+        case .q8_0: return DotKernels.q8_0(row, scales!, values!, n / 32)
         }
     }
 }

@@ -215,19 +215,24 @@ public final class Session: @unchecked Sendable {
         // exactly nothing). Workers add into their own buffer, summed in worker order.
         let ffn = c.expertFFNSize, hidden = c.hiddenSize
         let workers = max(1, min(threads, ffn))
-        let work = Unchecked((self, layer, assigned, partials))
+        let quantized = normed.quantized
+        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values))
         parallelFor(workers) { worker in
-            let (session, layer, assigned, partials) = work.value
+            let (layer, assigned, partials, floats, scales, values) = work.value
             let out = partials + worker * Session.maximumBatch * hidden
             out.update(repeating: 0, count: n * hidden)
+            let blocks = hidden / 32
             let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
             for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
                 let expert = layer.experts[e]
                 for j in first..<last {
+                    let gateRow = expert.gate.row(j), upRow = expert.up.row(j)
                     for entry in tokens {
-                        let g = session.rowDot(expert.gate, j, session.normed, entry.token)
+                        let x = floats + entry.token * hidden
+                        let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
+                        let g = MatMul.dot(gateRow, expert.gate.dtype, x, xs, xq, hidden)
                         guard g > 0 else { continue }
-                        let u = session.rowDot(expert.up, j, session.normed, entry.token)
+                        let u = MatMul.dot(upRow, expert.up.dtype, x, xs, xq, hidden)
                         DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g * u,
                                                 into: out + entry.token * hidden, hidden)
                     }
@@ -261,20 +266,6 @@ public final class Session: @unchecked Sendable {
         for i in 0..<n { sum += Double(x[i]) * Double(x[i]) }
         let inverse = Float(1 / (sum / Double(n) + model.config.rmsNormEps).squareRoot())
         for i in 0..<n { out[i] = weight[i] * (x[i] * inverse) }
-    }
-
-    @inline(__always)
-    func rowDot(_ w: WeightMatrix, _ r: Int, _ x: ActivationBatch, _ t: Int) -> Float {
-        switch w.dtype {
-        case .f32: return DotKernels.f32(w.row(r), x.row(t), w.columns)
-        case .bf16: return DotKernels.bf16(w.row(r), x.row(t), w.columns)
-        case .f16: return DotKernels.f16(w.row(r), x.row(t), w.columns)
-        case .q4_0, .q8_0:
-            let q = x.quantizedForm(), blocks = w.columns / 32
-            return w.dtype == .q4_0
-                ? DotKernels.q4_0(w.row(r), q.scales + t * blocks, q.values + t * w.columns, blocks)
-                : DotKernels.q8_0(w.row(r), q.scales + t * blocks, q.values + t * w.columns, blocks)
-        }
     }
 }
 

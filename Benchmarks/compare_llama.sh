@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Side by side on one synthetic full-size checkpoint, same machine, same thread count:
+#   ours:      stconvert -> stquant q4_0 -> strun bench
+#   llama.cpp: convert_hf_to_gguf.py (bf16) -> llama-quantize --pure q4_0 -> llama-bench
+# llama.cpp is built from the source that the llama-cpp-python sdist on PyPI vendors. Its
+# converter needs torch and transformers (pip). Run by hand, never by the tests:
+#
+#   bash Benchmarks/compare_llama.sh [WORK_DIR] [THREADS] [-- make_checkpoint.py options]
+#
+# Prints decode and prompt tokens/s, conversion + quantisation wall time and peak RSS, file sizes,
+# all as ratios ours / llama.cpp, and decode speed as a fraction of the bandwidth limit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work="${1:-Benchmarks/work}"; threads="${2:-2}"
+shift $(( $# > 2 ? 2 : $# )) || true
+[ "${1:-}" = "--" ] && shift
+mkdir -p "$work"; work=$(cd "$work" && pwd)
+P=128; N=64
+
+swift build -c release >/dev/null
+if [ ! -f "$work/checkpoint/config.json" ]; then
+    python3 Benchmarks/make_checkpoint.py "$work/checkpoint" --tokenizer Tests/Fixtures/qwen-tokenizer "$@"
+fi
+
+# llama.cpp from the llama-cpp-python sdist.
+llama="$work/llama.cpp"
+if [ ! -x "$llama/build/bin/llama-bench" ]; then
+    python3 - "$work" <<'PY'
+import json, os, sys, tarfile, urllib.parse, urllib.request
+work = sys.argv[1]
+meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/llama-cpp-python/json", timeout=60))
+sdist = [f for f in meta["urls"] if f["packagetype"] == "sdist"][0]
+path = os.path.join(work, sdist["filename"])
+if not os.path.exists(path):
+    urllib.request.urlretrieve(urllib.parse.urljoin("https://pypi.org/pypi/llama-cpp-python/json", sdist["url"]), path)
+with tarfile.open(path) as t:
+    t.extractall(work)
+top = sdist["filename"][:-len(".tar.gz")]
+os.replace(os.path.join(work, top, "vendor", "llama.cpp"), os.path.join(work, "llama.cpp"))
+print("llama-cpp-python", meta["info"]["version"])
+PY
+    python3 -m pip install -q cmake torch transformers sentencepiece >/dev/null 2>&1 || true
+    cmake -S "$llama" -B "$llama/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build "$llama/build" --target llama-bench llama-quantize -j"$(nproc)" >/dev/null
+fi
+
+timed() {  # label command... -> appends "label seconds rss_kb" to $work/times.txt
+    local label=$1; shift
+    /usr/bin/time -f "%e %M" -o "$work/time.txt" "$@" >"$work/$label.out" 2>"$work/$label.err"
+    echo "$label $(cat "$work/time.txt")" >> "$work/times.txt"
+}
+: > "$work/times.txt"
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+timed ours_convert .build/release/stconvert "$work/checkpoint" -o "$work/ours-bf16.stpk" --force --quiet
+timed ours_quantize .build/release/stquant "$work/ours-bf16.stpk" -o "$work/ours-q4_0.stpk" --type q4_0 --force --quiet
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+timed llama_convert env PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$work/checkpoint" --outtype bf16 --outfile "$work/llama-bf16.gguf"
+timed llama_quantize "$llama/build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" "$work/llama-q4_0.gguf" q4_0 "$threads"
+
+.build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench.json"
+"$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n $N -t "$threads" -r 3 -o json > "$work/llama-bench.json" 2>"$work/llama-bench.err"
+.build/release/strun inspect "$work/ours-q4_0.stpk" --json > "$work/inspect.json"
+cc -O3 -march=native -ffast-math -fopenmp Benchmarks/bandwidth.c -o "$work/bandwidth"
+bandwidth=$("$work/bandwidth" "$threads")
+
+python3 - "$work" "$threads" "$bandwidth" <<'PY'
+import json, os, sys
+work, threads, bandwidth = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+times = {l.split()[0]: (float(l.split()[1]), int(l.split()[2])) for l in open(os.path.join(work, "times.txt"))}
+ours = json.load(open(os.path.join(work, "ours-bench.json")))
+llama = json.load(open(os.path.join(work, "llama-bench.json")))
+ll_pp = next(r for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)["avg_ts"]
+ll_tg = next(r for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)["avg_ts"]
+size = lambda p: os.path.getsize(os.path.join(work, p))
+# Bytes a decoded token must read: every dense matrix except the embedding rows (one row), the
+# output head (the embedding when tied, read whole), and k expert bundles per layer.
+m = json.load(open(os.path.join(work, "inspect.json")))
+c = m["config"]
+bundled = {n for b in m["expert_bundles"] for n in b["tensors"]}
+dense = sum(t["length"] for t in m["tensors"] if t["name"] not in bundled and t["name"] != "token_embd")
+embd = next(t["length"] for t in m["tensors"] if t["name"] == "token_embd")
+head = embd if c["tie_word_embeddings"] else 0
+bundle = m["expert_bundles"][0]["length"]
+per_token = dense + head + c["num_hidden_layers"] * c["moe_num_active_primary_experts"] * bundle
+limit = bandwidth * 1e9 / per_token
+conv_ours = times["ours_convert"][0] + times["ours_quantize"][0]
+conv_ll = times["llama_convert"][0] + times["llama_quantize"][0]
+rss_ours = max(times["ours_convert"][1], times["ours_quantize"][1]) / 1024
+rss_ll = max(times["llama_convert"][1], times["llama_quantize"][1]) / 1024
+print(f"machine: {os.cpu_count()} cores, {threads} threads; model: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+      f"{c['moe_num_primary_experts']} experts top-{c['moe_num_active_primary_experts']}, Q4_0")
+print(f"{'':34}{'ours':>12}{'llama.cpp':>12}{'ratio':>8}")
+def row(name, a, b, unit=""): print(f"{name:34}{a:>12.2f}{b:>12.2f}{a / b:>8.2f}  {unit}")
+row("decode tokens/s", ours["decode_tokens_per_second"], ll_tg)
+row("prompt tokens/s (p=128)", ours["prompt_tokens_per_second"], ll_pp)
+row("convert + quantise wall time (s)", conv_ours, conv_ll)
+row("  of which quantise (s)", times["ours_quantize"][0], times["llama_quantize"][0])
+row("convert/quantise peak RSS (MiB)", rss_ours, rss_ll)
+row("Q4_0 model file (GiB)", size("ours-q4_0.stpk") / 2**30, size("llama-q4_0.gguf") / 2**30)
+print(f"runtime peak RSS (ours, strun bench): {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+print(f"memory read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; a token reads {per_token / 1e6:.0f} MB "
+      f"(dense {dense / 1e6:.0f} + head {head / 1e6:.0f} + experts {c['num_hidden_layers'] * c['moe_num_active_primary_experts'] * bundle / 1e6:.0f}) "
+      f"-> limit {limit:.1f} tokens/s; ours reaches {ours['decode_tokens_per_second'] / limit:.0%}, llama.cpp {ll_tg / limit:.0%}")
+PY
