@@ -45,7 +45,8 @@ static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2)
 
 // ---------------------------------------------------------------- portable
 
-static float dot_q4_0_portable(const void *row, const float *xs, const int8_t *xq, int blocks) {
+static float dot_q4_0_portable(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
+    (void)xsum;
     const uint8_t *w = row;
     float sum = 0;
     for (int b = 0; b < blocks; b++, w += 18) {
@@ -60,7 +61,8 @@ static float dot_q4_0_portable(const void *row, const float *xs, const int8_t *x
     return sum;
 }
 
-static float dot_q8_0_portable(const void *row, const float *xs, const int8_t *xq, int blocks) {
+static float dot_q8_0_portable(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
+    (void)xsum;
     const uint8_t *w = row;
     float sum = 0;
     for (int b = 0; b < blocks; b++, w += 34) {
@@ -123,16 +125,31 @@ static void axpy_f16_portable(const uint16_t *row, float a, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * fp16_to_fp32(row[i]);
 }
 
-static void quantize_q8_0_portable(const float *x, float *scales, int8_t *q, int n) {
+static void quantize_q8_0_portable(const float *x, float *scales, int8_t *q, int32_t *sums, int n) {
     for (int b = 0; b < n / 32; b++) {
         float amax = 0;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
         const float d = amax / 127.0f;
         const float id = d != 0 ? 1.0f / d : 0.0f;
         scales[b] = d;
-        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)roundf(x[b * 32 + j] * id);
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            q[b * 32 + j] = (int8_t)roundf(x[b * 32 + j] * id);
+            sum += q[b * 32 + j];
+        }
+        sums[b] = sum;
     }
 }
+
+#define TOKENS_VIA_DOT(name, dot)                                                                        \
+    static void name(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, \
+                     int tokens, float *out, int out_stride) {                                          \
+        for (int t = 0; t < tokens; t++)                                                                \
+            out[(size_t)t * out_stride] = dot(row, xs + (size_t)t * blocks, xq + (size_t)t * blocks * 32,  \
+                                              xsum + (size_t)t * blocks, blocks);                         \
+    }
+TOKENS_VIA_DOT(dot_q4_0_tokens_portable, dot_q4_0_portable)
+TOKENS_VIA_DOT(dot_q8_0_tokens_portable, dot_q8_0_portable)
 
 // ---------------------------------------------------------------- AVX2 (+FMA, F16C)
 
@@ -153,7 +170,8 @@ AVX2 static inline __m256i unpack_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-AVX2 static float dot_q4_0_avx2(const void *row, const float *xs, const int8_t *xq, int blocks) {
+AVX2 static float dot_q4_0_avx2(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
+    (void)xsum;
     const uint8_t *w = row;
     __m256 acc = _mm256_setzero_ps();
     const __m256i eight = _mm256_set1_epi8(8);
@@ -164,13 +182,14 @@ AVX2 static float dot_q4_0_avx2(const void *row, const float *xs, const int8_t *
         // maddubs needs unsigned × signed: |w| × (x with w's sign).
         const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
         const __m256i sums = _mm256_madd_epi16(products, ones);
-        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        const __m256 scale = _mm256_set1_ps(_cvtsh_ss(load_u16(w)) * xs[b]);
         acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
     }
     return hsum256(acc);
 }
 
-AVX2 static float dot_q8_0_avx2(const void *row, const float *xs, const int8_t *xq, int blocks) {
+AVX2 static float dot_q8_0_avx2(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
+    (void)xsum;
     const uint8_t *w = row;
     __m256 acc = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
@@ -179,7 +198,7 @@ AVX2 static float dot_q8_0_avx2(const void *row, const float *xs, const int8_t *
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
         const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(x, wq));
         const __m256i sums = _mm256_madd_epi16(products, ones);
-        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
+        const __m256 scale = _mm256_set1_ps(_cvtsh_ss(load_u16(w)) * xs[b]);
         acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
     }
     return hsum256(acc);
@@ -229,7 +248,7 @@ AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
     const uint8_t *w = row;
     const __m256i eight = _mm256_set1_epi8(8);
     for (int b = 0; b < n / 32; b++, w += 18) {
-        const __m256 s = _mm256_set1_ps(a * fp16_to_fp32(load_u16(w)));
+        const __m256 s = _mm256_set1_ps(a * _cvtsh_ss(load_u16(w)));
         const __m256i q = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
         const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
         float *o = y + b * 32;
@@ -243,7 +262,7 @@ AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
 AVX2 static void axpy_q8_0_avx2(const void *row, float a, float *y, int n) {
     const uint8_t *w = row;
     for (int b = 0; b < n / 32; b++, w += 34) {
-        const __m256 s = _mm256_set1_ps(a * fp16_to_fp32(load_u16(w)));
+        const __m256 s = _mm256_set1_ps(a * _cvtsh_ss(load_u16(w)));
         float *o = y + b * 32;
         for (int k = 0; k < 4; k++) {
             const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + 8 * k))));
@@ -277,36 +296,96 @@ AVX2 static void axpy_f16_avx2(const uint16_t *row, float a, float *y, int n) {
 
 #define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-AVX512 static float dot_q4_0_avx512(const void *row, const float *xs, const int8_t *xq, int blocks) {
+/// Two consecutive Q4_0 blocks' 64 nibbles as bytes 0..15, in value order.
+AVX512 static inline __m512i unpack_two(const uint8_t *w) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(unpack_nibbles(w + 2)), unpack_nibbles(w + 20), 1);
+}
+
+/// Per-lane scales for two blocks: lanes 0-7 get s0, lanes 8-15 get s1.
+AVX512 static inline __m512 two_scales(float s0, float s1) {
+    return _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castps_si512(_mm512_set1_ps(s0)), _mm256_castps_si256(_mm256_set1_ps(s1)), 1));
+}
+
+/// The −8·Σx term of two blocks as a dot-product seed: lane 0 holds block b's, lane 8 block b+1's,
+/// so one vpdpbusd yields Σ (n − 8)·x per block with no scalar bookkeeping.
+AVX512 static inline __m512i offset_seed(const int32_t *xsum) {
+    const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)xsum));
+    const __m512i spread = _mm512_maskz_permutexvar_epi32(0x0101, _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0), pair);
+    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(spread, 3));
+}
+
+/// d_w · d_x for two blocks, lanes 0-7 and 8-15.
+AVX512 static inline __m512 pair_scales(const uint8_t *w, const float *xs) {
+    const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, (short)load_u16(w + 18), (short)load_u16(w))),
+                                _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)xs)));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), _mm512_castps128_ps512(s));
+}
+
+// Σ (n − 8)·x per block with one u8 × s8 dot product (vpdpbusd) per two blocks, seeded with
+// −8·Σx (activation block sums made at quantisation time); two accumulators hide FMA latency.
+AVX512 static float dot_q4_0_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
     const uint8_t *w = row;
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i eight = _mm256_set1_epi8(8);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int b = 0;
-    for (; b < blocks; b++, w += 18) {
-        const __m256i nibbles = unpack_nibbles(w + 2);  // 0..15, unsigned
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-        // Σ (n − 8)·x = Σ n·x − Σ 8·x, both as u8 × s8 dot products.
-        const __m256i nx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, x);
-        const __m256i ex = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, x);
-        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
-        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(nx, ex)), acc);
+    for (; b + 4 <= blocks; b += 4, w += 72) {
+        const __m512i d0 = _mm512_dpbusd_epi32(offset_seed(xsum + b), unpack_two(w), _mm512_loadu_si512((const void *)(xq + b * 32)));
+        const __m512i d1 = _mm512_dpbusd_epi32(offset_seed(xsum + b + 2), unpack_two(w + 36), _mm512_loadu_si512((const void *)(xq + b * 32 + 64)));
+        acc0 = _mm512_fmadd_ps(pair_scales(w, xs + b), _mm512_cvtepi32_ps(d0), acc0);
+        acc1 = _mm512_fmadd_ps(pair_scales(w + 36, xs + b + 2), _mm512_cvtepi32_ps(d1), acc1);
     }
-    return hsum256(acc);
+    for (; b + 2 <= blocks; b += 2, w += 36) {
+        const __m512i d0 = _mm512_dpbusd_epi32(offset_seed(xsum + b), unpack_two(w), _mm512_loadu_si512((const void *)(xq + b * 32)));
+        acc0 = _mm512_fmadd_ps(pair_scales(w, xs + b), _mm512_cvtepi32_ps(d0), acc0);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    if (b < blocks) sum += dot_q4_0_portable(w, xs + b, xq + b * 32, xsum + b, blocks - b);
+    return sum;
 }
 
-AVX512 static float dot_q8_0_avx512(const void *row, const float *xs, const int8_t *xq, int blocks) {
+// Σ w·x = Σ (w + 128)·x − 128·Σx, with w + 128 unsigned.
+AVX512 static float dot_q8_0_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
     const uint8_t *w = row;
     __m256 acc = _mm256_setzero_ps();
+    float correction = 0;
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
     for (int b = 0; b < blocks; b++, w += 34) {
-        const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i wq = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 2)), bias);
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-        const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wq), _mm256_sign_epi8(x, wq));
-        const __m256 scale = _mm256_set1_ps(fp16_to_fp32(load_u16(w)) * xs[b]);
-        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc);
+        const __m256i dots = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, x);
+        const float s = _cvtsh_ss(load_u16(w)) * xs[b];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(dots), acc);
+        correction += s * (float)xsum[b];
     }
-    return hsum256(acc);
+    return hsum256(acc) - 128.0f * correction;
 }
 
+/// Four tokens at a time: each pair of weight blocks is unpacked once and used four times.
+AVX512 static void dot_q4_0_tokens_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
+                                          int tokens, float *out, int out_stride) {
+    int t = 0;
+    if ((blocks & 1) == 0) {
+        for (; t + 4 <= tokens; t += 4) {
+            const uint8_t *w = row;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int b = 0; b < blocks; b += 2, w += 36) {
+                const __m512i nibbles = unpack_two(w);
+                for (int k = 0; k < 4; k++) {
+                    const size_t base = (size_t)(t + k) * blocks + b;
+                    const __m512i dots = _mm512_dpbusd_epi32(offset_seed(xsum + base), nibbles, _mm512_loadu_si512((const void *)(xq + base * 32)));
+                    acc[k] = _mm512_fmadd_ps(pair_scales(w, xs + base), _mm512_cvtepi32_ps(dots), acc[k]);
+                }
+            }
+            for (int k = 0; k < 4; k++) out[(size_t)(t + k) * out_stride] = _mm512_reduce_add_ps(acc[k]);
+        }
+    }
+    for (; t < tokens; t++) {
+        out[(size_t)t * out_stride] = dot_q4_0_avx512(row, xs + (size_t)t * blocks, xq + (size_t)t * blocks * 32, xsum + (size_t)t * blocks, blocks);
+    }
+}
+
+TOKENS_VIA_DOT(dot_q8_0_tokens_avx512, dot_q8_0_avx512)
+TOKENS_VIA_DOT(dot_q4_0_tokens_avx2, dot_q4_0_avx2)
+TOKENS_VIA_DOT(dot_q8_0_tokens_avx2, dot_q8_0_avx2)
 #endif
 
 // ---------------------------------------------------------------- dispatch
@@ -314,19 +393,19 @@ AVX512 static float dot_q8_0_avx512(const void *row, const float *xs, const int8
 typedef st_kernel_table kernel_table;
 
 static const kernel_table portable = {
-    dot_q4_0_portable, dot_q8_0_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
+    dot_q4_0_portable, dot_q8_0_portable, dot_q4_0_tokens_portable, dot_q8_0_tokens_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
     axpy_q4_0_portable, axpy_q8_0_portable, axpy_f32_portable, axpy_bf16_portable, axpy_f16_portable,
     quantize_q8_0_portable,
 };
 
 #ifdef ST_X86
 static const kernel_table avx2 = {
-    dot_q4_0_avx2, dot_q8_0_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
+    dot_q4_0_avx2, dot_q8_0_avx2, dot_q4_0_tokens_avx2, dot_q8_0_tokens_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
     quantize_q8_0_portable,
 };
 static const kernel_table avx512 = {
-    dot_q4_0_avx512, dot_q8_0_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
+    dot_q4_0_avx512, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
     quantize_q8_0_portable,
 };
@@ -382,8 +461,14 @@ static inline const kernel_table *table(void) {
     return active;
 }
 
-float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, int blocks) { return table()->dot_q4_0(row, xs, xq, blocks); }
-float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, int blocks) { return table()->dot_q8_0(row, xs, xq, blocks); }
+float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) { return table()->dot_q4_0(row, xs, xq, xsum, blocks); }
+float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) { return table()->dot_q8_0(row, xs, xq, xsum, blocks); }
+void st_dot_q4_0_tokens(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, int tokens, float *out, int out_stride) {
+    table()->dot_q4_0_tokens(row, xs, xq, xsum, blocks, tokens, out, out_stride);
+}
+void st_dot_q8_0_tokens(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, int tokens, float *out, int out_stride) {
+    table()->dot_q8_0_tokens(row, xs, xq, xsum, blocks, tokens, out, out_stride);
+}
 float st_dot_f32(const float *row, const float *x, int n) { return table()->dot_f32(row, x, n); }
 float st_dot_bf16(const uint16_t *row, const float *x, int n) { return table()->dot_bf16(row, x, n); }
 float st_dot_f16(const uint16_t *row, const float *x, int n) { return table()->dot_f16(row, x, n); }
@@ -392,4 +477,4 @@ void st_axpy_q8_0(const void *row, float a, float *y, int n) { table()->axpy_q8_
 void st_axpy_f32(const float *row, float a, float *y, int n) { table()->axpy_f32(row, a, y, n); }
 void st_axpy_bf16(const uint16_t *row, float a, float *y, int n) { table()->axpy_bf16(row, a, y, n); }
 void st_axpy_f16(const uint16_t *row, float a, float *y, int n) { table()->axpy_f16(row, a, y, n); }
-void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int n) { table()->quantize_q8_0(x, scales, q, n); }
+void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int32_t *sums, int n) { table()->quantize_q8_0(x, scales, q, sums, n); }

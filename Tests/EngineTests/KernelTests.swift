@@ -56,18 +56,20 @@ import Testing
     @Test(arguments: sets, [TensorDType.q4_0, .q8_0])
     func quantisedDotMatchesTheReferenceAndTheFloatResult(set: DotKernels.InstructionSet, dtype: TensorDType) {
         let k = table(set)
-        for length in [32, 64, 1536] {
+        for length in [32, 64, 96, 1536] {
             var g = Generator(state: 99 + UInt64(length))
             let w = (0..<length).map { _ in g.next() }, x = (0..<length).map { _ in g.next() * 3 }
             let row = encoded(w, dtype)
             var scales = [Float](repeating: 0, count: length / 32)
             var values = [Int8](repeating: 0, count: length)
-            k.quantize_q8_0(x, &scales, &values, Int32(length))
+            var sums = [Int32](repeating: 0, count: length / 32)
+            k.quantize_q8_0(x, &scales, &values, &sums, Int32(length))
+            for b in 0..<length / 32 { #expect(sums[b] == values[b * 32..<(b + 1) * 32].reduce(Int32(0)) { $0 + Int32($1) }) }
             row.withUnsafeBytes { r in
                 let blocks = length / 32
-                let fast = dtype == .q4_0 ? k.dot_q4_0(r.baseAddress!, scales, values, Int32(blocks)) : k.dot_q8_0(r.baseAddress!, scales, values, Int32(blocks))
+                let fast = dtype == .q4_0 ? k.dot_q4_0(r.baseAddress!, scales, values, sums, Int32(blocks)) : k.dot_q8_0(r.baseAddress!, scales, values, sums, Int32(blocks))
                 let reference = ReferenceKernels.dotQuantized(r.baseAddress!, dtype: dtype, scales, values, blocks)
-                #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-6, "\(set): \(fast) vs scalar \(reference)")
+                #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length): \(fast) vs scalar \(reference)")
                 // Against float: the only difference is the activation's Q8_0 rounding, at most half a
                 // step per value: |Σ w·(x − x̂)| ≤ Σ |w| · d_x / 2.
                 let float = x.withUnsafeBufferPointer { ReferenceKernels.dot(r.baseAddress!, dtype: dtype, $0.baseAddress!, length) }
@@ -76,6 +78,38 @@ import Testing
                 var bound: Float = 0
                 for b in 0..<blocks { for j in 0..<32 { bound += abs(weights[b * 32 + j]) * scales[b] / 2 } }
                 #expect(abs(fast - float) <= bound * 1.001 + 1e-5, "quantised \(fast) vs float \(float), bound \(bound)")
+            }
+        }
+    }
+
+    /// The many-token kernels equal the one-token kernel for every token, for counts that do and
+    /// do not fill the four-token groups, and odd block counts.
+    @Test(arguments: sets, [TensorDType.q4_0, .q8_0])
+    func manyTokenDotEqualsOneTokenDots(set: DotKernels.InstructionSet, dtype: TensorDType) {
+        let k = table(set)
+        for (length, tokens) in [(64, 1), (64, 4), (96, 7), (1536, 9)] {
+            var g = Generator(state: 7 + UInt64(length * tokens))
+            let row = encoded((0..<length).map { _ in g.next() }, dtype)
+            let blocks = length / 32
+            var scales = [Float](repeating: 0, count: blocks * tokens)
+            var values = [Int8](repeating: 0, count: length * tokens)
+            var sums = [Int32](repeating: 0, count: blocks * tokens)
+            for t in 0..<tokens {
+                let x = (0..<length).map { _ in g.next() * 2 }
+                scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
+                    k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
+                } } }
+            }
+            var out = [Float](repeating: .nan, count: tokens * 3)
+            row.withUnsafeBytes { r in
+                let f = (dtype == .q4_0 ? k.dot_q4_0_tokens : k.dot_q8_0_tokens)!
+                f(r.baseAddress!, scales, values, sums, Int32(blocks), Int32(tokens), &out, 3)
+                for t in 0..<tokens {
+                    let one = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in sums.withUnsafeBufferPointer { m in
+                        (dtype == .q4_0 ? k.dot_q4_0 : k.dot_q8_0)!(r.baseAddress!, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(blocks))
+                    } } }
+                    #expect(abs(out[t * 3] - one) <= 1e-5 * abs(one) + 1e-5, "\(set) token \(t) of \(tokens): \(out[t * 3]) vs \(one)")
+                }
             }
         }
     }
@@ -114,7 +148,8 @@ import Testing
         x[3] = 0; x[40] = 2.5 * x.map(abs).max()! / 127  // a half step lands on .5
         var scales = [Float](repeating: 0, count: 3)
         var values = [Int8](repeating: 0, count: 96)
-        table(set).quantize_q8_0(x, &scales, &values, 96)
+        var sums = [Int32](repeating: 0, count: 3)
+        table(set).quantize_q8_0(x, &scales, &values, &sums, 96)
         let blocks = encoded(x, .q8_0)
         for b in 0..<3 {
             let d = blocks.withUnsafeBytes { Float(Float16(bitPattern: $0.loadUnaligned(fromByteOffset: b * 34, as: UInt16.self))) }

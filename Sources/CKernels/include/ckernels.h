@@ -22,8 +22,14 @@ int st_kernels_isa(void);
 
 /// One instruction set's kernels (the functions below dispatch through the selected one).
 typedef struct st_kernel_table {
-    float (*dot_q4_0)(const void *row, const float *xs, const int8_t *xq, int blocks);
-    float (*dot_q8_0)(const void *row, const float *xs, const int8_t *xq, int blocks);
+    float (*dot_q4_0)(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks);
+    float (*dot_q8_0)(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks);
+    /// One weight row against `tokens` activation vectors (stride: blocks per token), results
+    /// to out[t * out_stride]: the weight block is unpacked once for all of them.
+    void (*dot_q4_0_tokens)(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
+                            int tokens, float *out, int out_stride);
+    void (*dot_q8_0_tokens)(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
+                            int tokens, float *out, int out_stride);
     float (*dot_f32)(const float *row, const float *x, int n);
     float (*dot_bf16)(const uint16_t *row, const float *x, int n);
     float (*dot_f16)(const uint16_t *row, const float *x, int n);
@@ -32,16 +38,22 @@ typedef struct st_kernel_table {
     void (*axpy_f32)(const float *row, float a, float *y, int n);
     void (*axpy_bf16)(const uint16_t *row, float a, float *y, int n);
     void (*axpy_f16)(const uint16_t *row, float a, float *y, int n);
-    void (*quantize_q8_0)(const float *x, float *scales, int8_t *q, int n);
+    void (*quantize_q8_0)(const float *x, float *scales, int8_t *q, int32_t *sums, int n);
 } st_kernel_table;
 
 /// The kernels of `isa`, or NULL when this CPU (or build) does not have it. For tests.
 const st_kernel_table *st_kernels_for(int isa);
 
 /// W row (Q4_0 blocks) · activations (Q8_0): Σ_b d_w[b] · xs[b] · Σ_i (nibble_i − 8) · xq_i.
-float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, int blocks);
+/// xsum[b] is Σ_i xq_i of block b (made by st_quantize_q8_0; fast kernels use it).
+float st_dot_q4_0(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks);
 /// W row (Q8_0 blocks) · activations (Q8_0).
-float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, int blocks);
+float st_dot_q8_0(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks);
+/// One row against several activation vectors: out[t * out_stride] = row · x_t.
+void st_dot_q4_0_tokens(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
+                        int tokens, float *out, int out_stride);
+void st_dot_q8_0_tokens(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
+                        int tokens, float *out, int out_stride);
 /// Float rows · float32 vector.
 float st_dot_f32(const float *row, const float *x, int n);
 float st_dot_bf16(const uint16_t *row, const float *x, int n);
@@ -55,7 +67,7 @@ void st_axpy_bf16(const uint16_t *row, float a, float *y, int n);
 void st_axpy_f16(const uint16_t *row, float a, float *y, int n);
 
 /// Quantises n floats (n a multiple of 32) to Q8_0 activations: d = amax/127 (float32),
-/// q = round-half-away(x/d).
-void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int n);
+/// q = round-half-away(x/d), sums[b] = Σ q of block b.
+void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int32_t *sums, int n);
 
 #endif

@@ -35,13 +35,25 @@ public enum DotKernels {
     }
 
     @inline(__always)
-    public static func q4_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
-        st_dot_q4_0(row, scales, values, Int32(blocks))
+    public static func q4_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int) -> Float {
+        st_dot_q4_0(row, scales, values, sums, Int32(blocks))
     }
 
     @inline(__always)
-    public static func q8_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
-        st_dot_q8_0(row, scales, values, Int32(blocks))
+    public static func q8_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int) -> Float {
+        st_dot_q8_0(row, scales, values, sums, Int32(blocks))
+    }
+
+    /// One quantised row against `tokens` activation vectors; results to out[t * outStride].
+    @inline(__always)
+    public static func quantizedTokens(_ row: UnsafeRawPointer, dtype: TensorDType, _ a: QuantizedActivations, tokens: Int,
+                                       into out: UnsafeMutablePointer<Float>, outStride: Int) {
+        let blocks = Int32(a.columns / 32)
+        if dtype == .q4_0 {
+            st_dot_q4_0_tokens(row, a.scales, a.values, a.sums, blocks, Int32(tokens), out, Int32(outStride))
+        } else {
+            st_dot_q8_0_tokens(row, a.scales, a.values, a.sums, blocks, Int32(tokens), out, Int32(outStride))
+        }
     }
 
     /// y += a · row, for a row of any dtype (the neuron-major down matrices: each active neuron
@@ -59,8 +71,9 @@ public enum DotKernels {
 
     /// Q8_0 activations: d = amax / 127 per block (float32), q = round-half-away(x / d).
     @inline(__always)
-    public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>, _ n: Int) {
-        st_quantize_q8_0(x, scales, values, Int32(n))
+    public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>,
+                                           sums: UnsafeMutablePointer<Int32>, _ n: Int) {
+        st_quantize_q8_0(x, scales, values, sums, Int32(n))
     }
 }
 

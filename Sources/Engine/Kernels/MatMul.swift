@@ -59,12 +59,16 @@ public enum MatMul {
         parallelFor(slices) { slice in
             let (w, x, q, y) = work.value
             let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
-            let blocks = w.columns / 32
+            if let q {
+                for r in first..<last {
+                    DotKernels.quantizedTokens(w.row(r), dtype: w.dtype, q, tokens: count, into: y + r, outStride: outputStride)
+                }
+                return
+            }
             for r in first..<last {
                 let row = w.row(r)
                 for t in 0..<count {
-                    y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), q.map { $0.scales + t * blocks },
-                                                         q.map { $0.values + t * w.columns }, w.columns)
+                    y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), nil, nil, nil, w.columns)
                 }
             }
         }
@@ -73,13 +77,13 @@ public enum MatMul {
     /// One row · one activation vector, for any weight dtype (quantised weights use the Q8_0 form).
     @inline(__always)
     static func dot(_ row: UnsafeRawPointer, _ dtype: TensorDType, _ x: UnsafePointer<Float>,
-                    _ scales: UnsafePointer<Float>?, _ values: UnsafePointer<Int8>?, _ n: Int) -> Float {
+                    _ scales: UnsafePointer<Float>?, _ values: UnsafePointer<Int8>?, _ sums: UnsafePointer<Int32>?, _ n: Int) -> Float {
         switch dtype {
         case .f32: return DotKernels.f32(row, x, n)
         case .bf16: return DotKernels.bf16(row, x, n)
         case .f16: return DotKernels.f16(row, x, n)
-        case .q4_0: return DotKernels.q4_0(row, scales!, values!, n / 32)
-        case .q8_0: return DotKernels.q8_0(row, scales!, values!, n / 32)
+        case .q4_0: return DotKernels.q4_0(row, scales!, values!, sums!, n / 32)
+        case .q8_0: return DotKernels.q8_0(row, scales!, values!, sums!, n / 32)
         }
     }
 }

@@ -35,6 +35,8 @@ public struct QuantizedActivations {
     public let capacity: Int
     public let scales: UnsafeMutablePointer<Float>
     public let values: UnsafeMutablePointer<Int8>
+    /// Σ of each block's values (lets the Q4_0 kernels fold the −8 offset into one product).
+    public let sums: UnsafeMutablePointer<Int32>
 
     public init(columns: Int, capacity: Int) {
         precondition(columns % 32 == 0)
@@ -42,17 +44,19 @@ public struct QuantizedActivations {
         self.capacity = capacity
         scales = .allocate(capacity: capacity * columns / 32)
         values = .allocate(capacity: capacity * columns)
+        sums = .allocate(capacity: capacity * columns / 32)
     }
 
     public func deallocate() {
         scales.deallocate()
         values.deallocate()
+        sums.deallocate()
     }
 
     /// Quantises vector `index` (`columns` floats at `x`): d = amax / 127, q = round(x / d),
     /// rounding half away from zero, as ggml's quantize_row_q8_0.
     public func quantize(_ x: UnsafePointer<Float>, at index: Int) {
         let blocks = columns / 32
-        DotKernels.quantizeActivations(x, scales: scales + index * blocks, values: values + index * columns, columns)
+        DotKernels.quantizeActivations(x, scales: scales + index * blocks, values: values + index * columns, sums: sums + index * blocks, columns)
     }
 }

@@ -216,9 +216,9 @@ public final class Session: @unchecked Sendable {
         let ffn = c.expertFFNSize, hidden = c.hiddenSize
         let workers = max(1, min(threads, ffn))
         let quantized = normed.quantized
-        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values))
+        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums))
         parallelFor(workers) { worker in
-            let (layer, assigned, partials, floats, scales, values) = work.value
+            let (layer, assigned, partials, floats, scales, values, sums) = work.value
             let out = partials + worker * Session.maximumBatch * hidden
             out.update(repeating: 0, count: n * hidden)
             let blocks = hidden / 32
@@ -230,9 +230,10 @@ public final class Session: @unchecked Sendable {
                     for entry in tokens {
                         let x = floats + entry.token * hidden
                         let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
-                        let g = MatMul.dot(gateRow, expert.gate.dtype, x, xs, xq, hidden)
+                        let xsum = sums.map { $0 + entry.token * blocks }
+                        let g = MatMul.dot(gateRow, expert.gate.dtype, x, xs, xq, xsum, hidden)
                         guard g > 0 else { continue }
-                        let u = MatMul.dot(upRow, expert.up.dtype, x, xs, xq, hidden)
+                        let u = MatMul.dot(upRow, expert.up.dtype, x, xs, xq, xsum, hidden)
                         DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g * u,
                                                 into: out + entry.token * hidden, hidden)
                     }
