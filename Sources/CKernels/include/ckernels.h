@@ -70,4 +70,7 @@ void st_axpy_f16(const uint16_t *row, float a, float *y, int n);
 /// q = round-half-away(x/d), sums[b] = Σ q of block b.
 void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int32_t *sums, int n);
 
+/// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
+void st_prefetch(const void *p, int bytes);
+
 #endif

@@ -69,6 +69,12 @@ public enum DotKernels {
         }
     }
 
+    /// Starts fetching a row that will be read soon (sparse row walks defeat the hardware prefetcher).
+    @inline(__always)
+    public static func prefetch(_ row: UnsafeRawPointer, bytes: Int) {
+        st_prefetch(row, Int32(bytes))
+    }
+
     /// Q8_0 activations: d = amax / 127 per block (float32), q = round-half-away(x / d).
     @inline(__always)
     public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>,

@@ -40,8 +40,11 @@ public final class Session: @unchecked Sendable {
     let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
     let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
+    let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
+    let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
     let scores: UnsafeMutablePointer<Float>      // (threads, context): each worker's attention scores
     let ropeTable: RoPETable
+    let ropeAngles: UnsafeMutablePointer<Float>  // (batch, head_dim): cos then sin of each token's angles
 
     public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads) throws(EngineError) {
         let c = model.config
@@ -64,13 +67,16 @@ public final class Session: @unchecked Sendable {
         routerLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
+        gateBuffers = .allocate(capacity: max(1, threads) * c.expertFFNSize)
+        activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
         scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
+        ropeAngles = .allocate(capacity: b * c.headDim)
     }
 
     deinit {
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); scores.deallocate()
+        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); scores.deallocate(); ropeAngles.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
@@ -109,7 +115,10 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         let n = tokens.count
         residual.setCount(n)
-        for (t, token) in tokens.enumerated() { model.embedding.decodeRow(token, into: residual.row(t)) }
+        for (t, token) in tokens.enumerated() {
+            model.embedding.decodeRow(token, into: residual.row(t))
+            ropeTable.angles(position: position + t, into: ropeAngles + t * c.headDim)
+        }
         for (index, layer) in model.layers.enumerated() {
             // Router first, on the raw residual: the experts are known before attention runs.
             MatMul.multiply(layer.router, residual, into: routerLogits, outputStride: c.expertCount, threads: threads)
@@ -135,8 +144,9 @@ public final class Session: @unchecked Sendable {
             let p = position + t
             let q = queries + t * c.queryWidth, k = keys + t * c.kvWidth
             if layer.rope {
-                for h in 0..<c.attentionHeads { ropeTable.rotate(q + h * c.headDim, position: p) }
-                for h in 0..<c.kvHeads { ropeTable.rotate(k + h * c.headDim, position: p) }
+                let table = UnsafePointer(ropeAngles + t * c.headDim)
+                for h in 0..<c.attentionHeads { ropeTable.rotate(q + h * c.headDim, table: table) }
+                for h in 0..<c.kvHeads { ropeTable.rotate(k + h * c.headDim, table: table) }
             }
             cache.store(key: k, value: values + t * c.kvWidth, position: p)
         }
@@ -216,26 +226,42 @@ public final class Session: @unchecked Sendable {
         let ffn = c.expertFFNSize, hidden = c.hiddenSize
         let workers = max(1, min(threads, ffn))
         let quantized = normed.quantized
-        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums))
+        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums, gateBuffers, activeIndices))
         parallelFor(workers) { worker in
-            let (layer, assigned, partials, floats, scales, values, sums) = work.value
+            let (layer, assigned, partials, floats, scales, values, sums, gateBuffers, activeIndices) = work.value
             let out = partials + worker * Session.maximumBatch * hidden
             out.update(repeating: 0, count: n * hidden)
             let blocks = hidden / 32
             let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
+            let activations = gateBuffers + worker * ffn
+            let activeRows = activeIndices + worker * ffn
             for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
                 let expert = layer.experts[e]
-                for j in first..<last {
-                    let gateRow = expert.gate.row(j), upRow = expert.up.row(j)
-                    for entry in tokens {
-                        let x = floats + entry.token * hidden
-                        let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
-                        let xsum = sums.map { $0 + entry.token * blocks }
-                        let g = MatMul.dot(gateRow, expert.gate.dtype, x, xs, xq, xsum, hidden)
-                        guard g > 0 else { continue }
-                        let u = MatMul.dot(upRow, expert.up.dtype, x, xs, xq, xsum, hidden)
-                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * g * u,
-                                                into: out + entry.token * hidden, hidden)
+                for entry in tokens {
+                    let x = floats + entry.token * hidden
+                    let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
+                    let xsum = sums.map { $0 + entry.token * blocks }
+                    // Three passes over this worker's rows, each streaming through one matrix:
+                    // gate for every neuron, up where the gate is positive, then down.
+                    for j in first..<last {
+                        activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
+                    }
+                    // The active neurons, so that each walk can prefetch the next row it needs.
+                    var active = 0
+                    for j in first..<last where activations[j] > 0 {
+                        activeRows[active] = Int32(j)
+                        active += 1
+                    }
+                    for a in 0..<active {
+                        let j = Int(activeRows[a])
+                        if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
+                        activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
+                    }
+                    let y = out + entry.token * hidden
+                    for a in 0..<active {
+                        let j = Int(activeRows[a])
+                        if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(activeRows[a + 2])), bytes: expert.down.rowBytes) }
+                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * activations[j], into: y, hidden)
                     }
                 }
             }
@@ -313,11 +339,21 @@ struct RoPETable {
         frequencies = (0..<headDim / 2).map { pow(theta, -2 * Double($0) / Double(headDim)) }
     }
 
-    func rotate(_ v: UnsafeMutablePointer<Float>, position: Int) {
+    /// cos and sin of every angle at `position` (head_dim/2 of each), computed once per token
+    /// and shared by every head of every RoPE layer.
+    func angles(position: Int, into table: UnsafeMutablePointer<Float>) {
         let half = headDim / 2
         for i in 0..<half {
             let angle = Double(position) * frequencies[i]
-            let c = Float(cos(angle)), s = Float(sin(angle))
+            table[i] = Float(cos(angle))
+            table[half + i] = Float(sin(angle))
+        }
+    }
+
+    func rotate(_ v: UnsafeMutablePointer<Float>, table: UnsafePointer<Float>) {
+        let half = headDim / 2
+        for i in 0..<half {
+            let c = table[i], s = table[half + i]
             let a = v[i], b = v[i + half]
             v[i] = a * c - b * s
             v[i + half] = b * c + a * s
