@@ -296,70 +296,6 @@ AVX2 static void axpy_f16_avx2(const uint16_t *row, float a, float *y, int n) {
 
 #define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/// Two consecutive Q4_0 blocks' 64 nibbles as bytes 0..15, in value order.
-AVX512 static inline __m512i unpack_two(const uint8_t *w) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(unpack_nibbles(w + 2)), unpack_nibbles(w + 20), 1);
-}
-
-/// Per-lane scales for two blocks: lanes 0-7 get s0, lanes 8-15 get s1.
-AVX512 static inline __m512 two_scales(float s0, float s1) {
-    return _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castps_si512(_mm512_set1_ps(s0)), _mm256_castps_si256(_mm256_set1_ps(s1)), 1));
-}
-
-/// The −8·Σx term of two blocks as a dot-product seed: lane 0 holds block b's, lane 8 block b+1's,
-/// so one vpdpbusd yields Σ (n − 8)·x per block with no scalar bookkeeping.
-AVX512 static inline __m512i offset_seed(const int32_t *xsum) {
-    const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)xsum));
-    const __m512i spread = _mm512_maskz_permutexvar_epi32(0x0101, _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0), pair);
-    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(spread, 3));
-}
-
-/// d_w · d_x for two blocks, lanes 0-7 and 8-15.
-AVX512 static inline __m512 pair_scales(const uint8_t *w, const float *xs) {
-    const __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, (short)load_u16(w + 18), (short)load_u16(w))),
-                                _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)xs)));
-    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), _mm512_castps128_ps512(s));
-}
-
-/// The float16 scales of 16 consecutive Q4_0 blocks (18 bytes apart) as floats: one gather.
-AVX512 static inline __m512 gather_scales16(const uint8_t *w) {
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(18));
-    const __m512i words = _mm512_i32gather_epi32(offsets, (const void *)w, 1);  // low 16 bits: d
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
-}
-
-/// Lanes 0-7 ← lane 2k of s, lanes 8-15 ← lane 2k+1.
-AVX512 static inline __m512 spread_pair(__m512 s, int k) {
-    const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
-    return _mm512_permutexvar_ps(index, s);
-}
-
-// Σ (n − 8)·x per block with one u8 × s8 dot product (vpdpbusd) per two blocks, seeded with
-// −8·Σx (activation block sums made at quantisation time); block scales gathered 16 at a time
-// and multiplied by the activation scales in one vector; two accumulators hide FMA latency.
-AVX512 static float dot_q4_0_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
-    const uint8_t *w = row;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 16 <= blocks; b += 16, w += 16 * 18) {
-        const __m512 scales = _mm512_mul_ps(gather_scales16(w), _mm512_loadu_ps(xs + b));
-        for (int k = 0; k < 8; k += 2) {
-            const int c = b + 2 * k;
-            const __m512i d0 = _mm512_dpbusd_epi32(offset_seed(xsum + c), unpack_two(w + 36 * k), _mm512_loadu_si512((const void *)(xq + c * 32)));
-            const __m512i d1 = _mm512_dpbusd_epi32(offset_seed(xsum + c + 2), unpack_two(w + 36 * (k + 1)), _mm512_loadu_si512((const void *)(xq + c * 32 + 64)));
-            acc0 = _mm512_fmadd_ps(spread_pair(scales, k), _mm512_cvtepi32_ps(d0), acc0);
-            acc1 = _mm512_fmadd_ps(spread_pair(scales, k + 1), _mm512_cvtepi32_ps(d1), acc1);
-        }
-    }
-    for (; b + 2 <= blocks; b += 2, w += 36) {
-        const __m512i d0 = _mm512_dpbusd_epi32(offset_seed(xsum + b), unpack_two(w), _mm512_loadu_si512((const void *)(xq + b * 32)));
-        acc0 = _mm512_fmadd_ps(pair_scales(w, xs + b), _mm512_cvtepi32_ps(d0), acc0);
-    }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    if (b < blocks) sum += dot_q4_0_portable(w, xs + b, xq + b * 32, xsum + b, blocks - b);
-    return sum;
-}
-
 /// y += a · row for a Q4_0 row, 16 floats per instruction.
 AVX512 static void axpy_q4_0_avx512(const void *row, float a, float *y, int n) {
     const uint8_t *w = row;
@@ -390,36 +326,51 @@ AVX512 static float dot_q8_0_avx512(const void *row, const float *xs, const int8
     return hsum256(acc) - 128.0f * correction;
 }
 
-/// Four tokens at a time: each pair of weight blocks is unpacked once and used four times.
+/// One row with 256-bit VNNI: one dpbusd per block seeded with −8·Σx; two accumulators.
+AVX512 static float dot_q4_0_vnni256(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks) {
+    const uint8_t *w = row;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= blocks; b += 2, w += 36) {
+        const __m256i s0 = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum[b]));
+        const __m256i s1 = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum[b + 1]));
+        const __m256i d0 = _mm256_dpbusd_epi32(s0, unpack_nibbles(w + 2), _mm256_loadu_si256((const __m256i *)(xq + b * 32)));
+        const __m256i d1 = _mm256_dpbusd_epi32(s1, unpack_nibbles(w + 20), _mm256_loadu_si256((const __m256i *)(xq + b * 32 + 32)));
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(load_u16(w)) * xs[b]), _mm256_cvtepi32_ps(d0), a0);
+        a1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(load_u16(w + 18)) * xs[b + 1]), _mm256_cvtepi32_ps(d1), a1);
+    }
+    float sum = hsum256(_mm256_add_ps(a0, a1));
+    if (b < blocks) sum += dot_q4_0_portable(w, xs + b, xq + b * 32, xsum + b, blocks - b);
+    return sum;
+}
+
+/// Four tokens at a time: each weight block is unpacked once and used four times (256-bit
+/// VNNI: cores that split 512-bit work in two run this shape faster).
 AVX512 static void dot_q4_0_tokens_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                           int tokens, float *out, int out_stride) {
     int t = 0;
-    if (blocks % 16 == 0) {
-        for (; t + 4 <= tokens; t += 4) {
-            const uint8_t *w = row;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int b = 0; b < blocks; b += 16, w += 16 * 18) {
-                const __m512 d = gather_scales16(w);
-                __m512 scales[4];
-                for (int k = 0; k < 4; k++) scales[k] = _mm512_mul_ps(d, _mm512_loadu_ps(xs + (size_t)(t + k) * blocks + b));
-                for (int p = 0; p < 8; p++) {
-                    const __m512i nibbles = unpack_two(w + 36 * p);
-                    for (int k = 0; k < 4; k++) {
-                        const size_t base = (size_t)(t + k) * blocks + b + 2 * p;
-                        const __m512i dots = _mm512_dpbusd_epi32(offset_seed(xsum + base), nibbles, _mm512_loadu_si512((const void *)(xq + base * 32)));
-                        acc[k] = _mm512_fmadd_ps(spread_pair(scales[k], p), _mm512_cvtepi32_ps(dots), acc[k]);
-                    }
-                }
+    for (; t + 4 <= tokens; t += 4) {
+        const uint8_t *w = row;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int b = 0; b < blocks; b++, w += 18) {
+            const __m256i nibbles = unpack_nibbles(w + 2);
+            const float d = _cvtsh_ss(load_u16(w));
+            for (int k = 0; k < 4; k++) {
+                const size_t base = (size_t)(t + k) * blocks + b;
+                const __m256i seed = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum[base]));
+                const __m256i dots = _mm256_dpbusd_epi32(seed, nibbles, _mm256_loadu_si256((const __m256i *)(xq + base * 32)));
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[base]), _mm256_cvtepi32_ps(dots), acc[k]);
             }
-            for (int k = 0; k < 4; k++) out[(size_t)(t + k) * out_stride] = _mm512_reduce_add_ps(acc[k]);
         }
+        for (int k = 0; k < 4; k++) out[(size_t)(t + k) * out_stride] = hsum256(acc[k]);
     }
     for (; t < tokens; t++) {
-        out[(size_t)t * out_stride] = dot_q4_0_avx512(row, xs + (size_t)t * blocks, xq + (size_t)t * blocks * 32, xsum + (size_t)t * blocks, blocks);
+        out[(size_t)t * out_stride] = dot_q4_0_vnni256(row, xs + (size_t)t * blocks, xq + (size_t)t * blocks * 32, xsum + (size_t)t * blocks, blocks);
     }
 }
 
 TOKENS_VIA_DOT(dot_q8_0_tokens_avx512, dot_q8_0_avx512)
+
 TOKENS_VIA_DOT(dot_q4_0_tokens_avx2, dot_q4_0_avx2)
 TOKENS_VIA_DOT(dot_q8_0_tokens_avx2, dot_q8_0_avx2)
 #endif
@@ -441,7 +392,7 @@ static const kernel_table avx2 = {
     quantize_q8_0_portable,
 };
 static const kernel_table avx512 = {
-    dot_q4_0_avx512, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
+    dot_q4_0_vnni256, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx512, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
     quantize_q8_0_portable,
 };

@@ -46,13 +46,14 @@ public enum DotKernels {
 
     /// One quantised row against `tokens` activation vectors; results to out[t * outStride].
     @inline(__always)
-    public static func quantizedTokens(_ row: UnsafeRawPointer, dtype: TensorDType, _ a: QuantizedActivations, tokens: Int,
+    public static func quantizedTokens(_ row: UnsafeRawPointer, dtype: TensorDType, _ a: QuantizedActivations, first: Int = 0, tokens: Int,
                                        into out: UnsafeMutablePointer<Float>, outStride: Int) {
-        let blocks = Int32(a.columns / 32)
+        let blocks = a.columns / 32
+        let s = a.scales + first * blocks, v = a.values + first * a.columns, m = a.sums + first * blocks
         if dtype == .q4_0 {
-            st_dot_q4_0_tokens(row, a.scales, a.values, a.sums, blocks, Int32(tokens), out, Int32(outStride))
+            st_dot_q4_0_tokens(row, s, v, m, Int32(blocks), Int32(tokens), out, Int32(outStride))
         } else {
-            st_dot_q8_0_tokens(row, a.scales, a.values, a.sums, blocks, Int32(tokens), out, Int32(outStride))
+            st_dot_q8_0_tokens(row, s, v, m, Int32(blocks), Int32(tokens), out, Int32(outStride))
         }
     }
 

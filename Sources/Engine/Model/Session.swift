@@ -42,6 +42,7 @@ public final class Session: @unchecked Sendable {
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
     let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
+    let expertInputs: ActivationBatch  // (batch · active experts, hidden): a batch's tokens grouped by expert
     let scores: UnsafeMutablePointer<Float>      // (threads, context): each worker's attention scores
     let ropeTable: RoPETable
     let ropeAngles: UnsafeMutablePointer<Float>  // (batch, head_dim): cos then sin of each token's angles
@@ -67,7 +68,8 @@ public final class Session: @unchecked Sendable {
         routerLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
-        gateBuffers = .allocate(capacity: max(1, threads) * c.expertFFNSize)
+        gateBuffers = .allocate(capacity: max(1, threads) * max(c.expertFFNSize, b))
+        expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
         scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
@@ -226,17 +228,49 @@ public final class Session: @unchecked Sendable {
         let ffn = c.expertFFNSize, hidden = c.hiddenSize
         let workers = max(1, min(threads, ffn))
         let quantized = normed.quantized
-        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums, gateBuffers, activeIndices))
+        // In a batch, each expert's tokens are gathered side by side so that one gate row serves
+        // all of them through the many-token kernel (the row is unpacked once).
+        var firstRow = [Int](repeating: 0, count: c.expertCount)
+        var batched: QuantizedActivations? = nil
+        if n > 1, quantized != nil {
+            var row = 0
+            for (e, tokens) in assigned.enumerated() {
+                firstRow[e] = row
+                for entry in tokens {
+                    expertInputs.row(row).update(from: normed.row(entry.token), count: hidden)
+                    row += 1
+                }
+            }
+            expertInputs.setCount(row)
+            batched = expertInputs.quantizedForm()
+        }
+        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums, gateBuffers, activeIndices, batched, firstRow))
         parallelFor(workers) { worker in
-            let (layer, assigned, partials, floats, scales, values, sums, gateBuffers, activeIndices) = work.value
+            let (layer, assigned, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched, firstRow) = work.value
             let out = partials + worker * Session.maximumBatch * hidden
             out.update(repeating: 0, count: n * hidden)
             let blocks = hidden / 32
             let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
-            let activations = gateBuffers + worker * ffn
+            let activations = gateBuffers + worker * max(ffn, Session.maximumBatch)
             let activeRows = activeIndices + worker * ffn
             for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
                 let expert = layer.experts[e]
+                if tokens.count > 1, let batched, expert.gate.dtype.isQuantized {
+                    // Row by row: gate for all of the expert's tokens at once, then up and down
+                    // for the tokens that activate the neuron, while its rows are in cache.
+                    for j in first..<last {
+                        DotKernels.quantizedTokens(expert.gate.row(j), dtype: expert.gate.dtype, batched, first: firstRow[e],
+                                                   tokens: tokens.count, into: activations, outStride: 1)
+                        for (i, entry) in tokens.enumerated() where activations[i] > 0 {
+                            let t = entry.token
+                            let u = MatMul.dot(expert.up.row(j), expert.up.dtype, floats + t * hidden, scales.map { $0 + t * blocks },
+                                               values.map { $0 + t * hidden }, sums.map { $0 + t * blocks }, hidden)
+                            DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * activations[i] * u,
+                                                    into: out + t * hidden, hidden)
+                        }
+                    }
+                    continue
+                }
                 for entry in tokens {
                     let x = floats + entry.token * hidden
                     let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
