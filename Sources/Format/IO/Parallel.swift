@@ -93,7 +93,7 @@ public final class WorkerPool: @unchecked Sendable {
             var current = generation.load(ordering: .acquiring)
             while current == seen {
                 spins += 1
-                if spins < 20_000 {
+                if spins < 200_000 {
                     spinPause()
                 } else {
                     pthread_mutex_lock(&mutex)
@@ -117,12 +117,13 @@ public final class WorkerPool: @unchecked Sendable {
     }
 }
 
-/// A short busy wait; every 64th call gives the core away, so a spinning thread cannot starve
-/// the one it waits for when there are more threads than cores.
+/// A short busy wait; every 1024th call gives the core away, so a spinning thread cannot starve
+/// the one it waits for when there are more threads than cores (a yield is a system call: rarer
+/// is cheaper when each thread has its own core).
 @inline(__always)
 func spinPause() {
     spinCounter &+= 1
-    if spinCounter & 63 == 0 { sched_yield() }
+    if spinCounter & 1023 == 0 { sched_yield() }
 }
 
 nonisolated(unsafe) private var spinCounter = 0
