@@ -121,6 +121,19 @@ import Testing
         #expect(scratch.entries == [output.split(separator: "/").last.map(String.init)!], "no temporary files left")
     }
 
+    @Test func progressWalksTheDenseTensorsThenEachLayersExperts() throws {
+        let scratch = ScratchDirectory()
+        let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Fixtures.model("tiny-21b-like")), dtype: nil)
+        var reports: [WriteProgress] = []
+        try Converter.write(plan, to: scratch.file("p.stpk"), overwrite: false) { reports.append($0) }
+        #expect(reports.count == plan.manifest.tensors.count + 1)
+        #expect(zip(reports, reports.dropFirst()).allSatisfy { $0.bytesWritten <= $1.bytesWritten })
+        let layers = reports.compactMap(\.layer)
+        #expect(layers == layers.sorted() && Set(layers) == Set(0..<8), "every layer's experts, in order")
+        #expect(reports.prefix(58).allSatisfy { $0.layer == nil }, "58 dense tensors come first")
+        #expect(reports.last!.bytesWritten == plan.outputSize && reports.last!.tensorsWritten == plan.manifest.tensors.count)
+    }
+
     @Test func dryRunPlanMatchesTheWrittenPackage() throws {
         let scratch = ScratchDirectory()
         let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Fixtures.model("tiny-21b-like")), dtype: nil)

@@ -61,11 +61,6 @@ public enum Converter {
     public static func write(_ plan: ConversionPlan, to destination: String, overwrite: Bool,
                              progress: (WriteProgress) -> Void = { _ in }) throws(FormatError) {
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
-        let total = plan.outputSize
-        var state = WriteProgress(bytesWritten: 0, totalBytes: total, tensorsWritten: 0, totalTensors: plan.manifest.tensors.count, layer: nil)
-        var bundleLayer: [String: Int] = [:]
-        for b in plan.manifest.bundles { for name in b.tensors { bundleLayer[name] = b.layer } }
-
         for entry in plan.manifest.tensors {
             let source = plan.sources[entry.name]!
             let shard = plan.checkpoint.shard(for: source)
@@ -77,18 +72,13 @@ public enum Converter {
                 }
             }
             shard.doneReading(source)
-            state.bytesWritten = entry.offset + entry.length
-            state.tensorsWritten += 1
-            state.layer = bundleLayer[entry.name]
-            progress(state)
+            progress(writer.progress)
         }
-        state.layer = nil
         for file in plan.checkpoint.auxiliaryFiles {
             try writer.writeFile(file.name, contents: try FileSystem.readAll(file.path, limit: Checkpoint.maximumSideFileLength))
         }
         try writer.finish()
-        state.bytesWritten = total
-        progress(state)
+        progress(writer.progress)
     }
 
     /// Row-major copy with dtype conversion, in chunks.

@@ -51,6 +51,17 @@ public final class PackageWriter {
         if !finished { FileSystem.remove(temporaryPath) }
     }
 
+    private var tensorsWritten = 0
+
+    /// How far the write has come: bytes, tensors, and the layer whose expert bundle is being
+    /// written (nil in the dense part and the files).
+    public var progress: WriteProgress {
+        let layer = bundleCursor < manifest.bundles.count && position > manifest.bundles[bundleCursor].offset
+            ? manifest.bundles[bundleCursor].layer : nil
+        return WriteProgress(bytesWritten: finished ? fileLength : position, totalBytes: fileLength, tensorsWritten: tensorsWritten,
+                             totalTensors: manifest.tensors.count, layer: layer)
+    }
+
     /// The tensor that must be written next, or nil when only files (or nothing) remain.
     public var nextTensorName: String? {
         guard nextItem < items.count, case .tensor(let i) = items[nextItem] else { return nil }
@@ -72,6 +83,7 @@ public final class PackageWriter {
         }
         manifest.tensors[index].crc32 = sink.crc.value
         nextItem += 1
+        tensorsWritten += 1
     }
 
     /// Writes the next embedded file.

@@ -108,9 +108,6 @@ public enum Quantizer {
         let start = ProgressReporter.monotonicSeconds()
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
         let source = plan.source
-        var state = WriteProgress(bytesWritten: 0, totalBytes: plan.outputSize, tensorsWritten: 0, totalTensors: plan.manifest.tensors.count, layer: nil)
-        var bundleLayer: [String: Int] = [:]
-        for b in plan.manifest.bundles { for name in b.tensors { bundleLayer[name] = b.layer } }
         var reports: [QuantizationReport.Tensor] = []
         let workers = max(1, threads)
 
@@ -195,18 +192,13 @@ public enum Quantizer {
             }
             reports.append(.init(name: entry.name, role: TensorNames.role(of: entry.name), from: from.dtype, to: entry.dtype,
                                  elements: entry.elementCount, bytesBefore: from.length, bytesAfter: entry.length, error: error))
-            state.bytesWritten = entry.offset + entry.length
-            state.tensorsWritten += 1
-            state.layer = bundleLayer[entry.name]
-            progress(state)
+            progress(writer.progress)
         }
-        state.layer = nil
         for file in plan.manifest.files {
             try writer.writeFile(file.name, contents: source.fileContents(file.name)!)
         }
         try writer.finish()
-        state.bytesWritten = state.totalBytes
-        progress(state)
+        progress(writer.progress)
         return QuantizationReport(sizeBefore: source.header.fileLength, sizeAfter: plan.outputSize, tensors: reports,
                                   seconds: ProgressReporter.monotonicSeconds() - start)
     }
