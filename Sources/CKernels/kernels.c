@@ -470,3 +470,40 @@ void st_prefetch(const void *p, int bytes) {
     const char *c = p;
     for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
+
+void st_matmul_quantized(int q8, const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xq,
+                         const int32_t *xsum, int blocks, int tokens, float *out, int out_stride) {
+    const kernel_table *k = table();
+    const uint8_t *base = rows;
+    if (tokens == 1) {
+        float (*dot)(const void *, const float *, const int8_t *, const int32_t *, int) = q8 ? k->dot_q8_0 : k->dot_q4_0;
+        for (int r = first; r < last; r++) out[r] = dot(base + (size_t)r * row_bytes, xs, xq, xsum, blocks);
+        return;
+    }
+    void (*many)(const void *, const float *, const int8_t *, const int32_t *, int, int, float *, int) =
+        q8 ? k->dot_q8_0_tokens : k->dot_q4_0_tokens;
+    for (int r = first; r < last; r++) many(base + (size_t)r * row_bytes, xs, xq, xsum, blocks, tokens, out + r, out_stride);
+}
+
+void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
+                    const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
+                    float *scratch) {
+    const kernel_table *k = table();
+    const uint8_t *g = gate, *u = up, *d = down;
+    const int n = last - first;
+    float *act = scratch;
+    int *active = (int *)(scratch + n);
+    int count = 0;
+    for (int j = first; j < last; j++) {
+        const float v = k->dot_q4_0(g + (size_t)j * row_bytes, xs, xq, xsum, blocks);
+        if (v > 0) { act[count] = v; active[count] = j; count++; }
+    }
+    for (int a = 0; a < count; a++) {
+        if (a + 2 < count) st_prefetch(u + (size_t)active[a + 2] * row_bytes, row_bytes);
+        act[a] *= k->dot_q4_0(u + (size_t)active[a] * row_bytes, xs, xq, xsum, blocks);
+    }
+    for (int a = 0; a < count; a++) {
+        if (a + 2 < count) st_prefetch(d + (size_t)active[a + 2] * row_bytes, row_bytes);
+        k->axpy_q4_0(d + (size_t)active[a] * row_bytes, weight * act[a], out, blocks * 32);
+    }
+}

@@ -70,6 +70,19 @@ void st_axpy_f16(const uint16_t *row, float a, float *y, int n);
 /// q = round-half-away(x/d), sums[b] = Σ q of block b.
 void st_quantize_q8_0(const float *x, float *scales, int8_t *q, int32_t *sums, int n);
 
+/// Rows first..<last of a Q4_0 (or Q8_0, `q8` != 0) matrix (row_bytes apart) against `tokens`
+/// activation vectors: out[t * out_stride + r]. One call per worker slice, so the per-row work
+/// has no call overhead beyond the kernel's.
+void st_matmul_quantized(int q8, const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xq,
+                         const int32_t *xsum, int blocks, int tokens, float *out, int out_stride);
+
+/// One token through neurons first..<last of a Q4_0 ReGLU expert (gate, up, down all neuron-major,
+/// row_bytes apart): gate for every neuron, up and down only where gate > 0, adding
+/// weight · relu(gate)·up · down_j to out (hidden floats). `scratch` holds 2·(last − first) floats.
+void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
+                    const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
+                    float *scratch);
+
 /// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
 void st_prefetch(const void *p, int bytes);
 

@@ -1,3 +1,5 @@
+import CKernels
+
 /// A batch of activation vectors (`count` rows of `columns` floats) with its Q8_0 form, made on
 /// first use by a quantised weight and reused by every product that reads the same input (q, k
 /// and v all read the normed residual: one quantisation serves three products).
@@ -60,9 +62,9 @@ public enum MatMul {
             let (w, x, q, y) = work.value
             let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
             if let q {
-                for r in first..<last {
-                    DotKernels.quantizedTokens(w.row(r), dtype: w.dtype, q, tokens: count, into: y + r, outStride: outputStride)
-                }
+                let blocks = w.columns / 32
+                st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
+                                    q.sums, Int32(blocks), Int32(count), y, Int32(outputStride))
                 return
             }
             for r in first..<last {

@@ -1,3 +1,4 @@
+import CKernels
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -68,7 +69,7 @@ public final class Session: @unchecked Sendable {
         routerLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
-        gateBuffers = .allocate(capacity: max(1, threads) * max(c.expertFFNSize, b))
+        gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, b))
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
         scores = .allocate(capacity: max(1, threads) * context)
@@ -251,7 +252,7 @@ public final class Session: @unchecked Sendable {
             out.update(repeating: 0, count: n * hidden)
             let blocks = hidden / 32
             let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
-            let activations = gateBuffers + worker * max(ffn, Session.maximumBatch)
+            let activations = gateBuffers + worker * max(2 * ffn, Session.maximumBatch)
             let activeRows = activeIndices + worker * ffn
             for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
                 let expert = layer.experts[e]
@@ -268,6 +269,15 @@ public final class Session: @unchecked Sendable {
                             DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * activations[i] * u,
                                                     into: out + t * hidden, hidden)
                         }
+                    }
+                    continue
+                }
+                if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
+                    // The common case, all in C: gate, then up and down for the active neurons.
+                    for entry in tokens {
+                        st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                       Int32(first), Int32(last), scales + entry.token * blocks, values + entry.token * hidden,
+                                       sums + entry.token * blocks, Int32(blocks), entry.weight, out + entry.token * hidden, activations)
                     }
                     continue
                 }
