@@ -47,30 +47,39 @@ public final class ActivationBatch: @unchecked Sendable {
 
 public enum MatMul {
     /// Work below this many multiply-adds runs on the calling thread.
-    static let parallelThreshold = 1 << 15
+    static let parallelThreshold = 1 << 17
 
     /// y[t][r] = W[r] · x[t] for every activation row t and weight row r; `y` has rows of
     /// `outputStride` floats. Float weights use float activations; Q4_0/Q8_0 weights use the
     /// Q8_0 form and integer block dot products.
     public static func multiply(_ w: WeightMatrix, _ x: ActivationBatch, into y: UnsafeMutablePointer<Float>, outputStride: Int, threads: Int) {
-        precondition(x.columns == w.columns, "\(w.name): \(w.columns) columns, activations have \(x.columns)")
+        multiply([(w, y, outputStride)], x, threads: threads)
+    }
+
+    /// Several products of the same activations (q, k and v) in one parallel region: each worker
+    /// takes its share of every matrix's rows.
+    public static func multiply(_ products: [(weights: WeightMatrix, output: UnsafeMutablePointer<Float>, stride: Int)],
+                                _ x: ActivationBatch, threads: Int) {
         let count = x.count
-        let q = w.dtype.isQuantized ? x.quantizedForm() : nil
-        let work = Unchecked((w: w, x: x, q: q, y: y))
-        let slices = w.rows * w.columns * count >= parallelThreshold ? max(1, min(threads, w.rows)) : 1
+        let work = products.reduce(0) { $0 + $1.weights.rows * $1.weights.columns } * count
+        let q = products.contains { $0.weights.dtype.isQuantized } ? x.quantizedForm() : nil
+        for p in products { precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)") }
+        let slices = work >= parallelThreshold ? max(1, threads) : 1
+        let shared = Unchecked((products, x, q))
         parallelFor(slices) { slice in
-            let (w, x, q, y) = work.value
-            let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
-            if let q {
-                let blocks = w.columns / 32
-                st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
-                                    q.sums, Int32(blocks), Int32(count), y, Int32(outputStride))
-                return
-            }
-            for r in first..<last {
-                let row = w.row(r)
-                for t in 0..<count {
-                    y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), nil, nil, nil, w.columns)
+            let (products, x, q) = shared.value
+            for (w, y, outputStride) in products {
+                let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
+                if let q, w.dtype.isQuantized {
+                    st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
+                                        q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+                    continue
+                }
+                for r in first..<last {
+                    let row = w.row(r)
+                    for t in 0..<count {
+                        y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), nil, nil, nil, w.columns)
+                    }
                 }
             }
         }

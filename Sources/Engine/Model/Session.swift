@@ -136,9 +136,8 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
-        MatMul.multiply(layer.query, normed, into: queries, outputStride: c.queryWidth, threads: threads)
-        MatMul.multiply(layer.key, normed, into: keys, outputStride: c.kvWidth, threads: threads)
-        MatMul.multiply(layer.value, normed, into: values, outputStride: c.kvWidth, threads: threads)
+        MatMul.multiply([(layer.query, queries, c.queryWidth), (layer.key, keys, c.kvWidth), (layer.value, values, c.kvWidth)],
+                        normed, threads: threads)
         attention.setCount(n)
         // Rotate and store every key and value of the batch first; a window's ring holds
         // window + maximumBatch positions, so this never overwrites a key a query of the batch
