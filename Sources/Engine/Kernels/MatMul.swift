@@ -53,22 +53,52 @@ public enum MatMul {
     /// `outputStride` floats. Float weights use float activations; Q4_0/Q8_0 weights use the
     /// Q8_0 form and integer block dot products.
     public static func multiply(_ w: WeightMatrix, _ x: ActivationBatch, into y: UnsafeMutablePointer<Float>, outputStride: Int, threads: Int) {
-        multiply([(w, y, outputStride)], x, threads: threads)
+        withUnsafeTemporaryAllocation(of: Product.self, capacity: 1) { products in
+            products.initialize(repeating: Product(weights: w, output: y, stride: outputStride))
+            multiply(UnsafeBufferPointer(products), x, threads: threads)
+        }
     }
 
-    /// Several products of the same activations (q, k and v) in one parallel region: each worker
-    /// takes its share of every matrix's rows.
-    public static func multiply(_ products: [(weights: WeightMatrix, output: UnsafeMutablePointer<Float>, stride: Int)],
-                                _ x: ActivationBatch, threads: Int) {
+    /// One weight matrix and where its results go (`stride` floats per activation row).
+    public struct Product {
+        public var weights: WeightMatrix
+        public var output: UnsafeMutablePointer<Float>
+        public var stride: Int
+        public init(weights: WeightMatrix, output: UnsafeMutablePointer<Float>, stride: Int) {
+            self.weights = weights
+            self.output = output
+            self.stride = stride
+        }
+    }
+
+    /// Three products of the same activations (q, k and v) in one parallel region, without
+    /// allocating.
+    public static func multiply(_ a: Product, _ b: Product, _ c: Product, _ x: ActivationBatch, threads: Int) {
+        withUnsafeTemporaryAllocation(of: Product.self, capacity: 3) { products in
+            products.initializeElement(at: 0, to: a)
+            products.initializeElement(at: 1, to: b)
+            products.initializeElement(at: 2, to: c)
+            multiply(UnsafeBufferPointer(products), x, threads: threads)
+        }
+    }
+
+    /// Several products of the same activations in one parallel region: each worker takes its
+    /// share of every matrix's rows.
+    static func multiply(_ products: UnsafeBufferPointer<Product>, _ x: ActivationBatch, threads: Int) {
         let count = x.count
-        let work = products.reduce(0) { $0 + $1.weights.rows * $1.weights.columns } * count
-        let q = products.contains { $0.weights.dtype.isQuantized } ? x.quantizedForm() : nil
+        var work = 0, quantized = false
+        for p in products {
+            work += p.weights.rows * p.weights.columns * count
+            quantized = quantized || p.weights.dtype.isQuantized
+        }
+        let q = quantized ? x.quantizedForm() : nil
         for p in products { precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)") }
         let slices = work >= parallelThreshold ? max(1, threads) : 1
         let shared = Unchecked((products, x, q))
         parallelFor(slices) { slice in
             let (products, x, q) = shared.value
-            for (w, y, outputStride) in products {
+            for p in products {
+                let w = p.weights, y = p.output, outputStride = p.stride
                 let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
                 if let q, w.dtype.isQuantized {
                     st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,

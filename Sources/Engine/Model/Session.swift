@@ -44,6 +44,7 @@ public final class Session: @unchecked Sendable {
     let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
     let expertInputs: ActivationBatch  // (batch · active experts, hidden): a batch's tokens grouped by expert
+    let assignments: ExpertAssignments
     let scores: UnsafeMutablePointer<Float>      // (threads, context): each worker's attention scores
     let ropeTable: RoPETable
     let ropeAngles: UnsafeMutablePointer<Float>  // (batch, head_dim): cos then sin of each token's angles
@@ -71,6 +72,7 @@ public final class Session: @unchecked Sendable {
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
         gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, b))
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
+        assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
         activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
         scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
@@ -136,8 +138,9 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
-        MatMul.multiply([(layer.query, queries, c.queryWidth), (layer.key, keys, c.kvWidth), (layer.value, values, c.kvWidth)],
-                        normed, threads: threads)
+        MatMul.multiply(.init(weights: layer.query, output: queries, stride: c.queryWidth),
+                        .init(weights: layer.key, output: keys, stride: c.kvWidth),
+                        .init(weights: layer.value, output: values, stride: c.kvWidth), normed, threads: threads)
         attention.setCount(n)
         // Rotate and store every key and value of the batch first; a window's ring holds
         // window + maximumBatch positions, so this never overwrites a key a query of the batch
@@ -193,130 +196,6 @@ public final class Session: @unchecked Sendable {
         for t in 0..<n {
             let x = residual.row(t), y = projected + t * c.hiddenSize
             for i in 0..<c.hiddenSize { x[i] += y[i] }
-        }
-        residual.setCount(n)
-    }
-
-    /// x += Σ weight_e · down_e(relu(gate_e · h) ⊙ (up_e · h)), h = rmsnorm(x), over the chosen experts.
-    func mixExperts(layer: LayerWeights, index: Int, count n: Int) {
-        let c = model.config
-        // Routing (from the logits computed before attention).
-        var assigned = [[(token: Int, weight: Float)]](repeating: [], count: c.expertCount)
-        for t in 0..<n {
-            let logits = routerLogits + t * c.expertCount
-            let chosen = (0..<c.expertCount).sorted { logits[$0] > logits[$1] || (logits[$0] == logits[$1] && $0 < $1) }.prefix(c.activeExperts)
-            var weights: [Float]
-            if c.routerSoftmax {
-                let top = logits[chosen.first!]
-                weights = chosen.map { exp(logits[$0] - top) }
-            } else {
-                weights = chosen.map { 1 / (1 + exp(-logits[$0])) }
-            }
-            let total = weights.reduce(0, +)
-            weights = weights.map { $0 / total }
-            for (e, w) in zip(chosen, weights) { assigned[e].append((t, w)) }
-            routingObserver?(RoutingDecision(layer: index, position: position + t, experts: Array(chosen), weights: weights))
-        }
-
-        normed.setCount(n)
-        for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
-        if layer.experts.contains(where: { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }) { _ = normed.quantizedForm() }
-        // Each worker takes a slice of every chosen expert's neurons: gate, up and down rows j
-        // sit together in the neuron-major bundle. Gate for every token; up and down only where
-        // the ReLU lets the neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes
-        // exactly nothing). Workers add into their own buffer, summed in worker order.
-        let ffn = c.expertFFNSize, hidden = c.hiddenSize
-        let workers = max(1, min(threads, ffn))
-        let quantized = normed.quantized
-        // In a batch, each expert's tokens are gathered side by side so that one gate row serves
-        // all of them through the many-token kernel (the row is unpacked once).
-        var firstRow = [Int](repeating: 0, count: c.expertCount)
-        var batched: QuantizedActivations? = nil
-        if n > 1, quantized != nil {
-            var row = 0
-            for (e, tokens) in assigned.enumerated() {
-                firstRow[e] = row
-                for entry in tokens {
-                    expertInputs.row(row).update(from: normed.row(entry.token), count: hidden)
-                    row += 1
-                }
-            }
-            expertInputs.setCount(row)
-            batched = expertInputs.quantizedForm()
-        }
-        let work = Unchecked((layer, assigned, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums, gateBuffers, activeIndices, batched, firstRow))
-        parallelFor(workers) { worker in
-            let (layer, assigned, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched, firstRow) = work.value
-            let out = partials + worker * Session.maximumBatch * hidden
-            out.update(repeating: 0, count: n * hidden)
-            let blocks = hidden / 32
-            let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
-            let activations = gateBuffers + worker * max(2 * ffn, Session.maximumBatch)
-            let activeRows = activeIndices + worker * ffn
-            for (e, tokens) in assigned.enumerated() where !tokens.isEmpty {
-                let expert = layer.experts[e]
-                if tokens.count > 1, let batched, expert.gate.dtype.isQuantized {
-                    // Row by row: gate for all of the expert's tokens at once, then up and down
-                    // for the tokens that activate the neuron, while its rows are in cache.
-                    for j in first..<last {
-                        DotKernels.quantizedTokens(expert.gate.row(j), dtype: expert.gate.dtype, batched, first: firstRow[e],
-                                                   tokens: tokens.count, into: activations, outStride: 1)
-                        for (i, entry) in tokens.enumerated() where activations[i] > 0 {
-                            let t = entry.token
-                            let u = MatMul.dot(expert.up.row(j), expert.up.dtype, floats + t * hidden, scales.map { $0 + t * blocks },
-                                               values.map { $0 + t * hidden }, sums.map { $0 + t * blocks }, hidden)
-                            DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * activations[i] * u,
-                                                    into: out + t * hidden, hidden)
-                        }
-                    }
-                    continue
-                }
-                if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
-                    // The common case, all in C: gate, then up and down for the active neurons.
-                    for entry in tokens {
-                        st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
-                                       Int32(first), Int32(last), scales + entry.token * blocks, values + entry.token * hidden,
-                                       sums + entry.token * blocks, Int32(blocks), entry.weight, out + entry.token * hidden, activations)
-                    }
-                    continue
-                }
-                for entry in tokens {
-                    let x = floats + entry.token * hidden
-                    let xs = scales.map { $0 + entry.token * blocks }, xq = values.map { $0 + entry.token * hidden }
-                    let xsum = sums.map { $0 + entry.token * blocks }
-                    // Three passes over this worker's rows, each streaming through one matrix:
-                    // gate for every neuron, up where the gate is positive, then down.
-                    for j in first..<last {
-                        activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
-                    }
-                    // The active neurons, so that each walk can prefetch the next row it needs.
-                    var active = 0
-                    for j in first..<last where activations[j] > 0 {
-                        activeRows[active] = Int32(j)
-                        active += 1
-                    }
-                    for a in 0..<active {
-                        let j = Int(activeRows[a])
-                        if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
-                        activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
-                    }
-                    let y = out + entry.token * hidden
-                    for a in 0..<active {
-                        let j = Int(activeRows[a])
-                        if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(activeRows[a + 2])), bytes: expert.down.rowBytes) }
-                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: entry.weight * activations[j], into: y, hidden)
-                    }
-                }
-            }
-        }
-        mixture.update(from: partials, count: n * hidden)
-        for worker in 1..<workers {
-            let p = partials + worker * Session.maximumBatch * hidden
-            for i in 0..<n * hidden { mixture[i] += p[i] }
-        }
-        for t in 0..<n {
-            let x = residual.row(t), y = mixture + t * hidden
-            for i in 0..<hidden { x[i] += y[i] }
         }
         residual.setCount(n)
     }

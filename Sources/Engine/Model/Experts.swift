@@ -1,0 +1,181 @@
+import CKernels
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which tokens of a batch each expert serves, with their mixture weights. Storage is allocated
+/// once per session: routing a token allocates nothing.
+final class ExpertAssignments: @unchecked Sendable {
+    let experts: Int
+    let active: Int
+    let batch: Int
+    let counts: UnsafeMutablePointer<Int>      // (experts)
+    let tokens: UnsafeMutablePointer<Int>      // (experts, batch)
+    let weights: UnsafeMutablePointer<Float>   // (experts, batch)
+    let firstRow: UnsafeMutablePointer<Int>    // (experts): where an expert's tokens start in the gathered batch
+    let chosen: UnsafeMutablePointer<Int>      // (active): one token's choice, best first
+    let chosenWeights: UnsafeMutablePointer<Float> // (active)
+
+    init(experts: Int, active: Int, batch: Int) {
+        self.experts = experts
+        self.active = active
+        self.batch = batch
+        counts = .allocate(capacity: experts)
+        tokens = .allocate(capacity: experts * batch)
+        weights = .allocate(capacity: experts * batch)
+        firstRow = .allocate(capacity: experts)
+        chosen = .allocate(capacity: active)
+        chosenWeights = .allocate(capacity: active)
+    }
+
+    deinit {
+        counts.deallocate(); tokens.deallocate(); weights.deallocate()
+        firstRow.deallocate(); chosen.deallocate(); chosenWeights.deallocate()
+    }
+
+    /// Chooses token `t`'s experts from its router logits: the top k by logit (lower index on
+    /// ties), weighted by softmax over the chosen logits or by sigmoid normalised over them.
+    func route(token t: Int, logits: UnsafePointer<Float>, softmax: Bool) {
+        for k in 0..<active {
+            var best = -1
+            for e in 0..<experts {
+                var taken = false
+                for i in 0..<k where chosen[i] == e { taken = true; break }
+                if !taken && (best < 0 || logits[e] > logits[best]) { best = e }
+            }
+            chosen[k] = best
+        }
+        var total: Float = 0
+        for k in 0..<active {
+            let w = softmax ? exp(logits[chosen[k]] - logits[chosen[0]]) : 1 / (1 + exp(-logits[chosen[k]]))
+            chosenWeights[k] = w
+            total += w
+        }
+        for k in 0..<active {
+            chosenWeights[k] /= total
+            let e = chosen[k]
+            tokens[e * batch + counts[e]] = t
+            weights[e * batch + counts[e]] = chosenWeights[k]
+            counts[e] += 1
+        }
+    }
+}
+
+extension Session {
+    /// x += Σ weight_e · down_e(relu(gate_e · h) ⊙ (up_e · h)), h = rmsnorm(x), over the chosen experts.
+    func mixExperts(layer: LayerWeights, index: Int, count n: Int) {
+        let c = model.config
+        let routing = assignments
+        routing.counts.update(repeating: 0, count: c.expertCount)
+        // Routing, from the logits computed before attention.
+        for t in 0..<n {
+            routing.route(token: t, logits: routerLogits + t * c.expertCount, softmax: c.routerSoftmax)
+            if let routingObserver {
+                routingObserver(RoutingDecision(layer: index, position: position + t,
+                                                experts: (0..<c.activeExperts).map { routing.chosen[$0] },
+                                                weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] }))
+            }
+        }
+
+        normed.setCount(n)
+        for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
+        let quantizedInput = layer.experts.contains { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }
+        let quantized = quantizedInput ? normed.quantizedForm() : nil
+        let ffn = c.expertFFNSize, hidden = c.hiddenSize, b = Session.maximumBatch
+        // In a batch, each expert's tokens are gathered side by side so that one gate row serves
+        // all of them through the many-token kernel (the row is unpacked once).
+        var batched: QuantizedActivations? = nil
+        if n > 1, quantized != nil {
+            var row = 0
+            for e in 0..<c.expertCount {
+                routing.firstRow[e] = row
+                for i in 0..<routing.counts[e] {
+                    expertInputs.row(row).update(from: normed.row(routing.tokens[e * b + i]), count: hidden)
+                    row += 1
+                }
+            }
+            expertInputs.setCount(row)
+            batched = expertInputs.quantizedForm()
+        }
+        // Each worker takes a slice of every chosen expert's neurons: gate, up and down rows j
+        // sit together in the neuron-major bundle. Gate for every token; up and down only where
+        // the ReLU lets the neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes
+        // exactly nothing). Workers add into their own buffer, summed in worker order.
+        let workers = max(1, min(threads, ffn))
+        let work = Unchecked((layer, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
+                              gateBuffers, activeIndices, batched))
+        parallelFor(workers) { worker in
+            let (layer, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched) = work.value
+            let out = partials + worker * b * hidden
+            out.update(repeating: 0, count: n * hidden)
+            let blocks = hidden / 32
+            let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
+            let activations = gateBuffers + worker * max(2 * ffn, b)
+            let activeRows = activeIndices + worker * ffn
+            for e in 0..<routing.experts where routing.counts[e] > 0 {
+                let expert = layer.experts[e]
+                let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
+                if count > 1, let batched, expert.gate.dtype.isQuantized {
+                    // Row by row: gate for all of the expert's tokens at once, then up and down
+                    // for the tokens that activate the neuron, while its rows are in cache.
+                    for j in first..<last {
+                        DotKernels.quantizedTokens(expert.gate.row(j), dtype: expert.gate.dtype, batched, first: routing.firstRow[e],
+                                                   tokens: count, into: activations, outStride: 1)
+                        for i in 0..<count where activations[i] > 0 {
+                            let t = tokens[i]
+                            let u = MatMul.dot(expert.up.row(j), expert.up.dtype, floats + t * hidden, scales.map { $0 + t * blocks },
+                                               values.map { $0 + t * hidden }, sums.map { $0 + t * blocks }, hidden)
+                            DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[i] * u,
+                                                    into: out + t * hidden, hidden)
+                        }
+                    }
+                    continue
+                }
+                for i in 0..<count {
+                    let t = tokens[i]
+                    if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
+                        // The common case, all in C: gate, then up and down for the active neurons.
+                        st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                       Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
+                                       Int32(blocks), weights[i], out + t * hidden, activations)
+                        continue
+                    }
+                    let x = floats + t * hidden
+                    let xs = scales.map { $0 + t * blocks }, xq = values.map { $0 + t * hidden }, xsum = sums.map { $0 + t * blocks }
+                    // Three passes over this worker's rows, each streaming through one matrix:
+                    // gate for every neuron, up where the gate is positive, then down.
+                    for j in first..<last {
+                        activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
+                    }
+                    var active = 0
+                    for j in first..<last where activations[j] > 0 {
+                        activeRows[active] = Int32(j)
+                        active += 1
+                    }
+                    for a in 0..<active {
+                        let j = Int(activeRows[a])
+                        if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
+                        activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
+                    }
+                    let y = out + t * hidden
+                    for a in 0..<active {
+                        let j = Int(activeRows[a])
+                        if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(activeRows[a + 2])), bytes: expert.down.rowBytes) }
+                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[j], into: y, hidden)
+                    }
+                }
+            }
+        }
+        mixture.update(from: partials, count: n * hidden)
+        for worker in 1..<workers {
+            let p = partials + worker * b * hidden
+            for i in 0..<n * hidden { mixture[i] += p[i] }
+        }
+        for t in 0..<n {
+            let x = residual.row(t), y = mixture + t * hidden
+            for i in 0..<hidden { x[i] += y[i] }
+        }
+        residual.setCount(n)
+    }
+}
