@@ -36,6 +36,16 @@ import Testing
         try JSONSerialization.data(withJSONObject: config).write(to: url)
     }
 
+    /// Rewrites the shard index's weight_map.
+    static func editIndex(_ dir: String, _ edit: (inout [String: String]) -> Void) throws {
+        let url = URL(fileURLWithPath: dir + "/model.safetensors.index.json")
+        var index = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        var map = index["weight_map"] as! [String: String]
+        edit(&map)
+        index["weight_map"] = map
+        try JSONSerialization.data(withJSONObject: index).write(to: url)
+    }
+
     static func headerText(_ dir: String) throws -> (text: String, data: Data) {
         let file = try RawSafetensors(path: dir + weights)
         let text = String(data: try JSONSerialization.data(withJSONObject: file.header, options: [.sortedKeys]), encoding: .utf8)!
@@ -166,28 +176,13 @@ import Testing
             try FileManager.default.removeItem(atPath: dir + "/model-00002-of-00003.safetensors")
         },
         Case(name: "index puts a tensor in the wrong shard", model: "tiny-untied", expected: .checkpoint(.unexpectedTensor)) { dir in
-            let url = URL(fileURLWithPath: dir + "/model.safetensors.index.json")
-            var index = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
-            var map = index["weight_map"] as! [String: String]
-            map["lm_head.weight"] = "model-00001-of-00003.safetensors"
-            index["weight_map"] = map
-            try JSONSerialization.data(withJSONObject: index).write(to: url)
+            try editIndex(dir) { map in map["lm_head.weight"] = "model-00001-of-00003.safetensors" }
         },
         Case(name: "index lists a tensor no shard has", model: "tiny-untied", expected: .checkpoint(.missingTensor)) { dir in
-            let url = URL(fileURLWithPath: dir + "/model.safetensors.index.json")
-            var index = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
-            var map = index["weight_map"] as! [String: String]
-            map["model.layers.9.input_layernorm.weight"] = "model-00001-of-00003.safetensors"
-            index["weight_map"] = map
-            try JSONSerialization.data(withJSONObject: index).write(to: url)
+            try editIndex(dir) { map in map["model.layers.9.input_layernorm.weight"] = "model-00001-of-00003.safetensors" }
         },
         Case(name: "index with a path outside the folder", model: "tiny-untied", expected: .checkpoint(.invalidIndex)) { dir in
-            let url = URL(fileURLWithPath: dir + "/model.safetensors.index.json")
-            var index = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
-            var map = index["weight_map"] as! [String: String]
-            map["lm_head.weight"] = "../elsewhere.safetensors"
-            index["weight_map"] = map
-            try JSONSerialization.data(withJSONObject: index).write(to: url)
+            try editIndex(dir) { map in map["lm_head.weight"] = "../elsewhere.safetensors" }
         },
         Case(name: "index is not JSON", model: "tiny-untied", expected: .checkpoint(.invalidIndex)) { dir in
             try Data("weight_map".utf8).write(to: URL(fileURLWithPath: dir + "/model.safetensors.index.json"))
