@@ -35,13 +35,13 @@ struct Bench: ParsableCommand {
     func run() throws {
         try reportingErrors {
             let loadStart = ProgressReporter.monotonicSeconds()
-            let model = try Model(path: package)
-            let context = runtime.context ?? (promptTokens + decodeTokens)
-            let session = try Session(model: model, contextLength: context, threads: runtime.threads ?? Session.defaultThreads)
+            let session = try runtime.session(package, contextLength: runtime.context ?? (promptTokens + decodeTokens))
+            let model = session.model
             let loadSeconds = ProgressReporter.monotonicSeconds() - loadStart
             var random = SplitMix64(seed: 1)
             let prompt = (0..<promptTokens).map { _ in Int(random.next() % UInt64(model.config.vocabSize)) }
             var promptRates: [Double] = [], decodeRates: [Double] = [], firstToken: [Double] = []
+            var decodeStats = ExpertCache.Statistics()
             for _ in 0..<repetitions {
                 session.reset()
                 let start = ProgressReporter.monotonicSeconds()
@@ -50,12 +50,16 @@ struct Bench: ParsableCommand {
                 let prompted = ProgressReporter.monotonicSeconds()
                 promptRates.append(Double(promptTokens) / (prompted - start))
                 firstToken.append(prompted - start)
+                session.expertCache?.resetStatistics()
                 for _ in 0..<decodeTokens {
                     logits = try session.evaluate([next])
                     next = LogitComparison.argmax(logits[...])
                 }
                 decodeRates.append(Double(decodeTokens) / (ProgressReporter.monotonicSeconds() - prompted))
+                if let stats = session.expertCache?.statistics { decodeStats = stats }
             }
+            let cache = session.expertCache
+            let perToken = Double(decodeTokens)
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
             var usage = rusage()
             getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
@@ -69,6 +73,13 @@ struct Bench: ParsableCommand {
                     ("decode_tokens_per_second", .double(median(decodeRates))),
                     ("time_to_first_token_seconds", .double(median(firstToken))),
                     ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
+                    ("memory_budget_bytes", runtime.memoryBudget.flatMap(ByteCount.parse).map { .int($0) } ?? .null),
+                    ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
+                    ("prefetch", cache.map { .bool($0.prefetchEnabled) } ?? .null),
+                    ("direct_io", cache.map { .bool($0.directIO) } ?? .null),
+                    ("expert_hit_rate", cache.map { _ in .double(decodeStats.hitRate) } ?? .null),
+                    ("expert_bytes_read_per_token", cache.map { _ in .double(Double(decodeStats.bytesRead) / perToken) } ?? .null),
+                    ("io_stall_seconds_per_token", cache.map { _ in .double(decodeStats.stallSeconds / perToken) } ?? .null),
                 ])), pretty: true))
             } else {
                 print("""
@@ -78,6 +89,10 @@ struct Bench: ParsableCommand {
                     time to first token: \(String(format2: median(firstToken) * 1000)) ms (load \(String(format2: loadSeconds * 1000)) ms)
                     peak RSS: \(PackageSummary.bytes(peak))
                     """)
+                if let cache {
+                    print("expert cache: \(PackageSummary.bytes(cache.capacityBytes)) (\(cache.slotCount) bundles), \(cache.directIO ? "direct I/O" : "buffered reads, pages dropped"), prefetch \(cache.prefetchEnabled ? "on" : "off")")
+                    print("decode: hit rate \(String(format2: decodeStats.hitRate * 100))%, \(PackageSummary.bytes(Int(Double(decodeStats.bytesRead) / perToken))) read per token, \(String(format2: decodeStats.stallSeconds / perToken * 1000)) ms stalled on I/O per token")
+                }
             }
         }
     }

@@ -13,14 +13,27 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Context length in tokens (default: the model's limit, at most 4096).")
     var context: Int?
 
+    @Option(help: ArgumentHelp("Run within this much memory (e.g. 1GiB, 800MB): experts are streamed from the package into a cache of what the dense part leaves.", valueName: "BYTES"))
+    var memoryBudget: String?
+
+    @Flag(help: "With --memory-budget: read experts only when needed, not ahead while attention runs (for comparisons).")
+    var noPrefetch = false
+
     func validate() throws {
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let context, context < 1 { throw ValidationError("--context must be at least 1") }
+        if let memoryBudget, ByteCount.parse(memoryBudget) == nil {
+            throw ValidationError("--memory-budget takes a size such as 1GiB, 800MB or 1073741824 (got '\(memoryBudget)')")
+        }
+        if noPrefetch && memoryBudget == nil { throw ValidationError("--no-prefetch goes with --memory-budget") }
     }
 
-    func session(_ path: String) throws -> Session {
+    func session(_ path: String, contextLength: Int? = nil) throws -> Session {
         let model = try Model(path: path)
-        return try Session(model: model, contextLength: context, threads: threads ?? Session.defaultThreads)
+        let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
+                                  memoryBudget: memoryBudget.flatMap(ByteCount.parse))
+        session.expertCache?.prefetchEnabled = !noPrefetch
+        return session
     }
 }
 

@@ -98,3 +98,28 @@ import Testing
         #expect(noIDs.status != 0 && noIDs.stderr.contains("--ids"))
     }
 }
+
+/// --memory-budget through the built strun.
+@Suite struct BudgetCommandTests {
+    @Test func budgetedGenerationMatchesAndBenchReportsCounters() throws {
+        let scratch = ToolScratch()
+        let path = scratch.file("m.stpk")
+        #expect(try Tools.run("stconvert", [Tools.fixtures + "/tiny-21b-like", "-o", path, "-q"]).status == 0)
+        let args = ["generate", path, "--tokens", "5,6,7,8", "-n", "12", "--temperature", "0", "--ids", "--context", "64"]
+        let free = try Tools.run("strun", args)
+        let budgeted = try Tools.run("strun", args + ["--memory-budget", "80MiB"])
+        #expect(budgeted.status == 0, "\(budgeted.stderr)")
+        #expect(budgeted.stdout == free.stdout)
+        let bench = try Tools.run("strun", ["bench", path, "-p", "4", "-n", "8", "-r", "1", "--memory-budget", "80MiB", "--json"])
+        #expect(bench.status == 0, "\(bench.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(bench.stdout.utf8)) as! [String: Any]
+        for key in ["expert_hit_rate", "expert_bytes_read_per_token", "io_stall_seconds_per_token", "expert_cache_bytes"] {
+            #expect(report[key] is NSNumber, "\(key)")
+        }
+        #expect(report["memory_budget_bytes"] as? Int == 80 << 20)
+        let tooSmall = try Tools.run("strun", args + ["--memory-budget", "1MB"])
+        #expect(tooSmall.status == 1 && tooSmall.stderr.contains("cannot hold the dense part"))
+        let badUnit = try Tools.run("strun", args + ["--memory-budget", "lots"])
+        #expect(badUnit.status != 0 && badUnit.stderr.contains("--memory-budget takes a size"))
+    }
+}

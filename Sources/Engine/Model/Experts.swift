@@ -15,6 +15,8 @@ final class ExpertAssignments: @unchecked Sendable {
     let weights: UnsafeMutablePointer<Float>   // (experts, batch)
     let firstRow: UnsafeMutablePointer<Int>    // (experts): where an expert's tokens start in the gathered batch
     let chosen: UnsafeMutablePointer<Int>      // (active): one token's choice, best first
+    let used: UnsafeMutablePointer<Int>        // (experts): the experts any token of the batch chose
+    var usedCount = 0
     let chosenWeights: UnsafeMutablePointer<Float> // (active)
 
     init(experts: Int, active: Int, batch: Int) {
@@ -26,12 +28,13 @@ final class ExpertAssignments: @unchecked Sendable {
         weights = .allocate(capacity: experts * batch)
         firstRow = .allocate(capacity: experts)
         chosen = .allocate(capacity: active)
+        used = .allocate(capacity: experts)
         chosenWeights = .allocate(capacity: active)
     }
 
     deinit {
         counts.deallocate(); tokens.deallocate(); weights.deallocate()
-        firstRow.deallocate(); chosen.deallocate(); chosenWeights.deallocate()
+        firstRow.deallocate(); chosen.deallocate(); used.deallocate(); chosenWeights.deallocate()
     }
 
     /// Chooses token `t`'s experts from its router logits: the top k by logit (lower index on
@@ -63,12 +66,11 @@ final class ExpertAssignments: @unchecked Sendable {
 }
 
 extension Session {
-    /// x += Σ weight_e · down_e(relu(gate_e · h) ⊙ (up_e · h)), h = rmsnorm(x), over the chosen experts.
-    func mixExperts(layer: LayerWeights, index: Int, count n: Int) {
+    /// Chooses every token's experts from the router logits (computed before attention).
+    func route(layer index: Int, count n: Int) {
         let c = model.config
         let routing = assignments
         routing.counts.update(repeating: 0, count: c.expertCount)
-        // Routing, from the logits computed before attention.
         for t in 0..<n {
             routing.route(token: t, logits: routerLogits + t * c.expertCount, softmax: c.routerSoftmax)
             if let routingObserver {
@@ -77,7 +79,17 @@ extension Session {
                                                 weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] }))
             }
         }
+        routing.usedCount = 0
+        for e in 0..<c.expertCount where routing.counts[e] > 0 {
+            routing.used[routing.usedCount] = e
+            routing.usedCount += 1
+        }
+    }
 
+    /// x += Σ weight_e · down_e(relu(gate_e · h) ⊙ (up_e · h)), h = rmsnorm(x), over the chosen experts.
+    func mixExperts(layer: LayerWeights, index: Int, count n: Int) throws(EngineError) {
+        let c = model.config
+        let routing = assignments
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
         let quantizedInput = layer.experts.contains { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }
@@ -103,69 +115,82 @@ extension Session {
         // the ReLU lets the neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes
         // exactly nothing). Workers add into their own buffer, summed in worker order.
         let workers = max(1, min(threads, ffn))
-        let work = Unchecked((layer, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
-                              gateBuffers, activeIndices, batched))
-        parallelFor(workers) { worker in
-            let (layer, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched) = work.value
-            let out = partials + worker * b * hidden
-            out.update(repeating: 0, count: n * hidden)
-            let blocks = hidden / 32
-            let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
-            let activations = gateBuffers + worker * max(2 * ffn, b)
-            let activeRows = activeIndices + worker * ffn
-            for e in 0..<routing.experts where routing.counts[e] > 0 {
-                let expert = layer.experts[e]
-                let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
-                if count > 1, let batched, expert.gate.dtype.isQuantized {
-                    // Row by row: gate for all of the expert's tokens at once, then up and down
-                    // for the tokens that activate the neuron, while its rows are in cache.
-                    for j in first..<last {
-                        DotKernels.quantizedTokens(expert.gate.row(j), dtype: expert.gate.dtype, batched, first: routing.firstRow[e],
-                                                   tokens: count, into: activations, outStride: 1)
-                        for i in 0..<count where activations[i] > 0 {
-                            let t = tokens[i]
-                            let u = MatMul.dot(expert.up.row(j), expert.up.dtype, floats + t * hidden, scales.map { $0 + t * blocks },
-                                               values.map { $0 + t * hidden }, sums.map { $0 + t * blocks }, hidden)
-                            DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[i] * u,
-                                                    into: out + t * hidden, hidden)
+        partials.update(repeating: 0, count: workers * b * hidden)
+        // The chosen experts' weights: views into the mapping, or bundles from the cache (the
+        // reads were started before attention; this waits only for those not yet done). With a
+        // cache, a batch that chose more experts than it has slots runs in groups that fit.
+        let chosen = UnsafeBufferPointer(start: routing.used, count: routing.usedCount)
+        let groupSize = expertCache.map { max(1, min($0.slotCount, chosen.count)) } ?? max(1, chosen.count)
+        var groupStart = 0
+        while groupStart < chosen.count {
+            let group = chosen[groupStart..<min(groupStart + groupSize, chosen.count)]
+            for e in 0..<c.expertCount { currentExperts[e] = nil }
+            for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
+            let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
+                                  gateBuffers, activeIndices, batched))
+            parallelFor(workers) { worker in
+                let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched) = work.value
+                let out = partials + worker * b * hidden
+                let blocks = hidden / 32
+                let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
+                let activations = gateBuffers + worker * max(2 * ffn, b)
+                let activeRows = activeIndices + worker * ffn
+                for e in 0..<routing.experts where routing.counts[e] > 0 && experts[e] != nil {
+                    let expert = experts[e]!
+                    let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
+                    if count > 1, let batched, expert.gate.dtype.isQuantized {
+                        // Row by row: gate for all of the expert's tokens at once, then up and down
+                        // for the tokens that activate the neuron, while its rows are in cache.
+                        for j in first..<last {
+                            DotKernels.quantizedTokens(expert.gate.row(j), dtype: expert.gate.dtype, batched, first: routing.firstRow[e],
+                                                       tokens: count, into: activations, outStride: 1)
+                            for i in 0..<count where activations[i] > 0 {
+                                let t = tokens[i]
+                                let u = MatMul.dot(expert.up.row(j), expert.up.dtype, floats + t * hidden, scales.map { $0 + t * blocks },
+                                                   values.map { $0 + t * hidden }, sums.map { $0 + t * blocks }, hidden)
+                                DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[i] * u,
+                                                        into: out + t * hidden, hidden)
+                            }
                         }
-                    }
-                    continue
-                }
-                for i in 0..<count {
-                    let t = tokens[i]
-                    if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
-                        // The common case, all in C: gate, then up and down for the active neurons.
-                        st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
-                                       Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
-                                       Int32(blocks), weights[i], out + t * hidden, activations)
                         continue
                     }
-                    let x = floats + t * hidden
-                    let xs = scales.map { $0 + t * blocks }, xq = values.map { $0 + t * hidden }, xsum = sums.map { $0 + t * blocks }
-                    // Three passes over this worker's rows, each streaming through one matrix:
-                    // gate for every neuron, up where the gate is positive, then down.
-                    for j in first..<last {
-                        activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
-                    }
-                    var active = 0
-                    for j in first..<last where activations[j] > 0 {
-                        activeRows[active] = Int32(j)
-                        active += 1
-                    }
-                    for a in 0..<active {
-                        let j = Int(activeRows[a])
-                        if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
-                        activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
-                    }
-                    let y = out + t * hidden
-                    for a in 0..<active {
-                        let j = Int(activeRows[a])
-                        if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(activeRows[a + 2])), bytes: expert.down.rowBytes) }
-                        DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[j], into: y, hidden)
+                    for i in 0..<count {
+                        let t = tokens[i]
+                        if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
+                            // The common case, all in C: gate, then up and down for the active neurons.
+                            st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                           Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
+                                           Int32(blocks), weights[i], out + t * hidden, activations)
+                            continue
+                        }
+                        let x = floats + t * hidden
+                        let xs = scales.map { $0 + t * blocks }, xq = values.map { $0 + t * hidden }, xsum = sums.map { $0 + t * blocks }
+                        // Three passes over this worker's rows, each streaming through one matrix:
+                        // gate for every neuron, up where the gate is positive, then down.
+                        for j in first..<last {
+                            activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
+                        }
+                        var active = 0
+                        for j in first..<last where activations[j] > 0 {
+                            activeRows[active] = Int32(j)
+                            active += 1
+                        }
+                        for a in 0..<active {
+                            let j = Int(activeRows[a])
+                            if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
+                            activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
+                        }
+                        let y = out + t * hidden
+                        for a in 0..<active {
+                            let j = Int(activeRows[a])
+                            if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(activeRows[a + 2])), bytes: expert.down.rowBytes) }
+                            DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * activations[j], into: y, hidden)
+                        }
                     }
                 }
             }
+            expertCache?.release(layer: index, experts: group)
+            groupStart += group.count
         }
         mixture.update(from: partials, count: n * hidden)
         for worker in 1..<workers {
@@ -177,5 +202,18 @@ extension Session {
             for i in 0..<hidden { x[i] += y[i] }
         }
         residual.setCount(n)
+    }
+
+    /// Expert `expert` of layer `index`, from the cache when streaming, else from the mapping.
+    func expertWeights(layer: LayerWeights, index: Int, expert e: Int) throws(EngineError) -> ExpertWeights {
+        let mapped = layer.experts[e]
+        guard let expertCache else { return mapped }
+        let bundle = model.package.manifest.bundles[index * model.config.expertCount + e]
+        let slot = try expertCache.acquire(layer: index, expert: e)
+        let bundleStart = model.package.mapping.bytes.baseAddress! + bundle.offset
+        func moved(_ w: WeightMatrix) -> WeightMatrix {
+            WeightMatrix(name: w.name, base: slot + (w.base - bundleStart), dtype: w.dtype, rows: w.rows, columns: w.columns)
+        }
+        return ExpertWeights(gate: moved(mapped.gate), up: moved(mapped.up), down: moved(mapped.down))
     }
 }

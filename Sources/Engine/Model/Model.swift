@@ -6,6 +6,8 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
     case invalidToken(id: Int, vocabularySize: Int)
     /// A request the model cannot serve (bad context size, empty input, ...).
     case invalidRequest(String)
+    /// Reading weights from the package failed.
+    case io(path: String, detail: String)
 
     public var description: String {
         switch self {
@@ -15,6 +17,8 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
             return "token id \(id) is outside the vocabulary (0..<\(size))"
         case .invalidRequest(let detail):
             return detail
+        case .io(let path, let detail):
+            return "\(path): \(detail)"
         }
     }
 }

@@ -49,7 +49,16 @@ public final class Session: @unchecked Sendable {
     let ropeTable: RoPETable
     let ropeAngles: UnsafeMutablePointer<Float>  // (batch, head_dim): cos then sin of each token's angles
 
-    public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads) throws(EngineError) {
+    /// Expert bundles streamed under a memory budget (nil: every expert read from the mapping).
+    public let expertCache: ExpertCache?
+    /// The chosen experts' weights for the layer being computed (streamed or mapped).
+    var currentExperts: [ExpertWeights?]
+
+    /// - Parameter memoryBudget: bytes for everything this session holds: the dense tensors, the
+    ///   KV cache, working buffers, a fixed allowance for the process itself, and, with the rest,
+    ///   a cache of expert bundles streamed from the package. nil: the whole package is mapped.
+    public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
+                memoryBudget: Int? = nil) throws(EngineError) {
         let c = model.config
         let context = contextLength ?? model.defaultContextLength
         guard context >= 1, context <= c.maxPositionEmbeddings else {
@@ -77,9 +86,21 @@ public final class Session: @unchecked Sendable {
         scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = .allocate(capacity: b * c.headDim)
+        currentExperts = Array(repeating: nil, count: c.expertCount)
+        if let memoryBudget {
+            let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
+            let forExperts = memoryBudget - plan.fixedBytes
+            guard forExperts > 0 else {
+                throw .invalidRequest("a memory budget of \(PackageSummary.bytes(memoryBudget)) cannot hold the dense part: \(plan.description) need \(PackageSummary.bytes(plan.fixedBytes)) before any expert")
+            }
+            expertCache = try ExpertCache(package: model.package, capacityBytes: forExperts)
+        } else {
+            expertCache = nil
+        }
     }
 
     deinit {
+        expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
         routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); scores.deallocate(); ropeAngles.deallocate()
     }
@@ -100,7 +121,7 @@ public final class Session: @unchecked Sendable {
         var start = 0
         while start < tokens.count {
             let batch = Array(tokens[start..<min(start + Session.maximumBatch, tokens.count)])
-            forward(batch)
+            try forward(batch)
             let isLast = start + batch.count == tokens.count
             if allLogits || isLast {
                 let first = allLogits ? 0 : batch.count - 1
@@ -116,7 +137,7 @@ public final class Session: @unchecked Sendable {
     // MARK: The forward pass
 
     /// Runs one batch through every layer, leaving the final residual stream in `residual`.
-    func forward(_ tokens: [Int]) {
+    func forward(_ tokens: [Int]) throws(EngineError) {
         let c = model.config
         let n = tokens.count
         residual.setCount(n)
@@ -125,10 +146,15 @@ public final class Session: @unchecked Sendable {
             ropeTable.angles(position: position + t, into: ropeAngles + t * c.headDim)
         }
         for (index, layer) in model.layers.enumerated() {
-            // Router first, on the raw residual: the experts are known before attention runs.
+            // Router first, on the raw residual: the experts are known before attention runs, so
+            // their bundles can be read from storage while it does.
             MatMul.multiply(layer.router, residual, into: routerLogits, outputStride: c.expertCount, threads: threads)
+            route(layer: index, count: n)
+            if let expertCache {
+                try expertCache.prefetch(layer: index, experts: UnsafeBufferPointer(start: assignments.used, count: assignments.usedCount))
+            }
             attend(layer: layer, cache: caches[index], count: n)
-            mixExperts(layer: layer, index: index, count: n)
+            try mixExperts(layer: layer, index: index, count: n)
         }
         position += n
     }

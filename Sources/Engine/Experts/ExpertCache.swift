@@ -1,0 +1,273 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Expert bundles streamed from the package into a fixed set of memory slots shared by all
+/// layers, so a model larger than the memory budget still runs.
+///
+/// - Reads are whole bundles (one aligned, sequential read each: the package's layout) with
+///   positioned reads, through direct I/O where the file system allows it and otherwise with the
+///   cached pages dropped after each read, so the page cache does not quietly hold the model.
+/// - `prefetch` is called as soon as a layer's router has chosen (before its attention runs): the
+///   missing bundles go to I/O threads, and `acquire` waits only for reads not yet finished.
+/// - Eviction is least-recently-used over all layers, as the SmallThinker authors do: with skewed
+///   routing the hot experts of every layer are touched every token and stay; bundles in use by
+///   the current layer are pinned.
+public final class ExpertCache: @unchecked Sendable {
+    /// Linux's O_DIRECT (Glibc's Swift overlay does not export it; its value differs by architecture).
+    #if arch(x86_64)
+    static let directFlag: Int32 = 0o40000
+    #elseif arch(arm64)
+    static let directFlag: Int32 = 0o200000
+    #else
+    static let directFlag: Int32 = 0
+    #endif
+
+    public struct Statistics: Sendable, Equatable {
+        public var hits = 0
+        public var misses = 0
+        public var bytesRead = 0
+        /// Time `acquire` spent waiting for reads.
+        public var stallSeconds = 0.0
+        public var hitRate: Double { hits + misses > 0 ? Double(hits) / Double(hits + misses) : 0 }
+        public init() {}
+    }
+
+    public let slotCount: Int
+    public let slotBytes: Int
+    public var capacityBytes: Int { slotCount * slotBytes }
+    /// Whether reads bypass the page cache (O_DIRECT) or fall back to dropping cached pages.
+    public let directIO: Bool
+    /// Submit reads ahead (on by default; off for comparisons).
+    public var prefetchEnabled = true
+
+    private let path: String
+    private let descriptor: Int32
+    private let experts: Int
+    private let bundles: [BundleEntry]
+    private let memory: UnsafeMutableRawPointer
+    // Slot state, guarded by `mutex`.
+    private var slotBundle: [Int]          // bundle index held (or being loaded), -1 if free
+    private var slotReady: [Bool]
+    private var slotError: [EngineError?]
+    private var slotPins: [Int]
+    private var slotLastUse: [UInt64]
+    private var bundleSlot: [Int]          // bundle index → slot, -1 if absent
+    private var clock: UInt64 = 0
+    private var queue: [(bundle: Int, slot: Int)] = []
+    private var stats = Statistics()
+    private var stopping = false
+    private var mutex = pthread_mutex_t()
+    private var ready = pthread_cond_t()
+    private var work = pthread_cond_t()
+    private var threads: [pthread_t] = []
+
+    /// - Parameters: the package, and how many bytes of slots to use (at least one layer's top-k).
+    public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 2) throws(EngineError) {
+        let c = package.manifest.config
+        bundles = package.manifest.bundles
+        experts = c.expertCount
+        path = package.path
+        slotBytes = bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
+        slotCount = capacityBytes / slotBytes
+        guard slotCount >= c.activeExperts else {
+            throw .invalidRequest("the memory budget leaves room for \(slotCount) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs \(c.activeExperts) (raise --memory-budget)")
+        }
+        var fd = open(package.path, O_RDONLY | O_CLOEXEC | ExpertCache.directFlag)
+        var direct = true
+        if fd < 0 {
+            direct = false
+            fd = open(package.path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw .io(path: package.path, detail: "cannot open for reading experts: \(String(cString: strerror(errno)))") }
+        }
+        descriptor = fd
+        directIO = direct
+        var raw: UnsafeMutableRawPointer?
+        guard posix_memalign(&raw, PackageFormat.bundleAlignment, slotCount * slotBytes) == 0, let raw else {
+            close(fd)
+            throw .invalidRequest("cannot allocate \(PackageSummary.bytes(slotCount * slotBytes)) for the expert cache")
+        }
+        memory = raw
+        slotBundle = Array(repeating: -1, count: slotCount)
+        slotReady = Array(repeating: false, count: slotCount)
+        slotError = Array(repeating: nil, count: slotCount)
+        slotPins = Array(repeating: 0, count: slotCount)
+        slotLastUse = Array(repeating: 0, count: slotCount)
+        bundleSlot = Array(repeating: -1, count: bundles.count)
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&ready, nil)
+        pthread_cond_init(&work, nil)
+        for _ in 0..<max(1, ioThreads) {
+            var thread = pthread_t()
+            let context = Unmanaged.passRetained(self).toOpaque()
+            pthread_create(&thread, nil, { raw in
+                let cache = Unmanaged<ExpertCache>.fromOpaque(raw!).takeRetainedValue()
+                cache.ioLoop()
+                return nil
+            }, context)
+            threads.append(thread)
+        }
+    }
+
+    /// Stops the I/O threads (they hold references until then).
+    public func shutdown() {
+        pthread_mutex_lock(&mutex)
+        stopping = true
+        pthread_cond_broadcast(&work)
+        pthread_mutex_unlock(&mutex)
+        for thread in threads { pthread_join(thread, nil) }
+        threads.removeAll()
+    }
+
+    deinit {
+        free(memory)
+        close(descriptor)
+    }
+
+    public var statistics: Statistics {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return stats
+    }
+
+    /// Bytes held in slots right now (always ≤ capacityBytes: the slots are allocated once).
+    public var residentBytes: Int {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return slotBundle.filter { $0 >= 0 }.count * slotBytes
+    }
+
+    public func resetStatistics() {
+        pthread_mutex_lock(&mutex)
+        stats = Statistics()
+        pthread_mutex_unlock(&mutex)
+    }
+
+    // MARK: Requests
+
+    /// Starts reading the bundles of `layer`'s `chosen` experts that are not resident. They are
+    /// pinned until `release`.
+    public func prefetch(layer: Int, experts chosen: some Sequence<Int>) throws(EngineError) {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        clock += 1
+        for e in chosen {
+            let bundle = layer * experts + e
+            let slot = bundleSlot[bundle]
+            if slot >= 0 {
+                stats.hits += 1
+                slotPins[slot] += 1
+                slotLastUse[slot] = clock
+            } else {
+                stats.misses += 1
+                // When every slot is pinned (a batch choosing more experts than fit), the rest
+                // are read on demand by `acquire`, a group at a time.
+                if prefetchEnabled && hasVictim { try startLoad(bundle) }
+            }
+        }
+        if prefetchEnabled { pthread_cond_broadcast(&work) }
+    }
+
+    /// The bundle of (`layer`, `expert`) in memory, waiting for its read (or, with prefetching
+    /// off, reading it now). Call `prefetch` for the layer first: it counts hits and misses.
+    public func acquire(layer: Int, expert: Int) throws(EngineError) -> UnsafeRawPointer {
+        let bundle = layer * experts + expert
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        var slot = bundleSlot[bundle]
+        if slot < 0 {
+            slot = try startLoad(bundle)
+            pthread_cond_broadcast(&work)
+        }
+        if !slotReady[slot] {
+            let start = ProgressReporter.monotonicSeconds()
+            while !slotReady[slot] { pthread_cond_wait(&ready, &mutex) }
+            stats.stallSeconds += ProgressReporter.monotonicSeconds() - start
+        }
+        if let error = slotError[slot] {
+            // Forget the failed slot so a later request retries, and report.
+            slotError[slot] = nil
+            slotReady[slot] = false
+            bundleSlot[bundle] = -1
+            slotBundle[slot] = -1
+            slotPins[slot] = 0
+            throw error
+        }
+        slotPins[slot] = max(slotPins[slot], 1)
+        return UnsafeRawPointer(memory + slot * slotBytes)
+    }
+
+    /// Unpins what `prefetch` and `acquire` pinned for this layer.
+    public func release(layer: Int, experts chosen: some Sequence<Int>) {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        for e in chosen {
+            let slot = bundleSlot[layer * experts + e]
+            if slot >= 0 { slotPins[slot] = 0 }
+        }
+    }
+
+    /// Whether a slot can be claimed now. Caller holds the mutex.
+    private var hasVictim: Bool {
+        (0..<slotCount).contains { slotBundle[$0] < 0 || (slotPins[$0] == 0 && slotReady[$0]) }
+    }
+
+    /// Claims a slot for `bundle` (evicting the least recently used unpinned one) and queues its
+    /// read. Caller holds the mutex.
+    @discardableResult
+    private func startLoad(_ bundle: Int) throws(EngineError) -> Int {
+        // A free slot if there is one, else the least recently used unpinned, finished one.
+        var victim = -1
+        for s in 0..<slotCount {
+            if slotBundle[s] < 0 { victim = s; break }
+            if slotPins[s] == 0 && slotReady[s] && (victim < 0 || slotLastUse[s] < slotLastUse[victim]) { victim = s }
+        }
+        guard victim >= 0 else {
+            throw .invalidRequest("every expert cache slot is in use by the current layer; raise --memory-budget")
+        }
+        if slotBundle[victim] >= 0 { bundleSlot[slotBundle[victim]] = -1 }
+        slotBundle[victim] = bundle
+        slotReady[victim] = false
+        slotError[victim] = nil
+        slotPins[victim] = 1
+        slotLastUse[victim] = clock
+        bundleSlot[bundle] = victim
+        queue.append((bundle, victim))
+        return victim
+    }
+
+    // MARK: I/O threads
+
+    private func ioLoop() {
+        while true {
+            pthread_mutex_lock(&mutex)
+            while queue.isEmpty && !stopping { pthread_cond_wait(&work, &mutex) }
+            if stopping { pthread_mutex_unlock(&mutex); return }
+            let job = queue.removeFirst()
+            pthread_mutex_unlock(&mutex)
+
+            let entry = bundles[job.bundle]
+            let target = memory + job.slot * slotBytes
+            var error: EngineError? = nil
+            var done = 0
+            while done < entry.length {
+                let n = pread(descriptor, target + done, entry.length - done, off_t(entry.offset + done))
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    let reason = n == 0 ? "unexpected end of file" : String(cString: strerror(errno))
+                    error = .io(path: path, detail: "cannot read the expert bundle of layer \(entry.layer), expert \(entry.expert) at byte \(entry.offset + done): \(reason)")
+                    break
+                }
+                done += n
+            }
+            if !directIO { _ = posix_fadvise(descriptor, off_t(entry.offset), off_t(entry.length), POSIX_FADV_DONTNEED) }
+
+            pthread_mutex_lock(&mutex)
+            slotError[job.slot] = error
+            slotReady[job.slot] = true
+            if error == nil { stats.bytesRead += entry.length }
+            pthread_cond_broadcast(&ready)
+            pthread_mutex_unlock(&mutex)
+        }
+    }
+}

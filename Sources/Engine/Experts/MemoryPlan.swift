@@ -1,0 +1,60 @@
+/// What a session holds besides the expert cache, for `--memory-budget`: the dense tensors
+/// (read through the mapping, so their pages become resident), the KV cache, the working buffers
+/// and logits, and a fixed allowance for the process itself (binary, Swift runtime, stacks,
+/// tokenizer).
+public struct MemoryPlan: Sendable, CustomStringConvertible {
+    public let denseBytes: Int
+    public let kvCacheBytes: Int
+    public let bufferBytes: Int
+    public static let processAllowance = 64 << 20
+
+    public var fixedBytes: Int { denseBytes + kvCacheBytes + bufferBytes + MemoryPlan.processAllowance }
+
+    public init(model: Model, contextLength: Int, threads: Int) {
+        let c = model.config
+        let manifest = model.package.manifest
+        let bundled = Set(manifest.bundles.flatMap(\.tensors))
+        denseBytes = manifest.tensors.filter { !bundled.contains($0.name) }.reduce(0) { $0 + $1.length }
+            + manifest.files.reduce(0) { $0 + $1.length } + model.package.header.dataOffset
+        kvCacheBytes = model.layers.reduce(0) { total, layer in
+            total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)
+        }
+        let b = Session.maximumBatch
+        let activations = 5 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)  // floats + Q8 forms
+        let floats = b * (c.queryWidth + 2 * c.kvWidth + 2 * c.hiddenSize + c.expertCount + c.headDim)
+            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b) + contextLength)
+        let logits = 3 * c.vocabSize  // the last position's logits, and the sampler's copies
+        bufferBytes = activations + 4 * floats + 4 * logits
+    }
+
+    public var description: String {
+        "dense tensors (\(PackageSummary.bytes(denseBytes))), KV cache (\(PackageSummary.bytes(kvCacheBytes))), buffers (\(PackageSummary.bytes(bufferBytes))) and the process (\(PackageSummary.bytes(MemoryPlan.processAllowance)))"
+    }
+}
+
+/// Parses a byte count with an optional unit: `1073741824`, `800MB`, `1.5GiB`, `512 MiB`, `2G`.
+/// KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB (and bare K/M/G/T) powers of 1024.
+public enum ByteCount {
+    public static func parse(_ text: String) -> Int? {
+        let trimmed = text.filter { $0 != " " && $0 != "_" }
+        let digits = trimmed.prefix { $0.isNumber || $0 == "." }
+        guard !digits.isEmpty, let value = Double(digits), value > 0 else { return nil }
+        let unit = trimmed.dropFirst(digits.count).lowercased()
+        let scale: Double
+        switch unit {
+        case "", "b": scale = 1
+        case "kb": scale = 1e3
+        case "mb": scale = 1e6
+        case "gb": scale = 1e9
+        case "tb": scale = 1e12
+        case "k", "kib": scale = 1024
+        case "m", "mib": scale = 1024 * 1024
+        case "g", "gib": scale = 1024 * 1024 * 1024
+        case "t", "tib": scale = 1024 * 1024 * 1024 * 1024
+        default: return nil
+        }
+        let bytes = value * scale
+        guard bytes < 9e18 else { return nil }
+        return Int(bytes)
+    }
+}

@@ -1,0 +1,96 @@
+import Foundation
+import Testing
+@testable import Engine
+
+/// Running under a memory budget streams expert bundles through a small cache; the arithmetic is
+/// the same, so the logits must be identical bit for bit.
+@Suite struct ExpertStreamingTests {
+    /// A budget whose expert cache holds exactly `slots` bundles.
+    static func budget(_ model: Model, slots: Int, context: Int) -> Int {
+        let plan = MemoryPlan(model: model, contextLength: context, threads: 2)
+        let slot = model.package.manifest.bundles.map(\.length).max()!
+        return plan.fixedBytes + slots * slot
+    }
+
+    static let cases = ["tiny-4b-like", "tiny-21b-like", "tiny-untied"].flatMap { m in [TensorDType.f32, .q4_0].map { (m, $0) } }
+
+    @Test(arguments: cases)
+    func budgetedLogitsAreBitwiseIdentical(model name: String, type: TensorDType) throws {
+        let reference = try Reference.load(name)
+        let tokens = reference.sequences["long"]!.inputIDs
+        let model = try Model(path: try Packages.path(name, type))
+        let context = 64
+        let free = try Session(model: model, contextLength: context, threads: 2)
+        var expected: [Float] = []
+        for t in tokens { expected += try free.evaluate([t]) }
+        let batchedExpected = try Session(model: model, contextLength: context, threads: 2).evaluate(tokens, allLogits: true)
+        let k = model.config.activeExperts
+        for (slots, prefetch) in [(k, true), (k + 3, true), (k + 3, false), (model.config.expertCount * 2, true)] {
+            let session = try Session(model: model, contextLength: context, threads: 2, memoryBudget: Self.budget(model, slots: slots, context: context))
+            let cache = try #require(session.expertCache)
+            cache.prefetchEnabled = prefetch
+            #expect(cache.slotCount == slots)
+            var logits: [Float] = []
+            for t in tokens {
+                logits += try session.evaluate([t])
+                #expect(cache.residentBytes <= cache.capacityBytes)
+            }
+            #expect(logits == expected, "\(slots) slots, prefetch \(prefetch): decoding differs")
+            let stats = cache.statistics
+            #expect(stats.hits + stats.misses == tokens.count * model.config.layerCount * k, "one pick per chosen expert")
+            #expect(stats.bytesRead == stats.misses * cache.slotBytes, "every miss is one whole-bundle read")
+            if slots >= model.config.layerCount * model.config.expertCount {
+                #expect(stats.misses <= model.config.layerCount * model.config.expertCount, "a cache holding everything reads each bundle at most once")
+            }
+            // A batched prompt may choose more experts in a layer than there are slots: they run in groups.
+            session.reset()
+            let batched = try session.evaluate(tokens, allLogits: true)
+            #expect(batched == batchedExpected, "\(slots) slots: batched prompt differs")
+            session.expertCache?.shutdown()
+        }
+    }
+
+    @Test func aBudgetTooSmallForTheDensePartIsRefused() throws {
+        let model = try Model(path: try Packages.path("tiny-4b-like"))
+        let fixed = MemoryPlan(model: model, contextLength: 64, threads: 2).fixedBytes
+        #expect {
+            _ = try Session(model: model, contextLength: 64, threads: 2, memoryBudget: fixed - 1)
+        } throws: { "\($0)".contains("cannot hold the dense part") }
+        #expect {
+            _ = try Session(model: model, contextLength: 64, threads: 2, memoryBudget: fixed + 1)
+        } throws: { "\($0)".contains("one layer needs 4") }
+    }
+
+    @Test func aReadErrorSurfacesAsAnErrorNotAHang() throws {
+        let scratch = Scratch()
+        let copy = scratch.file("model.stpk")
+        try FileManager.default.copyItem(atPath: try Packages.path("tiny-4b-like"), toPath: copy)
+        let model = try Model(path: copy)
+        let session = try Session(model: model, contextLength: 64, threads: 2,
+                                  memoryBudget: Self.budget(model, slots: 6, context: 64))
+        defer { session.expertCache?.shutdown() }
+        // Cut the file inside the expert region after the package was opened.
+        let bundles = model.package.manifest.bundles
+        truncate(copy, off_t(bundles[bundles.count / 2].offset + 100))
+        var failure: EngineError?
+        do {
+            for t in [5, 6, 7, 8, 9, 10] { _ = try session.evaluate([t]) }
+        } catch {
+            failure = error
+        }
+        let error = try #require(failure, "reading past the end must fail")
+        #expect("\(error)".contains("cannot read the expert bundle of layer"))
+        #expect("\(error)".contains("unexpected end of file"))
+    }
+
+    @Test(arguments: [("1073741824", 1_073_741_824), ("1GiB", 1 << 30), ("1.5GiB", 3 << 29), ("800MB", 800_000_000),
+                      ("512 MiB", 512 << 20), ("2G", 2 << 30), ("64k", 65536)])
+    func byteCountsParseWithUnits(text: String, bytes: Int) {
+        #expect(ByteCount.parse(text) == bytes)
+    }
+
+    @Test(arguments: ["", "GiB", "-1GiB", "1 parsec", "0"])
+    func badByteCountsAreRejected(text: String) {
+        #expect(ByteCount.parse(text) == nil)
+    }
+}
