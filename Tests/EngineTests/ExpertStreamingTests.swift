@@ -50,6 +50,32 @@ import Testing
         }
     }
 
+    /// Where direct I/O is refused (tmpfs, some network file systems) reads go through the page
+    /// cache and the pages are dropped after each read: the slots hold the same bytes (checked
+    /// against each bundle's CRC), and an eight-slot session gives the unbudgeted logits.
+    @Test func bufferedFallbackReadsTheSameBytes() throws {
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0))
+        let tokens = try Reference.load("tiny-21b-like").sequences["short"]!.inputIDs
+        let expected = try Session(model: model, contextLength: 64, threads: 2).evaluate(tokens, allLogits: true)
+        let slot = model.package.manifest.bundles.map(\.length).max()!
+        let direct = try ExpertCache(package: model.package, capacityBytes: 8 * slot)
+        let buffered = try ExpertCache(package: model.package, capacityBytes: 8 * slot, allowDirectIO: false)
+        #expect(!buffered.directIO)
+        for cache in [direct, buffered] {
+            var bytes: [UInt8] = []
+            try cache.prefetch(layer: 3, experts: [5])
+            let p = try cache.acquire(layer: 3, expert: 5)
+            let bundle = model.package.manifest.bundle(layer: 3, expert: 5)!
+            bytes = Array(UnsafeRawBufferPointer(start: p, count: bundle.length))
+            #expect(CRC32.checksum(bytes) == bundle.crc32, "the slot holds the bundle, byte for byte")
+            cache.release(layer: 3, experts: [5])
+            cache.shutdown()
+        }
+        let session = try Session(model: model, contextLength: 64, threads: 2, memoryBudget: Self.budget(model, slots: 8, context: 64))
+        defer { session.expertCache?.shutdown() }
+        #expect(try session.evaluate(tokens, allLogits: true) == expected)
+    }
+
     @Test func aBudgetTooSmallForTheDensePartIsRefused() throws {
         let model = try Model(path: try Packages.path("tiny-4b-like"))
         let fixed = MemoryPlan(model: model, contextLength: 64, threads: 2).fixedBytes

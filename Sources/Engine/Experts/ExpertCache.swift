@@ -63,7 +63,8 @@ public final class ExpertCache: @unchecked Sendable {
     private var threads: [pthread_t] = []
 
     /// - Parameters: the package, and how many bytes of slots to use (at least one layer's top-k).
-    public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 2) throws(EngineError) {
+    /// - Parameter allowDirectIO: false forces the buffered fallback (for tests and comparisons).
+    public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 2, allowDirectIO: Bool = true) throws(EngineError) {
         let c = package.manifest.config
         bundles = package.manifest.bundles
         experts = c.expertCount
@@ -73,7 +74,7 @@ public final class ExpertCache: @unchecked Sendable {
         guard slotCount >= c.activeExperts else {
             throw .invalidRequest("the memory budget leaves room for \(slotCount) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs \(c.activeExperts) (raise --memory-budget)")
         }
-        var fd = open(package.path, O_RDONLY | O_CLOEXEC | ExpertCache.directFlag)
+        var fd = allowDirectIO ? open(package.path, O_RDONLY | O_CLOEXEC | ExpertCache.directFlag) : -1
         var direct = true
         if fd < 0 {
             direct = false
