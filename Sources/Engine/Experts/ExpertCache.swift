@@ -64,7 +64,7 @@ public final class ExpertCache: @unchecked Sendable {
 
     /// - Parameters: the package, and how many bytes of slots to use (at least one layer's top-k).
     /// - Parameter allowDirectIO: false forces the buffered fallback (for tests and comparisons).
-    public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 2, allowDirectIO: Bool = true) throws(EngineError) {
+    public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 4, allowDirectIO: Bool = true) throws(EngineError) {
         let c = package.manifest.config
         bundles = package.manifest.bundles
         experts = c.expertCount
