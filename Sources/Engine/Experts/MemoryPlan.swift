@@ -22,7 +22,7 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
         let b = Session.maximumBatch
         let activations = 5 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)  // floats + Q8 forms
         let floats = b * (c.queryWidth + 2 * c.kvWidth + 2 * c.hiddenSize + c.expertCount + c.headDim)
-            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b) + contextLength)
+            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b))
         let logits = 3 * c.vocabSize  // the last position's logits, and the sampler's copies
         bufferBytes = activations + 4 * floats + 4 * logits
     }

@@ -45,7 +45,6 @@ public final class Session: @unchecked Sendable {
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
     let expertInputs: ActivationBatch  // (batch · active experts, hidden): a batch's tokens grouped by expert
     let assignments: ExpertAssignments
-    let scores: UnsafeMutablePointer<Float>      // (threads, context): each worker's attention scores
     let ropeTable: RoPETable
     let ropeAngles: UnsafeMutablePointer<Float>  // (batch, head_dim): cos then sin of each token's angles
 
@@ -83,7 +82,6 @@ public final class Session: @unchecked Sendable {
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
         activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
-        scores = .allocate(capacity: max(1, threads) * context)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = .allocate(capacity: b * c.headDim)
         currentExperts = Array(repeating: nil, count: c.expertCount)
@@ -102,7 +100,7 @@ public final class Session: @unchecked Sendable {
     deinit {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); scores.deallocate(); ropeAngles.deallocate()
+        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
@@ -189,7 +187,6 @@ public final class Session: @unchecked Sendable {
         parallelFor(workers) { worker in
             let (session, cache) = work.value
             let c = session.model.config
-            let scores = session.scores + worker * session.contextLength
             let scale = 1 / Float(c.headDim).squareRoot()
             for task in stride(from: worker, to: tasks, by: workers) {
                 let t = task / c.attentionHeads, h = task % c.attentionHeads
@@ -197,25 +194,27 @@ public final class Session: @unchecked Sendable {
                 let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
                 let kvHead = h / c.groupSize
                 let qh = session.queries + t * c.queryWidth + h * c.headDim
-                var maxScore = -Float.infinity
-                for j in first...p {
-                    let s = DotKernels.f32(UnsafeRawPointer(cache.key(position: j) + kvHead * c.headDim), qh, c.headDim) * scale
-                    scores[j - first] = s
-                    maxScore = max(maxScore, s)
-                }
-                var sum: Float = 0
-                for j in 0...(p - first) {
-                    let e = exp(scores[j] - maxScore)
-                    scores[j] = e
-                    sum += e
-                }
                 let out = session.attention.row(t) + h * c.headDim
                 out.update(repeating: 0, count: c.headDim)
-                let inverse = 1 / sum
+                // One pass with a running maximum (online softmax): no score vector at all; the
+                // partial sums are rescaled whenever a larger score arrives.
+                var maxScore = -Float.infinity
+                var sum: Float = 0
                 for j in first...p {
+                    let s = DotKernels.f32(UnsafeRawPointer(cache.key(position: j) + kvHead * c.headDim), qh, c.headDim) * scale
+                    if s > maxScore {
+                        let rescale = exp(maxScore - s)
+                        if sum > 0 { for i in 0..<c.headDim { out[i] *= rescale } }
+                        sum *= rescale
+                        maxScore = s
+                    }
+                    let w = exp(s - maxScore)
+                    sum += w
                     DotKernels.addScaledRow(UnsafeRawPointer(cache.value(position: j) + kvHead * c.headDim), dtype: .f32,
-                                            scale: scores[j - first] * inverse, into: out, c.headDim)
+                                            scale: w, into: out, c.headDim)
                 }
+                let inverse = 1 / sum
+                for i in 0..<c.headDim { out[i] *= inverse }
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
