@@ -344,26 +344,32 @@ AVX512 static float dot_q4_0_vnni256(const void *row, const float *xs, const int
     return sum;
 }
 
-/// Four tokens at a time: each weight block is unpacked once and used four times (256-bit
-/// VNNI: cores that split 512-bit work in two run this shape faster).
+/// Eight tokens at a time (then four, then one): each weight block is unpacked once and used for
+/// every token of the group (256-bit VNNI: cores that split 512-bit work in two run this shape
+/// faster).
+#define Q4_TOKENS_GROUP(G)                                                                                   \
+    for (; t + G <= tokens; t += G) {                                                                        \
+        const uint8_t *w = row;                                                                              \
+        __m256 acc[G];                                                                                       \
+        for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                           \
+        for (int b = 0; b < blocks; b++, w += 18) {                                                          \
+            const __m256i nibbles = unpack_nibbles(w + 2);                                                   \
+            const float d = _cvtsh_ss(load_u16(w));                                                          \
+            for (int k = 0; k < G; k++) {                                                                    \
+                const size_t base = (size_t)(t + k) * blocks + b;                                            \
+                const __m256i seed = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum[base]));             \
+                const __m256i dots = _mm256_dpbusd_epi32(seed, nibbles, _mm256_loadu_si256((const __m256i *)(xq + base * 32))); \
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[base]), _mm256_cvtepi32_ps(dots), acc[k]);   \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int k = 0; k < G; k++) out[(size_t)(t + k) * out_stride] = hsum256(acc[k]);                    \
+    }
+
 AVX512 static void dot_q4_0_tokens_avx512(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                           int tokens, float *out, int out_stride) {
     int t = 0;
-    for (; t + 4 <= tokens; t += 4) {
-        const uint8_t *w = row;
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int b = 0; b < blocks; b++, w += 18) {
-            const __m256i nibbles = unpack_nibbles(w + 2);
-            const float d = _cvtsh_ss(load_u16(w));
-            for (int k = 0; k < 4; k++) {
-                const size_t base = (size_t)(t + k) * blocks + b;
-                const __m256i seed = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum[base]));
-                const __m256i dots = _mm256_dpbusd_epi32(seed, nibbles, _mm256_loadu_si256((const __m256i *)(xq + base * 32)));
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[base]), _mm256_cvtepi32_ps(dots), acc[k]);
-            }
-        }
-        for (int k = 0; k < 4; k++) out[(size_t)(t + k) * out_stride] = hsum256(acc[k]);
-    }
+    Q4_TOKENS_GROUP(8)
+    Q4_TOKENS_GROUP(4)
     for (; t < tokens; t++) {
         out[(size_t)t * out_stride] = dot_q4_0_vnni256(row, xs + (size_t)t * blocks, xq + (size_t)t * blocks * 32, xsum + (size_t)t * blocks, blocks);
     }
