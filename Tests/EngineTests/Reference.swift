@@ -116,10 +116,10 @@ func maxAbsDifference(_ a: ArraySlice<Float>, _ b: [Float]) -> Float {
 /// float computation over it is the "dequantise, then compute in float" reference for kernels.
 func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
     let source = try PackageReader(path: path)
-    var bundleOf: [String: (layer: Int, expert: Int)] = [:]
-    for b in source.manifest.bundles { for name in b.tensors { bundleOf[name] = (b.layer, b.expert) } }
+    let bundleOf = source.manifest.bundleOfTensor
     let planned = source.manifest.tensors.map {
-        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout, bundle: bundleOf[$0.name])
+        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout,
+                      bundle: bundleOf[$0.name].map { ($0.layer, $0.expert) })
     }
     let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned,
                                                         files: source.manifest.files.map { ($0.name, $0.length) }, provenance: JSONObject())

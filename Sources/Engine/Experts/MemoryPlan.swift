@@ -13,8 +13,7 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
     public init(model: Model, contextLength: Int, threads: Int) {
         let c = model.config
         let manifest = model.package.manifest
-        let bundled = Set(manifest.bundles.flatMap(\.tensors))
-        denseBytes = manifest.tensors.filter { !bundled.contains($0.name) }.reduce(0) { $0 + $1.length }
+        denseBytes = manifest.denseTensors.reduce(0) { $0 + $1.length }
             + manifest.files.reduce(0) { $0 + $1.length } + model.package.header.dataOffset
         kvCacheBytes = model.layers.reduce(0) { total, layer in
             total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)

@@ -1,8 +1,8 @@
 import CKernels
 
 /// The row kernels the runtime uses: C implementations for the portable, AVX2 and AVX-512 VNNI
-/// instruction sets, the best one for this CPU selected once (`Kernels.select` overrides it, for
-/// tests and comparisons). `ReferenceKernels` is their plain definition.
+/// instruction sets, the best one for this CPU selected once (tests reach each set's kernels
+/// through `st_kernels_for`). `ReferenceKernels` is their plain definition.
 public enum DotKernels {
     public enum InstructionSet: Int32, CaseIterable, Sendable {
         case portable = 0, avx2 = 1, avx512 = 2
@@ -12,12 +12,6 @@ public enum DotKernels {
     public static var detected: InstructionSet { InstructionSet(rawValue: st_detect_isa()) ?? .portable }
     /// The instruction set in use.
     public static var active: InstructionSet { InstructionSet(rawValue: st_kernels_isa()) ?? .portable }
-
-    /// Uses `set` (or the best available below it); returns what is in use.
-    @discardableResult
-    public static func select(_ set: InstructionSet) -> InstructionSet {
-        InstructionSet(rawValue: st_kernels_select(set.rawValue)) ?? .portable
-    }
 
     @inline(__always)
     public static func f32(_ row: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {

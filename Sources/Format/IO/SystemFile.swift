@@ -155,20 +155,6 @@ public enum FileSystem {
         unlink(path)
     }
 
-    /// Directory entries (names only), sorted.
-    public static func list(_ directory: String) throws(FormatError) -> [String] {
-        guard let dir = opendir(directory) else { throw .io(path: directory, operation: "list the directory", code: errno) }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names.sorted()
-    }
-
     /// The directory part of a path ("." for a bare name).
     public static func directory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }

@@ -71,13 +71,23 @@ public struct PackageManifest: Sendable, Equatable {
         self.provenance = provenance
     }
 
+    /// A linear search; callers looking up many names should build their own index (the
+    /// reader keeps one).
     public func tensor(named name: String) -> TensorEntry? {
-        tensorIndex[name].map { tensors[$0] }
+        tensors.first { $0.name == name }
     }
 
-    /// Name → position in `tensors`.
-    public var tensorIndex: [String: Int] {
-        Dictionary(tensors.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { first, _ in first })
+    /// Tensor name → the expert bundle holding it (expert tensors only).
+    public var bundleOfTensor: [String: BundleEntry] {
+        var map: [String: BundleEntry] = [:]
+        for b in bundles { for name in b.tensors { map[name] = b } }
+        return map
+    }
+
+    /// The tensors outside the expert bundles, in file order.
+    public var denseTensors: [TensorEntry] {
+        let bundled = bundleOfTensor
+        return tensors.filter { bundled[$0.name] == nil }
     }
 
     public func bundle(layer: Int, expert: Int) -> BundleEntry? {

@@ -161,8 +161,7 @@ public final class PackageReader: @unchecked Sendable {
         enum Owner { case tensor(TensorEntry), file(FileEntry) }
         let spans: [(start: Int, end: Int, owner: Owner)] = (manifest.tensors.map { ($0.offset, $0.offset + $0.length, Owner.tensor($0)) }
             + manifest.files.map { ($0.offset, $0.offset + $0.length, Owner.file($0)) }).sorted { $0.0 < $1.0 }
-        var bundleOf: [String: BundleEntry] = [:]
-        for b in manifest.bundles { for name in b.tensors { bundleOf[name] = b } }
+        let bundleOf = manifest.bundleOfTensor
 
         func finishSpan(_ span: (start: Int, end: Int, owner: Owner), _ crc: UInt32) throws(FormatError) {
             switch span.owner {

@@ -19,8 +19,7 @@ public enum PackageSummary {
         lines.append("experts: \(c.expertCount) per layer, top-\(c.activeExperts), ffn \(c.expertFFNSize), routing \(c.routerSoftmax ? "softmax" : "sigmoid (normalised over the chosen)")")
         lines.append("embeddings: \(c.tieWordEmbeddings ? "tied to the output head" : "separate output head"); bos \(c.bosTokenID.map(String.init) ?? "none"), eos \(c.eosTokenIDs); context \(c.maxPositionEmbeddings)")
 
-        let bundled = Set(m.bundles.flatMap(\.tensors))
-        let dense = m.tensors.filter { !bundled.contains($0.name) }
+        let dense = m.denseTensors
         let denseBytes = dense.reduce(0) { $0 + $1.length }
         let expertBytes = m.bundles.reduce(0) { $0 + $1.length }
         let fileBytes = m.files.reduce(0) { $0 + $1.length }
@@ -42,10 +41,11 @@ public enum PackageSummary {
             lines.append("dense tensors:")
             for t in dense { lines.append("  " + row(t)) }
             lines.append("expert bundles (per layer):")
+            let dtypeOf = Dictionary(m.tensors.map { ($0.name, $0.dtype.rawValue) }, uniquingKeysWith: { a, _ in a })
             for layer in 0..<c.layerCount {
                 let group = m.bundles.filter { $0.layer == layer }
                 guard let a = group.first, let b = group.last else { continue }
-                let dtypes = Set(group.flatMap { $0.tensors }.compactMap { m.tensor(named: $0)?.dtype.rawValue }).sorted()
+                let dtypes = Set(group.flatMap { $0.tensors }.compactMap { dtypeOf[$0] }).sorted()
                 lines.append("  layer \(layer): \(group.count) bundles, \(bytes(b.offset + b.length - a.offset)) at [\(a.offset), \(b.offset + b.length)), \(dtypes.joined(separator: "/"))")
             }
         }

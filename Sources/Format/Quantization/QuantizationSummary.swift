@@ -2,16 +2,16 @@
 public enum QuantizationSummary {
     /// The per-tensor plan: dense tensors one by one, experts grouped by decision.
     public static func plan(_ plan: QuantizationPlan) -> String {
-        let bundled = Set(plan.manifest.bundles.flatMap(\.tensors))
+        let bundled = plan.manifest.bundleOfTensor
         var lines = ["policy: --type \(plan.policy.type.rawValue)" + (plan.policy.overrides.isEmpty ? "" : ", overrides: " + plan.policy.overrides.map { "\($0.pattern)=\($0.type.rawValue)" }.joined(separator: " ")), ""]
         lines.append("dense tensors:")
-        for t in plan.manifest.tensors where !bundled.contains(t.name) {
+        for t in plan.manifest.tensors where bundled[t.name] == nil {
             let from = plan.source.tensor(t.name)!.dtype
             let d = plan.decisions[t.name]!
             lines.append("  \(t.name.padding(28)) \(from.rawValue.padding(5)) -> \(t.dtype.rawValue.padding(5)) \(d.reason)")
         }
         var groups: [String: Int] = [:]
-        for t in plan.manifest.tensors where bundled.contains(t.name) {
+        for t in plan.manifest.tensors where bundled[t.name] != nil {
             let kind = t.name.split(separator: ".").last.map(String.init) ?? t.name
             let key = "\(kind): \(plan.source.tensor(t.name)!.dtype.rawValue) -> \(t.dtype.rawValue) (\(plan.decisions[t.name]!.reason))"
             groups[key, default: 0] += 1

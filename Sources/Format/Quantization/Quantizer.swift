@@ -71,8 +71,7 @@ public enum Quantizer {
         }
         var decisions: [String: QuantizationPolicy.Decision] = [:]
         var planned: [PlannedTensor] = []
-        var bundleOf: [String: (layer: Int, expert: Int)] = [:]
-        for b in source.manifest.bundles { for name in b.tensors { bundleOf[name] = (b.layer, b.expert) } }
+        let bundleOf = source.manifest.bundleOfTensor
         for t in source.manifest.tensors {
             let decision = policy.decide(t)
             if t.dtype.isQuantized && decision.dtype != t.dtype && !policy.allowRequantize {
@@ -80,7 +79,7 @@ public enum Quantizer {
             }
             decisions[t.name] = decision
             planned.append(PlannedTensor(name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
-                                         layout: t.layout, bundle: bundleOf[t.name]))
+                                         layout: t.layout, bundle: bundleOf[t.name].map { ($0.layer, $0.expert) }))
         }
         var provenance = source.manifest.provenance
         var quantization = JSONObject()
