@@ -158,3 +158,26 @@ import Testing
         }
     }
 }
+
+@Suite struct ActivationBatchTests {
+    /// Rows gathered from a quantised batch carry its Q8_0 form, byte for byte what quantising
+    /// them again would give.
+    @Test func appendedRowsKeepTheSourceQuantisation() {
+        var g = KernelTests.Generator(state: 17)
+        let source = ActivationBatch(columns: 96, capacity: 4)
+        source.setCount(4)
+        for r in 0..<4 { for i in 0..<96 { source.row(r)[i] = g.next() * 3 } }
+        _ = source.quantizedForm()
+        let gathered = ActivationBatch(columns: 96, capacity: 4)
+        gathered.setCount(0)
+        for r in [2, 0, 3] { gathered.append(row: r, of: source) }
+        let copied = gathered.quantizedForm()
+        let fresh = ActivationBatch(columns: 96, capacity: 4)
+        fresh.setCount(3)
+        for (i, r) in [2, 0, 3].enumerated() { fresh.row(i).update(from: source.row(r), count: 96) }
+        let requantised = fresh.quantizedForm()
+        #expect(Array(UnsafeBufferPointer(start: copied.values, count: 3 * 96)) == Array(UnsafeBufferPointer(start: requantised.values, count: 3 * 96)))
+        #expect(Array(UnsafeBufferPointer(start: copied.scales, count: 9)) == Array(UnsafeBufferPointer(start: requantised.scales, count: 9)))
+        #expect(Array(UnsafeBufferPointer(start: copied.sums, count: 9)) == Array(UnsafeBufferPointer(start: requantised.sums, count: 9)))
+    }
+}

@@ -35,6 +35,22 @@ public final class ActivationBatch: @unchecked Sendable {
 
     public func row(_ index: Int) -> UnsafeMutablePointer<Float> { floats + index * columns }
 
+    /// Appends a copy of `source`'s row `sourceRow`, with its Q8_0 form when the source has made
+    /// it, so rows gathered from a quantised batch are not quantised a second time.
+    func append(row sourceRow: Int, of source: ActivationBatch) {
+        precondition(count < capacity && source.columns == columns)
+        let index = count
+        row(index).update(from: source.row(sourceRow), count: columns)
+        count += 1
+        if let quantized, let from = source.quantized, quantizedCount == index, sourceRow < source.quantizedCount {
+            let blocks = columns / 32
+            (quantized.scales + index * blocks).update(from: from.scales + sourceRow * blocks, count: blocks)
+            (quantized.sums + index * blocks).update(from: from.sums + sourceRow * blocks, count: blocks)
+            (quantized.values + index * columns).update(from: from.values + sourceRow * columns, count: columns)
+            quantizedCount += 1
+        }
+    }
+
     func quantizedForm() -> QuantizedActivations {
         guard let quantized else { preconditionFailure("Q8_0 activations need a width that is a multiple of 32") }
         while quantizedCount < count {

@@ -99,15 +99,11 @@ extension Session {
         // all of them through the many-token kernel (the row is unpacked once).
         var batched: QuantizedActivations? = nil
         if n > 1, quantized != nil {
-            var row = 0
+            expertInputs.setCount(0)
             for e in 0..<c.expertCount {
-                routing.firstRow[e] = row
-                for i in 0..<routing.counts[e] {
-                    expertInputs.row(row).update(from: normed.row(routing.tokens[e * b + i]), count: hidden)
-                    row += 1
-                }
+                routing.firstRow[e] = expertInputs.count
+                for i in 0..<routing.counts[e] { expertInputs.append(row: routing.tokens[e * b + i], of: normed) }
             }
-            expertInputs.setCount(row)
             batched = expertInputs.quantizedForm()
         }
         // Each worker takes a slice of every chosen expert's neurons: gate, up and down rows j
