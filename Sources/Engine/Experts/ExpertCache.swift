@@ -50,7 +50,7 @@ public final class ExpertCache: @unchecked Sendable {
     private var slotBundle: [Int]          // bundle index held (or being loaded), -1 if free
     private var slotReady: [Bool]
     private var slotError: [EngineError?]
-    private var slotPins: [Int]
+    private var slotPinned: [Bool]    // in use by the current layer: not evictable
     private var slotLastUse: [UInt64]
     private var bundleSlot: [Int]          // bundle index → slot, -1 if absent
     private var clock: UInt64 = 0
@@ -92,7 +92,7 @@ public final class ExpertCache: @unchecked Sendable {
         slotBundle = Array(repeating: -1, count: slotCount)
         slotReady = Array(repeating: false, count: slotCount)
         slotError = Array(repeating: nil, count: slotCount)
-        slotPins = Array(repeating: 0, count: slotCount)
+        slotPinned = Array(repeating: false, count: slotCount)
         slotLastUse = Array(repeating: 0, count: slotCount)
         bundleSlot = Array(repeating: -1, count: bundles.count)
         pthread_mutex_init(&mutex, nil)
@@ -157,7 +157,7 @@ public final class ExpertCache: @unchecked Sendable {
             let slot = bundleSlot[bundle]
             if slot >= 0 {
                 stats.hits += 1
-                slotPins[slot] += 1
+                slotPinned[slot] = true
                 slotLastUse[slot] = clock
             } else {
                 stats.misses += 1
@@ -191,10 +191,10 @@ public final class ExpertCache: @unchecked Sendable {
             slotReady[slot] = false
             bundleSlot[bundle] = -1
             slotBundle[slot] = -1
-            slotPins[slot] = 0
+            slotPinned[slot] = false
             throw error
         }
-        slotPins[slot] = max(slotPins[slot], 1)
+        slotPinned[slot] = true
         return UnsafeRawPointer(memory + slot * slotBytes)
     }
 
@@ -204,13 +204,13 @@ public final class ExpertCache: @unchecked Sendable {
         defer { pthread_mutex_unlock(&mutex) }
         for e in chosen {
             let slot = bundleSlot[layer * experts + e]
-            if slot >= 0 { slotPins[slot] = 0 }
+            if slot >= 0 { slotPinned[slot] = false }
         }
     }
 
     /// Whether a slot can be claimed now. Caller holds the mutex.
     private var hasVictim: Bool {
-        (0..<slotCount).contains { slotBundle[$0] < 0 || (slotPins[$0] == 0 && slotReady[$0]) }
+        (0..<slotCount).contains { slotBundle[$0] < 0 || (!slotPinned[$0] && slotReady[$0]) }
     }
 
     /// Claims a slot for `bundle` (evicting the least recently used unpinned one) and queues its
@@ -221,7 +221,7 @@ public final class ExpertCache: @unchecked Sendable {
         var victim = -1
         for s in 0..<slotCount {
             if slotBundle[s] < 0 { victim = s; break }
-            if slotPins[s] == 0 && slotReady[s] && (victim < 0 || slotLastUse[s] < slotLastUse[victim]) { victim = s }
+            if !slotPinned[s] && slotReady[s] && (victim < 0 || slotLastUse[s] < slotLastUse[victim]) { victim = s }
         }
         guard victim >= 0 else {
             throw .invalidRequest("every expert cache slot is in use by the current layer; raise --memory-budget")
@@ -230,7 +230,7 @@ public final class ExpertCache: @unchecked Sendable {
         slotBundle[victim] = bundle
         slotReady[victim] = false
         slotError[victim] = nil
-        slotPins[victim] = 1
+        slotPinned[victim] = true
         slotLastUse[victim] = clock
         bundleSlot[bundle] = victim
         queue.append((bundle, victim))
