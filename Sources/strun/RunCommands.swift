@@ -29,7 +29,9 @@ struct RuntimeOptions: ParsableArguments {
     }
 
     func session(_ path: String, contextLength: Int? = nil) throws -> Session {
-        let model = try Model(path: path)
+        // Streaming experts reads their bundles as stored; regrouping them at load is for the
+        // whole-package mapping only.
+        let model = try Model(path: path, interleaveExperts: memoryBudget == nil)
         let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
                                   memoryBudget: memoryBudget.flatMap(ByteCount.parse))
         session.expertCache?.prefetchEnabled = !noPrefetch

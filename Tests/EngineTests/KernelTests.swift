@@ -114,6 +114,84 @@ import Testing
         }
     }
 
+    /// The eight-row kernels on regrouped Q4_0 rows equal the scalar reference row by row, for
+    /// every token of a batch (token counts that do and do not fill the kernels' groups), and a
+    /// regrouped row comes back byte for byte.
+    @Test(arguments: sets)
+    func interleavedRowsMatchTheReference(set: DotKernels.InstructionSet) {
+        let k = table(set)
+        for (length, rows, tokens) in [(32, 8, 1), (96, 16, 5), (1536, 24, 13)] {
+            var g = Generator(state: 41 + UInt64(length * tokens))
+            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
+            let rowBytes = matrix.count / rows, blocks = length / 32
+            var packed = [UInt8](repeating: 0, count: matrix.count)
+            st_repack_q4_0_x8(matrix, Int32(rowBytes), Int32(rows), &packed)
+            #expect(packed != matrix)
+            for r in 0..<rows {
+                var back = [UInt8](repeating: 0, count: rowBytes)
+                st_unpack_q4_0_x8_row(packed, Int32(rowBytes), Int32(r), &back)
+                #expect(back == Array(matrix[r * rowBytes..<(r + 1) * rowBytes]), "row \(r) does not come back")
+            }
+            var scales = [Float](repeating: 0, count: blocks * tokens)
+            var values = [Int8](repeating: 0, count: length * tokens)
+            var sums = [Int32](repeating: 0, count: blocks * tokens)
+            for t in 0..<tokens {
+                let x = (0..<length).map { _ in g.next() * 2 }
+                scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
+                    k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
+                } } }
+            }
+            let stride = rows + 3
+            var out = [Float](repeating: .nan, count: tokens * stride)
+            packed.withUnsafeBytes { p in
+                for group in 0..<rows / 8 {
+                    out.withUnsafeMutableBufferPointer { o in
+                        k.dot_q4_0_x8(p.baseAddress! + group * 8 * rowBytes, scales, values, sums, Int32(blocks), Int32(tokens), o.baseAddress! + group * 8, Int32(stride))
+                    }
+                }
+            }
+            matrix.withUnsafeBytes { m in
+                for t in 0..<tokens {
+                    for r in 0..<rows {
+                        let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
+                            ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
+                        } }
+                        let fast = out[t * stride + r]
+                        #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)")
+                    }
+                }
+            }
+            #expect(out.enumerated().allSatisfy { $0.offset % stride < rows || $0.element.isNaN }, "wrote outside its rows")
+        }
+    }
+
+    /// Adding many scaled Q4_0 rows at once (the active neurons of a down matrix) equals adding
+    /// them one by one with the scalar reference, for counts that do and do not fill the groups
+    /// of four.
+    @Test(arguments: sets)
+    func addingManyRowsMatchesTheReference(set: DotKernels.InstructionSet) {
+        let k = table(set)
+        for (length, count) in [(32, 1), (96, 4), (1536, 11)] {
+            var g = Generator(state: 13 + UInt64(length * count))
+            let rows = 2 * count + 1
+            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
+            let rowBytes = matrix.count / rows
+            let chosen = (0..<count).map { Int32(2 * $0 + 1) }
+            let coefficients = (0..<count).map { _ in g.next() * 2 }
+            let start = (0..<length).map { _ in g.next() }
+            var fast = start, reference = start
+            matrix.withUnsafeBytes { m in
+                k.axpy_rows_q4_0(m.baseAddress!, Int32(rowBytes), chosen, coefficients, Int32(count), &fast, Int32(length))
+                reference.withUnsafeMutableBufferPointer { y in
+                    for (r, c) in zip(chosen, coefficients) {
+                        ReferenceKernels.addScaledRow(m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
+                    }
+                }
+            }
+            #expect(zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) }, "\(set) n=\(length): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
+        }
+    }
+
     @Test(arguments: sets, [TensorDType.f32, .bf16, .f16, .q4_0, .q8_0])
     func addScaledRowMatchesTheReference(set: DotKernels.InstructionSet, dtype: TensorDType) {
         let k = table(set)

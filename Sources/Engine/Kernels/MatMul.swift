@@ -115,6 +115,12 @@ public enum MatMul {
             let (products, x, q) = shared.value
             for p in products {
                 let w = p.weights, y = p.output, outputStride = p.stride
+                if w.layout == .q4_0x8, let q {
+                    let groups = w.rows / 8
+                    st_matmul_q4_0_x8(w.base, Int32(w.columns / 32), Int32(groups * slice / slices), Int32(groups * (slice + 1) / slices),
+                                      q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
+                    continue
+                }
                 let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
                 if let q, w.dtype.isQuantized {
                     st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,

@@ -1,30 +1,78 @@
-/// A 2-D weight matrix viewed in place in the memory-mapped package: `rows` rows of `columns`
-/// values, each row `rowBytes` bytes of `dtype` (whole blocks for quantised types).
+import CKernels
+import Format
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A 2-D weight matrix: `rows` rows of `columns` values, each row `rowBytes` bytes of `dtype`
+/// (whole blocks for quantised types). Usually a view in place in the memory-mapped package;
+/// dense Q4_0 matrices are regrouped at load for the eight-row kernels (`Layout.q4_0x8`).
 public struct WeightMatrix: @unchecked Sendable {
+    public enum Layout: Sendable, Equatable {
+        /// Row after row, as in the package.
+        case rows
+        /// Q4_0 rows in groups of eight, block columns interleaved (`st_repack_q4_0_x8`).
+        case q4_0x8
+    }
+
     public let name: String
     public let base: UnsafeRawPointer
     public let dtype: TensorDType
     public let rows: Int
     public let columns: Int
     public let rowBytes: Int
+    public let layout: Layout
 
-    public init(name: String, base: UnsafeRawPointer, dtype: TensorDType, rows: Int, columns: Int) {
+    public init(name: String, base: UnsafeRawPointer, dtype: TensorDType, rows: Int, columns: Int, layout: Layout = .rows) {
         precondition(columns % dtype.blockSize == 0)
+        precondition(layout == .rows || (dtype == .q4_0 && rows % 8 == 0))
         self.name = name
         self.base = base
         self.dtype = dtype
         self.rows = rows
         self.columns = columns
+        self.layout = layout
         rowBytes = columns / dtype.blockSize * dtype.blockBytes
     }
 
+    /// Whether this matrix can be regrouped for the eight-row kernels.
+    public var canInterleave: Bool { layout == .rows && dtype == .q4_0 && rows % 8 == 0 && rows > 0 }
+
+    /// Row `index` of a matrix in the `.rows` layout.
     @inline(__always)
     public func row(_ index: Int) -> UnsafeRawPointer { base + index * rowBytes }
 
     /// Row `index` as float32 (for embeddings lookups and tests).
     public func decodeRow(_ index: Int, into out: UnsafeMutablePointer<Float>) {
-        TensorCodec.decode(row(index), dtype: dtype, count: columns, into: out)
+        switch layout {
+        case .rows:
+            TensorCodec.decode(row(index), dtype: dtype, count: columns, into: out)
+        case .q4_0x8:
+            withUnsafeTemporaryAllocation(byteCount: rowBytes, alignment: 16) { row in
+                st_unpack_q4_0_x8_row(base, Int32(rowBytes), Int32(index), row.baseAddress!)
+                TensorCodec.decode(UnsafeRawPointer(row.baseAddress!), dtype: dtype, count: columns, into: out)
+            }
+        }
     }
+}
+
+/// Page-aligned anonymous memory that asks for transparent huge pages (fewer TLB misses when a
+/// kernel streams through hundreds of megabytes), for weights regrouped at load.
+final class WeightStorage: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let count: Int
+
+    init?(bytes: Int) {
+        let huge = 2 << 20
+        count = max(huge, (bytes + huge - 1) / huge * huge)
+        guard let p = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { return nil }
+        _ = madvise(p, count, MADV_HUGEPAGE)
+        base = p
+    }
+
+    deinit { munmap(base, count) }
 }
 
 /// Activations quantised to Q8_0 for the integer dot products with Q4_0 and Q8_0 weights: per

@@ -128,12 +128,47 @@ extension Session {
                 let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched) = work.value
                 let out = partials + worker * b * hidden
                 let blocks = hidden / 32
-                let first = ffn * worker / workers, last = ffn * (worker + 1) / workers
-                let activations = gateBuffers + worker * max(2 * ffn, b)
+                // Neuron ranges in whole groups of eight when gate and up are interleaved.
+                let grouped = routing.usedCount > 0 && experts[routing.used[0]].map { $0.gate.layout == .q4_0x8 } == true
+                let unit = grouped ? 8 : 1
+                let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
+                let activations = gateBuffers + worker * max(2 * ffn, 16 * b)
                 let activeRows = activeIndices + worker * ffn
                 for e in 0..<routing.experts where routing.counts[e] > 0 && experts[e] != nil {
                     let expert = experts[e]!
                     let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
+                    if expert.gate.layout == .q4_0x8 {
+                        let (scales, values, sums) = (scales!, values!, sums!)
+                        if count > 1, let batched {
+                            // Eight neurons at a time: gate and up for all of the expert's tokens,
+                            // then down for each (token, neuron) the ReLU lets through.
+                            let ups = activations + 8 * count
+                            let base = routing.firstRow[e]
+                            for j in stride(from: first, to: last, by: 8) {
+                                st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
+                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), activations, 8)
+                                var any = false
+                                for i in 0..<8 * count where activations[i] > 0 { any = true; break }
+                                if !any { continue }
+                                st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
+                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
+                                for i in 0..<count {
+                                    for r in 0..<8 where activations[8 * i + r] > 0 {
+                                        DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype,
+                                                                scale: weights[i] * activations[8 * i + r] * ups[8 * i + r], into: out + tokens[i] * hidden, hidden)
+                                    }
+                                }
+                            }
+                        } else {
+                            for i in 0..<count {
+                                let t = tokens[i]
+                                st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                                  Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
+                                                  Int32(blocks), weights[i], out + t * hidden, activations)
+                            }
+                        }
+                        continue
+                    }
                     if count > 1, let batched, expert.gate.dtype.isQuantized {
                         // Row by row: gate for all of the expert's tokens at once, then up and down
                         // for the tokens that activate the neuron, while its rows are in cache.
@@ -202,13 +237,13 @@ extension Session {
 
     /// Expert `expert` of layer `index`, from the cache when streaming, else from the mapping.
     func expertWeights(layer: LayerWeights, index: Int, expert e: Int) throws(EngineError) -> ExpertWeights {
-        let mapped = layer.experts[e]
-        guard let expertCache else { return mapped }
+        guard let expertCache else { return layer.experts[e] }
+        let mapped = model.mappedExperts[index][e]
         let bundle = model.package.manifest.bundles[index * model.config.expertCount + e]
         let slot = try expertCache.acquire(layer: index, expert: e)
         let bundleStart = model.package.mapping.bytes.baseAddress! + bundle.offset
         func moved(_ w: WeightMatrix) -> WeightMatrix {
-            WeightMatrix(name: w.name, base: slot + (w.base - bundleStart), dtype: w.dtype, rows: w.rows, columns: w.columns)
+            WeightMatrix(name: w.name, base: slot + (w.base - bundleStart), dtype: w.dtype, rows: w.rows, columns: w.columns, layout: w.layout)
         }
         return ExpertWeights(gate: moved(mapped.gate), up: moved(mapped.up), down: moved(mapped.down))
     }

@@ -1,3 +1,6 @@
+import CKernels
+import Format
+
 /// Errors of the runtime. Each message says what to do about it.
 public enum EngineError: Error, Equatable, CustomStringConvertible {
     /// The session's context is full.
@@ -44,9 +47,12 @@ struct LayerWeights: @unchecked Sendable {
     let window: Int?
 }
 
-/// A SmallThinker model executing straight from a memory-mapped .stpk package: weight matrices
-/// are views into the mapping (nothing is copied or dequantised at load); only the norm vectors,
-/// a few KB, are decoded to float32.
+/// A SmallThinker model executing from a memory-mapped .stpk package: expert matrices, norms
+/// aside, are views into the mapping (an expert's neuron rows are read in place, so skipped
+/// neurons cost nothing). The dense Q4_0 matrices (attention and the output head), read whole for
+/// every token, are regrouped at load into eight-row groups for the faster kernels; the mapped
+/// pages they came from are released, so this costs load time (a few hundred milliseconds on the
+/// 4B), not memory.
 public final class Model: @unchecked Sendable {
     public let package: PackageReader
     public let config: ModelConfig
@@ -54,12 +60,18 @@ public final class Model: @unchecked Sendable {
     let layers: [LayerWeights]
     let outputNorm: [Float]          // (hidden)
     let output: WeightMatrix         // (vocab, hidden); the embedding when tied
+    /// Every expert as views into the mapping (what the expert cache reads and moves into its
+    /// slots), whether or not `layers` holds regrouped copies of gate and up.
+    let mappedExperts: [[ExpertWeights]]
+    /// Owns the regrouped matrices.
+    private let storage: WeightStorage?
 
-    public convenience init(path: String) throws(FormatError) {
-        try self.init(package: try PackageReader(path: path))
+    public convenience init(path: String, interleave: Bool = true, interleaveExperts: Bool = true) throws(FormatError) {
+        try self.init(package: try PackageReader(path: path), interleave: interleave, interleaveExperts: interleaveExperts)
     }
 
-    public init(package: PackageReader) throws(FormatError) {
+    /// `interleave: false` keeps every matrix in place in the mapping (for comparisons).
+    public init(package: PackageReader, interleave: Bool = true, interleaveExperts: Bool = true) throws(FormatError) {
         self.package = package
         let c = package.manifest.config
         config = c
@@ -74,22 +86,91 @@ public final class Model: @unchecked Sendable {
             out.withUnsafeMutableBufferPointer { TensorCodec.decode(package.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!) }
             return out
         }
-        embedding = matrix(TensorNames.embedding)
-        output = c.tieWordEmbeddings ? embedding : matrix(TensorNames.output)
+        var dense: [WeightMatrix] = []
+        let mappedEmbedding = matrix(TensorNames.embedding)
+        let mappedOutput = c.tieWordEmbeddings ? mappedEmbedding : matrix(TensorNames.output)
+        dense.append(mappedOutput)
+        var attention: [[WeightMatrix]] = []
+        for n in 0..<c.layerCount {
+            let four = [matrix(TensorNames.query(n)), matrix(TensorNames.key(n)), matrix(TensorNames.value(n)), matrix(TensorNames.attentionOutput(n))]
+            attention.append(four)
+            dense += four
+        }
+        var experts: [[ExpertWeights]] = []
+        for n in 0..<c.layerCount {
+            experts.append((0..<c.expertCount).map { e in
+                ExpertWeights(gate: matrix(TensorNames.expertGate(n, e)), up: matrix(TensorNames.expertUp(n, e)),
+                              down: matrix(TensorNames.expertDown(n, e)))
+            })
+        }
+        mappedExperts = experts
+        let expertGroups = interleaveExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canInterleave && $0.up.canInterleave } }
+        if expertGroups { for layer in experts { for e in layer { dense += [e.gate, e.up] } } }
+        let regrouped = interleave ? Model.interleave(dense, mapping: package.mapping) : nil
+        storage = regrouped?.storage
+        let replaced = regrouped?.matrices ?? dense
+        output = replaced[0]
+        embedding = c.tieWordEmbeddings ? output : mappedEmbedding
         outputNorm = vector(TensorNames.outputNorm)
         layers = (0..<c.layerCount).map { n in
             LayerWeights(
                 attentionNorm: vector(TensorNames.attentionNorm(n)),
-                query: matrix(TensorNames.query(n)), key: matrix(TensorNames.key(n)),
-                value: matrix(TensorNames.value(n)), output: matrix(TensorNames.attentionOutput(n)),
+                query: replaced[1 + 4 * n], key: replaced[2 + 4 * n],
+                value: replaced[3 + 4 * n], output: replaced[4 + 4 * n],
                 ffnNorm: vector(TensorNames.ffnNorm(n)), router: matrix(TensorNames.router(n)),
                 experts: (0..<c.expertCount).map { e in
-                    ExpertWeights(gate: matrix(TensorNames.expertGate(n, e)), up: matrix(TensorNames.expertUp(n, e)),
-                                  down: matrix(TensorNames.expertDown(n, e)))
+                    guard expertGroups, regrouped != nil else { return experts[n][e] }
+                    let at = 1 + 4 * c.layerCount + 2 * (n * c.expertCount + e)
+                    return ExpertWeights(gate: replaced[at], up: replaced[at + 1], down: experts[n][e].down)
                 },
                 rope: c.ropeLayout[n],
                 window: c.slidingWindowLayout[n] ? c.slidingWindowSize : nil)
         }
+    }
+
+    /// Copies the matrices that can be regrouped into one anonymous allocation in the
+    /// `.q4_0x8` layout (in parallel, in chunks) and releases their mapped pages; the others are
+    /// returned as they are. nil when there is nothing to regroup or no memory for it.
+    private static func interleave(_ matrices: [WeightMatrix], mapping: MappedFile) -> (storage: WeightStorage, matrices: [WeightMatrix])? {
+        var offsets: [Int?] = []
+        var total = 0
+        for m in matrices {
+            if m.canInterleave {
+                offsets.append(total)
+                total += (m.rows * m.rowBytes + 4095) / 4096 * 4096
+            } else {
+                offsets.append(nil)
+            }
+        }
+        guard total > 0, let storage = WeightStorage(bytes: total) else { return nil }
+        // Chunks of at most 4096 rows, so the output head spreads over every core.
+        var jobs: [(source: UnsafeRawPointer, target: UnsafeMutableRawPointer, rowBytes: Int, rows: Int)] = []
+        for (m, offset) in zip(matrices, offsets) {
+            guard let offset else { continue }
+            var first = 0
+            while first < m.rows {
+                let rows = min(4096, m.rows - first)
+                jobs.append((m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows))
+                first += rows
+            }
+        }
+        // Each chunk's mapped pages are released as soon as it is copied, so the peak resident
+        // set stays near the final one.
+        let shared = Unchecked((jobs, mapping))
+        parallelFor(WorkerPool.shared.workers + 1) { slice in
+            let (jobs, mapping) = shared.value
+            for j in stride(from: slice, to: jobs.count, by: WorkerPool.shared.workers + 1) {
+                let job = jobs[j]
+                st_repack_q4_0_x8(job.source, Int32(job.rowBytes), Int32(job.rows), job.target)
+                mapping.release(UnsafeRawBufferPointer(start: job.source, count: job.rows * job.rowBytes))
+            }
+        }
+        var result: [WeightMatrix] = []
+        for (m, offset) in zip(matrices, offsets) {
+            guard let offset else { result.append(m); continue }
+            result.append(WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns, layout: .q4_0x8))
+        }
+        return (storage, result)
     }
 
     /// The default context: the model's limit, capped so a KV cache fits comfortably in memory.

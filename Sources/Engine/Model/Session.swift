@@ -78,7 +78,7 @@ public final class Session: @unchecked Sendable {
         routerLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
-        gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, b))
+        gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, 16 * b))
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
         activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)

@@ -192,6 +192,17 @@ public final class MappedFile: @unchecked Sendable {
         bytes = UnsafeRawBufferPointer(start: base, count: size)
     }
 
+    /// Drops the pages wholly inside `range` from this process's resident set (they stay in the
+    /// page cache and fault back in if read again): for data copied elsewhere after loading.
+    public func release(_ range: UnsafeRawBufferPointer) {
+        guard let start = range.baseAddress, range.count > 0 else { return }
+        let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
+        let first = (UInt(bitPattern: start) + page - 1) / page * page
+        let end = (UInt(bitPattern: start) + UInt(range.count)) / page * page
+        guard end > first, let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
+        _ = madvise(pointer, Int(end - first), MADV_DONTNEED)
+    }
+
     deinit {
         if let base = bytes.baseAddress { munmap(UnsafeMutableRawPointer(mutating: base), bytes.count) }
     }
