@@ -40,6 +40,9 @@ struct STQuant: ParsableCommand {
     @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
     var allowRequantize = false
 
+    @Flag(help: "Store Q4_0 matrices in ggml's plain row order instead of row_major_x8 groups of eight rows (slower to run; for tools that read rows in place).")
+    var plainRows = false
+
     @Option(name: [.customShort("t"), .long], help: "Worker threads (default: all cores).")
     var threads: Int?
 
@@ -75,7 +78,7 @@ struct STQuant: ParsableCommand {
             let policy = QuantizationPolicy(type: TensorDType(rawValue: type.lowercased())!,
                                             embeddingType: embeddingType.flatMap { TensorDType(rawValue: $0.lowercased()) },
                                             outputType: outputType.flatMap { TensorDType(rawValue: $0.lowercased()) },
-                                            overrides: overrides, allowRequantize: allowRequantize)
+                                            overrides: overrides, allowRequantize: allowRequantize, interleave: !plainRows)
             let source = try PackageReader(path: input)
             let plan = try Quantizer.plan(source: source, policy: policy)
             let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }

@@ -51,36 +51,42 @@ import Testing
         #expect(results[.q8_0]!.top1Agreement > results[.q4_0]!.top1Agreement)
     }
 
-    /// Regrouping Q4_0 matrices into eight-row groups at load (attention, output head and the
-    /// experts' gate and up) changes only the order of float additions. Every regrouped dense
-    /// matrix gives the in-place product to float rounding; embedding rows read back from the
-    /// regrouped head are the stored ones; and the whole model's logits agree to float rounding
-    /// except where that rounding tips a router choice that sits at a near-tie (these random
-    /// fixtures have such ties; a flipped choice then persists through the KV cache when
-    /// decoding), so: every position before the first tie, and 90% of a batch's positions.
+    /// Eight-row groups change only the order of float additions. Three ways to run the same
+    /// Q4_0 blocks: a package stored `row_major_x8` (stquant's default), a `--plain-rows` package
+    /// regrouped at load, and the plain package read in place with the one-row kernels. The first
+    /// two are the same computation, so their logits are identical bit for bit. Against the third:
+    /// every regrouped dense matrix gives the in-place product to float rounding, embedding rows
+    /// read from the regrouped head are the stored ones, and the model's logits agree to float
+    /// rounding except where that rounding tips a router choice sitting at a near-tie (these
+    /// random fixtures have such ties, and a flipped choice persists through the KV cache when
+    /// decoding), so: every position before the first tie (at least 8), and 90% of a batch's.
     @Test(arguments: Reference.models)
-    func regroupedMatricesGiveTheInPlaceResults(model: String) throws {
+    func groupedRowsGiveThePlainRowResults(model: String) throws {
         let tokens = try Self.tokens(model)
-        let path = try Packages.path(model, .q4_0)
-        let regrouped = try Model(path: path), inPlace = try Model(path: path, interleave: false)
-        #expect(regrouped.layers[0].query.layout == .q4_0x8 && regrouped.output.layout == .q4_0x8)
-        #expect(regrouped.layers[0].experts[0].gate.layout == .q4_0x8 && regrouped.layers[0].experts[0].down.layout == .rows)
+        let plainPath = try Packages.path(model, .q4_0, plainRows: true)
+        let stored = try Model(path: try Packages.path(model, .q4_0))
+        let regrouped = try Model(path: plainPath), inPlace = try Model(path: plainPath, interleave: false)
+        for m in [stored, regrouped] {
+            #expect(m.layers[0].query.layout == .q4_0x8 && m.output.layout == .q4_0x8)
+            #expect(m.layers[0].experts[0].gate.layout == .q4_0x8 && m.layers[0].experts[0].up.layout == .q4_0x8)
+            #expect(m.layers[0].experts[0].down.layout == .rows)
+        }
         #expect(inPlace.layers[0].query.layout == .rows && inPlace.layers[0].experts[0].gate.layout == .rows)
-        let hidden = regrouped.config.hiddenSize
-        for token in [0, 1, 7, 8, 9, regrouped.config.vocabSize - 1] {
+        let hidden = stored.config.hiddenSize
+        for token in [0, 1, 7, 8, 9, stored.config.vocabSize - 1] {
             var a = [Float](repeating: 0, count: hidden), b = a
-            regrouped.embedding.decodeRow(token, into: &a)
+            stored.embedding.decodeRow(token, into: &a)
             inPlace.embedding.decodeRow(token, into: &b)
             #expect(a == b, "embedding row \(token)")
         }
-        // Every regrouped matrix, 1 and 5 activation rows.
+        // Every dense matrix, 1 and 5 activation rows.
         var g = KernelTests.Generator(state: 3)
         for count in [1, 5] {
             let x = ActivationBatch(columns: hidden, capacity: count)
             x.setCount(count)
             for t in 0..<count { for i in 0..<hidden { x.row(t)[i] = g.next() * 2 } }
-            var pairs = [(regrouped.output, inPlace.output)]
-            for (a, b) in zip(regrouped.layers, inPlace.layers) { pairs += [(a.query, b.query), (a.key, b.key), (a.value, b.value)] }
+            var pairs = [(stored.output, inPlace.output)]
+            for (a, b) in zip(stored.layers, inPlace.layers) { pairs += [(a.query, b.query), (a.key, b.key), (a.value, b.value)] }
             for (a, b) in pairs {
                 var y = [Float](repeating: 0, count: a.rows * count), z = y
                 MatMul.multiply(a, x, into: &y, outputStride: a.rows, threads: 2)
@@ -89,24 +95,25 @@ import Testing
                 #expect(worst <= 1e-5 * scale, "\(a.name), \(count) rows: difference \(worst) in values up to \(scale)")
             }
         }
-        let vocab = regrouped.config.vocabSize
-        let batched = (try Session(model: regrouped, threads: 2).evaluate(tokens, allLogits: true),
-                       try Session(model: inPlace, threads: 2).evaluate(tokens, allLogits: true))
-        var stepped: ([Float], [Float]) = ([], [])
-        let sessions = (try Session(model: regrouped, threads: 2), try Session(model: inPlace, threads: 2))
-        for t in tokens {
-            stepped.0 += try sessions.0.evaluate([t])
-            stepped.1 += try sessions.1.evaluate([t])
+        let vocab = stored.config.vocabSize
+        func run(_ m: Model) throws -> (batched: [Float], stepped: [Float]) {
+            let batched = try Session(model: m, threads: 2).evaluate(tokens, allLogits: true)
+            let session = try Session(model: m, threads: 2)
+            var stepped: [Float] = []
+            for t in tokens { stepped += try session.evaluate([t]) }
+            return (batched, stepped)
         }
-        func close(_ pair: ([Float], [Float]), _ p: Int) -> Bool {
-            let a = pair.0[p * vocab..<(p + 1) * vocab], b = pair.1[p * vocab..<(p + 1) * vocab]
-            return zip(a, b).allSatisfy { abs($0 - $1) <= 1e-4 * (b.map(abs).max()! + 1) }
+        let (a, b, c) = (try run(stored), try run(regrouped), try run(inPlace))
+        #expect(a.batched == b.batched && a.stepped == b.stepped, "stored groups and groups made at load must agree bit for bit")
+        func close(_ x: [Float], _ y: [Float], _ p: Int) -> Bool {
+            let u = x[p * vocab..<(p + 1) * vocab], v = y[p * vocab..<(p + 1) * vocab]
+            return zip(u, v).allSatisfy { abs($0 - $1) <= 1e-4 * (v.map(abs).max()! + 1) }
         }
-        for (name, pair) in [("the batch", batched), ("decoding", stepped)] {
-            let firstTie = (0..<tokens.count).first { !close(pair, $0) } ?? tokens.count
+        for (name, x, y) in [("the batch", a.batched, c.batched), ("decoding", a.stepped, c.stepped)] {
+            let firstTie = (0..<tokens.count).first { !close(x, y, $0) } ?? tokens.count
             #expect(firstTie >= 8, "\(name) differs beyond rounding from position \(firstTie)")
         }
-        let agreeing = (0..<tokens.count).filter { close(batched, $0) }.count
+        let agreeing = (0..<tokens.count).filter { close(a.batched, c.batched, $0) }.count
         #expect(Double(agreeing) >= 0.9 * Double(tokens.count), "only \(agreeing) of \(tokens.count) positions agree to rounding")
     }
 

@@ -87,17 +87,18 @@ enum Packages {
         return path
     }()
 
-    /// dtype: nil (source, bf16), f32, q8_0 or q4_0.
-    static func path(_ model: String, _ dtype: TensorDType? = nil) throws -> String {
+    /// dtype: nil (source, bf16), f32, q8_0 or q4_0; `plainRows`: Q4_0 in ggml's plain row
+    /// order rather than row_major_x8 (`stquant --plain-rows`, and what format 1 stored).
+    static func path(_ model: String, _ dtype: TensorDType? = nil, plainRows: Bool = false) throws -> String {
         lock.lock(); defer { lock.unlock() }
-        let key = "\(model)-\(dtype?.rawValue ?? "source")"
+        let key = "\(model)-\(dtype?.rawValue ?? "source")\(plainRows ? "-plain" : "")"
         if let path = made[key] { return path }
         let output = directory + "/" + key + ".stpk"
         if let dtype, dtype.isQuantized {
             lock.unlock()
             let float = try path(model, .f32)
             lock.lock()
-            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype))
+            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, interleave: !plainRows))
             try Quantizer.write(plan, to: output, overwrite: true, threads: 2)
         } else {
             let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.root + "/" + model), dtype: dtype)
@@ -118,7 +119,7 @@ func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
     let source = try PackageReader(path: path)
     let bundleOf = source.manifest.bundleOfTensor
     let planned = source.manifest.tensors.map {
-        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout,
+        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout.orientation,
                       bundle: bundleOf[$0.name].map { ($0.layer, $0.expert) })
     }
     let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned,
@@ -128,7 +129,7 @@ func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
     for t in manifest.tensors {
         let from = source.tensor(t.name)!
         var values = [Float](repeating: 0, count: t.elementCount)
-        values.withUnsafeMutableBufferPointer { TensorCodec.decode(source.bytes(of: from).baseAddress!, dtype: from.dtype, count: t.elementCount, into: $0.baseAddress!) }
+        values.withUnsafeMutableBufferPointer { source.decode(from, into: $0.baseAddress!) }
         try writer.writeTensor(t.name) { (sink) throws(FormatError) in
             try values.withUnsafeBytes { raw in try? sink.append(raw) }
         }

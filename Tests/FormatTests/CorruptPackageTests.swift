@@ -63,7 +63,7 @@ import Testing
         Case(name: "shorter than a header", defect: .truncated, needsVerify: false) { data in data = data.prefix(40) },
         Case(name: "wrong magic", defect: .notAPackage, needsVerify: false) { data in data[0] = 0x47 },
         Case(name: "header checksum", defect: .headerChecksum, needsVerify: false) { data in data[33] ^= 1 },
-        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 8, UInt16(2)) },
+        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 8, UInt16(3)) },
         Case(name: "unknown flags", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 12, UInt32(4)) },
         Case(name: "file truncated", defect: .truncated, needsVerify: false) { data in data = data.prefix(data.count - 4096) },
         Case(name: "manifest length past the data offset", defect: .rangeOutOfBounds, needsVerify: false) { data in
@@ -78,6 +78,13 @@ import Testing
         },
         Case(name: "unknown dtype", defect: .invalidManifest, needsVerify: false) { data in
             try editTensor(&data, "layers.1.attn_q") { $0["dtype"] = "q3_k" }
+        },
+        Case(name: "row_major_x8 on a float tensor", defect: .invalidManifest, needsVerify: false) { data in
+            try editTensor(&data, "layers.1.attn_q") { $0["layout"] = "row_major_x8" }
+        },
+        Case(name: "row_major_x8 in a format 1 file", defect: .invalidManifest, needsVerify: false) { data in
+            setHeader(&data, 8, UInt16(1))
+            try editTensor(&data, "layers.1.attn_q") { $0["layout"] = "row_major_x8" }
         },
         Case(name: "length disagrees with shape", defect: .invalidManifest, needsVerify: false) { data in
             try editTensor(&data, "layers.1.attn_q") { $0["length"] = ($0["length"] as! Int) - 2 }
@@ -149,6 +156,18 @@ import Testing
             data[u64(data, 32) - 1] = 0xFF
         },
     ]
+
+    /// Format 2 readers still read format 1 files (2.0 only added a layout).
+    @Test func formatOneFilesStillOpen() throws {
+        let scratch = ScratchDirectory()
+        let path = try convertFixture("tiny-4b-like", in: scratch)
+        var data = try Data(contentsOf: URL(fileURLWithPath: path))
+        Self.setHeader(&data, 8, UInt16(1))
+        try data.write(to: URL(fileURLWithPath: path))
+        let reader = try PackageReader(path: path)
+        #expect(reader.header.majorVersion == 1)
+        try reader.verify()
+    }
 
     @Test(arguments: cases)
     func corruptPackageIsRejectedWithItsOwnDefect(_ c: Case) throws {

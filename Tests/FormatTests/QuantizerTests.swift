@@ -13,7 +13,7 @@ import Testing
 
     func floats(_ reader: PackageReader, _ t: TensorEntry) -> [Float] {
         var out = [Float](repeating: .nan, count: t.elementCount)
-        out.withUnsafeMutableBufferPointer { TensorCodec.decode(reader.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!) }
+        out.withUnsafeMutableBufferPointer { reader.decode(t, into: $0.baseAddress!) }
         return out
     }
 
@@ -34,7 +34,10 @@ import Testing
             let original = float.tensor(t.name)!
             let role = TensorNames.role(of: t.name)
             let a = floats(float, original), b = floats(quantised, t)
-            #expect(t.shape == original.shape && t.layout == original.layout)
+            #expect(t.shape == original.shape && t.layout.orientation == original.layout)
+            // Q4_0 matrices in source orientation are regrouped in eights; neuron-major down is not.
+            let grouped = type == .q4_0 && t.dtype == .q4_0 && original.layout == .rowMajor && t.shape.count == 2
+            #expect((t.layout == .rowMajorX8) == grouped, "\(t.name): \(t.layout.rawValue)")
             switch role {
             case .norm, .router:
                 #expect(t.dtype == .f32, "\(t.name)")
@@ -59,6 +62,34 @@ import Testing
             / Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.elements })
         #expect(quantisedBits == (type == .q4_0 ? 4.5 : 8.5))
         #expect(report.sizeAfter == quantised.header.fileLength && report.sizeBefore == float.header.fileLength)
+    }
+
+    /// `--plain-rows` stores the same Q4_0 blocks in ggml's row order; quantising either package
+    /// to q4_0 again regroups or ungroups the rows without touching a block, so the round trip
+    /// gives the first package back byte for byte, and both decode to the same values.
+    @Test func plainAndGroupedRowsHoldTheSameBlocks() throws {
+        let scratch = ScratchDirectory()
+        let float = try convertFixture("tiny-21b-like", in: scratch)
+        let (grouped, _) = try quantize(float, QuantizationPolicy(type: .q4_0), in: scratch, name: "x8.stpk")
+        let (plain, _) = try quantize(float, QuantizationPolicy(type: .q4_0, interleave: false), in: scratch, name: "plain.stpk")
+        let (regrouped, _) = try quantize(plain.path, QuantizationPolicy(type: .q4_0), in: scratch, name: "again.stpk")
+        let (ungrouped, _) = try quantize(grouped.path, QuantizationPolicy(type: .q4_0, interleave: false), in: scratch, name: "back.stpk")
+        try regrouped.verify()
+        try ungrouped.verify()
+        #expect(plain.manifest.tensors.allSatisfy { $0.layout != .rowMajorX8 })
+        #expect(plain.manifest.provenance["quantization"]?.objectValue?["q4_0_rows"]?.stringValue == "row_major")
+        var grouped2D = 0
+        for t in grouped.manifest.tensors {
+            let p = plain.tensor(t.name)!
+            if t.layout == .rowMajorX8 {
+                grouped2D += 1
+                #expect(!grouped.bytes(of: t).elementsEqual(plain.bytes(of: p)), "\(t.name) is regrouped")
+            }
+            #expect(floats(grouped, t) == floats(plain, p), "\(t.name) decodes to the same values")
+            #expect(regrouped.bytes(of: regrouped.tensor(t.name)!).elementsEqual(grouped.bytes(of: t)), "\(t.name): plain → grouped")
+            #expect(ungrouped.bytes(of: ungrouped.tensor(t.name)!).elementsEqual(plain.bytes(of: p)), "\(t.name): grouped → plain")
+        }
+        #expect(grouped2D > 0)
     }
 
     @Test func alreadyQuantisedTensorsAreRefusedUnlessAllowed() throws {

@@ -121,7 +121,7 @@ func checkStorageLayout(_ reader: PackageReader, sourceLocation: SourceLocation 
         let ts = b.tensors.map { m.tensor(named: $0)! }
         #expect(ts[0].offset == b.offset, "the bundle starts with gate", sourceLocation: sourceLocation)
         #expect(ts.allSatisfy { $0.shape == [c.expertFFNSize, c.hiddenSize] }, "all three neuron-major", sourceLocation: sourceLocation)
-        #expect(ts[2].layout == .transposed && ts[0].layout == .rowMajor && ts[1].layout == .rowMajor, sourceLocation: sourceLocation)
+        #expect(ts[2].layout == .transposed && ts[0].layout.orientation == .rowMajor && ts[1].layout.orientation == .rowMajor, sourceLocation: sourceLocation)
         for (a, next) in zip(ts, ts.dropFirst()) {
             #expect(next.offset >= a.offset + a.length && next.offset - (a.offset + a.length) < 64, "back to back", sourceLocation: sourceLocation)
         }

@@ -3,8 +3,10 @@ public enum PackageFormat {
     public static let name = "stpk"
     /// "STPK\r\n\u{1A}\n": the line-ending and EOF bytes catch files mangled by text-mode transfers.
     public static let magic: [UInt8] = [0x53, 0x54, 0x50, 0x4B, 0x0D, 0x0A, 0x1A, 0x0A]
-    public static let majorVersion = 1
+    /// 2.0 added the `row_major_x8` layout; version 1 files are still read.
+    public static let majorVersion = 2
     public static let minorVersion = 0
+    public static let readableMajorVersions = 1...2
     public static let headerLength = 64
     public static let tensorAlignment = 64
     public static let bundleAlignment = 4096
@@ -93,8 +95,8 @@ public struct PackageHeader: Sendable, Equatable {
         }
         majorVersion = Int(read(8, UInt16.self))
         minorVersion = Int(read(10, UInt16.self))
-        guard majorVersion == PackageFormat.majorVersion else {
-            throw defect(.unsupportedVersion, "format version \(majorVersion).\(minorVersion); this build reads version \(PackageFormat.majorVersion).x (update the tools or reconvert)")
+        guard PackageFormat.readableMajorVersions.contains(majorVersion) else {
+            throw defect(.unsupportedVersion, "format version \(majorVersion).\(minorVersion); this build reads versions \(PackageFormat.readableMajorVersions.lowerBound).x to \(PackageFormat.majorVersion).x (update the tools or reconvert)")
         }
         flags = read(12, UInt32.self)
         guard flags == 0 else { throw defect(.unsupportedVersion, "unknown header flags 0x\(String(flags, radix: 16)) at byte 12") }

@@ -58,7 +58,15 @@ public final class PackageReader: @unchecked Sendable {
             guard t.offset % PackageFormat.tensorAlignment == 0 else {
                 throw defect(.misaligned, "tensor \(t.name) at byte \(t.offset) is not \(PackageFormat.tensorAlignment)-byte aligned")
             }
-            guard t.layout == .rowMajor || t.shape.count == 2 else { throw defect(.invalidManifest, "tensor \(t.name) is transposed but not 2-D") }
+            guard t.layout == .rowMajor || t.shape.count == 2 else { throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue) but not 2-D") }
+            if t.layout == .rowMajorX8 {
+                guard header.majorVersion >= 2 else {
+                    throw defect(.invalidManifest, "tensor \(t.name) is row_major_x8, which format \(header.majorVersion).\(header.minorVersion) does not have")
+                }
+                guard t.dtype == .q4_0, t.shape[0] % Q4_0Groups.rows == 0 else {
+                    throw defect(.invalidManifest, "tensor \(t.name) is row_major_x8, which needs q4_0 and a multiple of 8 rows (it is \(t.dtype.rawValue) \(t.shape))")
+                }
+            }
             try checkRange(t.offset, t.length, "tensor \(t.name)")
         }
         var fileNames = Set<String>()
@@ -77,7 +85,7 @@ public final class PackageReader: @unchecked Sendable {
         func require(_ expected: ExpectedTensor) throws(FormatError) -> TensorEntry {
             guard let i = index[expected.name] else { throw defect(.invalidManifest, "tensor \(expected.name) is missing") }
             let t = m.tensors[i]
-            guard t.shape == expected.storedShape, t.layout == expected.layout else {
+            guard t.shape == expected.storedShape, t.layout.orientation == expected.layout else {
                 throw defect(.invalidManifest, "tensor \(t.name) is \(t.shape) \(t.layout.rawValue); the config calls for \(expected.storedShape) \(expected.layout.rawValue)")
             }
             seen.insert(t.name)
@@ -127,6 +135,20 @@ public final class PackageReader: @unchecked Sendable {
     }
 
     // MARK: Access
+
+    /// A tensor's values as float32 in the source's element order for its orientation, whatever
+    /// its dtype and however its rows are grouped.
+    public func decode(_ tensor: TensorEntry, into out: UnsafeMutablePointer<Float>) {
+        let bytes = bytes(of: tensor)
+        guard tensor.layout == .rowMajorX8 else {
+            TensorCodec.decode(bytes.baseAddress!, dtype: tensor.dtype, count: tensor.elementCount, into: out)
+            return
+        }
+        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: tensor.length, alignment: 64)
+        defer { plain.deallocate() }
+        Q4_0Groups.deinterleave(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: tensor.length / tensor.rows, rowCount: tensor.rows)
+        TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: tensor.dtype, count: tensor.elementCount, into: out)
+    }
 
     public func bytes(of tensor: TensorEntry) -> UnsafeRawBufferPointer {
         UnsafeRawBufferPointer(rebasing: mapping.bytes[tensor.offset..<tensor.offset + tensor.length])

@@ -55,4 +55,56 @@ public enum TensorLayout: String, Sendable, Codable {
     case rowMajor = "row_major"
     /// The transpose of a 2-D source tensor (expert `down` matrices: neuron-major).
     case transposed
+    /// Same element order as the source, Q4_0 rows stored in groups of eight with their blocks
+    /// interleaved (`Q4_0Groups`): what the eight-row kernels read. Format 2 and later.
+    case rowMajorX8 = "row_major_x8"
+
+    /// The orientation relative to the source (regrouping rows does not transpose).
+    public var orientation: TensorLayout { self == .transposed ? .transposed : .rowMajor }
+}
+
+/// The `row_major_x8` arrangement of a Q4_0 matrix: rows in groups of eight; for each group and
+/// each block column, the eight rows' float16 scales (16 bytes), then four 32-byte chunks, chunk c
+/// holding bytes 2+4c ..< 6+4c of each row's 18-byte block, in row order. A group occupies exactly
+/// the bytes of its eight rows, so offsets, lengths and CRCs work as for plain rows.
+public enum Q4_0Groups {
+    public static let rows = 8
+    static let blockBytes = 18
+
+    /// Regroups `rowCount` (a multiple of 8) plain rows of `rowBytes` bytes from `source` into `target`.
+    public static func interleave(_ source: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        precondition(rowCount % rows == 0 && rowBytes % blockBytes == 0)
+        var out = target
+        for group in stride(from: 0, to: rowCount, by: rows) {
+            for block in 0..<rowBytes / blockBytes {
+                for i in 0..<rows {
+                    out.copyMemory(from: source + (group + i) * rowBytes + block * blockBytes, byteCount: 2)
+                    out += 2
+                }
+                for chunk in 0..<4 {
+                    for i in 0..<rows {
+                        out.copyMemory(from: source + (group + i) * rowBytes + block * blockBytes + 2 + 4 * chunk, byteCount: 4)
+                        out += 4
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `row` of a regrouped matrix back as a plain row of `rowBytes` bytes.
+    public static func row(_ row: Int, of packed: UnsafeRawPointer, rowBytes: Int, into target: UnsafeMutableRawPointer) {
+        let group = packed + row / rows * rows * rowBytes, i = row % rows
+        for block in 0..<rowBytes / blockBytes {
+            let p = group + block * rows * blockBytes, out = target + block * blockBytes
+            out.copyMemory(from: p + 2 * i, byteCount: 2)
+            for chunk in 0..<4 {
+                (out + 2 + 4 * chunk).copyMemory(from: p + 2 * rows + 32 * chunk + 4 * i, byteCount: 4)
+            }
+        }
+    }
+
+    /// Undoes `interleave` for `rowCount` rows.
+    public static func deinterleave(_ packed: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        for r in 0..<rowCount { row(r, of: packed, rowBytes: rowBytes, into: target + r * rowBytes) }
+    }
 }

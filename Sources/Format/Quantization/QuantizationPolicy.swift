@@ -5,20 +5,34 @@
 /// are tiny and routing is sensitive); a matrix whose rows cannot be split into blocks falls back
 /// to f16. Overrides, in the style of llama-quantize: `--tensor-type PATTERN=TYPE` (first match
 /// wins, `*` matches any run of characters), `--embedding-type`, `--output-type`.
+///
+/// Q4_0 matrices stored in their source orientation are written `row_major_x8` (rows regrouped
+/// in eights for the runtime's eight-row kernels; the blocks are ggml's, byte for byte) unless
+/// `interleave` is off; neuron-major `down` matrices keep plain rows (the runtime reads only the
+/// rows of active neurons).
 public struct QuantizationPolicy: Sendable {
     public var type: TensorDType
     public var embeddingType: TensorDType?
     public var outputType: TensorDType?
     public var overrides: [(pattern: String, type: TensorDType)]
     public var allowRequantize: Bool
+    public var interleave: Bool
 
     public init(type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,
-                overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false) {
+                overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false, interleave: Bool = true) {
+        self.interleave = interleave
         self.type = type
         self.embeddingType = embeddingType
         self.outputType = outputType
         self.overrides = overrides
         self.allowRequantize = allowRequantize
+    }
+
+    /// The stored layout for a tensor of `shape`, in `orientation` relative to its source, given
+    /// the dtype it gets.
+    public func layout(dtype: TensorDType, shape: [Int], orientation: TensorLayout) -> TensorLayout {
+        guard interleave, dtype == .q4_0, orientation == .rowMajor, shape.count == 2, shape[0] % Q4_0Groups.rows == 0 else { return orientation }
+        return .rowMajorX8
     }
 
     /// Parses `PATTERN=TYPE`.
