@@ -59,8 +59,16 @@ sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 timed llama_convert env PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$work/checkpoint" --outtype bf16 --outfile "$work/llama-bf16.gguf"
 timed llama_quantize "$llama/build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" "$work/llama-q4_0.gguf" q4_0 "$threads"
 
-.build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench.json"
-"$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n $N -t "$threads" -r 3 -o json > "$work/llama-bench.json" 2>"$work/llama-bench.err"
+# Both decode after a P-token context: strun bench decodes right after its prompt, so
+# llama-bench's generation test runs at depth P (-d; its plain tg starts from an empty cache,
+# which is less attention work). The machines are shared and noisy: the two engines take turns,
+# twice, and each keeps its better run (each run is already a median of 3).
+for round in 1 2; do
+    .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$round.json"
+    "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$round.json" 2>"$work/llama-bench.err"
+    "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$round.json" 2>>"$work/llama-bench.err"
+done
+"$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -t "$threads" -r 3 -o json > "$work/llama-tg-empty.json" 2>>"$work/llama-bench.err"
 .build/release/strun inspect "$work/ours-q4_0.stpk" --json > "$work/inspect.json"
 cc -O3 -march=native -ffast-math -fopenmp Benchmarks/bandwidth.c -o "$work/bandwidth"
 bandwidth=$("$work/bandwidth" "$threads")
@@ -69,10 +77,14 @@ python3 - "$work" "$threads" "$bandwidth" <<'PY'
 import json, os, sys
 work, threads, bandwidth = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 times = {l.split()[0]: (float(l.split()[1]), int(l.split()[2])) for l in open(os.path.join(work, "times.txt"))}
-ours = json.load(open(os.path.join(work, "ours-bench.json")))
-llama = json.load(open(os.path.join(work, "llama-bench.json")))
-ll_pp = next(r for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)["avg_ts"]
-ll_tg = next(r for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)["avg_ts"]
+load = lambda name: json.load(open(os.path.join(work, name)))
+runs = [load(f"ours-bench-{r}.json") for r in (1, 2)]
+ours = dict(runs[0])
+for key in ("decode_tokens_per_second", "prompt_tokens_per_second"): ours[key] = max(r[key] for r in runs)
+ours["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+ll_pp = max(load(f"llama-pp-{r}.json")[0]["avg_ts"] for r in (1, 2))
+ll_tg = max(load(f"llama-tg-{r}.json")[0]["avg_ts"] for r in (1, 2))
+ll_tg_empty = load("llama-tg-empty.json")[0]["avg_ts"]
 size = lambda p: os.path.getsize(os.path.join(work, p))
 # Bytes a decoded token must read: every dense matrix except the embedding rows (one row), the
 # output head (the embedding when tied, read whole), and k expert bundles per layer.
@@ -93,12 +105,13 @@ print(f"machine: {os.cpu_count()} cores, {threads} threads; model: {c['num_hidde
       f"{c['moe_num_primary_experts']} experts top-{c['moe_num_active_primary_experts']}, Q4_0")
 print(f"{'':34}{'ours':>12}{'llama.cpp':>12}{'ratio':>8}")
 def row(name, a, b, unit=""): print(f"{name:34}{a:>12.2f}{b:>12.2f}{a / b:>8.2f}  {unit}")
-row("decode tokens/s", ours["decode_tokens_per_second"], ll_tg)
+row(f"decode tokens/s (after {ours['prompt_tokens']})", ours["decode_tokens_per_second"], ll_tg)
 row("prompt tokens/s (p=128)", ours["prompt_tokens_per_second"], ll_pp)
 row("convert + quantise wall time (s)", conv_ours, conv_ll)
 row("  of which quantise (s)", times["ours_quantize"][0], times["llama_quantize"][0])
 row("convert/quantise peak RSS (MiB)", rss_ours, rss_ll)
 row("Q4_0 model file (GiB)", size("ours-q4_0.stpk") / 2**30, size("llama-q4_0.gguf") / 2**30)
+print(f"llama.cpp decode from an empty context (its default tg test): {ll_tg_empty:.2f} tokens/s")
 print(f"runtime peak RSS (ours, strun bench): {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
 print(f"memory read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; a token reads {per_token / 1e6:.0f} MB "
       f"(dense {dense / 1e6:.0f} + head {head / 1e6:.0f} + experts {c['num_hidden_layers'] * c['moe_num_active_primary_experts'] * bundle / 1e6:.0f}) "

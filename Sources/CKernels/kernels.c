@@ -737,3 +737,7 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
     for (int a = 0; a < count; a++) act[a] *= weight;
     k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32);
 }
+
+void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) {
+    table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n);
+}

@@ -107,6 +107,9 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
                        const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
                        float *scratch);
 
+/// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
+void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
+
 void st_prefetch(const void *p, int bytes);
 
 #endif

@@ -123,9 +123,9 @@ extension Session {
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
             let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
-                                  gateBuffers, activeIndices, batched))
+                                  gateBuffers, activeIndices, batched, downRows, downScales))
             parallelFor(workers) { worker in
-                let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched) = work.value
+                let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
                 let out = partials + worker * b * hidden
                 let blocks = hidden / 32
                 // Neuron ranges in whole groups of eight when gate and up are interleaved.
@@ -133,13 +133,43 @@ extension Session {
                 let unit = grouped ? 8 : 1
                 let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
                 let activations = gateBuffers + worker * max(2 * ffn, 16 * b)
-                let activeRows = activeIndices + worker * ffn
+                let activeRows = activeIndices + worker * max(ffn, b)
                 for e in 0..<routing.experts where routing.counts[e] > 0 && experts[e] != nil {
                     let expert = experts[e]!
                     let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
                     if expert.gate.layout == .q4_0x8 {
                         let (scales, values, sums) = (scales!, values!, sums!)
-                        if count > 1, let batched {
+                        if count > 1, let batched, expert.down.dtype == .q4_0 {
+                            // Eight neurons at a time: gate and up for all of the expert's tokens,
+                            // noting for each token the neurons the ReLU lets through; then each
+                            // token's down rows in one pass of the many-row kernel.
+                            let ups = activations + 8 * count
+                            let base = routing.firstRow[e]
+                            let rows = downRows + worker * b * ffn, rowScales = downScales + worker * b * ffn
+                            let listed = UnsafeMutableBufferPointer(start: activeRows, count: count)
+                            listed.update(repeating: 0)
+                            for j in stride(from: first, to: last, by: 8) {
+                                st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
+                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), activations, 8)
+                                var any = false
+                                for i in 0..<8 * count where activations[i] > 0 { any = true; break }
+                                if !any { continue }
+                                st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
+                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
+                                for i in 0..<count {
+                                    for r in 0..<8 where activations[8 * i + r] > 0 {
+                                        let at = i * ffn + Int(listed[i])
+                                        rows[at] = Int32(j + r)
+                                        rowScales[at] = weights[i] * activations[8 * i + r] * ups[8 * i + r]
+                                        listed[i] += 1
+                                    }
+                                }
+                            }
+                            for i in 0..<count {
+                                st_axpy_rows_q4_0(expert.down.base, Int32(expert.down.rowBytes), rows + i * ffn, rowScales + i * ffn, listed[i],
+                                                  out + tokens[i] * hidden, Int32(hidden))
+                            }
+                        } else if count > 1, let batched {
                             // Eight neurons at a time: gate and up for all of the expert's tokens,
                             // then down for each (token, neuron) the ReLU lets through.
                             let ups = activations + 8 * count

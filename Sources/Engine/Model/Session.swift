@@ -43,6 +43,10 @@ public final class Session: @unchecked Sendable {
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
     let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
+    /// (threads, batch, ffn): per worker and token, the down rows a batch's token adds and their
+    /// scales (so each token's rows go through the many-row kernel at once).
+    let downRows: UnsafeMutablePointer<Int32>
+    let downScales: UnsafeMutablePointer<Float>
     let expertInputs: ActivationBatch  // (batch · active experts, hidden): a batch's tokens grouped by expert
     let assignments: ExpertAssignments
     let ropeTable: RoPETable
@@ -81,7 +85,9 @@ public final class Session: @unchecked Sendable {
         gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, 16 * b))
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
-        activeIndices = .allocate(capacity: max(1, threads) * c.expertFFNSize)
+        activeIndices = .allocate(capacity: max(1, threads) * max(c.expertFFNSize, b))
+        downRows = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
+        downScales = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = .allocate(capacity: b * c.headDim)
         currentExperts = Array(repeating: nil, count: c.expertCount)
@@ -101,6 +107,7 @@ public final class Session: @unchecked Sendable {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
         routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
+        downRows.deallocate(); downScales.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
