@@ -178,6 +178,32 @@ static void dot_q4_0_x8_portable(const void *group, const float *xs, const int8_
     }
 AXPY_ROWS_VIA_AXPY(axpy_rows_q4_0_portable, axpy_q4_0_portable)
 
+// One attention head over cached positions first...last (slot j % capacity, `stride` floats per
+// slot): softmax(q·k_j · scale) weighted sum of v_j, in one pass with a running maximum (no score
+// vector; partial sums are rescaled when a larger score arrives).
+static void attend_portable(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last,
+                            int head_dim, float scale, float *out) {
+    for (int i = 0; i < head_dim; i++) out[i] = 0;
+    float max_score = -INFINITY, sum = 0;
+    for (int j = first; j <= last; j++) {
+        const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
+        float s = 0;
+        for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
+        s *= scale;
+        if (s > max_score) {
+            const float rescale = expf(max_score - s);
+            for (int i = 0; i < head_dim; i++) out[i] *= rescale;
+            sum *= rescale;
+            max_score = s;
+        }
+        const float w = expf(s - max_score);
+        sum += w;
+        for (int i = 0; i < head_dim; i++) out[i] += w * v[i];
+    }
+    const float inverse = 1 / sum;
+    for (int i = 0; i < head_dim; i++) out[i] *= inverse;
+}
+
 #define TOKENS_VIA_DOT(name, dot)                                                                        \
     static void name(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, \
                      int tokens, float *out, int out_stride) {                                          \
@@ -498,6 +524,38 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
     }
 }
 
+// The same with the query and the running output in registers (head_dim a multiple of 16, at
+// most 128), so a position costs its two rows' loads and FMAs, one reduction and one exp.
+AVX512 static void attend_avx512(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last,
+                                 int head_dim, float scale, float *out) {
+    if (head_dim % 16 != 0 || head_dim > 128) {
+        attend_portable(q, keys, values, capacity, stride, first, last, head_dim, scale, out);
+        return;
+    }
+    const int n = head_dim / 16;
+    __m512 qv[8], acc[8];
+    for (int c = 0; c < n; c++) { qv[c] = _mm512_loadu_ps(q + 16 * c); acc[c] = _mm512_setzero_ps(); }
+    float max_score = -INFINITY, sum = 0;
+    for (int j = first; j <= last; j++) {
+        const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
+        __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+        for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), d);
+        const float s = _mm512_reduce_add_ps(d) * scale;
+        if (s > max_score) {
+            const __m512 rescale = _mm512_set1_ps(expf(max_score - s));
+            for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(acc[c], rescale);
+            sum *= expf(max_score - s);
+            max_score = s;
+        }
+        const float w = expf(s - max_score);
+        sum += w;
+        const __m512 wv = _mm512_set1_ps(w);
+        for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + 16 * c), acc[c]);
+    }
+    const __m512 inverse = _mm512_set1_ps(1 / sum);
+    for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+}
+
 // The VNNI form: one vpdpbusd per chunk half, seeded with −8·Σx (unsigned nibbles 0..15 against
 // signed activations; the seed removes the offset of 8 for all eight rows at once).
 #define X8_TOKENS_VNNI(G)                                                                                   \
@@ -547,19 +605,19 @@ typedef st_kernel_table kernel_table;
 static const kernel_table portable = {
     dot_q4_0_portable, dot_q8_0_portable, dot_q4_0_tokens_portable, dot_q8_0_tokens_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
     axpy_q4_0_portable, axpy_q8_0_portable, axpy_f32_portable, axpy_bf16_portable, axpy_f16_portable,
-    quantize_q8_0_portable, dot_q4_0_x8_portable, axpy_rows_q4_0_portable,
+    quantize_q8_0_portable, dot_q4_0_x8_portable, axpy_rows_q4_0_portable, attend_portable,
 };
 
 #ifdef ST_X86
 static const kernel_table avx2 = {
     dot_q4_0_avx2, dot_q8_0_avx2, dot_q4_0_tokens_avx2, dot_q8_0_tokens_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx2, axpy_rows_q4_0_avx2,
+    quantize_q8_0_portable, dot_q4_0_x8_avx2, axpy_rows_q4_0_avx2, attend_portable,
 };
 static const kernel_table avx512 = {
     dot_q4_0_vnni256, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx512, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx512, axpy_rows_q4_0_avx512,
+    quantize_q8_0_portable, dot_q4_0_x8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
 };
 #endif
 
@@ -740,4 +798,9 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
 
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) {
     table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n);
+}
+
+void st_attend(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last, int head_dim,
+               float scale, float *out) {
+    table()->attend(q, keys, values, capacity, stride, first, last, head_dim, scale, out);
 }

@@ -202,26 +202,9 @@ public final class Session: @unchecked Sendable {
                 let kvHead = h / c.groupSize
                 let qh = session.queries + t * c.queryWidth + h * c.headDim
                 let out = session.attention.row(t) + h * c.headDim
-                out.update(repeating: 0, count: c.headDim)
-                // One pass with a running maximum (online softmax): no score vector at all; the
-                // partial sums are rescaled whenever a larger score arrives.
-                var maxScore = -Float.infinity
-                var sum: Float = 0
-                for j in first...p {
-                    let s = DotKernels.f32(UnsafeRawPointer(cache.key(position: j) + kvHead * c.headDim), qh, c.headDim) * scale
-                    if s > maxScore {
-                        let rescale = exp(maxScore - s)
-                        if sum > 0 { for i in 0..<c.headDim { out[i] *= rescale } }
-                        sum *= rescale
-                        maxScore = s
-                    }
-                    let w = exp(s - maxScore)
-                    sum += w
-                    DotKernels.addScaledRow(UnsafeRawPointer(cache.value(position: j) + kvHead * c.headDim), dtype: .f32,
-                                            scale: w, into: out, c.headDim)
-                }
-                let inverse = 1 / sum
-                for i in 0..<c.headDim { out[i] *= inverse }
+                // One pass with a running maximum (online softmax), in C: no score vector.
+                st_attend(qh, cache.keys + kvHead * c.headDim, cache.values + kvHead * c.headDim, Int32(cache.capacity), Int32(cache.width),
+                          Int32(first), Int32(p), Int32(c.headDim), scale, out)
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
