@@ -178,30 +178,36 @@ static void dot_q4_0_x8_portable(const void *group, const float *xs, const int8_
     }
 AXPY_ROWS_VIA_AXPY(axpy_rows_q4_0_portable, axpy_q4_0_portable)
 
-// One attention head over cached positions first...last (slot j % capacity, `stride` floats per
-// slot): softmax(q·k_j · scale) weighted sum of v_j, in one pass with a running maximum (no score
-// vector; partial sums are rescaled when a larger score arrives).
-static void attend_portable(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last,
-                            int head_dim, float scale, float *out) {
-    for (int i = 0; i < head_dim; i++) out[i] = 0;
-    float max_score = -INFINITY, sum = 0;
-    for (int j = first; j <= last; j++) {
-        const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
-        float s = 0;
-        for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
-        s *= scale;
-        if (s > max_score) {
-            const float rescale = expf(max_score - s);
-            for (int i = 0; i < head_dim; i++) out[i] *= rescale;
-            sum *= rescale;
-            max_score = s;
+// Attention for `heads` query heads sharing one key/value head (grouped-query attention), over
+// cached positions first...last (slot j % capacity, `stride` floats per slot): for each head,
+// softmax(q·k_j · scale) weighted sum of v_j, in one pass with a running maximum (no score vector;
+// partial sums are rescaled when a larger score arrives). The heads' queries, and their outputs,
+// are `head_dim` floats apart.
+static void attend_portable(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride,
+                            int first, int last, int head_dim, float scale, float *outs) {
+    for (int h = 0; h < heads; h++) {
+        const float *q = queries + (size_t)h * head_dim;
+        float *out = outs + (size_t)h * head_dim;
+        for (int i = 0; i < head_dim; i++) out[i] = 0;
+        float max_score = -INFINITY, sum = 0;
+        for (int j = first; j <= last; j++) {
+            const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
+            float s = 0;
+            for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
+            s *= scale;
+            if (s > max_score) {
+                const float rescale = expf(max_score - s);
+                for (int i = 0; i < head_dim; i++) out[i] *= rescale;
+                sum *= rescale;
+                max_score = s;
+            }
+            const float w = expf(s - max_score);
+            sum += w;
+            for (int i = 0; i < head_dim; i++) out[i] += w * v[i];
         }
-        const float w = expf(s - max_score);
-        sum += w;
-        for (int i = 0; i < head_dim; i++) out[i] += w * v[i];
+        const float inverse = 1 / sum;
+        for (int i = 0; i < head_dim; i++) out[i] *= inverse;
     }
-    const float inverse = 1 / sum;
-    for (int i = 0; i < head_dim; i++) out[i] *= inverse;
 }
 
 #define TOKENS_VIA_DOT(name, dot)                                                                        \
@@ -524,36 +530,83 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
     }
 }
 
-// The same with the query and the running output in registers (head_dim a multiple of 16, at
-// most 128), so a position costs its two rows' loads and FMAs, one reduction and one exp.
-AVX512 static void attend_avx512(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last,
-                                 int head_dim, float scale, float *out) {
-    if (head_dim % 16 != 0 || head_dim > 128) {
-        attend_portable(q, keys, values, capacity, stride, first, last, head_dim, scale, out);
+// e^x for x ≤ 0, 16 lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r^7
+// (truncation below 1e-8 relative), scaled by 2^n with vscalefps (which also underflows to 0).
+AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Sixteen positions at a time: their keys and values are read from memory once for every head
+// of the group (then from L1), each head's sixteen scores go through one vector exp, and its
+// running output is rescaled once per block. head_dim a multiple of 16, at most 128.
+AVX512 static void attend_avx512(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride,
+                                 int first, int last, int head_dim, float scale, float *outs) {
+    if (head_dim % 16 != 0 || head_dim > 128 || heads > 64) {
+        attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
         return;
     }
     const int n = head_dim / 16;
-    __m512 qv[8], acc[8];
-    for (int c = 0; c < n; c++) { qv[c] = _mm512_loadu_ps(q + 16 * c); acc[c] = _mm512_setzero_ps(); }
-    float max_score = -INFINITY, sum = 0;
-    for (int j = first; j <= last; j++) {
-        const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
-        __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), d);
-        const float s = _mm512_reduce_add_ps(d) * scale;
-        if (s > max_score) {
-            const __m512 rescale = _mm512_set1_ps(expf(max_score - s));
-            for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(acc[c], rescale);
-            sum *= expf(max_score - s);
-            max_score = s;
-        }
-        const float w = expf(s - max_score);
-        sum += w;
-        const __m512 wv = _mm512_set1_ps(w);
-        for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + 16 * c), acc[c]);
+    float maxima[64], sums[64];
+    for (int h = 0; h < heads; h++) {
+        maxima[h] = -INFINITY;
+        sums[h] = 0;
+        for (int i = 0; i < head_dim; i++) outs[(size_t)h * head_dim + i] = 0;
     }
-    const __m512 inverse = _mm512_set1_ps(1 / sum);
-    for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+    for (int j0 = first; j0 <= last; j0 += 16) {
+        const int count = last - j0 + 1 < 16 ? last - j0 + 1 : 16;
+        const __mmask16 valid = (__mmask16)((1u << count) - 1);
+        const float *k[16], *v[16];
+        for (int p = 0; p < count; p++) {
+            const size_t slot = (size_t)((j0 + p) % capacity) * stride;
+            k[p] = keys + slot;
+            v[p] = values + slot;
+        }
+        for (int h = 0; h < heads; h++) {
+            const float *q = queries + (size_t)h * head_dim;
+            float *out = outs + (size_t)h * head_dim;
+            __m512 qv[8], acc[8];
+            for (int c = 0; c < n; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+            float scores[16];
+            for (int p = 0; p < count; p++) {
+                __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[p]));
+                for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[p] + 16 * c), d);
+                scores[p] = _mm512_reduce_add_ps(d) * scale;
+            }
+            const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, scores);
+            const float block_max = _mm512_reduce_max_ps(s);
+            const float new_max = block_max > maxima[h] ? block_max : maxima[h];
+            const float rescale = expf(maxima[h] - new_max);
+            const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
+            sums[h] = sums[h] * rescale + _mm512_reduce_add_ps(w);
+            maxima[h] = new_max;
+            float weights[16];
+            _mm512_storeu_ps(weights, w);
+            const __m512 r = _mm512_set1_ps(rescale);
+            for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), r);
+            for (int p = 0; p < count; p++) {
+                const __m512 wp = _mm512_set1_ps(weights[p]);
+                for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v[p] + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
+        }
+    }
+    for (int h = 0; h < heads; h++) {
+        const __m512 inverse = _mm512_set1_ps(1 / sums[h]);
+        float *out = outs + (size_t)h * head_dim;
+        for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), inverse));
+    }
 }
 
 // The VNNI form: one vpdpbusd per chunk half, seeded with −8·Σx (unsigned nibbles 0..15 against
@@ -800,7 +853,7 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
     table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n);
 }
 
-void st_attend(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last, int head_dim,
-               float scale, float *out) {
-    table()->attend(q, keys, values, capacity, stride, first, last, head_dim, scale, out);
+void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
+               int head_dim, float scale, float *outs) {
+    table()->attend(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
 }

@@ -192,35 +192,40 @@ import Testing
         }
     }
 
-    /// One attention head against a plain two-pass softmax in double precision: head sizes on and
-    /// off the vector width, a ring cache that wraps, one position, and scores that keep rising
-    /// (every step rescales the running sums) or span a wide range.
+    /// Attention for a group of query heads sharing a key/value head, against a plain two-pass
+    /// softmax in double precision: head sizes on and off the vector width, groups of 1 to 7,
+    /// a ring cache that wraps, one position, more positions than a block of sixteen, and scores
+    /// that keep rising (every block rescales the running sums) or span a wide range.
     @Test(arguments: sets)
     func attentionMatchesATwoPassSoftmax(set: DotKernels.InstructionSet) {
         let k = table(set)
-        for (headDim, capacity, first, last, spread) in [(16, 10, 7, 15, Float(1)), (128, 40, 0, 39, 1), (128, 8, 3, 3, 1),
-                                                         (96, 12, 2, 13, 4), (256, 20, 5, 24, 1), (64, 30, 0, 29, 30)] {
+        for (headDim, heads, capacity, first, last, spread) in [(16, 1, 10, 7, 15, Float(1)), (128, 6, 40, 0, 39, 1), (128, 2, 8, 3, 3, 1),
+                                                                (96, 3, 12, 2, 13, 4), (256, 2, 20, 5, 24, 1), (64, 7, 60, 0, 59, 30),
+                                                                (128, 6, 50, 30, 77, 3)] {
             var g = Generator(state: UInt64(headDim * 31 + capacity))
-            let stride = headDim * 2 + 16  // two heads and some slack per slot, as a cache row
-            let q = (0..<headDim).map { _ in g.next() * spread }
+            let stride = headDim * 2 + 16  // two key/value heads and some slack per slot, as a cache row
+            let q = (0..<heads * headDim).map { _ in g.next() * spread }
             var keys = (0..<capacity * stride).map { _ in g.next() }, values = keys.map { _ in g.next() }
-            if spread == 30 {  // rising scores: each position's key a larger multiple of q
+            if spread == 30 {  // rising scores for the first head: each key a larger multiple of its query
                 for j in first...last { for i in 0..<headDim { keys[(j % capacity) * stride + i] = q[i] * Float(j) * 0.01 } }
             }
-            var out = [Float](repeating: .nan, count: headDim)
+            var out = [Float](repeating: .nan, count: heads * headDim)
             let scale = 1 / Float(headDim).squareRoot()
-            k.attend(q, keys, values, Int32(capacity), Int32(stride), Int32(first), Int32(last), Int32(headDim), scale, &out)
-            var scores: [Double] = []
-            for j in first...last {
-                let base = (j % capacity) * stride
-                scores.append((0..<headDim).reduce(0.0) { $0 + Double(q[$1]) * Double(keys[base + $1]) } * Double(scale))
-            }
-            let top = scores.max()!
-            let weights = scores.map { Foundation.exp($0 - top) }, total = weights.reduce(0, +)
-            for i in 0..<headDim {
-                var expected = 0.0
-                for (n, j) in (first...last).enumerated() { expected += weights[n] / total * Double(values[(j % capacity) * stride + i]) }
-                #expect(abs(Double(out[i]) - expected) <= 1e-5 * (abs(expected) + 1), "\(set) d=\(headDim) [\(first), \(last)] element \(i): \(out[i]) vs \(expected)")
+            k.attend(q, Int32(heads), keys, values, Int32(capacity), Int32(stride), Int32(first), Int32(last), Int32(headDim), scale, &out)
+            for h in 0..<heads {
+                var scores: [Double] = []
+                for j in first...last {
+                    let base = (j % capacity) * stride
+                    scores.append((0..<headDim).reduce(0.0) { $0 + Double(q[h * headDim + $1]) * Double(keys[base + $1]) } * Double(scale))
+                }
+                let top = scores.max()!
+                let weights = scores.map { Foundation.exp($0 - top) }, total = weights.reduce(0, +)
+                for i in 0..<headDim {
+                    var expected = 0.0
+                    for (n, j) in (first...last).enumerated() { expected += weights[n] / total * Double(values[(j % capacity) * stride + i]) }
+                    let got = out[h * headDim + i]
+                    #expect(abs(Double(got) - expected) <= 2e-5 * (abs(expected) + 1), "\(set) d=\(headDim) head \(h) [\(first), \(last)] element \(i): \(got) vs \(expected)")
+                }
             }
         }
     }

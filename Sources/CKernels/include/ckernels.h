@@ -45,10 +45,11 @@ typedef struct st_kernel_table {
                         int tokens, float *out, int out_stride);
     /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
-    /// One attention head: out = Σ_j softmax_j(q·k_j · scale) v_j over positions first...last,
-    /// position j's key and value at (j % capacity) · stride floats from `keys` and `values`.
-    void (*attend)(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last, int head_dim,
-                   float scale, float *out);
+    /// `heads` query heads sharing one key/value head (queries and outputs `head_dim` floats
+    /// apart): out_h = Σ_j softmax_j(q_h·k_j · scale) v_j over positions first...last, position
+    /// j's key and value at (j % capacity) · stride floats from `keys` and `values`.
+    void (*attend)(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first,
+                   int last, int head_dim, float scale, float *outs);
 } st_kernel_table;
 
 /// The kernels of `isa`, or NULL when this CPU (or build) does not have it. For tests.
@@ -114,8 +115,8 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
 /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
 
-void st_attend(const float *q, const float *keys, const float *values, int capacity, int stride, int first, int last, int head_dim,
-               float scale, float *out);
+void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
+               int head_dim, float scale, float *outs);
 
 void st_prefetch(const void *p, int bytes);
 

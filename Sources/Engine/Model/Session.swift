@@ -186,9 +186,11 @@ public final class Session: @unchecked Sendable {
             }
             cache.store(key: k, value: values + t * c.kvWidth, position: p)
         }
-        // One (token, head) pair per task: scores, softmax and the weighted sum of values,
-        // streaming over the cache with one score vector per worker.
-        let tasks = n * c.attentionHeads
+        // One task per (token, key/value head): its group of query heads reads each cached key
+        // and value once (grouped-query attention), streaming over the cache with no score
+        // vector. When that makes fewer tasks than workers, groups are split.
+        let chunks = max(1, min(c.groupSize, threads / max(1, n * c.kvHeads)))
+        let tasks = n * c.kvHeads * chunks
         let workers = max(1, min(threads, tasks, position + n >= 64 || n > 1 ? threads : 1))
         let work = Unchecked((self, cache))
         parallelFor(workers) { worker in
@@ -196,15 +198,14 @@ public final class Session: @unchecked Sendable {
             let c = session.model.config
             let scale = 1 / Float(c.headDim).squareRoot()
             for task in stride(from: worker, to: tasks, by: workers) {
-                let t = task / c.attentionHeads, h = task % c.attentionHeads
+                let t = task / (c.kvHeads * chunks), kvHead = task / chunks % c.kvHeads, chunk = task % chunks
+                let firstHead = kvHead * c.groupSize + c.groupSize * chunk / chunks
+                let heads = kvHead * c.groupSize + c.groupSize * (chunk + 1) / chunks - firstHead
                 let p = session.position + t
                 let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
-                let kvHead = h / c.groupSize
-                let qh = session.queries + t * c.queryWidth + h * c.headDim
-                let out = session.attention.row(t) + h * c.headDim
-                // One pass with a running maximum (online softmax), in C: no score vector.
-                st_attend(qh, cache.keys + kvHead * c.headDim, cache.values + kvHead * c.headDim, Int32(cache.capacity), Int32(cache.width),
-                          Int32(first), Int32(p), Int32(c.headDim), scale, out)
+                st_attend(session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
+                          cache.keys + kvHead * c.headDim, cache.values + kvHead * c.headDim, Int32(cache.capacity), Int32(cache.width),
+                          Int32(first), Int32(p), Int32(c.headDim), scale, session.attention.row(t) + firstHead * c.headDim)
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
