@@ -609,6 +609,33 @@ AVX512 static void attend_avx512(const float *queries, int heads, const float *k
     }
 }
 
+// Activations to Q8_0 as quantize_q8_0_portable, sixteen lanes at a time: d = amax / 127, and
+// q = roundf(x / d) with roundf's ties away from zero done exactly (truncate, then step away from
+// zero when the dropped fraction is at least one half), which vroundps's ties-to-even would not.
+AVX512 static void quantize_q8_0_avx512(const float *x, float *scales, int8_t *q, int32_t *sums, int n) {
+    const __m512i sign_mask = _mm512_set1_epi32((int)0x80000000);
+    for (int b = 0; b < n / 32; b++) {
+        const __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        const float id = d != 0 ? 1.0f / d : 0.0f;
+        scales[b] = d;
+        __m512i lanes[2];
+        const __m512 vs[2] = {v0, v1};
+        for (int h = 0; h < 2; h++) {
+            const __m512 y = _mm512_mul_ps(vs[h], _mm512_set1_ps(id));
+            const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __mmask16 away = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+            const __m512 step = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.0f)),
+                                                                    _mm512_and_si512(_mm512_castps_si512(y), sign_mask)));
+            lanes[h] = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step));
+        }
+        _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtsepi32_epi8(lanes[0]));
+        _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtsepi32_epi8(lanes[1]));
+        sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(lanes[0], lanes[1]));
+    }
+}
+
 // The VNNI form: one vpdpbusd per chunk half, seeded with −8·Σx (unsigned nibbles 0..15 against
 // signed activations; the seed removes the offset of 8 for all eight rows at once).
 #define X8_TOKENS_VNNI(G)                                                                                   \
@@ -670,7 +697,7 @@ static const kernel_table avx2 = {
 static const kernel_table avx512 = {
     dot_q4_0_vnni256, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx512, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
+    quantize_q8_0_avx512, dot_q4_0_x8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
 };
 #endif
 

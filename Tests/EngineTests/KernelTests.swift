@@ -260,14 +260,20 @@ import Testing
     @Test(arguments: sets)
     func activationQuantisationMatchesTheQ8_0Codec(set: DotKernels.InstructionSet) {
         var g = Generator(state: 11)
-        var x = (0..<96).map { _ in g.next() * 5 }
-        x[3] = 0; x[40] = 2.5 * x.map(abs).max()! / 127  // a half step lands on .5
-        var scales = [Float](repeating: 0, count: 3)
-        var values = [Int8](repeating: 0, count: 96)
-        var sums = [Int32](repeating: 0, count: 3)
-        table(set).quantize_q8_0(x, &scales, &values, &sums, 96)
+        var x = (0..<1536).map { _ in g.next() * 5 }
+        x[3] = 0; x[40] = 2.5 * x[32..<64].map(abs).max()! / 127  // a half step lands on .5
+        // Block 2: exact halves both ways (amax 127 makes d = 1), and values just below a half.
+        for j in 0..<32 { x[64 + j] = [Float(0.5), -0.5, 1.5, -2.5, 126.5, 0.49999997, -0.49999997, 3.5][j % 8] }
+        x[64] = 127
+        for j in 96..<128 { x[j] = 0 }  // an all-zero block
+        let blockCount = x.count / 32
+        var scales = [Float](repeating: 0, count: blockCount)
+        var values = [Int8](repeating: 0, count: x.count)
+        var sums = [Int32](repeating: 0, count: blockCount)
+        table(set).quantize_q8_0(x, &scales, &values, &sums, Int32(x.count))
         let blocks = encoded(x, .q8_0)
-        for b in 0..<3 {
+        for b in 0..<blockCount {
+            #expect(sums[b] == values[b * 32..<(b + 1) * 32].reduce(Int32(0)) { $0 + Int32($1) })
             let d = blocks.withUnsafeBytes { Float(Float16(bitPattern: $0.loadUnaligned(fromByteOffset: b * 34, as: UInt16.self))) }
             #expect(abs(scales[b] - d) <= d * 1e-3, "scale kept in float32, ggml rounds it to float16")
             for j in 0..<32 { #expect(values[b * 32 + j] == Int8(bitPattern: blocks[b * 34 + 2 + j])) }
