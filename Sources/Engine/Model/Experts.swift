@@ -111,7 +111,7 @@ extension Session {
         // the ReLU lets the neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes
         // exactly nothing). Workers add into their own buffer, summed in worker order.
         let workers = max(1, min(threads, ffn))
-        partials.update(repeating: 0, count: workers * b * hidden)
+        for worker in 0..<workers { (partials + worker * b * hidden).update(repeating: 0, count: n * hidden) }
         // The chosen experts' weights: views into the mapping, or bundles from the cache (the
         // reads were started before attention; this waits only for those not yet done). With a
         // cache, a batch that chose more experts than it has slots runs in groups that fit.
