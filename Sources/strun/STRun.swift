@@ -54,7 +54,8 @@ struct Inspect: ParsableCommand {
                 print(JSONWriter.serialize(.object(object), pretty: true))
             } else {
                 print(PackageSummary.text(reader.manifest, dataOffset: reader.header.dataOffset,
-                                          fileLength: reader.header.fileLength, listTensors: tensors))
+                                          fileLength: reader.header.fileLength, listTensors: tensors,
+                                          version: (reader.header.majorVersion, reader.header.minorVersion)))
             }
         }
     }

@@ -9,7 +9,10 @@ public enum PackageSummary {
         return unit == 0 ? "\(count) B" : String(format2: value) + " " + units[unit]
     }
 
-    public static func text(_ m: PackageManifest, dataOffset: Int, fileLength: Int, listTensors: Bool) -> String {
+    /// `version`: the file's format version (major, minor); nil for a plan, which will be written
+    /// in the current one.
+    public static func text(_ m: PackageManifest, dataOffset: Int, fileLength: Int, listTensors: Bool,
+                            version: (major: Int, minor: Int)? = nil) -> String {
         let c = m.config
         var lines: [String] = []
         lines.append("model: SmallThinker, \(c.layerCount) layers, hidden \(c.hiddenSize), vocab \(c.vocabSize)")
@@ -26,13 +29,19 @@ public enum PackageSummary {
         var dtypeCounts: [String: Int] = [:]
         for t in m.tensors { dtypeCounts[t.dtype.rawValue, default: 0] += 1 }
         lines.append("")
-        lines.append("file: \(bytes(fileLength)) (\(fileLength) bytes), format \(PackageFormat.majorVersion).\(PackageFormat.minorVersion)")
+        let (major, minor) = version ?? (PackageFormat.majorVersion, PackageFormat.minorVersion)
+        lines.append("file: \(bytes(fileLength)) (\(fileLength) bytes), format \(major).\(minor)")
         lines.append("  header + manifest: \(bytes(dataOffset))")
         lines.append("  dense tensors:     \(bytes(denseBytes)) in \(dense.count) tensors")
         lines.append("  expert bundles:    \(bytes(expertBytes)) in \(m.bundles.count) bundles" +
                      (m.bundles.first.map { " of \(bytes($0.length)) (4096-aligned, gate+up+down neuron-major)" } ?? ""))
         lines.append("  embedded files:    \(bytes(fileBytes)): \(m.files.map(\.name).joined(separator: ", "))")
         lines.append("  tensor dtypes:     " + dtypeCounts.sorted { $0.key < $1.key }.map { "\($0.key) × \($0.value)" }.joined(separator: ", "))
+        let q4 = m.tensors.filter { $0.dtype == .q4_0 && $0.shape.count == 2 }
+        if !q4.isEmpty {
+            let grouped = q4.filter { $0.layout == .rowMajorX8 }.count
+            lines.append("  q4_0 matrices:     \(grouped) in groups of eight rows (row_major_x8), \(q4.count - grouped) in plain rows")
+        }
         if let first = m.bundles.first, let last = m.bundles.last {
             lines.append("  expert region:     [\(first.offset), \(last.offset + last.length)), layer-major, expert-minor")
         }
@@ -54,7 +63,8 @@ public enum PackageSummary {
 
     static func row(_ t: TensorEntry) -> String {
         let shape = "[" + t.shape.map(String.init).joined(separator: ", ") + "]"
-        return "\(t.name.padding(28)) \(t.dtype.rawValue.padding(5)) \(shape.padding(14)) @\(t.offset) (\(bytes(t.length)))"
+        return "\(t.name.padding(28)) \(t.dtype.rawValue.padding(5)) \(shape.padding(14)) @\(t.offset) (\(bytes(t.length)))" +
+            (t.layout == .rowMajor ? "" : " \(t.layout.rawValue)")
     }
 }
 
