@@ -32,6 +32,9 @@ struct RuntimeOptions: ParsableArguments {
         // Streaming experts reads their bundles as stored; regrouping them at load is for the
         // whole-package mapping only.
         let model = try Model(path: path, interleaveExperts: memoryBudget == nil)
+        if model.matricesRegroupedAtLoad > 0 {
+            writeStandardError("strun: note: \(model.matricesRegroupedAtLoad) Q4_0 matrices of this package are stored in plain rows and were regrouped at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n")
+        }
         let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
                                   memoryBudget: memoryBudget.flatMap(ByteCount.parse))
         session.expertCache?.prefetchEnabled = !noPrefetch

@@ -1,4 +1,5 @@
 import Foundation
+import Format
 import Testing
 
 /// strun logits / generate / compare, run as built binaries against the fixtures' reference.
@@ -82,6 +83,32 @@ import Testing
         #expect((report["mean_kl"] as! Double) > 0)
         let text = try Tools.run("strun", ["compare", float, q8, "--tokens", "1,2,3"])
         #expect(text.stdout.contains("top-1 agreement"))
+    }
+
+    /// stquant stores Q4_0 rows grouped by default and strun runs such a package silently; a
+    /// `--plain-rows` package runs to the same greedy tokens, with a note on how to regroup it,
+    /// and regrouping it with stquant gives the default package byte for byte.
+    @Test func plainRowPackagesRunWithANoteAndRegroup() throws {
+        let scratch = ToolScratch()
+        let float = try package(scratch, "tiny-4b-like", ["--dtype", "f32"])
+        let (grouped, plain, regrouped) = (scratch.file("g.stpk"), scratch.file("p.stpk"), scratch.file("r.stpk"))
+        #expect(try Tools.run("stquant", [float, "-o", grouped, "--type", "q4_0", "-q"]).status == 0)
+        #expect(try Tools.run("stquant", [float, "-o", plain, "--type", "q4_0", "--plain-rows", "-q"]).status == 0)
+        let inspect = try Tools.run("strun", ["inspect", plain])
+        #expect(inspect.stdout.contains("0 in groups of eight rows"), "\(inspect.stdout)")
+        let tokens = ["--tokens", "5,6,7", "-n", "8", "--temperature", "0", "--ids"]
+        let a = try Tools.run("strun", ["generate", grouped] + tokens), b = try Tools.run("strun", ["generate", plain] + tokens)
+        #expect(a.status == 0 && b.status == 0 && a.stdout == b.stdout && !a.stdout.isEmpty)
+        #expect(a.stderr.isEmpty, "\(a.stderr)")
+        #expect(b.stderr.contains("plain rows") && b.stderr.contains("stquant \(plain) -o"), "\(b.stderr)")
+        #expect(try Tools.run("stquant", [plain, "-o", regrouped, "--type", "q4_0", "-q"]).status == 0)
+        let fresh = try Data(contentsOf: URL(fileURLWithPath: grouped)), again = try Data(contentsOf: URL(fileURLWithPath: regrouped))
+        // Same tensors byte for byte; only the provenance (source package name and size) differs.
+        let groupedReader = try PackageReader(path: grouped), regroupedReader = try PackageReader(path: regrouped)
+        for t in groupedReader.manifest.tensors {
+            let u = regroupedReader.tensor(t.name)!
+            #expect(fresh[t.offset..<t.offset + t.length] == again[u.offset..<u.offset + u.length], "\(t.name)")
+        }
     }
 
     @Test func runErrorsAreClear() throws {

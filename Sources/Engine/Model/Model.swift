@@ -65,6 +65,10 @@ public final class Model: @unchecked Sendable {
     let mappedExperts: [[ExpertWeights]]
     /// Owns the regrouped matrices.
     private let storage: WeightStorage?
+    /// How many Q4_0 matrices were stored in plain rows and regrouped at load (0 for packages
+    /// that store `row_major_x8`, stquant's default): worth telling the user, since
+    /// re-running stquant stores them grouped and makes loading a memory map again.
+    public let matricesRegroupedAtLoad: Int
 
     public convenience init(path: String, interleave: Bool = true, interleaveExperts: Bool = true) throws(FormatError) {
         try self.init(package: try PackageReader(path: path), interleave: interleave, interleaveExperts: interleaveExperts)
@@ -109,6 +113,7 @@ public final class Model: @unchecked Sendable {
         if expertGroups { for layer in experts { for e in layer { dense += [e.gate, e.up] } } }
         let regrouped = interleave ? Model.interleave(dense, mapping: package.mapping) : nil
         storage = regrouped?.storage
+        matricesRegroupedAtLoad = regrouped == nil ? 0 : dense.filter(\.canInterleave).count
         let replaced = regrouped?.matrices ?? dense
         output = replaced[0]
         embedding = c.tieWordEmbeddings ? output : mappedEmbedding
