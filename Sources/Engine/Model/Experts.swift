@@ -122,6 +122,13 @@ extension Session {
             let group = chosen[groupStart..<min(groupStart + groupSize, chosen.count)]
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
+            if n == 1, workers > 1, group.count <= c.activeExperts, let q = quantized,
+               group.allSatisfy({ currentExperts[$0]!.gate.layout == .q4_0x8 && currentExperts[$0]!.down.dtype == .q4_0 }) {
+                decodeSlices(Array(group), weights: routing, input: q, workers: workers)
+                expertCache?.release(layer: index, experts: group)
+                groupStart += group.count
+                continue
+            }
             let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
                                   gateBuffers, activeIndices, batched, downRows, downScales))
             parallelFor(workers) { worker in
@@ -263,6 +270,41 @@ extension Session {
             for i in 0..<hidden { x[i] += y[i] }
         }
         residual.setCount(n)
+    }
+
+    /// One token's chosen experts (gate and up grouped in eights) in slices of a quarter of their
+    /// neurons, taken by whichever worker is free: the two cores rarely run at the same speed on
+    /// a shared machine (the memory traffic of one slows the other), and a static half each left
+    /// one waiting. Each slice adds into its own buffer and the buffers are summed in slice order,
+    /// so the result is the same whoever took what. Adds into the first worker's partial sums.
+    func decodeSlices(_ group: [Int], weights routing: ExpertAssignments, input q: QuantizedActivations, workers: Int) {
+        let c = model.config
+        let hidden = c.hiddenSize, ffn = c.expertFFNSize, b = Session.maximumBatch, perExpert = Session.decodeSlices
+        let groups = ffn / 8
+        let slices = group.count * perExpert
+        nextSlice.store(0, ordering: .relaxed)
+        let work = Unchecked((self, group, routing, q))
+        parallelFor(workers) { worker in
+            let (session, group, routing, q) = work.value
+            let scratch = session.gateBuffers + worker * max(2 * ffn, 16 * b)
+            while true {
+                let slice = session.nextSlice.add(1, ordering: .relaxed).oldValue
+                guard slice < slices else { break }
+                let e = group[slice / perExpert], part = slice % perExpert
+                let expert = session.currentExperts[e]!
+                // The token's weight for this expert (decode: one token, so the first entry).
+                let weight = routing.weights[e * b]
+                let out = session.sliceSums + slice * hidden
+                out.update(repeating: 0, count: hidden)
+                st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                  Int32(8 * (groups * part / perExpert)), Int32(8 * (groups * (part + 1) / perExpert)),
+                                  q.scales, q.values, q.sums, Int32(hidden / 32), weight, out, scratch)
+            }
+        }
+        for slice in 0..<slices {
+            let s = sliceSums + slice * hidden
+            for i in 0..<hidden { partials[i] += s[i] }
+        }
     }
 
     /// Expert `expert` of layer `index`, from the cache when streaming, else from the mapping.

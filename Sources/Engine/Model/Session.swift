@@ -1,4 +1,5 @@
 import CKernels
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -41,6 +42,12 @@ public final class Session: @unchecked Sendable {
     let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
     let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
+    /// (active experts · decodeSlices, hidden): one token's expert sums per slice of an expert's
+    /// neurons, handed out to whichever worker is free (`nextSlice`) and summed in slice order,
+    /// so the result does not depend on which worker took which slice.
+    let sliceSums: UnsafeMutablePointer<Float>
+    let nextSlice = Atomic<Int>(0)
+    static let decodeSlices = 4
     let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
     /// (threads, batch, ffn): per worker and token, the down rows a batch's token adds and their
@@ -82,6 +89,7 @@ public final class Session: @unchecked Sendable {
         routerLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
+        sliceSums = .allocate(capacity: c.activeExperts * Session.decodeSlices * c.hiddenSize)
         gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, 16 * b))
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
@@ -106,7 +114,7 @@ public final class Session: @unchecked Sendable {
     deinit {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
+        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
         downRows.deallocate(); downScales.deallocate()
     }
 
