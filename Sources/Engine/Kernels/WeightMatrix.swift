@@ -68,7 +68,9 @@ final class WeightStorage: @unchecked Sendable {
         let huge = 2 << 20
         count = max(huge, (bytes + huge - 1) / huge * huge)
         guard let p = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { return nil }
+        #if os(Linux)
         _ = madvise(p, count, MADV_HUGEPAGE)
+        #endif
         base = p
     }
 
