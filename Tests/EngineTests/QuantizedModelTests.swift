@@ -1,4 +1,5 @@
 import Foundation
+import Format
 import Testing
 @testable import Engine
 
@@ -115,6 +116,48 @@ import Testing
         }
         let agreeing = (0..<tokens.count).filter { close(a.batched, c.batched, $0) }.count
         #expect(Double(agreeing) >= 0.9 * Double(tokens.count), "only \(agreeing) of \(tokens.count) positions agree to rounding")
+    }
+
+    /// `--tensor-type` overrides can leave an expert's three matrices in different types, so
+    /// grouped and plain rows meet in one expert (grouped gate with a q8_0 up, grouped gate and
+    /// up with a q8_0 down, a q8_0 gate with grouped up). Each combination runs, batched and
+    /// token by token, and gives what the same package with plain rows gives, to rounding (as in
+    /// `groupedRowsGiveThePlainRowResults`, up to the first router near-tie).
+    @Test(arguments: ["up", "down", "gate"])
+    func mixedExpertTypesRunInAnyLayout(overridden: String) throws {
+        let model = "tiny-4b-like"
+        let tokens = try Self.tokens(model)
+        let scratch = Scratch()
+        let float = try PackageReader(path: try Packages.path(model, .f32))
+        var paths: [String] = []
+        for interleave in [true, false] {
+            let policy = QuantizationPolicy(type: .q4_0, overrides: [("*.\(overridden)", .q8_0)], interleave: interleave)
+            let path = scratch.file("\(interleave ? "grouped" : "plain").stpk")
+            try Quantizer.write(try Quantizer.plan(source: float, policy: policy), to: path, overwrite: true, threads: 2)
+            paths.append(path)
+        }
+        let grouped = try Model(path: paths[0]), plain = try Model(path: paths[1], interleave: false)
+        let expert = grouped.layers[1].experts[2]
+        let layouts = [expert.gate.layout, expert.up.layout, expert.down.layout]
+        let expected: [WeightMatrix.Layout] = ["gate", "up", "down"].map { $0 == overridden || $0 == "down" ? .rows : .q4_0x8 }
+        #expect(layouts == expected, "\(layouts)")
+        let vocab = grouped.config.vocabSize
+        for batched in [true, false] {
+            var a: [Float] = [], b: [Float] = []
+            if batched {
+                a = try Session(model: grouped, threads: 2).evaluate(tokens, allLogits: true)
+                b = try Session(model: plain, threads: 2).evaluate(tokens, allLogits: true)
+            } else {
+                let (x, y) = (try Session(model: grouped, threads: 2), try Session(model: plain, threads: 2))
+                for t in tokens { a += try x.evaluate([t]); b += try y.evaluate([t]) }
+            }
+            func close(_ p: Int) -> Bool {
+                let u = a[p * vocab..<(p + 1) * vocab], v = b[p * vocab..<(p + 1) * vocab]
+                return zip(u, v).allSatisfy { abs($0 - $1) <= 1e-4 * (v.map(abs).max()! + 1) }
+            }
+            let firstTie = (0..<tokens.count).first { !close($0) } ?? tokens.count
+            #expect(firstTie >= 8, "\(overridden) overridden, \(batched ? "batched" : "token by token"): differs from position \(firstTie)")
+        }
     }
 
     /// The Q4_0 × Q8_0 integer kernels against the same weights dequantised to float32 and

@@ -123,7 +123,8 @@ extension Session {
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
             if n == 1, workers > 1, group.count <= c.activeExperts, let q = quantized,
-               group.allSatisfy({ currentExperts[$0]!.gate.layout == .q4_0x8 && currentExperts[$0]!.down.dtype == .q4_0 }) {
+               group.allSatisfy({ currentExperts[$0]!.gate.layout == .q4_0x8 && currentExperts[$0]!.up.layout == .q4_0x8
+                                  && currentExperts[$0]!.down.dtype == .q4_0 }) {
                 decodeSlices(Array(group), weights: routing, input: q, workers: workers)
                 expertCache?.release(layer: index, experts: group)
                 groupStart += group.count
@@ -135,16 +136,15 @@ extension Session {
                 let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
                 let out = partials + worker * b * hidden
                 let blocks = hidden / 32
-                // Neuron ranges in whole groups of eight when gate and up are interleaved.
-                let grouped = routing.usedCount > 0 && experts[routing.used[0]].map { $0.gate.layout == .q4_0x8 } == true
-                let unit = grouped ? 8 : 1
-                let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
                 let activations = gateBuffers + worker * max(2 * ffn, 16 * b)
                 let activeRows = activeIndices + worker * max(ffn, b)
                 for e in 0..<routing.experts where routing.counts[e] > 0 && experts[e] != nil {
                     let expert = experts[e]!
                     let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
-                    if expert.gate.layout == .q4_0x8 {
+                    // Neuron ranges in whole groups of eight when gate or up rows are grouped.
+                    let unit = expert.gate.layout == .q4_0x8 || expert.up.layout == .q4_0x8 ? 8 : 1
+                    let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
+                    if expert.gate.layout == .q4_0x8 && expert.up.layout == .q4_0x8 {
                         let (scales, values, sums) = (scales!, values!, sums!)
                         if count > 1, let batched, expert.down.dtype == .q4_0 {
                             // Eight neurons at a time: gate and up for all of the expert's tokens,
@@ -199,14 +199,31 @@ extension Session {
                         } else {
                             for i in 0..<count {
                                 let t = tokens[i]
-                                st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
-                                                  Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
-                                                  Int32(blocks), weights[i], out + t * hidden, activations)
+                                if expert.down.dtype == .q4_0 {
+                                    st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
+                                                      Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
+                                                      Int32(blocks), weights[i], out + t * hidden, activations)
+                                    continue
+                                }
+                                // A down matrix of another type (a --tensor-type override): groups
+                                // for gate and up, then its rows one by one in their own type.
+                                let g8 = activations, u8 = activations + 8
+                                for j in stride(from: first, to: last, by: 8) {
+                                    st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, scales + t * blocks,
+                                                      values + t * hidden, sums + t * blocks, 1, g8, 1)
+                                    guard (0..<8).contains(where: { g8[$0] > 0 }) else { continue }
+                                    st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, scales + t * blocks,
+                                                      values + t * hidden, sums + t * blocks, 1, u8, 1)
+                                    for r in 0..<8 where g8[r] > 0 {
+                                        DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype, scale: weights[i] * (g8[r] * u8[r]),
+                                                                into: out + t * hidden, hidden)
+                                    }
+                                }
                             }
                         }
                         continue
                     }
-                    if count > 1, let batched, expert.gate.dtype.isQuantized {
+                    if count > 1, let batched, expert.gate.dtype.isQuantized, expert.gate.layout == .rows, expert.up.layout == .rows {
                         // Row by row: gate for all of the expert's tokens at once, then up and down
                         // for the tokens that activate the neuron, while its rows are in cache.
                         for j in first..<last {
@@ -224,7 +241,8 @@ extension Session {
                     }
                     for i in 0..<count {
                         let t = tokens[i]
-                        if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0, let scales, let values, let sums {
+                        if expert.gate.dtype == .q4_0 && expert.up.dtype == .q4_0 && expert.down.dtype == .q4_0,
+                           expert.gate.layout == .rows && expert.up.layout == .rows, let scales, let values, let sums {
                             // The common case, all in C: gate, then up and down for the active neurons.
                             st_expert_q4_0(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
                                            Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
@@ -235,8 +253,14 @@ extension Session {
                         let xs = scales.map { $0 + t * blocks }, xq = values.map { $0 + t * hidden }, xsum = sums.map { $0 + t * blocks }
                         // Three passes over this worker's rows, each streaming through one matrix:
                         // gate for every neuron, up where the gate is positive, then down.
-                        for j in first..<last {
-                            activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
+                        if expert.gate.layout == .q4_0x8 {
+                            for j in stride(from: first, to: last, by: 8) {
+                                st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, xs!, xq!, xsum!, 1, activations + j, 1)
+                            }
+                        } else {
+                            for j in first..<last {
+                                activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
+                            }
                         }
                         var active = 0
                         for j in first..<last where activations[j] > 0 {
@@ -245,6 +269,14 @@ extension Session {
                         }
                         for a in 0..<active {
                             let j = Int(activeRows[a])
+                            if expert.up.layout == .q4_0x8 {
+                                // Grouped up rows with plain gate rows (a --tensor-type override):
+                                // the row's group, and its share of it.
+                                let u8 = activations + ffn
+                                st_matmul_q4_0_x8(expert.up.base + j / 8 * 8 * expert.up.rowBytes, Int32(blocks), 0, 1, xs!, xq!, xsum!, 1, u8, 1)
+                                activations[j] *= u8[j % 8]
+                                continue
+                            }
                             if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
                             activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
                         }
