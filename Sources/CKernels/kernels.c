@@ -141,9 +141,9 @@ static void quantize_q8_0_portable(const float *x, float *scales, int8_t *q, int
     }
 }
 
-// Q4_0 rows interleaved in groups of eight (ST_Q4_0_X8): for each block column, the eight rows'
-// float16 scales (16 bytes), then their nibbles in four 32-byte chunks, chunk c holding bytes
-// 4c..4c+3 of each row's block in row order. A 32-byte load then feeds eight rows at once, and
+// Q4_0 rows in groups of eight (the row_major_x8 layout of specs/FORMAT.md): for each block
+// column, the eight rows' float16 scales (16 bytes), then their nibbles in four 32-byte chunks,
+// chunk c holding bytes 4c..4c+3 of each row's block in row order. A 32-byte load then feeds eight rows at once, and
 // the scales load as one vector.
 
 static void dot_q4_0_x8_portable(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
@@ -807,33 +807,6 @@ void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_
     }
     for (int a = 0; a < count; a++) act[a] *= weight;
     k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32);
-}
-
-void st_repack_q4_0_x8(const void *rows, int row_bytes, int row_count, void *out) {
-    const uint8_t *src = rows;
-    uint8_t *dst = out;
-    const int blocks = row_bytes / 18;
-    for (int g = 0; g + 8 <= row_count; g += 8) {
-        for (int b = 0; b < blocks; b++) {
-            for (int i = 0; i < 8; i++) memcpy(dst + 2 * i, src + (size_t)(g + i) * row_bytes + (size_t)b * 18, 2);
-            dst += 16;
-            for (int c = 0; c < 4; c++) {
-                for (int i = 0; i < 8; i++) memcpy(dst + 4 * i, src + (size_t)(g + i) * row_bytes + (size_t)b * 18 + 2 + 4 * c, 4);
-                dst += 32;
-            }
-        }
-    }
-}
-
-void st_unpack_q4_0_x8_row(const void *packed, int row_bytes, int row, void *out) {
-    const uint8_t *group = (const uint8_t *)packed + (size_t)(row / 8) * 8 * row_bytes;
-    const int i = row % 8;
-    uint8_t *dst = out;
-    for (int b = 0; b < row_bytes / 18; b++, dst += 18) {
-        const uint8_t *p = group + (size_t)b * 144;
-        memcpy(dst, p + 2 * i, 2);
-        for (int c = 0; c < 4; c++) memcpy(dst + 2 + 4 * c, p + 16 + 32 * c + 4 * i, 4);
-    }
 }
 
 void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last_group, const float *xs, const int8_t *xq,

@@ -125,11 +125,11 @@ import Testing
             let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
             let rowBytes = matrix.count / rows, blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
-            st_repack_q4_0_x8(matrix, Int32(rowBytes), Int32(rows), &packed)
+            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { Q4_0Groups.interleave(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
             #expect(packed != matrix)
             for r in 0..<rows {
                 var back = [UInt8](repeating: 0, count: rowBytes)
-                st_unpack_q4_0_x8_row(packed, Int32(rowBytes), Int32(r), &back)
+                packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { Q4_0Groups.row(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) } }
                 #expect(back == Array(matrix[r * rowBytes..<(r + 1) * rowBytes]), "row \(r) does not come back")
             }
             var scales = [Float](repeating: 0, count: blocks * tokens)

@@ -39,7 +39,7 @@ typedef struct st_kernel_table {
     void (*axpy_bf16)(const uint16_t *row, float a, float *y, int n);
     void (*axpy_f16)(const uint16_t *row, float a, float *y, int n);
     void (*quantize_q8_0)(const float *x, float *scales, int8_t *q, int32_t *sums, int n);
-    /// Eight interleaved Q4_0 rows (one group of the ST_Q4_0_X8 layout) against `tokens`
+    /// Eight interleaved Q4_0 rows (one group of the row_major_x8 layout) against `tokens`
     /// activation vectors: row i of token t to out[t * out_stride + i].
     void (*dot_q4_0_x8)(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                         int tokens, float *out, int out_stride);
@@ -95,18 +95,12 @@ void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_
                     float *scratch);
 
 /// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
-/// Q4_0 rows regrouped for the eight-row kernels: for each group of eight rows and each block
-/// column, the eight float16 scales, then four 32-byte chunks, chunk c holding bytes 4c..4c+3 of
-/// each row's quants (row order). Same size as the rows; `row_count` must be a multiple of 8.
-void st_repack_q4_0_x8(const void *rows, int row_bytes, int row_count, void *out);
-/// Row `row` of a repacked matrix back in ggml's block layout (`row_bytes` bytes).
-void st_unpack_q4_0_x8_row(const void *packed, int row_bytes, int row, void *out);
-/// Groups first_group..<last_group of a repacked matrix against `tokens` activation vectors:
-/// out[t * out_stride + r] for rows r of those groups.
+/// Groups first_group..<last_group of a matrix in the row_major_x8 layout (specs/FORMAT.md)
+/// against `tokens` activation vectors: out[t * out_stride + r] for rows r of those groups.
 void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last_group, const float *xs, const int8_t *xq,
                        const int32_t *xsum, int tokens, float *out, int out_stride);
 
-/// The same with gate and up in the ST_Q4_0_X8 layout: first and last are multiples of 8, and a
+/// The same with gate and up in the row_major_x8 layout: first and last are multiples of 8, and a
 /// group of eight neurons whose gates are all ≤ 0 skips its up rows.
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
                        const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,

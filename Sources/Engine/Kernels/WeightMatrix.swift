@@ -13,7 +13,7 @@ public struct WeightMatrix: @unchecked Sendable {
     public enum Layout: Sendable, Equatable {
         /// Row after row, as in the package.
         case rows
-        /// Q4_0 rows in groups of eight, block columns interleaved (`st_repack_q4_0_x8`).
+        /// Q4_0 rows in groups of eight, block columns interleaved (`Q4_0Groups`).
         case q4_0x8
     }
 
@@ -51,7 +51,7 @@ public struct WeightMatrix: @unchecked Sendable {
             TensorCodec.decode(row(index), dtype: dtype, count: columns, into: out)
         case .q4_0x8:
             withUnsafeTemporaryAllocation(byteCount: rowBytes, alignment: 16) { row in
-                st_unpack_q4_0_x8_row(base, Int32(rowBytes), Int32(index), row.baseAddress!)
+                Q4_0Groups.row(index, of: base, rowBytes: rowBytes, into: row.baseAddress!)
                 TensorCodec.decode(UnsafeRawPointer(row.baseAddress!), dtype: dtype, count: columns, into: out)
             }
         }

@@ -171,7 +171,7 @@ public final class Model: @unchecked Sendable {
             for j in stride(from: slice, to: jobs.count, by: WorkerPool.shared.workers + 1) {
                 let job = jobs[j]
                 if job.regroup {
-                    st_repack_q4_0_x8(job.source, Int32(job.rowBytes), Int32(job.rows), job.target)
+                    Q4_0Groups.interleave(job.source, into: job.target, rowBytes: job.rowBytes, rowCount: job.rows)
                 } else {
                     job.target.copyMemory(from: job.source, byteCount: job.rows * job.rowBytes)
                 }
