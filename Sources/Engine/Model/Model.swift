@@ -95,11 +95,8 @@ public final class Model: @unchecked Sendable {
         let mappedEmbedding = matrix(TensorNames.embedding)
         let mappedOutput = c.tieWordEmbeddings ? mappedEmbedding : matrix(TensorNames.output)
         dense.append(mappedOutput)
-        var attention: [[WeightMatrix]] = []
         for n in 0..<c.layerCount {
-            let four = [matrix(TensorNames.query(n)), matrix(TensorNames.key(n)), matrix(TensorNames.value(n)), matrix(TensorNames.attentionOutput(n))]
-            attention.append(four)
-            dense += four
+            dense += [matrix(TensorNames.query(n)), matrix(TensorNames.key(n)), matrix(TensorNames.value(n)), matrix(TensorNames.attentionOutput(n))]
         }
         var experts: [[ExpertWeights]] = []
         for n in 0..<c.layerCount {
