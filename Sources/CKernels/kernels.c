@@ -313,10 +313,11 @@ AVX2 static float dot_f16_avx2(const uint16_t *row, const float *x, int n) {
     return sum;
 }
 
-// Eight interleaved rows against G tokens: each chunk's nibbles are unpacked once for all tokens.
-// AVX2 has no byte dot product into 32 bits: maddubs gives pairs in 16 bits, and the eight
-// chunk halves of a block sum without overflow there (8 · 2 · 15 · 127 < 32768).
-#define X8_TOKENS_AVX2(G)                                                                                   \
+// Eight grouped rows against G tokens: each chunk's nibbles are unpacked once for all tokens, and
+// BLOCK_DOT(lo, hi, x, seed) gives the eight rows' integer sums for one token's block (seeded
+// with −8·Σx: unsigned nibbles 0..15 against signed activations, the seed removes the offset of
+// 8 for all eight rows at once). Expanded inside functions compiled for AVX2 or AVX-512.
+#define X8_TOKENS(G, BLOCK_DOT)                                                                             \
     for (; t + G <= tokens; t += G) {                                                                       \
         const uint8_t *p = group;                                                                           \
         __m256 acc[G];                                                                                      \
@@ -331,24 +332,28 @@ AVX2 static float dot_f16_avx2(const uint16_t *row, const float *x, int n) {
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));                         \
             for (int k = 0; k < G; k++) {                                                                   \
                 const size_t base = (size_t)(t + k) * blocks + b;                                           \
-                const int32_t *x = (const int32_t *)(xq + base * 32);                                       \
-                __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(x[0]));                         \
-                for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(x[c]))); \
-                for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(x[4 + c]))); \
-                const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(-8 * xsum[base])); \
-                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xs[base])), _mm256_cvtepi32_ps(s32), acc[k]); \
+                const __m256i sums = BLOCK_DOT(lo, hi, (const int32_t *)(xq + base * 32), -8 * xsum[base]); \
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xs[base])), _mm256_cvtepi32_ps(sums), acc[k]); \
             }                                                                                               \
         }                                                                                                   \
         for (int k = 0; k < G; k++) _mm256_storeu_ps(out + (size_t)(t + k) * out_stride, acc[k]);          \
     }
 
+// AVX2 has no byte dot product into 32 bits: maddubs gives pairs in 16 bits, and the eight chunk
+// halves of a block sum without overflow there (8 · 2 · 15 · 127 < 32768).
+AVX2 static inline __m256i x8_block_avx2(const __m256i lo[4], const __m256i hi[4], const int32_t *x, int32_t seed) {
+    __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(x[0]));
+    for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(x[c])));
+    for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(x[4 + c])));
+    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), _mm256_set1_epi32(seed));
+}
+
 AVX2 static void dot_q4_0_x8_avx2(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                   int tokens, float *out, int out_stride) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     int t = 0;
-    X8_TOKENS_AVX2(4)
-    X8_TOKENS_AVX2(1)
+    X8_TOKENS(4, x8_block_avx2)
+    X8_TOKENS(1, x8_block_avx2)
 }
 
 AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
@@ -636,42 +641,23 @@ AVX512 static void quantize_q8_0_avx512(const float *x, float *scales, int8_t *q
     }
 }
 
-// The VNNI form: one vpdpbusd per chunk half, seeded with −8·Σx (unsigned nibbles 0..15 against
-// signed activations; the seed removes the offset of 8 for all eight rows at once).
-#define X8_TOKENS_VNNI(G)                                                                                   \
-    for (; t + G <= tokens; t += G) {                                                                       \
-        const uint8_t *p = group;                                                                           \
-        __m256 acc[G];                                                                                      \
-        for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
-        for (int b = 0; b < blocks; b++, p += 144) {                                                        \
-            __m256i lo[4], hi[4];                                                                           \
-            for (int c = 0; c < 4; c++) {                                                                   \
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));                   \
-                lo[c] = _mm256_and_si256(v, mask);                                                          \
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                                    \
-            }                                                                                               \
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));                         \
-            for (int k = 0; k < G; k++) {                                                                   \
-                const size_t base = (size_t)(t + k) * blocks + b;                                           \
-                const int32_t *x = (const int32_t *)(xq + base * 32);                                       \
-                __m256i a0 = _mm256_set1_epi32(-8 * xsum[base]), a1 = _mm256_setzero_si256();              \
-                for (int c = 0; c < 4; c++) {                                                               \
-                    a0 = _mm256_dpbusd_epi32(a0, lo[c], _mm256_set1_epi32(x[c]));                           \
-                    a1 = _mm256_dpbusd_epi32(a1, hi[c], _mm256_set1_epi32(x[4 + c]));                       \
-                }                                                                                           \
-                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xs[base])), _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), acc[k]); \
-            }                                                                                               \
-        }                                                                                                   \
-        for (int k = 0; k < G; k++) _mm256_storeu_ps(out + (size_t)(t + k) * out_stride, acc[k]);          \
+// The VNNI form: one vpdpbusd per chunk half.
+AVX512 static inline __m256i x8_block_vnni(const __m256i lo[4], const __m256i hi[4], const int32_t *x, int32_t seed) {
+    __m256i a0 = _mm256_set1_epi32(seed), a1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        a0 = _mm256_dpbusd_epi32(a0, lo[c], _mm256_set1_epi32(x[c]));
+        a1 = _mm256_dpbusd_epi32(a1, hi[c], _mm256_set1_epi32(x[4 + c]));
     }
+    return _mm256_add_epi32(a0, a1);
+}
 
 AVX512 static void dot_q4_0_x8_avx512(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                       int tokens, float *out, int out_stride) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     int t = 0;
-    X8_TOKENS_VNNI(8)
-    X8_TOKENS_VNNI(4)
-    X8_TOKENS_VNNI(1)
+    X8_TOKENS(8, x8_block_vnni)
+    X8_TOKENS(4, x8_block_vnni)
+    X8_TOKENS(1, x8_block_vnni)
 }
 
 TOKENS_VIA_DOT(dot_q4_0_tokens_avx2, dot_q4_0_avx2)
