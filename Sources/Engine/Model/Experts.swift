@@ -125,7 +125,7 @@ extension Session {
             if n == 1, workers > 1, group.count <= c.activeExperts, let q = quantized,
                group.allSatisfy({ currentExperts[$0]!.gate.layout == .q4_0x8 && currentExperts[$0]!.up.layout == .q4_0x8
                                   && currentExperts[$0]!.down.dtype == .q4_0 }) {
-                decodeSlices(Array(group), weights: routing, input: q, workers: workers)
+                decodeSlices(UnsafeBufferPointer(rebasing: group), weights: routing, input: q, workers: workers)
                 expertCache?.release(layer: index, experts: group)
                 groupStart += group.count
                 continue
@@ -146,12 +146,14 @@ extension Session {
                     let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
                     if expert.gate.layout == .q4_0x8 && expert.up.layout == .q4_0x8 {
                         let (scales, values, sums) = (scales!, values!, sums!)
-                        if count > 1, let batched, expert.down.dtype == .q4_0 {
+                        if count > 1, let batched {
                             // Eight neurons at a time: gate and up for all of the expert's tokens,
-                            // noting for each token the neurons the ReLU lets through; then each
-                            // token's down rows in one pass of the many-row kernel.
+                            // then down for each (token, neuron) the ReLU lets through. Q4_0 down
+                            // rows are listed per token and added in one pass of the many-row
+                            // kernel; rows of other types are added one by one.
                             let ups = activations + 8 * count
                             let base = routing.firstRow[e]
+                            let listDown = expert.down.dtype == .q4_0
                             let rows = downRows + worker * b * ffn, rowScales = downScales + worker * b * ffn
                             let listed = UnsafeMutableBufferPointer(start: activeRows, count: count)
                             listed.update(repeating: 0)
@@ -165,35 +167,23 @@ extension Session {
                                                   batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
                                 for i in 0..<count {
                                     for r in 0..<8 where activations[8 * i + r] > 0 {
-                                        let at = i * ffn + Int(listed[i])
-                                        rows[at] = Int32(j + r)
-                                        rowScales[at] = weights[i] * activations[8 * i + r] * ups[8 * i + r]
-                                        listed[i] += 1
+                                        let scale = weights[i] * activations[8 * i + r] * ups[8 * i + r]
+                                        if listDown {
+                                            let at = i * ffn + Int(listed[i])
+                                            rows[at] = Int32(j + r)
+                                            rowScales[at] = scale
+                                            listed[i] += 1
+                                        } else {
+                                            DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype, scale: scale,
+                                                                    into: out + tokens[i] * hidden, hidden)
+                                        }
                                     }
                                 }
                             }
-                            for i in 0..<count {
-                                st_axpy_rows_q4_0(expert.down.base, Int32(expert.down.rowBytes), rows + i * ffn, rowScales + i * ffn, listed[i],
-                                                  out + tokens[i] * hidden, Int32(hidden))
-                            }
-                        } else if count > 1, let batched {
-                            // Eight neurons at a time: gate and up for all of the expert's tokens,
-                            // then down for each (token, neuron) the ReLU lets through.
-                            let ups = activations + 8 * count
-                            let base = routing.firstRow[e]
-                            for j in stride(from: first, to: last, by: 8) {
-                                st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
-                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), activations, 8)
-                                var any = false
-                                for i in 0..<8 * count where activations[i] > 0 { any = true; break }
-                                if !any { continue }
-                                st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
-                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
+                            if listDown {
                                 for i in 0..<count {
-                                    for r in 0..<8 where activations[8 * i + r] > 0 {
-                                        DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype,
-                                                                scale: weights[i] * activations[8 * i + r] * ups[8 * i + r], into: out + tokens[i] * hidden, hidden)
-                                    }
+                                    st_axpy_rows_q4_0(expert.down.base, Int32(expert.down.rowBytes), rows + i * ffn, rowScales + i * ffn, listed[i],
+                                                      out + tokens[i] * hidden, Int32(hidden))
                                 }
                             }
                         } else {
@@ -309,7 +299,7 @@ extension Session {
     /// a shared machine (the memory traffic of one slows the other), and a static half each left
     /// one waiting. Each slice adds into its own buffer and the buffers are summed in slice order,
     /// so the result is the same whoever took what. Adds into the first worker's partial sums.
-    func decodeSlices(_ group: [Int], weights routing: ExpertAssignments, input q: QuantizedActivations, workers: Int) {
+    func decodeSlices(_ group: UnsafeBufferPointer<Int>, weights routing: ExpertAssignments, input q: QuantizedActivations, workers: Int) {
         let c = model.config
         let hidden = c.hiddenSize, ffn = c.expertFFNSize, b = Session.maximumBatch, perExpert = Session.decodeSlices
         let groups = ffn / 8
