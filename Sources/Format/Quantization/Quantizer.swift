@@ -171,16 +171,18 @@ public enum Quantizer {
                     let rows = min(rowsPerChunk, from.rows - row)
                     let inBytes = UnsafeMutableRawBufferPointer(rebasing: input[..<(rows * inRowBytes)])
                     try source.read(from, from: row * inRowBytes, into: inBytes)
+                    // Grouped source rows are decoded from their plain form.
+                    var plainInput = UnsafeRawPointer(inBytes.baseAddress!)
                     if from.layout == .rowMajorX8 {
-                        Q4_0Groups.deinterleave(inBytes.baseAddress!, into: regrouped.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
-                        inBytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: regrouped[..<(rows * inRowBytes)]))
+                        Q4_0Groups.deinterleave(plainInput, into: regrouped.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
+                        plainInput = UnsafeRawPointer(regrouped.baseAddress!)
                     }
                     let slices = min(workers, rows)
                     let partial = UnsafeMutableBufferPointer<QuantizationError>.allocate(capacity: slices)
                     defer { partial.deallocate() }
                     let overflow = UnsafeMutableBufferPointer<Int>.allocate(capacity: slices)
                     defer { overflow.deallocate() }
-                    let buffers = Unchecked((input: UnsafeRawPointer(inBytes.baseAddress!), output: output.baseAddress!, floats: floats,
+                    let buffers = Unchecked((input: plainInput, output: output.baseAddress!, floats: floats,
                                              back: roundTrip, partial: partial, overflow: overflow))
                     let fromType = from.dtype, toType = entry.dtype
                     parallelFor(slices) { slice in
