@@ -24,6 +24,21 @@ import Testing
         return out
     }
 
+    /// `tokens` random activation vectors of `length` values, side by side in their Q8_0 form.
+    func quantizedActivations(_ k: st_kernel_table, length: Int, tokens: Int, _ g: inout Generator) -> (scales: [Float], values: [Int8], sums: [Int32]) {
+        let blocks = length / 32
+        var scales = [Float](repeating: 0, count: blocks * tokens)
+        var values = [Int8](repeating: 0, count: length * tokens)
+        var sums = [Int32](repeating: 0, count: blocks * tokens)
+        for t in 0..<tokens {
+            let x = (0..<length).map { _ in g.next() * 2 }
+            scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
+                k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
+            } } }
+        }
+        return (scales, values, sums)
+    }
+
     @Test func theBestAvailableSetIsSelected() {
         #expect(DotKernels.active == DotKernels.detected)
         #expect(Self.sets.last == DotKernels.detected)
@@ -91,15 +106,7 @@ import Testing
             var g = Generator(state: 7 + UInt64(length * tokens))
             let row = encoded((0..<length).map { _ in g.next() }, dtype)
             let blocks = length / 32
-            var scales = [Float](repeating: 0, count: blocks * tokens)
-            var values = [Int8](repeating: 0, count: length * tokens)
-            var sums = [Int32](repeating: 0, count: blocks * tokens)
-            for t in 0..<tokens {
-                let x = (0..<length).map { _ in g.next() * 2 }
-                scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
-                    k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
-                } } }
-            }
+            let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)
             var out = [Float](repeating: .nan, count: tokens * 3)
             row.withUnsafeBytes { r in
                 let f = (dtype == .q4_0 ? k.dot_q4_0_tokens : k.dot_q8_0_tokens)!
@@ -132,15 +139,7 @@ import Testing
                 packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { Q4_0Groups.row(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) } }
                 #expect(back == Array(matrix[r * rowBytes..<(r + 1) * rowBytes]), "row \(r) does not come back")
             }
-            var scales = [Float](repeating: 0, count: blocks * tokens)
-            var values = [Int8](repeating: 0, count: length * tokens)
-            var sums = [Int32](repeating: 0, count: blocks * tokens)
-            for t in 0..<tokens {
-                let x = (0..<length).map { _ in g.next() * 2 }
-                scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
-                    k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
-                } } }
-            }
+            let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)
             let stride = rows + 3
             var out = [Float](repeating: .nan, count: tokens * stride)
             packed.withUnsafeBytes { p in
