@@ -1,4 +1,3 @@
-import CKernels
 import Format
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,3 @@
-import CKernels
 import Format
 
 /// Errors of the runtime. Each message says what to do about it.
