@@ -171,6 +171,37 @@ static void dot_q4_0_x8_portable(const void *group, const float *xs, const int8_
     }
 }
 
+// A Q4_0 row in the row_major_b8 layout (each group of eight blocks as one octet: eight scales,
+// then four 32-byte chunks, chunk c holding quant bytes 4c..4c+3 of each block) against
+// activations interleaved to match (st_interleave_q8_0_b8): per group g of 256 values, eight
+// 32-byte vectors, 0..3 for the low nibbles of chunks 0..3 and 4..7 for the high ones, lane k
+// of each holding the four values of block 8g+k that meet that lane's weight bytes. The integer
+// sums of eight blocks then land in eight lanes, and their eight scales apply as one vector.
+static void dot_q4_0_b8_portable(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                 int tokens, float *out, int out_stride) {
+    (void)xsum;
+    for (int t = 0; t < tokens; t++) {
+        const uint8_t *p = row;
+        const float *s = xs + (size_t)t * blocks;
+        const int8_t *x = xr + (size_t)t * blocks * 32;
+        float sum = 0;
+        for (int g = 0; g < blocks / 8; g++, p += 144, x += 256) {
+            for (int k = 0; k < 8; k++) {
+                int32_t acc = 0;
+                for (int c = 0; c < 4; c++) {
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t q = p[16 + 32 * c + 4 * k + j];
+                        acc += ((q & 0x0F) - 8) * x[32 * c + 4 * k + j];
+                        acc += ((q >> 4) - 8) * x[128 + 32 * c + 4 * k + j];
+                    }
+                }
+                sum += fp16_to_fp32(load_u16(p + 2 * k)) * s[8 * g + k] * (float)acc;
+            }
+        }
+        out[(size_t)t * out_stride] = sum;
+    }
+}
+
 // y += Σ_a coefficients[a] · row rows[a] of a Q4_0 matrix (the active neurons of a down matrix).
 #define AXPY_ROWS_VIA_AXPY(name, axpy)                                                                   \
     static void name(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) { \
@@ -354,6 +385,47 @@ AVX2 static void dot_q4_0_x8_avx2(const void *group, const float *xs, const int8
     int t = 0;
     X8_TOKENS(4, x8_block_avx2)
     X8_TOKENS(1, x8_block_avx2)
+}
+
+// Eight blocks of one row against G tokens' interleaved activations: each chunk's nibbles are
+// unpacked once for all tokens, and BLOCK_DOT(lo, hi, x, seed) gives the eight blocks' integer
+// sums (seeded with −8·Σx of each block).
+#define B8_TOKENS(G, BLOCK_DOT)                                                                             \
+    for (; t + G <= tokens; t += G) {                                                                       \
+        const uint8_t *p = row;                                                                             \
+        __m256 acc[G];                                                                                      \
+        for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
+        for (int g = 0; g < blocks / 8; g++, p += 144) {                                                    \
+            __m256i lo[4], hi[4];                                                                           \
+            for (int c = 0; c < 4; c++) {                                                                   \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));                   \
+                lo[c] = _mm256_and_si256(v, mask);                                                          \
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                                    \
+            }                                                                                               \
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));                         \
+            for (int k = 0; k < G; k++) {                                                                   \
+                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const __m256i seed = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
+                const __m256i sums = BLOCK_DOT(lo, hi, xr + base * 32, seed);                               \
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(xs + base)), _mm256_cvtepi32_ps(sums), acc[k]); \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int k = 0; k < G; k++) out[(size_t)(t + k) * out_stride] = hsum256(acc[k]);                   \
+    }
+
+AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i seed) {
+    __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_loadu_si256((const __m256i *)x));
+    for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c))));
+    for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))));
+    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), seed);
+}
+
+AVX2 static void dot_q4_0_b8_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                  int tokens, float *out, int out_stride) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    int t = 0;
+    B8_TOKENS(4, b8_block_avx2)
+    B8_TOKENS(1, b8_block_avx2)
 }
 
 AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
@@ -660,6 +732,24 @@ AVX512 static void dot_q4_0_x8_avx512(const void *group, const float *xs, const 
     X8_TOKENS(1, x8_block_vnni)
 }
 
+AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i seed) {
+    __m256i a0 = seed, a1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        a0 = _mm256_dpbusd_epi32(a0, lo[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c)));
+        a1 = _mm256_dpbusd_epi32(a1, hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c)));
+    }
+    return _mm256_add_epi32(a0, a1);
+}
+
+AVX512 static void dot_q4_0_b8_avx512(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                      int tokens, float *out, int out_stride) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    int t = 0;
+    B8_TOKENS(8, b8_block_vnni)
+    B8_TOKENS(4, b8_block_vnni)
+    B8_TOKENS(1, b8_block_vnni)
+}
+
 TOKENS_VIA_DOT(dot_q4_0_tokens_avx2, dot_q4_0_avx2)
 TOKENS_VIA_DOT(dot_q8_0_tokens_avx2, dot_q8_0_avx2)
 #endif
@@ -671,19 +761,19 @@ typedef st_kernel_table kernel_table;
 static const kernel_table portable = {
     dot_q4_0_portable, dot_q8_0_portable, dot_q4_0_tokens_portable, dot_q8_0_tokens_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
     axpy_q4_0_portable, axpy_q8_0_portable, axpy_f32_portable, axpy_bf16_portable, axpy_f16_portable,
-    quantize_q8_0_portable, dot_q4_0_x8_portable, axpy_rows_q4_0_portable, attend_portable,
+    quantize_q8_0_portable, dot_q4_0_x8_portable, dot_q4_0_b8_portable, axpy_rows_q4_0_portable, attend_portable,
 };
 
 #ifdef ST_X86
 static const kernel_table avx2 = {
     dot_q4_0_avx2, dot_q8_0_avx2, dot_q4_0_tokens_avx2, dot_q8_0_tokens_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx2, axpy_rows_q4_0_avx2, attend_portable,
+    quantize_q8_0_portable, dot_q4_0_x8_avx2, dot_q4_0_b8_avx2, axpy_rows_q4_0_avx2, attend_portable,
 };
 static const kernel_table avx512 = {
     dot_q4_0_vnni256, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx512, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_avx512, dot_q4_0_x8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
+    quantize_q8_0_avx512, dot_q4_0_x8_avx512, dot_q4_0_b8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
 };
 #endif
 
@@ -803,9 +893,26 @@ void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last
         k->dot_q4_0_x8(base + (size_t)g * blocks * 144, xs, xq, xsum, blocks, tokens, out + (size_t)g * 8, out_stride);
 }
 
+void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
+                       int blocks, int tokens, float *out, int out_stride) {
+    const kernel_table *k = table();
+    const uint8_t *base = rows;
+    for (int r = first; r < last; r++) k->dot_q4_0_b8(base + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+}
+
+void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
+    for (int g = 0; g < blocks / 8; g++, xq += 256, xr += 256) {
+        for (int c = 0; c < 8; c++) {
+            // Vector c: lane k holds values 4c..4c+3 (c < 4: low nibbles) or 16+4(c−4).. of block k.
+            const int from = c < 4 ? 4 * c : 16 + 4 * (c - 4);
+            for (int k = 0; k < 8; k++) memcpy(xr + 32 * c + 4 * k, xq + 32 * k + from, 4);
+        }
+    }
+}
+
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
-                       const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
-                       float *scratch) {
+                       const float *xs, const int8_t *xq, const int8_t *xr, const int32_t *xsum, int blocks, float weight,
+                       float *out, float *scratch) {
     const kernel_table *k = table();
     const uint8_t *g = gate, *u = up, *d = down;
     const int n = last - first;
@@ -815,6 +922,20 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
     float gv[8], uv[8];
     for (int r = first; r < last; r += 8) {
         k->dot_q4_0_x8(g + (size_t)r * row_bytes, xs, xq, xsum, blocks, 1, gv, 8);
+        if (xr) {
+            // Up rows one by one, after this pass: start fetching each active neuron's into L2
+            // now, while the next gate groups stream.
+            for (int i = 0; i < 8; i++) {
+                if (gv[i] > 0) {
+                    act[count] = gv[i];
+                    active[count] = r + i;
+                    count++;
+                    const char *row = (const char *)u + (size_t)(r + i) * row_bytes;
+                    for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
+                }
+            }
+            continue;
+        }
         int any = 0;
         for (int i = 0; i < 8; i++) any |= gv[i] > 0;
         if (!any) continue;
@@ -829,6 +950,15 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
                 const char *row = (const char *)d + (size_t)(r + i) * row_bytes;
                 for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
             }
+        }
+    }
+    if (xr) {
+        for (int a = 0; a < count; a++) {
+            float v;
+            k->dot_q4_0_b8(u + (size_t)active[a] * row_bytes, xs, xr, xsum, blocks, 1, &v, 1);
+            act[a] *= v;
+            const char *row = (const char *)d + (size_t)active[a] * row_bytes;
+            for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
         }
     }
     for (int a = 0; a < count; a++) act[a] *= weight;

@@ -40,7 +40,7 @@ struct STQuant: ParsableCommand {
     @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
     var allowRequantize = false
 
-    @Flag(help: "Store Q4_0 matrices in ggml's plain row order instead of row_major_x8 groups of eight rows (slower to run; for tools that read rows in place).")
+    @Flag(help: "Store Q4_0 matrices in ggml's plain row order instead of row_major_x8 groups of eight rows and, for expert up matrices, row_major_b8 groups of eight blocks (slower to run; for tools that read rows in place).")
     var plainRows = false
 
     @Option(name: [.customShort("t"), .long], help: "Worker threads (default: all cores).")

@@ -164,6 +164,53 @@ import Testing
         }
     }
 
+    /// Rows whose blocks are grouped in eights (`row_major_b8`), read with interleaved
+    /// activations, equal the scalar reference on the plain rows for every token of a batch
+    /// (counts that do and do not fill the kernels' token groups); the rows come back byte for
+    /// byte, and a product of a subset of rows writes only those.
+    @Test(arguments: sets)
+    func blockGroupedRowsMatchTheReference(set: DotKernels.InstructionSet) {
+        let k = table(set)
+        for (length, rows, tokens) in [(256, 3, 1), (512, 5, 4), (1536, 7, 13)] {
+            var g = Generator(state: 97 + UInt64(length * tokens))
+            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
+            let rowBytes = matrix.count / rows, blocks = length / 32
+            var packed = [UInt8](repeating: 0, count: matrix.count)
+            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { TensorLayout.rowMajorB8.arrange(plain: m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            #expect(packed != matrix)
+            var back = [UInt8](repeating: 0, count: matrix.count)
+            packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { TensorLayout.rowMajorB8.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            #expect(back == matrix, "rows do not come back")
+            let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)
+            var interleaved = [Int8](repeating: 0, count: values.count)
+            values.withUnsafeBufferPointer { v in interleaved.withUnsafeMutableBufferPointer { o in
+                for t in 0..<tokens { st_interleave_q8_0_b8(v.baseAddress! + t * length, o.baseAddress! + t * length, Int32(blocks)) }
+            } }
+            #expect(interleaved.sorted() == values.sorted() && interleaved != values)
+            let stride = rows + 3, first = 1
+            var out = [Float](repeating: .nan, count: tokens * stride)
+            packed.withUnsafeBytes { p in
+                for r in first..<rows {
+                    out.withUnsafeMutableBufferPointer { o in
+                        k.dot_q4_0_b8(p.baseAddress! + r * rowBytes, scales, interleaved, sums, Int32(blocks), Int32(tokens), o.baseAddress! + r, Int32(stride))
+                    }
+                }
+            }
+            matrix.withUnsafeBytes { m in
+                for t in 0..<tokens {
+                    for r in first..<rows {
+                        let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
+                            ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
+                        } }
+                        let fast = out[t * stride + r]
+                        #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)")
+                    }
+                }
+            }
+            #expect(out.enumerated().allSatisfy { (first..<rows).contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows")
+        }
+    }
+
     /// Adding many scaled Q4_0 rows at once (the active neurons of a down matrix) equals adding
     /// them one by one with the scalar reference, for counts that do and do not fill the groups
     /// of four.
@@ -285,20 +332,22 @@ import Testing
     /// them again would give.
     @Test func appendedRowsKeepTheSourceQuantisation() {
         var g = KernelTests.Generator(state: 17)
-        let source = ActivationBatch(columns: 96, capacity: 4)
+        let n = 256, blocks = n / 32
+        let source = ActivationBatch(columns: n, capacity: 4)
         source.setCount(4)
-        for r in 0..<4 { for i in 0..<96 { source.row(r)[i] = g.next() * 3 } }
+        for r in 0..<4 { for i in 0..<n { source.row(r)[i] = g.next() * 3 } }
         _ = source.quantizedForm()
-        let gathered = ActivationBatch(columns: 96, capacity: 4)
+        let gathered = ActivationBatch(columns: n, capacity: 4)
         gathered.setCount(0)
         for r in [2, 0, 3] { gathered.append(row: r, of: source) }
         let copied = gathered.quantizedForm()
-        let fresh = ActivationBatch(columns: 96, capacity: 4)
+        let fresh = ActivationBatch(columns: n, capacity: 4)
         fresh.setCount(3)
-        for (i, r) in [2, 0, 3].enumerated() { fresh.row(i).update(from: source.row(r), count: 96) }
+        for (i, r) in [2, 0, 3].enumerated() { fresh.row(i).update(from: source.row(r), count: n) }
         let requantised = fresh.quantizedForm()
-        #expect(Array(UnsafeBufferPointer(start: copied.values, count: 3 * 96)) == Array(UnsafeBufferPointer(start: requantised.values, count: 3 * 96)))
-        #expect(Array(UnsafeBufferPointer(start: copied.scales, count: 9)) == Array(UnsafeBufferPointer(start: requantised.scales, count: 9)))
-        #expect(Array(UnsafeBufferPointer(start: copied.sums, count: 9)) == Array(UnsafeBufferPointer(start: requantised.sums, count: 9)))
+        #expect(Array(UnsafeBufferPointer(start: copied.values, count: 3 * n)) == Array(UnsafeBufferPointer(start: requantised.values, count: 3 * n)))
+        #expect(Array(UnsafeBufferPointer(start: copied.interleaved!, count: 3 * n)) == Array(UnsafeBufferPointer(start: requantised.interleaved!, count: 3 * n)))
+        #expect(Array(UnsafeBufferPointer(start: copied.scales, count: 3 * blocks)) == Array(UnsafeBufferPointer(start: requantised.scales, count: 3 * blocks)))
+        #expect(Array(UnsafeBufferPointer(start: copied.sums, count: 3 * blocks)) == Array(UnsafeBufferPointer(start: requantised.sums, count: 3 * blocks)))
     }
 }

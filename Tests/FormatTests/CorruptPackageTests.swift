@@ -63,7 +63,7 @@ import Testing
         Case(name: "shorter than a header", defect: .truncated, needsVerify: false) { data in data = data.prefix(40) },
         Case(name: "wrong magic", defect: .notAPackage, needsVerify: false) { data in data[0] = 0x47 },
         Case(name: "header checksum", defect: .headerChecksum, needsVerify: false) { data in data[33] ^= 1 },
-        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 8, UInt16(3)) },
+        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 8, UInt16(PackageFormat.majorVersion + 1)) },
         Case(name: "unknown flags", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 12, UInt32(4)) },
         Case(name: "file truncated", defect: .truncated, needsVerify: false) { data in data = data.prefix(data.count - 4096) },
         Case(name: "manifest length past the data offset", defect: .rangeOutOfBounds, needsVerify: false) { data in
@@ -85,6 +85,13 @@ import Testing
         Case(name: "row_major_x8 in a format 1 file", defect: .invalidManifest, needsVerify: false) { data in
             setHeader(&data, 8, UInt16(1))
             try editTensor(&data, "layers.1.attn_q") { $0["layout"] = "row_major_x8" }
+        },
+        Case(name: "row_major_b8 on a float tensor", defect: .invalidManifest, needsVerify: false) { data in
+            try editTensor(&data, "layers.1.experts.0.up") { $0["layout"] = "row_major_b8" }
+        },
+        Case(name: "row_major_b8 in a format 2 file", defect: .invalidManifest, needsVerify: false) { data in
+            setHeader(&data, 8, UInt16(2))
+            try editTensor(&data, "layers.1.experts.0.up") { $0["layout"] = "row_major_b8" }
         },
         Case(name: "length disagrees with shape", defect: .invalidManifest, needsVerify: false) { data in
             try editTensor(&data, "layers.1.attn_q") { $0["length"] = ($0["length"] as! Int) - 2 }
@@ -157,7 +164,7 @@ import Testing
         },
     ]
 
-    /// Format 2 readers still read format 1 files (2.0 only added a layout).
+    /// Format 3 readers still read format 1 files (2.0 and 3.0 only added layouts).
     @Test func formatOneFilesStillOpen() throws {
         let scratch = ScratchDirectory()
         let path = try convertFixture("tiny-4b-like", in: scratch)

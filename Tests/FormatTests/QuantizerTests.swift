@@ -92,6 +92,40 @@ import Testing
         #expect(grouped2D > 0)
     }
 
+    /// Which layout each Q4_0 matrix gets: expert up rows of a multiple of 256 values keep their
+    /// rows apart with blocks grouped (`row_major_b8`), narrower ones and other matrices in source
+    /// orientation group rows in eights when the row count allows, the rest stay as they are.
+    @Test func layoutsFollowTheRoleAndTheShape() {
+        let policy = QuantizationPolicy(type: .q4_0)
+        let up = "layers.3.experts.5.up", gate = "layers.3.experts.5.gate"
+        #expect(policy.layout(name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajorB8)
+        #expect(policy.layout(name: up, dtype: .q4_0, shape: [60, 256], orientation: .rowMajor) == .rowMajorB8)
+        #expect(policy.layout(name: up, dtype: .q4_0, shape: [64, 96], orientation: .rowMajor) == .rowMajorX8)
+        #expect(policy.layout(name: up, dtype: .q4_0, shape: [60, 96], orientation: .rowMajor) == .rowMajor)
+        #expect(policy.layout(name: up, dtype: .q8_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
+        #expect(policy.layout(name: gate, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajorX8)
+        #expect(policy.layout(name: "layers.3.attn_q", dtype: .q4_0, shape: [1536, 1536], orientation: .rowMajor) == .rowMajorX8)
+        #expect(policy.layout(name: "layers.3.experts.5.down", dtype: .q4_0, shape: [768, 1536], orientation: .transposed) == .transposed)
+        #expect(QuantizationPolicy(type: .q4_0, interleave: false).layout(name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
+    }
+
+    /// Both grouped layouts hold a matrix's bytes in place of its rows and give them back.
+    @Test(arguments: [TensorLayout.rowMajorX8, .rowMajorB8])
+    func groupedLayoutsRoundTrip(layout: TensorLayout) {
+        let rows = 16, rowBytes = 8 * 18 * 2
+        let plain = (0..<rows * rowBytes).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 7) }
+        var packed = [UInt8](repeating: 0, count: plain.count), back = packed
+        #expect(layout.fits(dtype: .q4_0, rows: rows, rowBytes: rowBytes) && !layout.fits(dtype: .q8_0, rows: rows, rowBytes: rowBytes))
+        plain.withUnsafeBytes { p in packed.withUnsafeMutableBytes { layout.arrange(plain: p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+        packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { layout.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+        #expect(packed != plain && packed.sorted() == plain.sorted())
+        #expect(back == plain)
+        if layout == .rowMajorB8 {
+            // Rows stay where they were: each row's bytes are a permutation of its own.
+            for r in 0..<rows { #expect(packed[r * rowBytes..<(r + 1) * rowBytes].sorted() == plain[r * rowBytes..<(r + 1) * rowBytes].sorted()) }
+        }
+    }
+
     @Test func alreadyQuantisedTensorsAreRefusedUnlessAllowed() throws {
         let scratch = ScratchDirectory()
         let float = try convertFixture("tiny-4b-like", in: scratch)

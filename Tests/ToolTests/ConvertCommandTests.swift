@@ -30,7 +30,7 @@ import Testing
         let json = try Tools.run("strun", ["inspect", output, "--json"])
         #expect(json.status == 0)
         let object = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
-        #expect(object["format_version"] as? String == "2.0")
+        #expect(object["format_version"] as? String == "3.0")
         let config = try #require(object["config"] as? [String: Any])
         #expect(config["num_hidden_layers"] as? Int == 8)
         #expect(config["moe_primary_router_apply_softmax"] as? Bool == true)

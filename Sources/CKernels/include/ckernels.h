@@ -43,6 +43,10 @@ typedef struct st_kernel_table {
     /// activation vectors: row i of token t to out[t * out_stride + i].
     void (*dot_q4_0_x8)(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                         int tokens, float *out, int out_stride);
+    /// One Q4_0 row in the row_major_b8 layout against `tokens` activation vectors interleaved by
+    /// st_interleave_q8_0_b8 (`xr`; blocks a multiple of 8): row · x_t to out[t * out_stride].
+    void (*dot_q4_0_b8)(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                        int tokens, float *out, int out_stride);
     /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
     /// `heads` query heads sharing one key/value head (queries and outputs `head_dim` floats
@@ -94,17 +98,27 @@ void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_
                     const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
                     float *scratch);
 
-/// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
 /// Groups first_group..<last_group of a matrix in the row_major_x8 layout (specs/FORMAT.md)
 /// against `tokens` activation vectors: out[t * out_stride + r] for rows r of those groups.
 void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last_group, const float *xs, const int8_t *xq,
                        const int32_t *xsum, int tokens, float *out, int out_stride);
 
-/// The same with gate and up in the row_major_x8 layout: first and last are multiples of 8, and a
-/// group of eight neurons whose gates are all ≤ 0 skips its up rows.
+/// The same with gate in the row_major_x8 layout (first and last multiples of 8), and up either
+/// row_major_x8 too (`xr` NULL: a group of eight neurons whose gates are all ≤ 0 skips its up
+/// rows) or row_major_b8 (`xr` the activations interleaved for it: up rows of active neurons only).
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
-                       const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, float weight, float *out,
-                       float *scratch);
+                       const float *xs, const int8_t *xq, const int8_t *xr, const int32_t *xsum, int blocks, float weight,
+                       float *out, float *scratch);
+
+/// Rows first..<last of a Q4_0 matrix in the row_major_b8 layout against `tokens` interleaved
+/// activation vectors: out[t * out_stride + r].
+void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
+                       int blocks, int tokens, float *out, int out_stride);
+
+/// Q8_0 activation values (blocks a multiple of 8) in the order the row_major_b8 kernels read:
+/// per group of eight blocks, vector c (0..7) holds in lane k the four values of block k that
+/// meet chunk c % 4's low (c < 4) or high nibbles.
+void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks);
 
 /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
@@ -112,6 +126,7 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
 void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
                int head_dim, float scale, float *outs);
 
+/// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
 void st_prefetch(const void *p, int bytes);
 
 #endif

@@ -47,6 +47,9 @@ public final class ActivationBatch: @unchecked Sendable {
             (quantized.scales + index * blocks).update(from: from.scales + sourceRow * blocks, count: blocks)
             (quantized.sums + index * blocks).update(from: from.sums + sourceRow * blocks, count: blocks)
             (quantized.values + index * columns).update(from: from.values + sourceRow * columns, count: columns)
+            if let to = quantized.interleaved, let from = from.interleaved {
+                (to + index * columns).update(from: from + sourceRow * columns, count: columns)
+            }
             quantizedCount += 1
         }
     }
@@ -123,6 +126,11 @@ public enum MatMul {
                     continue
                 }
                 let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
+                if w.layout == .q4_0b8, let q {
+                    st_matmul_q4_0_b8(w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
+                                      Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+                    continue
+                }
                 if let q, w.dtype.isQuantized {
                     st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
                                         q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))

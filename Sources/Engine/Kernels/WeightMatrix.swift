@@ -1,3 +1,4 @@
+import CKernels
 import Format
 #if canImport(Glibc)
 import Glibc
@@ -14,6 +15,18 @@ public struct WeightMatrix: @unchecked Sendable {
         case rows
         /// Q4_0 rows in groups of eight, block columns interleaved (`Q4_0Groups`).
         case q4_0x8
+        /// Q4_0 rows one by one, each row's blocks in groups of eight (`Q4_0BlockGroups`): read
+        /// with activations in `QuantizedActivations.interleaved`.
+        case q4_0b8
+
+        /// The layout a package tensor stored as `layout` is read in.
+        init(_ layout: TensorLayout) {
+            switch layout {
+            case .rowMajorX8: self = .q4_0x8
+            case .rowMajorB8: self = .q4_0b8
+            case .rowMajor, .transposed: self = .rows
+            }
+        }
     }
 
     public let name: String
@@ -26,7 +39,7 @@ public struct WeightMatrix: @unchecked Sendable {
 
     public init(name: String, base: UnsafeRawPointer, dtype: TensorDType, rows: Int, columns: Int, layout: Layout = .rows) {
         precondition(columns % dtype.blockSize == 0)
-        precondition(layout == .rows || (dtype == .q4_0 && rows % 8 == 0))
+        precondition(layout == .rows || (dtype == .q4_0 && (layout == .q4_0x8 ? rows % 8 == 0 : columns % 256 == 0)))
         self.name = name
         self.base = base
         self.dtype = dtype
@@ -39,7 +52,7 @@ public struct WeightMatrix: @unchecked Sendable {
     /// Whether this matrix can be regrouped for the eight-row kernels.
     public var canInterleave: Bool { layout == .rows && dtype == .q4_0 && rows % 8 == 0 && rows > 0 }
 
-    /// Row `index` of a matrix in the `.rows` layout.
+    /// Row `index` of a matrix in the `.rows` or `.q4_0b8` layout.
     @inline(__always)
     public func row(_ index: Int) -> UnsafeRawPointer { base + index * rowBytes }
 
@@ -48,12 +61,30 @@ public struct WeightMatrix: @unchecked Sendable {
         switch layout {
         case .rows:
             TensorCodec.decode(row(index), dtype: dtype, count: columns, into: out)
-        case .q4_0x8:
+        case .q4_0x8, .q4_0b8:
             withUnsafeTemporaryAllocation(byteCount: rowBytes, alignment: 16) { row in
-                Q4_0Groups.row(index, of: base, rowBytes: rowBytes, into: row.baseAddress!)
+                if layout == .q4_0x8 {
+                    Q4_0Groups.row(index, of: base, rowBytes: rowBytes, into: row.baseAddress!)
+                } else {
+                    Q4_0BlockGroups.deinterleave(self.row(index), into: row.baseAddress!, rowBytes: rowBytes, rowCount: 1)
+                }
                 TensorCodec.decode(UnsafeRawPointer(row.baseAddress!), dtype: dtype, count: columns, into: out)
             }
         }
+    }
+
+    /// Row `index` · activation vector `t` (float `x`, and its Q8_0 form `q` for quantised
+    /// weights), for a matrix in the `.rows` or `.q4_0b8` layout.
+    @inline(__always)
+    func dot(row index: Int, _ x: UnsafePointer<Float>, _ q: QuantizedActivations?, token t: Int) -> Float {
+        let blocks = columns / 32
+        if layout == .q4_0b8, let q {
+            var v: Float = 0
+            st_matmul_q4_0_b8(base, Int32(rowBytes), Int32(index), Int32(index + 1), q.scales + t * blocks, q.interleaved! + t * columns,
+                              q.sums + t * blocks, Int32(blocks), 1, &v, 1)
+            return v
+        }
+        return MatMul.dot(row(index), dtype, x, q.map { $0.scales + t * blocks }, q.map { $0.values + t * columns }, q.map { $0.sums + t * blocks }, columns)
     }
 }
 
@@ -86,6 +117,9 @@ public struct QuantizedActivations {
     public let values: UnsafeMutablePointer<Int8>
     /// Σ of each block's values (lets the Q4_0 kernels fold the −8 offset into one product).
     public let sums: UnsafeMutablePointer<Int32>
+    /// The values reordered for `row_major_b8` rows (`st_interleave_q8_0_b8`); nil unless
+    /// `columns` is a multiple of 256.
+    public let interleaved: UnsafeMutablePointer<Int8>?
 
     public init(columns: Int, capacity: Int) {
         precondition(columns % 32 == 0)
@@ -94,12 +128,14 @@ public struct QuantizedActivations {
         scales = .allocate(capacity: capacity * columns / 32)
         values = .allocate(capacity: capacity * columns)
         sums = .allocate(capacity: capacity * columns / 32)
+        interleaved = columns % 256 == 0 ? .allocate(capacity: capacity * columns) : nil
     }
 
     public func deallocate() {
         scales.deallocate()
         values.deallocate()
         sums.deallocate()
+        interleaved?.deallocate()
     }
 
     /// Quantises vector `index` (`columns` floats at `x`): d = amax / 127, q = round(x / d),
@@ -107,5 +143,6 @@ public struct QuantizedActivations {
     public func quantize(_ x: UnsafePointer<Float>, at index: Int) {
         let blocks = columns / 32
         DotKernels.quantizeActivations(x, scales: scales + index * blocks, values: values + index * columns, sums: sums + index * blocks, columns)
+        if let interleaved { st_interleave_q8_0_b8(values + index * columns, interleaved + index * columns, Int32(blocks)) }
     }
 }

@@ -123,17 +123,16 @@ extension Session {
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
             if n == 1, workers > 1, group.count <= c.activeExperts, let q = quantized,
-               group.allSatisfy({ currentExperts[$0]!.gate.layout == .q4_0x8 && currentExperts[$0]!.up.layout == .q4_0x8
-                                  && currentExperts[$0]!.down.dtype == .q4_0 }) {
+               group.allSatisfy({ currentExperts[$0]!.groupedGateUp && currentExperts[$0]!.down.dtype == .q4_0 }) {
                 decodeSlices(UnsafeBufferPointer(rebasing: group), weights: routing, input: q, workers: workers)
                 expertCache?.release(layer: index, experts: group)
                 groupStart += group.count
                 continue
             }
-            let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized?.scales, quantized?.values, quantized?.sums,
-                                  gateBuffers, activeIndices, batched, downRows, downScales))
+            let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales))
             parallelFor(workers) { worker in
-                let (experts, routing, partials, floats, scales, values, sums, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
+                let (experts, routing, partials, floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
+                let scales = quantized?.scales, values = quantized?.values, sums = quantized?.sums
                 let out = partials + worker * b * hidden
                 let blocks = hidden / 32
                 let activations = gateBuffers + worker * max(2 * ffn, 16 * b)
@@ -144,8 +143,9 @@ extension Session {
                     // Neuron ranges in whole groups of eight when gate or up rows are grouped.
                     let unit = expert.gate.layout == .q4_0x8 || expert.up.layout == .q4_0x8 ? 8 : 1
                     let first = unit * (ffn / unit * worker / workers), last = unit * (ffn / unit * (worker + 1) / workers)
-                    if expert.gate.layout == .q4_0x8 && expert.up.layout == .q4_0x8 {
+                    if expert.groupedGateUp {
                         let (scales, values, sums) = (scales!, values!, sums!)
+                        let upRows = expert.up.layout == .q4_0b8
                         if count > 1, let batched {
                             // Eight neurons at a time: gate and up for all of the expert's tokens,
                             // then down for each (token, neuron) the ReLU lets through. Q4_0 down
@@ -163,8 +163,17 @@ extension Session {
                                 var any = false
                                 for i in 0..<8 * count where activations[i] > 0 { any = true; break }
                                 if !any { continue }
-                                st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
-                                                  batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
+                                if upRows {
+                                    // Each up row for all the tokens, where any token lets its neuron through.
+                                    for r in 0..<8 where (0..<count).contains(where: { activations[8 * $0 + r] > 0 }) {
+                                        st_matmul_q4_0_b8(expert.up.row(j + r), Int32(expert.up.rowBytes), 0, 1,
+                                                          batched.scales + base * blocks, batched.interleaved! + base * hidden,
+                                                          batched.sums + base * blocks, Int32(blocks), Int32(count), ups + r, 8)
+                                    }
+                                } else {
+                                    st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
+                                                      batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
+                                }
                                 for i in 0..<count {
                                     for r in 0..<8 where activations[8 * i + r] > 0 {
                                         let scale = weights[i] * activations[8 * i + r] * ups[8 * i + r]
@@ -191,7 +200,8 @@ extension Session {
                                 let t = tokens[i]
                                 if expert.down.dtype == .q4_0 {
                                     st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
-                                                      Int32(first), Int32(last), scales + t * blocks, values + t * hidden, sums + t * blocks,
+                                                      Int32(first), Int32(last), scales + t * blocks, values + t * hidden,
+                                                      upRows ? quantized!.interleaved! + t * hidden : nil, sums + t * blocks,
                                                       Int32(blocks), weights[i], out + t * hidden, activations)
                                     continue
                                 }
@@ -202,8 +212,12 @@ extension Session {
                                     st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, scales + t * blocks,
                                                       values + t * hidden, sums + t * blocks, 1, g8, 1)
                                     guard (0..<8).contains(where: { g8[$0] > 0 }) else { continue }
-                                    st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, scales + t * blocks,
-                                                      values + t * hidden, sums + t * blocks, 1, u8, 1)
+                                    if upRows {
+                                        for r in 0..<8 where g8[r] > 0 { u8[r] = expert.up.dot(row: j + r, floats + t * hidden, quantized, token: t) }
+                                    } else {
+                                        st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, scales + t * blocks,
+                                                          values + t * hidden, sums + t * blocks, 1, u8, 1)
+                                    }
                                     for r in 0..<8 where g8[r] > 0 {
                                         DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype, scale: weights[i] * (g8[r] * u8[r]),
                                                                 into: out + t * hidden, hidden)
@@ -248,9 +262,7 @@ extension Session {
                                 st_matmul_q4_0_x8(expert.gate.base + j * expert.gate.rowBytes, Int32(blocks), 0, 1, xs!, xq!, xsum!, 1, activations + j, 1)
                             }
                         } else {
-                            for j in first..<last {
-                                activations[j] = MatMul.dot(expert.gate.row(j), expert.gate.dtype, x, xs, xq, xsum, hidden)
-                            }
+                            for j in first..<last { activations[j] = expert.gate.dot(row: j, x, quantized, token: t) }
                         }
                         var active = 0
                         for j in first..<last where activations[j] > 0 {
@@ -268,7 +280,7 @@ extension Session {
                                 continue
                             }
                             if a + 2 < active { DotKernels.prefetch(expert.up.row(Int(activeRows[a + 2])), bytes: expert.up.rowBytes) }
-                            activations[j] *= MatMul.dot(expert.up.row(j), expert.up.dtype, x, xs, xq, xsum, hidden)
+                            activations[j] *= expert.up.dot(row: j, x, quantized, token: t)
                         }
                         let y = out + t * hidden
                         for a in 0..<active {
@@ -320,7 +332,8 @@ extension Session {
                 out.update(repeating: 0, count: hidden)
                 st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
                                   Int32(8 * (groups * part / perExpert)), Int32(8 * (groups * (part + 1) / perExpert)),
-                                  q.scales, q.values, q.sums, Int32(hidden / 32), weight, out, scratch)
+                                  q.scales, q.values, expert.up.layout == .q4_0b8 ? q.interleaved : nil, q.sums, Int32(hidden / 32),
+                                  weight, out, scratch)
             }
         }
         for slice in 0..<slices {

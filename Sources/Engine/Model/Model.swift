@@ -30,6 +30,9 @@ struct ExpertWeights: @unchecked Sendable {
     let gate: WeightMatrix
     let up: WeightMatrix
     let down: WeightMatrix
+
+    /// Gate in groups of eight rows and up grouped too (rows or blocks): the grouped expert kernels.
+    var groupedGateUp: Bool { gate.layout == .q4_0x8 && (up.layout == .q4_0x8 || up.layout == .q4_0b8) }
 }
 
 struct LayerWeights: @unchecked Sendable {
@@ -82,7 +85,7 @@ public final class Model: @unchecked Sendable {
             // The reader has checked presence, shape and range of every tensor the config needs.
             let t = package.tensor(name)!
             return WeightMatrix(name: name, base: package.bytes(of: t).baseAddress!, dtype: t.dtype, rows: t.shape[0], columns: t.shape[1],
-                                layout: t.layout == .rowMajorX8 ? .q4_0x8 : .rows)
+                                layout: WeightMatrix.Layout(t.layout))
         }
         func vector(_ name: String) -> [Float] {
             let t = package.tensor(name)!

@@ -3,10 +3,10 @@ public enum PackageFormat {
     public static let name = "stpk"
     /// "STPK\r\n\u{1A}\n": the line-ending and EOF bytes catch files mangled by text-mode transfers.
     public static let magic: [UInt8] = [0x53, 0x54, 0x50, 0x4B, 0x0D, 0x0A, 0x1A, 0x0A]
-    /// 2.0 added the `row_major_x8` layout; version 1 files are still read.
-    public static let majorVersion = 2
+    /// 2.0 added the `row_major_x8` layout, 3.0 `row_major_b8`; versions 1 and 2 are still read.
+    public static let majorVersion = 3
     public static let minorVersion = 0
-    public static let readableMajorVersions = 1...2
+    public static let readableMajorVersions = 1...3
     public static let headerLength = 64
     public static let tensorAlignment = 64
     public static let bundleAlignment = 4096

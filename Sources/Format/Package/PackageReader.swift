@@ -59,12 +59,14 @@ public final class PackageReader: @unchecked Sendable {
                 throw defect(.misaligned, "tensor \(t.name) at byte \(t.offset) is not \(PackageFormat.tensorAlignment)-byte aligned")
             }
             guard t.layout == .rowMajor || t.shape.count == 2 else { throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue) but not 2-D") }
-            if t.layout == .rowMajorX8 {
-                guard header.majorVersion >= 2 else {
-                    throw defect(.invalidManifest, "tensor \(t.name) is row_major_x8, which format \(header.majorVersion).\(header.minorVersion) does not have")
+            if t.layout.isGrouped {
+                let since = t.layout == .rowMajorX8 ? 2 : 3
+                guard header.majorVersion >= since else {
+                    throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue), which format \(header.majorVersion).\(header.minorVersion) does not have")
                 }
-                guard t.dtype == .q4_0, t.shape[0] % Q4_0Groups.rows == 0 else {
-                    throw defect(.invalidManifest, "tensor \(t.name) is row_major_x8, which needs q4_0 and a multiple of 8 rows (it is \(t.dtype.rawValue) \(t.shape))")
+                guard t.layout.fits(dtype: t.dtype, rows: t.shape[0], rowBytes: t.length / max(1, t.shape[0])) else {
+                    let needs = t.layout == .rowMajorX8 ? "a multiple of 8 rows" : "rows of a multiple of 256 values"
+                    throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue), which needs q4_0 and \(needs) (it is \(t.dtype.rawValue) \(t.shape))")
                 }
             }
             try checkRange(t.offset, t.length, "tensor \(t.name)")
@@ -140,13 +142,13 @@ public final class PackageReader: @unchecked Sendable {
     /// its dtype and however its rows are grouped.
     public func decode(_ tensor: TensorEntry, into out: UnsafeMutablePointer<Float>) {
         let bytes = bytes(of: tensor)
-        guard tensor.layout == .rowMajorX8 else {
+        guard tensor.layout.isGrouped else {
             TensorCodec.decode(bytes.baseAddress!, dtype: tensor.dtype, count: tensor.elementCount, into: out)
             return
         }
         let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: tensor.length, alignment: 64)
         defer { plain.deallocate() }
-        Q4_0Groups.deinterleave(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: tensor.length / tensor.rows, rowCount: tensor.rows)
+        tensor.layout.plainRows(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: tensor.length / tensor.rows, rowCount: tensor.rows)
         TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: tensor.dtype, count: tensor.elementCount, into: out)
     }
 

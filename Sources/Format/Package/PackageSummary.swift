@@ -39,8 +39,8 @@ public enum PackageSummary {
         lines.append("  tensor dtypes:     " + dtypeCounts.sorted { $0.key < $1.key }.map { "\($0.key) × \($0.value)" }.joined(separator: ", "))
         let q4 = m.tensors.filter { $0.dtype == .q4_0 && $0.shape.count == 2 }
         if !q4.isEmpty {
-            let grouped = q4.filter { $0.layout == .rowMajorX8 }.count
-            lines.append("  q4_0 matrices:     \(grouped) in groups of eight rows (row_major_x8), \(q4.count - grouped) in plain rows")
+            let rows = q4.filter { $0.layout == .rowMajorX8 }.count, blocks = q4.filter { $0.layout == .rowMajorB8 }.count
+            lines.append("  q4_0 matrices:     \(rows) in groups of eight rows (row_major_x8), \(blocks) in rows of eight-block groups (row_major_b8), \(q4.count - rows - blocks) in plain rows")
         }
         if let first = m.bundles.first, let last = m.bundles.last {
             lines.append("  expert region:     [\(first.offset), \(last.offset + last.length)), layer-major, expert-minor")

@@ -58,15 +58,69 @@ public enum TensorLayout: String, Sendable, Codable {
     /// Same element order as the source, Q4_0 rows stored in groups of eight with their blocks
     /// interleaved (`Q4_0Groups`): what the eight-row kernels read. Format 2 and later.
     case rowMajorX8 = "row_major_x8"
+    /// Same element order as the source, each Q4_0 row's blocks stored in groups of eight,
+    /// interleaved (`Q4_0BlockGroups`): rows stay separate, so a kernel can skip any one of
+    /// them, yet eight blocks feed one vector. Format 3 and later.
+    case rowMajorB8 = "row_major_b8"
 
-    /// The orientation relative to the source (regrouping rows does not transpose).
+    /// The orientation relative to the source (regrouping rows or blocks does not transpose).
     public var orientation: TensorLayout { self == .transposed ? .transposed : .rowMajor }
+
+    /// Whether the blocks of a Q4_0 matrix are rearranged (row_major_x8 or row_major_b8).
+    public var isGrouped: Bool { self == .rowMajorX8 || self == .rowMajorB8 }
+
+    /// Rows that one rearranging step takes together: 8 for row_major_x8, else 1.
+    public var rowUnit: Int { self == .rowMajorX8 ? Q4_0Groups.rows : 1 }
+
+    /// Whether a `dtype` matrix of `rows` rows of `rowBytes` bytes can be stored this way.
+    public func fits(dtype: TensorDType, rows: Int, rowBytes: Int) -> Bool {
+        switch self {
+        case .rowMajor, .transposed: true
+        case .rowMajorX8: dtype == .q4_0 && rows % Q4_0Groups.rows == 0
+        case .rowMajorB8: dtype == .q4_0 && rowBytes % (Q4_0BlockGroups.blocks * Q4_0Groups.blockBytes) == 0
+        }
+    }
+
+    /// `rowCount` plain rows (a multiple of `rowUnit`) from `source` into `target` in this layout.
+    public func arrange(plain source: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        switch self {
+        case .rowMajor, .transposed: target.copyMemory(from: source, byteCount: rowBytes * rowCount)
+        case .rowMajorX8: Q4_0Groups.interleave(source, into: target, rowBytes: rowBytes, rowCount: rowCount)
+        case .rowMajorB8: Q4_0BlockGroups.interleave(source, into: target, rowBytes: rowBytes, rowCount: rowCount)
+        }
+    }
+
+    /// Undoes `arrange`: `rowCount` rows in this layout back to plain rows.
+    public func plainRows(_ source: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        switch self {
+        case .rowMajor, .transposed: target.copyMemory(from: source, byteCount: rowBytes * rowCount)
+        case .rowMajorX8: Q4_0Groups.deinterleave(source, into: target, rowBytes: rowBytes, rowCount: rowCount)
+        case .rowMajorB8: Q4_0BlockGroups.deinterleave(source, into: target, rowBytes: rowBytes, rowCount: rowCount)
+        }
+    }
+}
+
+/// Eight Q4_0 blocks (18 bytes each, `stride` bytes apart) as one 144-byte group: their eight
+/// float16 scales, then four 32-byte chunks, chunk c holding quant bytes 4c ..< 4c+4 of each
+/// block in order. Both grouped layouts are made of these.
+enum Q4_0Octet {
+    static func pack(_ first: UnsafeRawPointer, stride: Int, into out: UnsafeMutableRawPointer) {
+        for i in 0..<8 { (out + 2 * i).copyMemory(from: first + i * stride, byteCount: 2) }
+        for chunk in 0..<4 {
+            for i in 0..<8 { (out + 16 + 32 * chunk + 4 * i).copyMemory(from: first + i * stride + 2 + 4 * chunk, byteCount: 4) }
+        }
+    }
+
+    /// Block `i` of a packed group back into its 18 bytes.
+    static func unpack(_ group: UnsafeRawPointer, block i: Int, into out: UnsafeMutableRawPointer) {
+        out.copyMemory(from: group + 2 * i, byteCount: 2)
+        for chunk in 0..<4 { (out + 2 + 4 * chunk).copyMemory(from: group + 16 + 32 * chunk + 4 * i, byteCount: 4) }
+    }
 }
 
 /// The `row_major_x8` arrangement of a Q4_0 matrix: rows in groups of eight; for each group and
-/// each block column, the eight rows' float16 scales (16 bytes), then four 32-byte chunks, chunk c
-/// holding bytes 2+4c ..< 6+4c of each row's 18-byte block, in row order. A group occupies exactly
-/// the bytes of its eight rows, so offsets, lengths and CRCs work as for plain rows.
+/// each block column, the eight rows' blocks as one `Q4_0Octet`. A group occupies exactly the
+/// bytes of its eight rows, so offsets, lengths and CRCs work as for plain rows.
 public enum Q4_0Groups {
     public static let rows = 8
     static let blockBytes = 18
@@ -77,34 +131,53 @@ public enum Q4_0Groups {
         var out = target
         for group in stride(from: 0, to: rowCount, by: rows) {
             for block in 0..<rowBytes / blockBytes {
-                for i in 0..<rows {
-                    out.copyMemory(from: source + (group + i) * rowBytes + block * blockBytes, byteCount: 2)
-                    out += 2
-                }
-                for chunk in 0..<4 {
-                    for i in 0..<rows {
-                        out.copyMemory(from: source + (group + i) * rowBytes + block * blockBytes + 2 + 4 * chunk, byteCount: 4)
-                        out += 4
-                    }
-                }
+                Q4_0Octet.pack(source + group * rowBytes + block * blockBytes, stride: rowBytes, into: out)
+                out += rows * blockBytes
             }
         }
     }
 
     /// Row `row` of a regrouped matrix back as a plain row of `rowBytes` bytes.
     public static func row(_ row: Int, of packed: UnsafeRawPointer, rowBytes: Int, into target: UnsafeMutableRawPointer) {
-        let group = packed + row / rows * rows * rowBytes, i = row % rows
+        let group = packed + row / rows * rows * rowBytes
         for block in 0..<rowBytes / blockBytes {
-            let p = group + block * rows * blockBytes, out = target + block * blockBytes
-            out.copyMemory(from: p + 2 * i, byteCount: 2)
-            for chunk in 0..<4 {
-                (out + 2 + 4 * chunk).copyMemory(from: p + 2 * rows + 32 * chunk + 4 * i, byteCount: 4)
-            }
+            Q4_0Octet.unpack(group + block * rows * blockBytes, block: row % rows, into: target + block * blockBytes)
         }
     }
 
     /// Undoes `interleave` for `rowCount` rows.
     public static func deinterleave(_ packed: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
         for r in 0..<rowCount { row(r, of: packed, rowBytes: rowBytes, into: target + r * rowBytes) }
+    }
+}
+
+/// The `row_major_b8` arrangement of a Q4_0 matrix: each row on its own, its blocks in groups of
+/// eight (blocks 8g … 8g+7 as one `Q4_0Octet`), so a row is still `rowBytes` bytes at the same
+/// offset and rows can be read, or skipped, one at a time. The row length must be a multiple of
+/// 256 values (eight blocks).
+public enum Q4_0BlockGroups {
+    public static let blocks = 8
+
+    /// Rearranges `rowCount` plain rows of `rowBytes` bytes (a multiple of 144) from `source` into `target`.
+    public static func interleave(_ source: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        let groupBytes = blocks * Q4_0Groups.blockBytes
+        precondition(rowBytes % groupBytes == 0)
+        for r in 0..<rowCount {
+            for g in stride(from: 0, to: rowBytes, by: groupBytes) {
+                Q4_0Octet.pack(source + r * rowBytes + g, stride: Q4_0Groups.blockBytes, into: target + r * rowBytes + g)
+            }
+        }
+    }
+
+    /// Undoes `interleave` for `rowCount` rows.
+    public static func deinterleave(_ packed: UnsafeRawPointer, into target: UnsafeMutableRawPointer, rowBytes: Int, rowCount: Int) {
+        let groupBytes = blocks * Q4_0Groups.blockBytes
+        for r in 0..<rowCount {
+            for g in stride(from: 0, to: rowBytes, by: groupBytes) {
+                for i in 0..<blocks {
+                    Q4_0Octet.unpack(packed + r * rowBytes + g, block: i, into: target + r * rowBytes + g + i * Q4_0Groups.blockBytes)
+                }
+            }
+        }
     }
 }

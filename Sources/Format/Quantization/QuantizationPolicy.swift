@@ -8,8 +8,10 @@
 ///
 /// Q4_0 matrices stored in their source orientation are written `row_major_x8` (rows regrouped
 /// in eights for the runtime's eight-row kernels; the blocks are ggml's, byte for byte) unless
-/// `interleave` is off; neuron-major `down` matrices keep plain rows (the runtime reads only the
-/// rows of active neurons).
+/// `interleave` is off. Expert `up` matrices are written `row_major_b8` instead (each row's blocks
+/// grouped in eights; rows of a multiple of 256 values), because the runtime reads the up row of
+/// an active neuron only; neuron-major
+/// `down` matrices keep plain rows for the same reason.
 public struct QuantizationPolicy: Sendable {
     public var type: TensorDType
     public var embeddingType: TensorDType?
@@ -28,11 +30,15 @@ public struct QuantizationPolicy: Sendable {
         self.allowRequantize = allowRequantize
     }
 
-    /// The stored layout for a tensor of `shape`, in `orientation` relative to its source, given
-    /// the dtype it gets.
-    public func layout(dtype: TensorDType, shape: [Int], orientation: TensorLayout) -> TensorLayout {
-        guard interleave, dtype == .q4_0, orientation == .rowMajor, shape.count == 2, shape[0] % Q4_0Groups.rows == 0 else { return orientation }
-        return .rowMajorX8
+    /// The stored layout for tensor `name` of `shape`, in `orientation` relative to its source,
+    /// given the dtype it gets.
+    public func layout(name: String, dtype: TensorDType, shape: [Int], orientation: TensorLayout) -> TensorLayout {
+        guard interleave, orientation == .rowMajor, shape.count == 2, let rowBytes = dtype.byteLength(shape: [shape[1]]) else { return orientation }
+        let upRows = name.hasSuffix(".up") && TensorNames.role(of: name) == .expert
+        for layout in upRows ? [TensorLayout.rowMajorB8, .rowMajorX8] : [.rowMajorX8] where layout.fits(dtype: dtype, rows: shape[0], rowBytes: rowBytes) {
+            return layout
+        }
+        return orientation
     }
 
     /// Parses `PATTERN=TYPE`.

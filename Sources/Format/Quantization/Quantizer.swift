@@ -78,7 +78,7 @@ public enum Quantizer {
                 throw .invalidRequest("tensor \(t.name) is already \(t.dtype.rawValue); quantising it again to \(decision.dtype.rawValue) compounds the error. Quantise the float package instead, or pass --allow-requantize")
             }
             decisions[t.name] = decision
-            let layout = policy.layout(dtype: decision.dtype, shape: t.shape, orientation: t.layout.orientation)
+            let layout = policy.layout(name: t.name, dtype: decision.dtype, shape: t.shape, orientation: t.layout.orientation)
             planned.append(PlannedTensor(name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
                                          layout: layout, bundle: bundleOf[t.name].map { ($0.layer, $0.expert) }))
         }
@@ -88,7 +88,7 @@ public enum Quantizer {
         quantization["type"] = .string(policy.type.rawValue)
         if let e = policy.embeddingType { quantization["embedding_type"] = .string(e.rawValue) }
         if let o = policy.outputType { quantization["output_type"] = .string(o.rawValue) }
-        quantization["q4_0_rows"] = .string(policy.interleave ? "row_major_x8" : "row_major")
+        quantization["q4_0_rows"] = .string(policy.interleave ? "row_major_x8, expert up row_major_b8" : "row_major")
         if !policy.overrides.isEmpty {
             quantization["tensor_types"] = .array(policy.overrides.map { .string("\($0.pattern)=\($0.type.rawValue)") })
         }
@@ -120,7 +120,7 @@ public enum Quantizer {
         defer { output.deallocate() }
         let roundTrip = UnsafeMutablePointer<Float>.allocate(capacity: chunkElements)
         defer { roundTrip.deallocate() }
-        // Rows regrouped to or from row_major_x8 pass through here.
+        // Rows regrouped to or from a grouped layout pass through here.
         let regrouped = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkElements * 4, alignment: 64)
         defer { regrouped.deallocate() }
 
@@ -129,20 +129,19 @@ public enum Quantizer {
             var error = QuantizationError()
             try writer.writeTensor(entry.name) { (sink) throws(FormatError) in
                 if from.dtype == entry.dtype && from.layout != entry.layout {
-                    // Same Q4_0 blocks, regrouped or ungrouped: whole groups of rows per chunk.
+                    // Same Q4_0 blocks, rearranged: to plain rows and into the new layout,
+                    // whole groups of rows per chunk.
                     let rowBytes = from.length / from.rows
-                    let rowsPerChunk = max(Q4_0Groups.rows, input.count / rowBytes / Q4_0Groups.rows * Q4_0Groups.rows)
+                    let unit = max(from.layout.rowUnit, entry.layout.rowUnit)
+                    let rowsPerChunk = max(unit, input.count / rowBytes / unit * unit)
                     var row = 0
                     while row < from.rows {
                         let rows = min(rowsPerChunk, from.rows - row)
                         let chunk = UnsafeMutableRawBufferPointer(rebasing: input[..<(rows * rowBytes)])
                         try source.read(from, from: row * rowBytes, into: chunk)
-                        if entry.layout == .rowMajorX8 {
-                            Q4_0Groups.interleave(chunk.baseAddress!, into: regrouped.baseAddress!, rowBytes: rowBytes, rowCount: rows)
-                        } else {
-                            Q4_0Groups.deinterleave(chunk.baseAddress!, into: regrouped.baseAddress!, rowBytes: rowBytes, rowCount: rows)
-                        }
-                        try sink.append(UnsafeRawBufferPointer(rebasing: regrouped[..<(rows * rowBytes)]))
+                        from.layout.plainRows(chunk.baseAddress!, into: regrouped.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                        entry.layout.arrange(plain: regrouped.baseAddress!, into: chunk.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                        try sink.append(UnsafeRawBufferPointer(chunk))
                         row += rows
                     }
                     return
@@ -162,7 +161,7 @@ public enum Quantizer {
                 // Whole rows per chunk; rows split among the workers.
                 let rowLength = from.rowLength
                 // Whole groups of eight rows when either side is row_major_x8.
-                let unit = from.layout == .rowMajorX8 || entry.layout == .rowMajorX8 ? Q4_0Groups.rows : 1
+                let unit = max(from.layout.rowUnit, entry.layout.rowUnit)
                 let rowsPerChunk = max(unit, chunkElements / rowLength / unit * unit)
                 let inRowBytes = from.dtype.byteLength(shape: [rowLength])!
                 let outRowBytes = entry.dtype.byteLength(shape: [rowLength])!
@@ -173,8 +172,8 @@ public enum Quantizer {
                     try source.read(from, from: row * inRowBytes, into: inBytes)
                     // Grouped source rows are decoded from their plain form.
                     var plainInput = UnsafeRawPointer(inBytes.baseAddress!)
-                    if from.layout == .rowMajorX8 {
-                        Q4_0Groups.deinterleave(plainInput, into: regrouped.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
+                    if from.layout.isGrouped {
+                        from.layout.plainRows(plainInput, into: regrouped.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
                         plainInput = UnsafeRawPointer(regrouped.baseAddress!)
                     }
                     let slices = min(workers, rows)
@@ -217,8 +216,8 @@ public enum Quantizer {
                     guard error.sumSquaredError.isFinite else {
                         throw .unrepresentable(tensor: entry.name, detail: "values too large for a \(entry.dtype.rawValue) block scale (float16); choose f32 for it with --tensor-type")
                     }
-                    if entry.layout == .rowMajorX8 {
-                        Q4_0Groups.interleave(output.baseAddress!, into: regrouped.baseAddress!, rowBytes: outRowBytes, rowCount: rows)
+                    if entry.layout.isGrouped {
+                        entry.layout.arrange(plain: output.baseAddress!, into: regrouped.baseAddress!, rowBytes: outRowBytes, rowCount: rows)
                         try sink.append(UnsafeRawBufferPointer(rebasing: regrouped[..<(rows * outRowBytes)]))
                     } else {
                         try sink.append(UnsafeRawBufferPointer(rebasing: output[..<(rows * outRowBytes)]))
