@@ -574,8 +574,10 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
     for (; a + 4 <= count; a += 4) {
         const uint8_t *w0 = m + (size_t)rows[a] * row_bytes, *w1 = m + (size_t)rows[a + 1] * row_bytes;
         const uint8_t *w2 = m + (size_t)rows[a + 2] * row_bytes, *w3 = m + (size_t)rows[a + 3] * row_bytes;
-        if (a + 8 <= count) {
-            for (int k = 4; k < 8; k++) st_prefetch(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        // The next tile's rows into L2 (prefetcht1; into L1 measured slower).
+        for (int k = 4; k < 8 && a + k < count; k++) {
+            const char *row = (const char *)m + (size_t)rows[a + k] * row_bytes;
+            for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
         }
         const float c0 = coefficients[a], c1 = coefficients[a + 1], c2 = coefficients[a + 2], c3 = coefficients[a + 3];
         for (int b = 0; b < blocks; b++, w0 += 18, w1 += 18, w2 += 18, w3 += 18) {
@@ -625,16 +627,33 @@ AVX512 static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// Lane i: the sum of the sixteen lanes of v[i]. Halving steps, each adding two shuffles of a
+// pair of vectors, leave lane i holding v[perm[i]]'s sum; one permutation (perm is its own
+// inverse) puts them in order.
+AVX512 static inline __m512 sum16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) {
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    for (int i = 0; i < 4; i++) {
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    for (int i = 0; i < 2; i++) c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+    const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), d);
+}
+
 // Sixteen positions at a time: their keys and values are read from memory once for every head
 // of the group (then from L1), each head's sixteen scores go through one vector exp, and its
 // running output is rescaled once per block. head_dim a multiple of 16, at most 128.
-AVX512 static void attend_avx512(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride,
-                                 int first, int last, int head_dim, float scale, float *outs) {
-    if (head_dim % 16 != 0 || head_dim > 128 || heads > 64) {
-        attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
-        return;
-    }
-    const int n = head_dim / 16;
+// head_dim = 16·n; inlined with n a constant for the common 128, so the loops over a row unroll
+// into registers.
+AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(const float *queries, int heads, const float *keys,
+                                                                        const float *values, int capacity, int stride, int first,
+                                                                        int last, int head_dim, float scale, float *outs, const int n) {
     float maxima[64], sums[64];
     for (int h = 0; h < heads; h++) {
         maxima[h] = -INFINITY;
@@ -650,18 +669,30 @@ AVX512 static void attend_avx512(const float *queries, int heads, const float *k
             k[p] = keys + slot;
             v[p] = values + slot;
         }
+        // The next block's keys and values, while this one computes: positions are a row of the
+        // cache apart, a stride the hardware prefetchers follow too slowly from memory.
+        for (int p = j0 + 16; p <= last && p < j0 + 32; p++) {
+            const size_t slot = (size_t)(p % capacity) * stride;
+            for (int i = 0; i < head_dim; i += 16) {
+                _mm_prefetch((const char *)(keys + slot + i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(values + slot + i), _MM_HINT_T0);
+            }
+        }
         for (int h = 0; h < heads; h++) {
             const float *q = queries + (size_t)h * head_dim;
             float *out = outs + (size_t)h * head_dim;
             __m512 qv[8], acc[8];
             for (int c = 0; c < n; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
-            float scores[16];
-            for (int p = 0; p < count; p++) {
+            // Sixteen independent dot products (no chain waits on another), then one
+            // transposing reduction gives all sixteen scores in one vector.
+            __m512 dots[16];
+            for (int p = 0; p < 16; p++) {
+                if (p >= count) { dots[p] = _mm512_setzero_ps(); continue; }
                 __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[p]));
                 for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[p] + 16 * c), d);
-                scores[p] = _mm512_reduce_add_ps(d) * scale;
+                dots[p] = d;
             }
-            const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, scores);
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
             const float block_max = _mm512_reduce_max_ps(s);
             const float new_max = block_max > maxima[h] ? block_max : maxima[h];
             const float rescale = expf(maxima[h] - new_max);
@@ -683,6 +714,17 @@ AVX512 static void attend_avx512(const float *queries, int heads, const float *k
         const __m512 inverse = _mm512_set1_ps(1 / sums[h]);
         float *out = outs + (size_t)h * head_dim;
         for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), inverse));
+    }
+}
+
+AVX512 static void attend_avx512(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride,
+                                 int first, int last, int head_dim, float scale, float *outs) {
+    if (head_dim % 16 != 0 || head_dim > 128 || heads > 64) {
+        attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+    } else if (head_dim == 128) {
+        attend_avx512_n(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs, 8);
+    } else {
+        attend_avx512_n(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs, head_dim / 16);
     }
 }
 
@@ -910,6 +952,19 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
     }
 }
 
+// How many gate groups the up rows of row_major_b8 experts trail behind.
+#define UP_LAG 3
+
+// act *= up row j · x (row_major_b8), and start fetching down row j.
+static inline void up_b8_row(const kernel_table *k, const uint8_t *u, const uint8_t *d, int row_bytes, int j, const float *xs,
+                             const int8_t *xr, const int32_t *xsum, int blocks, float *act) {
+    float v;
+    k->dot_q4_0_b8(u + (size_t)j * row_bytes, xs, xr, xsum, blocks, 1, &v, 1);
+    *act *= v;
+    const char *row = (const char *)d + (size_t)j * row_bytes;
+    for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
+}
+
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
                        const float *xs, const int8_t *xq, const int8_t *xr, const int32_t *xsum, int blocks, float weight,
                        float *out, float *scratch) {
@@ -920,11 +975,13 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
     int *active = (int *)(scratch + n);
     int count = 0;
     float gv[8], uv[8];
+    int done = 0;  // active neurons whose up row has been read (xr)
     for (int r = first; r < last; r += 8) {
         k->dot_q4_0_x8(g + (size_t)r * row_bytes, xs, xq, xsum, blocks, 1, gv, 8);
         if (xr) {
-            // Up rows one by one, after this pass: start fetching each active neuron's into L2
-            // now, while the next gate groups stream.
+            // Up rows one by one, UP_LAG groups behind the gate pass: each active neuron's row
+            // is asked for as its gate is found positive and read once the gate pass has moved
+            // on, so the fetches overlap the gate stream.
             for (int i = 0; i < 8; i++) {
                 if (gv[i] > 0) {
                     act[count] = gv[i];
@@ -934,6 +991,7 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
                     for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
                 }
             }
+            for (; done < count && active[done] < r - 8 * UP_LAG; done++) up_b8_row(k, u, d, row_bytes, active[done], xs, xr, xsum, blocks, act + done);
             continue;
         }
         int any = 0;
@@ -952,15 +1010,7 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
             }
         }
     }
-    if (xr) {
-        for (int a = 0; a < count; a++) {
-            float v;
-            k->dot_q4_0_b8(u + (size_t)active[a] * row_bytes, xs, xr, xsum, blocks, 1, &v, 1);
-            act[a] *= v;
-            const char *row = (const char *)d + (size_t)active[a] * row_bytes;
-            for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);
-        }
-    }
+    for (; xr && done < count; done++) up_b8_row(k, u, d, row_bytes, active[done], xs, xr, xsum, blocks, act + done);
     for (int a = 0; a < count; a++) act[a] *= weight;
     k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32);
 }

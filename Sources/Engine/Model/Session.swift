@@ -78,7 +78,7 @@ public final class Session: @unchecked Sendable {
         self.contextLength = context
         self.threads = max(1, threads)
         let b = Session.maximumBatch
-        caches = model.layers.map { KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), width: c.kvWidth, window: $0.window) }
+        caches = model.layers.map { KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), heads: c.kvHeads, headDim: c.headDim, window: $0.window) }
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
         queries = .allocate(capacity: b * c.queryWidth)
@@ -212,7 +212,7 @@ public final class Session: @unchecked Sendable {
                 let p = session.position + t
                 let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
                 st_attend(session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
-                          cache.keys + kvHead * c.headDim, cache.values + kvHead * c.headDim, Int32(cache.capacity), Int32(cache.width),
+                          cache.keys(head: kvHead), cache.values(head: kvHead), Int32(cache.capacity), Int32(c.headDim),
                           Int32(first), Int32(p), Int32(c.headDim), scale, session.attention.row(t) + firstHead * c.headDim)
             }
         }
@@ -246,17 +246,21 @@ public final class Session: @unchecked Sendable {
 /// layers keep the last `window` in a ring.
 final class KVCache: @unchecked Sendable {
     let capacity: Int
-    let width: Int
+    let heads: Int
+    let headDim: Int
     let window: Int?
-    let keys: UnsafeMutablePointer<Float>     // (capacity, kv_heads·head_dim)
-    let values: UnsafeMutablePointer<Float>   // (capacity, kv_heads·head_dim)
+    /// (kv_heads, capacity, head_dim): each key/value head's positions side by side, so the
+    /// attention task of one head streams one contiguous range instead of every other half row.
+    let keys: UnsafeMutablePointer<Float>
+    let values: UnsafeMutablePointer<Float>
 
-    init(capacity: Int, width: Int, window: Int?) {
+    init(capacity: Int, heads: Int, headDim: Int, window: Int?) {
         self.capacity = capacity
-        self.width = width
+        self.heads = heads
+        self.headDim = headDim
         self.window = window
-        keys = .allocate(capacity: capacity * width)
-        values = .allocate(capacity: capacity * width)
+        keys = .allocate(capacity: heads * capacity * headDim)
+        values = .allocate(capacity: heads * capacity * headDim)
     }
 
     deinit {
@@ -264,13 +268,16 @@ final class KVCache: @unchecked Sendable {
         values.deallocate()
     }
 
-    @inline(__always) func slot(_ position: Int) -> Int { position % capacity }
-    @inline(__always) func key(position: Int) -> UnsafeMutablePointer<Float> { keys + slot(position) * width }
-    @inline(__always) func value(position: Int) -> UnsafeMutablePointer<Float> { values + slot(position) * width }
+    @inline(__always) func keys(head: Int) -> UnsafeMutablePointer<Float> { keys + head * capacity * headDim }
+    @inline(__always) func values(head: Int) -> UnsafeMutablePointer<Float> { values + head * capacity * headDim }
 
+    /// Stores the keys and values of every head (`heads · head_dim` floats each) at `position`.
     func store(key k: UnsafePointer<Float>, value v: UnsafePointer<Float>, position: Int) {
-        key(position: position).update(from: k, count: width)
-        value(position: position).update(from: v, count: width)
+        let slot = position % capacity
+        for h in 0..<heads {
+            (keys(head: h) + slot * headDim).update(from: k + h * headDim, count: headDim)
+            (values(head: h) + slot * headDim).update(from: v + h * headDim, count: headDim)
+        }
     }
 }
 
