@@ -61,9 +61,12 @@ timed llama_quantize "$llama/build/bin/llama-quantize" --pure --token-embedding-
 
 # Both decode after a P-token context: strun bench decodes right after its prompt, so
 # llama-bench's generation test runs at depth P (-d; its plain tg starts from an empty cache,
-# which is less attention work). The machines are shared and noisy: the two engines take turns,
-# twice, and each keeps its better run (each run is already a median of 3).
-for round in 1 2; do
+# which is less attention work). The machines are shared and noisy: the two engines take turns
+# ROUNDS times (default 3); each round's ratio pairs runs minutes apart at most, the table shows
+# each engine's best run (each run is already a median of 3), and the per-round ratios and their
+# median are printed below it.
+rounds="${ROUNDS:-3}"
+for round in $(seq "$rounds"); do
     .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$round.json"
     "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$round.json" 2>"$work/llama-bench.err"
     "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$round.json" 2>>"$work/llama-bench.err"
@@ -73,17 +76,19 @@ done
 cc -O3 -march=native -ffast-math -fopenmp Benchmarks/bandwidth.c -o "$work/bandwidth"
 bandwidth=$("$work/bandwidth" "$threads")
 
-python3 - "$work" "$threads" "$bandwidth" <<'PY'
+python3 - "$work" "$threads" "$bandwidth" "$rounds" <<'PY'
 import json, os, sys
-work, threads, bandwidth = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+work, threads, bandwidth, rounds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 times = {l.split()[0]: (float(l.split()[1]), int(l.split()[2])) for l in open(os.path.join(work, "times.txt"))}
 load = lambda name: json.load(open(os.path.join(work, name)))
-runs = [load(f"ours-bench-{r}.json") for r in (1, 2)]
+R = range(1, rounds + 1)
+runs = [load(f"ours-bench-{r}.json") for r in R]
 ours = dict(runs[0])
 for key in ("decode_tokens_per_second", "prompt_tokens_per_second"): ours[key] = max(r[key] for r in runs)
 ours["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
-ll_pp = max(load(f"llama-pp-{r}.json")[0]["avg_ts"] for r in (1, 2))
-ll_tg = max(load(f"llama-tg-{r}.json")[0]["avg_ts"] for r in (1, 2))
+ll_pps = [load(f"llama-pp-{r}.json")[0]["avg_ts"] for r in R]
+ll_tgs = [load(f"llama-tg-{r}.json")[0]["avg_ts"] for r in R]
+ll_pp, ll_tg = max(ll_pps), max(ll_tgs)
 ll_tg_empty = load("llama-tg-empty.json")[0]["avg_ts"]
 size = lambda p: os.path.getsize(os.path.join(work, p))
 # Bytes a decoded token must read: every dense matrix except the embedding rows (one row), the
@@ -111,6 +116,10 @@ row("convert + quantise wall time (s)", conv_ours, conv_ll)
 row("  of which quantise (s)", times["ours_quantize"][0], times["llama_quantize"][0])
 row("convert/quantise peak RSS (MiB)", rss_ours, rss_ll)
 row("Q4_0 model file (GiB)", size("ours-q4_0.stpk") / 2**30, size("llama-q4_0.gguf") / 2**30)
+median = lambda v: sorted(v)[len(v) // 2]
+for name, key, theirs in (("decode", "decode_tokens_per_second", ll_tgs), ("prompt", "prompt_tokens_per_second", ll_pps)):
+    ratios = [r[key] / t for r, t in zip(runs, theirs)]
+    print(f"{name} ratio per round (ours/llama.cpp, turn by turn): " + " ".join(f"{x:.2f}" for x in ratios) + f"; median {median(ratios):.2f}")
 print(f"llama.cpp decode from an empty context (its default tg test): {ll_tg_empty:.2f} tokens/s")
 print(f"runtime peak RSS (ours, strun bench): {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
 print(f"memory read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; a token reads {per_token / 1e6:.0f} MB "
