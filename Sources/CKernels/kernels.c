@@ -1023,3 +1023,24 @@ void st_attend(const float *queries, int heads, const float *keys, const float *
                int head_dim, float scale, float *outs) {
     table()->attend(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
 }
+
+void st_add_rows(float *y, const float *rows, int count, int stride, int n) {
+    for (int k = 0; k < count; k++) {
+        const float *r = rows + (size_t)k * stride;
+        for (int i = 0; i < n; i++) y[i] += r[i];
+    }
+}
+
+float st_rms_norm(const float *x, const float *weight, double eps, float *out, int n) {
+    // Eight partial sums in double (the compiler keeps them in vector lanes), added pairwise.
+    double acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int l = 0; l < 8; l++) acc[l] += (double)x[i + l] * (double)x[i + l];
+    }
+    for (; i < n; i++) acc[0] += (double)x[i] * (double)x[i];
+    const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    const float inverse = (float)(1 / sqrt(sum / n + eps));
+    for (i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+    return inverse;
+}

@@ -330,6 +330,27 @@ import Testing
 @Suite struct ActivationBatchTests {
     /// Rows gathered from a quantised batch carry its Q8_0 form, byte for byte what quantising
     /// them again would give.
+    /// RMSNorm's C helper against the formula in double precision, on lengths that do and do
+    /// not fill its eight lanes; adding rows keeps the order of the sums exactly.
+    @Test func normAndRowSumsMatchTheirDefinitions() {
+        var g = KernelTests.Generator(state: 23)
+        for n in [1, 7, 64, 1536, 2563] {
+            let x = (0..<n).map { _ in g.next() * 3 }, w = (0..<n).map { _ in 1 + g.next() / 4 }
+            var out = [Float](repeating: .nan, count: n)
+            let r = st_rms_norm(x, w, 1e-6, &out, Int32(n))
+            var sum = 0.0
+            for v in x { sum += Double(v) * Double(v) }
+            let expected = 1 / (sum / Double(n) + 1e-6).squareRoot()
+            #expect(abs(Double(r) - expected) <= 1e-6 * expected, "n=\(n)")
+            #expect((0..<n).allSatisfy { out[$0] == w[$0] * (x[$0] * r) }, "n=\(n)")
+        }
+        let rows = (0..<3 * 40).map { _ in g.next() }
+        var y = (0..<37).map { _ in g.next() }, expected = y
+        for k in 0..<3 { for i in 0..<37 { expected[i] += rows[k * 40 + i] } }
+        st_add_rows(&y, rows, 3, 40, 37)
+        #expect(y == expected)
+    }
+
     @Test func appendedRowsKeepTheSourceQuantisation() {
         var g = KernelTests.Generator(state: 17)
         let n = 256, blocks = n / 32

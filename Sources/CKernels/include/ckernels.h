@@ -126,6 +126,13 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
 void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
                int head_dim, float scale, float *outs);
 
+/// y[i] += rows[k · stride + i] for k = 0, 1, …, count − 1 in that order (the same sums, in the
+/// same order, as adding the rows one after another).
+void st_add_rows(float *y, const float *rows, int count, int stride, int n);
+
+/// out[i] = weight[i] · (x[i] · r), r = 1 / √(Σx² / n + eps) with Σx² in double; returns r.
+float st_rms_norm(const float *x, const float *weight, double eps, float *out, int n);
+
 /// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
 void st_prefetch(const void *p, int bytes);
 

@@ -295,14 +295,8 @@ extension Session {
             groupStart += group.count
         }
         mixture.update(from: partials, count: n * hidden)
-        for worker in 1..<workers {
-            let p = partials + worker * b * hidden
-            for i in 0..<n * hidden { mixture[i] += p[i] }
-        }
-        for t in 0..<n {
-            let x = residual.row(t), y = mixture + t * hidden
-            for i in 0..<hidden { x[i] += y[i] }
-        }
+        st_add_rows(mixture, partials + b * hidden, Int32(workers - 1), Int32(b * hidden), Int32(n * hidden))
+        st_add_rows(residual.floats, mixture, 1, 0, Int32(n * hidden))
         residual.setCount(n)
     }
 
@@ -336,10 +330,7 @@ extension Session {
                                   weight, out, scratch)
             }
         }
-        for slice in 0..<slices {
-            let s = sliceSums + slice * hidden
-            for i in 0..<hidden { partials[i] += s[i] }
-        }
+        st_add_rows(partials, sliceSums, Int32(slices), Int32(hidden), Int32(hidden))
     }
 
     /// Expert `expert` of layer `index`, from the cache when streaming, else from the mapping.

@@ -217,10 +217,7 @@ public final class Session: @unchecked Sendable {
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
-        for t in 0..<n {
-            let x = residual.row(t), y = projected + t * c.hiddenSize
-            for i in 0..<c.hiddenSize { x[i] += y[i] }
-        }
+        st_add_rows(residual.floats, projected, 1, 0, Int32(n * c.hiddenSize))
         residual.setCount(n)
     }
 
@@ -234,11 +231,7 @@ public final class Session: @unchecked Sendable {
 
     /// The final-norm output of the last batch's rows (for tests against `final_norm_out`).
     func rmsNorm(_ x: UnsafePointer<Float>, _ weight: [Float], into out: UnsafeMutablePointer<Float>) {
-        let n = weight.count
-        var sum: Double = 0
-        for i in 0..<n { sum += Double(x[i]) * Double(x[i]) }
-        let inverse = Float(1 / (sum / Double(n) + model.config.rmsNormEps).squareRoot())
-        for i in 0..<n { out[i] = weight[i] * (x[i] * inverse) }
+        weight.withUnsafeBufferPointer { w in _ = st_rms_norm(x, w.baseAddress!, model.config.rmsNormEps, out, Int32(w.count)) }
     }
 }
 
