@@ -177,8 +177,8 @@ static void dot_q4_0_x8_portable(const void *group, const float *xs, const int8_
 // 32-byte vectors, 0..3 for the low nibbles of chunks 0..3 and 4..7 for the high ones, lane k
 // of each holding the four values of block 8g+k that meet that lane's weight bytes. The integer
 // sums of eight blocks then land in eight lanes, and their eight scales apply as one vector.
-static void dot_q4_0_b8_portable(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                                 int tokens, float *out, int out_stride) {
+static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                     int tokens, float *out, int out_stride) {
     (void)xsum;
     for (int t = 0; t < tokens; t++) {
         const uint8_t *p = row;
@@ -201,6 +201,15 @@ static void dot_q4_0_b8_portable(const void *row, const float *xs, const int8_t 
         out[(size_t)t * out_stride] = sum;
     }
 }
+
+// `rows` (1 or 2) rows, row_bytes apart, one after the other.
+#define B8_ROWS_VIA_ROW(name, one)                                                                          \
+    static void name(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum, \
+                     int blocks, int tokens, float *out, int out_stride) {                                   \
+        for (int r = 0; r < rows; r++)                                                                      \
+            one((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, out + r, out_stride); \
+    }
+B8_ROWS_VIA_ROW(dot_q4_0_b8_portable, dot_q4_0_b8_row_portable)
 
 // y += Σ_a coefficients[a] · row rows[a] of a Q4_0 matrix (the active neurons of a down matrix).
 #define AXPY_ROWS_VIA_AXPY(name, axpy)                                                                   \
@@ -420,13 +429,14 @@ AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i hi[4
     return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), seed);
 }
 
-AVX2 static void dot_q4_0_b8_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                                  int tokens, float *out, int out_stride) {
+AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                      int tokens, float *out, int out_stride) {
     const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
     int t = 0;
     B8_TOKENS(4, b8_block_avx2)
     B8_TOKENS(1, b8_block_avx2)
 }
+B8_ROWS_VIA_ROW(dot_q4_0_b8_avx2, dot_q4_0_b8_row_avx2)
 
 AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
     const uint8_t *w = row;
@@ -783,10 +793,57 @@ AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i hi
     return _mm256_add_epi32(a0, a1);
 }
 
-AVX512 static void dot_q4_0_b8_avx512(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                                      int tokens, float *out, int out_stride) {
+// Two rows against G tokens: each token's activations, seeds and scales are loaded once for both.
+#define B8_PAIR_TOKENS(G)                                                                                   \
+    for (; t + G <= tokens; t += G) {                                                                       \
+        const uint8_t *p0 = row, *p1 = (const uint8_t *)row + row_bytes;                                  \
+        __m256 acc0[G], acc1[G];                                                                            \
+        for (int k = 0; k < G; k++) acc0[k] = acc1[k] = _mm256_setzero_ps();                               \
+        for (int g = 0; g < blocks / 8; g++, p0 += 144, p1 += 144) {                                        \
+            __m256i lo0[4], hi0[4], lo1[4], hi1[4];                                                         \
+            for (int c = 0; c < 4; c++) {                                                                   \
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 + 32 * c));                 \
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p1 + 16 + 32 * c));                 \
+                lo0[c] = _mm256_and_si256(v0, mask);                                                        \
+                hi0[c] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);                                  \
+                lo1[c] = _mm256_and_si256(v1, mask);                                                        \
+                hi1[c] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);                                  \
+            }                                                                                               \
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p0));                       \
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p1));                       \
+            for (int k = 0; k < G; k++) {                                                                   \
+                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const int8_t *x = xr + base * 32;                                                           \
+                __m256i a0 = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
+                __m256i a1 = a0, b0 = zero, b1 = zero;                                                      \
+                for (int c = 0; c < 4; c++) {                                                               \
+                    const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                   \
+                    const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));             \
+                    a0 = _mm256_dpbusd_epi32(a0, lo0[c], xl);                                               \
+                    a1 = _mm256_dpbusd_epi32(a1, lo1[c], xl);                                               \
+                    b0 = _mm256_dpbusd_epi32(b0, hi0[c], xh);                                               \
+                    b1 = _mm256_dpbusd_epi32(b1, hi1[c], xh);                                               \
+                }                                                                                           \
+                const __m256 sx = _mm256_loadu_ps(xs + base);                                               \
+                acc0[k] = _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), _mm256_cvtepi32_ps(_mm256_add_epi32(a0, b0)), acc0[k]); \
+                acc1[k] = _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), _mm256_cvtepi32_ps(_mm256_add_epi32(a1, b1)), acc1[k]); \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int k = 0; k < G; k++) {                                                                       \
+            out[(size_t)(t + k) * out_stride] = hsum256(acc0[k]);                                           \
+            out[(size_t)(t + k) * out_stride + 1] = hsum256(acc1[k]);                                       \
+        }                                                                                                   \
+    }
+
+AVX512 static void dot_q4_0_b8_avx512(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
+                                      int blocks, int tokens, float *out, int out_stride) {
     const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
     int t = 0;
+    if (rows == 2) {
+        B8_PAIR_TOKENS(4)
+        B8_PAIR_TOKENS(1)
+        return;
+    }
     B8_TOKENS(8, b8_block_vnni)
     B8_TOKENS(4, b8_block_vnni)
     B8_TOKENS(1, b8_block_vnni)
@@ -939,7 +996,9 @@ void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, con
                        int blocks, int tokens, float *out, int out_stride) {
     const kernel_table *k = table();
     const uint8_t *base = rows;
-    for (int r = first; r < last; r++) k->dot_q4_0_b8(base + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    int r = first;
+    for (; r + 2 <= last; r += 2) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, out + r, out_stride);
 }
 
 void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
@@ -959,7 +1018,7 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
 static inline void up_b8_row(const kernel_table *k, const uint8_t *u, const uint8_t *d, int row_bytes, int j, const float *xs,
                              const int8_t *xr, const int32_t *xsum, int blocks, float *act) {
     float v;
-    k->dot_q4_0_b8(u + (size_t)j * row_bytes, xs, xr, xsum, blocks, 1, &v, 1);
+    k->dot_q4_0_b8(u + (size_t)j * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, 1, &v, 1);
     *act *= v;
     const char *row = (const char *)d + (size_t)j * row_bytes;
     for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 2);

@@ -190,10 +190,15 @@ import Testing
             let stride = rows + 3, first = 1
             var out = [Float](repeating: .nan, count: tokens * stride)
             packed.withUnsafeBytes { p in
-                for r in first..<rows {
+                // One row or two at a time (the pair shares each token's activations).
+                var r = first
+                while r < rows {
+                    let n = r % 3 == 0 ? 1 : min(2, rows - r)
                     out.withUnsafeMutableBufferPointer { o in
-                        k.dot_q4_0_b8(p.baseAddress! + r * rowBytes, scales, interleaved, sums, Int32(blocks), Int32(tokens), o.baseAddress! + r, Int32(stride))
+                        k.dot_q4_0_b8(p.baseAddress! + r * rowBytes, Int32(rowBytes), Int32(n), scales, interleaved, sums, Int32(blocks), Int32(tokens),
+                                      o.baseAddress! + r, Int32(stride))
                     }
+                    r += n
                 }
             }
             matrix.withUnsafeBytes { m in

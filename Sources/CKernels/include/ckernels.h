@@ -43,10 +43,11 @@ typedef struct st_kernel_table {
     /// activation vectors: row i of token t to out[t * out_stride + i].
     void (*dot_q4_0_x8)(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                         int tokens, float *out, int out_stride);
-    /// One Q4_0 row in the row_major_b8 layout against `tokens` activation vectors interleaved by
-    /// st_interleave_q8_0_b8 (`xr`; blocks a multiple of 8): row · x_t to out[t * out_stride].
-    void (*dot_q4_0_b8)(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                        int tokens, float *out, int out_stride);
+    /// `rows` (1 or 2) Q4_0 rows in the row_major_b8 layout, row_bytes apart, against `tokens`
+    /// activation vectors interleaved by st_interleave_q8_0_b8 (`xr`; blocks a multiple of 8):
+    /// row r · x_t to out[t * out_stride + r].
+    void (*dot_q4_0_b8)(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
+                        int blocks, int tokens, float *out, int out_stride);
     /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
     /// `heads` query heads sharing one key/value head (queries and outputs `head_dim` floats

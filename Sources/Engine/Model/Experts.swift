@@ -164,12 +164,10 @@ extension Session {
                                 for i in 0..<8 * count where activations[i] > 0 { any = true; break }
                                 if !any { continue }
                                 if upRows {
-                                    // Each up row for all the tokens, where any token lets its neuron through.
-                                    for r in 0..<8 where (0..<count).contains(where: { activations[8 * $0 + r] > 0 }) {
-                                        st_matmul_q4_0_b8(expert.up.row(j + r), Int32(expert.up.rowBytes), 0, 1,
-                                                          batched.scales + base * blocks, batched.interleaved! + base * hidden,
-                                                          batched.sums + base * blocks, Int32(blocks), Int32(count), ups + r, 8)
-                                    }
+                                    // The group's eight up rows, two at a time, for all the tokens.
+                                    st_matmul_q4_0_b8(expert.up.row(j), Int32(expert.up.rowBytes), 0, 8,
+                                                      batched.scales + base * blocks, batched.interleaved! + base * hidden,
+                                                      batched.sums + base * blocks, Int32(blocks), Int32(count), ups, 8)
                                 } else {
                                     st_matmul_q4_0_x8(expert.up.base + j * expert.up.rowBytes, Int32(blocks), 0, 1, batched.scales + base * blocks,
                                                       batched.values + base * hidden, batched.sums + base * blocks, Int32(count), ups, 8)
