@@ -19,7 +19,9 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
             total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)
         }
         let b = Session.maximumBatch
-        let activations = 5 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)  // floats + Q8 forms
+        // Floats, their Q8_0 values and, for rows of a multiple of 256, the reordered copy the
+        // row_major_b8 kernels read.
+        let activations = 6 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)
         let floats = b * (c.queryWidth + 2 * c.kvWidth + 2 * c.hiddenSize + c.expertCount + c.headDim)
             + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b))
         let logits = 3 * c.vocabSize  // the last position's logits, and the sampler's copies
