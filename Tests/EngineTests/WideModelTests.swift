@@ -53,18 +53,47 @@ enum WideModel {
         return path
     }
 
-    /// The float32 package, the default Q4_0 package and a `--plain-rows` one.
-    static func packages(in scratch: Scratch) throws -> (f32: String, q4_0: String, plain: String) {
+    /// The float32 package, the default Q4_0 package and a `--plain-rows` one (with `overrides`,
+    /// as `--tensor-type`, applied to both).
+    static func packages(in scratch: Scratch, overrides: [(pattern: String, type: TensorDType)] = []) throws -> (f32: String, q4_0: String, plain: String) {
         let f32 = scratch.file("wide-f32.stpk")
-        try Converter.write(try Converter.plan(checkpoint: try Checkpoint(directory: try checkpoint(in: scratch.path)), dtype: .f32), to: f32, overwrite: true)
+        if !FileManager.default.fileExists(atPath: f32) {
+            try Converter.write(try Converter.plan(checkpoint: try Checkpoint(directory: try checkpoint(in: scratch.path)), dtype: .f32), to: f32, overwrite: true)
+        }
         var out: [String] = []
         for interleave in [true, false] {
-            let path = scratch.file("wide-q4_0\(interleave ? "" : "-plain").stpk")
-            let plan = try Quantizer.plan(source: try PackageReader(path: f32), policy: QuantizationPolicy(type: .q4_0, interleave: interleave))
-            try Quantizer.write(plan, to: path, overwrite: true, threads: 2)
+            let path = scratch.file("wide-q4_0\(overrides.isEmpty ? "" : "-override")\(interleave ? "" : "-plain").stpk")
+            let policy = QuantizationPolicy(type: .q4_0, overrides: overrides, interleave: interleave)
+            try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: f32), policy: policy), to: path, overwrite: true, threads: 2)
             out.append(path)
         }
         return (f32, out[0], out[1])
+    }
+
+    /// Logits of `grouped` and `plain` over `tokens`, batched or one token at a time.
+    static func logits(_ grouped: Model, _ plain: Model, _ tokens: [Int], batched: Bool) throws -> (a: [Float], b: [Float]) {
+        if batched {
+            return (try Session(model: grouped, threads: 2).evaluate(tokens, allLogits: true),
+                    try Session(model: plain, threads: 2).evaluate(tokens, allLogits: true))
+        }
+        var a: [Float] = [], b: [Float] = []
+        let (x, y) = (try Session(model: grouped, threads: 2), try Session(model: plain, threads: 2))
+        for t in tokens { a += try x.evaluate([t]); b += try y.evaluate([t]) }
+        return (a, b)
+    }
+
+    /// How many positions agree to float rounding.
+    static func agreeing(_ a: [Float], _ b: [Float], positions: Int) -> Int {
+        (0..<positions).filter { p in
+            let u = a[p * vocab..<(p + 1) * vocab], v = b[p * vocab..<(p + 1) * vocab]
+            let scale = v.map(abs).max()! + 1
+            return zip(u, v).allSatisfy { abs($0 - $1) <= 1e-4 * scale }
+        }.count
+    }
+
+    static func tokens(_ count: Int) -> [Int] {
+        var t = KernelTests.Generator(state: 9)
+        return (0..<count).map { _ in Int((t.next() + 1) / 2 * Float(vocab - 1)) }
     }
 }
 
@@ -114,26 +143,13 @@ enum WideModel {
                 #expect(row == plainRow, "up row \(j) decodes to the stored values")
             }
         }
-        var t = KernelTests.Generator(state: 9)
-        let tokens = (0..<40).map { _ in Int((t.next() + 1) / 2 * Float(WideModel.vocab - 1)) }
-        let vocab = WideModel.vocab
+        let tokens = WideModel.tokens(40)
         for batched in [true, false] {
-            var a: [Float] = [], b: [Float] = []
-            if batched {
-                a = try Session(model: grouped, threads: 2).evaluate(tokens, allLogits: true)
-                b = try Session(model: plain, threads: 2).evaluate(tokens, allLogits: true)
-            } else {
-                let (x, y) = (try Session(model: grouped, threads: 2), try Session(model: plain, threads: 2))
-                for token in tokens { a += try x.evaluate([token]); b += try y.evaluate([token]) }
-            }
-            func close(_ p: Int) -> Bool {
-                let u = a[p * vocab..<(p + 1) * vocab], v = b[p * vocab..<(p + 1) * vocab]
-                return zip(u, v).allSatisfy { abs($0 - $1) <= 1e-4 * (v.map(abs).max()! + 1) }
-            }
+            let (a, b) = try WideModel.logits(grouped, plain, tokens, batched: batched)
             // A value at a rounding boundary of the Q8_0 activations can round the other way (the
             // same happens between eight-row groups and plain rows): a rare position then
             // differs by about 1e-3 of the logits' scale, and one in the last layer affects no other.
-            let agreeing = (0..<tokens.count).filter(close).count
+            let agreeing = WideModel.agreeing(a, b, positions: tokens.count)
             #expect(Double(agreeing) >= 0.9 * Double(tokens.count), "\(batched ? "batched" : "token by token"): only \(agreeing) of \(tokens.count) positions agree")
         }
         let streamed = try Model(path: paths.q4_0, interleaveExperts: false)
@@ -142,5 +158,22 @@ enum WideModel {
                                   memoryBudget: ExpertStreamingTests.budget(streamed, slots: WideModel.active + 1, context: 64))
         #expect(session.expertCache != nil)
         #expect(try session.evaluate(tokens, allLogits: true) == expected, "streaming the experts changes the logits")
+    }
+
+    /// A `--tensor-type` override leaves down in Q8_0 beside block-grouped up rows: the experts
+    /// then take the path that adds down rows one by one, batched and token by token, and still
+    /// give the plain-row package's logits to rounding.
+    @Test func blockGroupedUpRowsWithAnotherDownType() throws {
+        let scratch = Scratch()
+        let paths = try WideModel.packages(in: scratch, overrides: [("*.down", .q8_0)])
+        let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, interleave: false)
+        let expert = grouped.layers[0].experts[5]
+        #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == [.q4_0x8, .q4_0b8, .rows] && expert.down.dtype == .q8_0)
+        let tokens = WideModel.tokens(24)
+        for batched in [true, false] {
+            let (a, b) = try WideModel.logits(grouped, plain, tokens, batched: batched)
+            let agreeing = WideModel.agreeing(a, b, positions: tokens.count)
+            #expect(Double(agreeing) >= 0.9 * Double(tokens.count), "\(batched ? "batched" : "token by token"): only \(agreeing) of \(tokens.count) positions agree")
+        }
     }
 }

@@ -80,7 +80,7 @@ public struct WeightMatrix: @unchecked Sendable {
         let blocks = columns / 32
         if layout == .q4_0b8, let q {
             var v: Float = 0
-            st_matmul_q4_0_b8(base, Int32(rowBytes), Int32(index), Int32(index + 1), q.scales + t * blocks, q.interleaved! + t * columns,
+            st_matmul_q4_0_b8(row(index), Int32(rowBytes), 0, 1, q.scales + t * blocks, q.interleaved! + t * columns,
                               q.sums + t * blocks, Int32(blocks), 1, &v, 1)
             return v
         }
