@@ -160,15 +160,18 @@ enum WideModel {
         #expect(try session.evaluate(tokens, allLogits: true) == expected, "streaming the experts changes the logits")
     }
 
-    /// A `--tensor-type` override leaves down in Q8_0 beside block-grouped up rows: the experts
-    /// then take the path that adds down rows one by one, batched and token by token, and still
-    /// give the plain-row package's logits to rounding.
-    @Test func blockGroupedUpRowsWithAnotherDownType() throws {
+    /// A `--tensor-type` override leaves down (or gate) in Q8_0 beside block-grouped up rows: the
+    /// experts then take the generic paths (down rows added one by one; gate in plain rows),
+    /// batched and token by token, and still give the plain-row package's logits to rounding.
+    @Test(arguments: ["down", "gate"])
+    func blockGroupedUpRowsBesideAnotherType(overridden: String) throws {
         let scratch = Scratch()
-        let paths = try WideModel.packages(in: scratch, overrides: [("*.down", .q8_0)])
+        let paths = try WideModel.packages(in: scratch, overrides: [("*.\(overridden)", .q8_0)])
         let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, interleave: false)
         let expert = grouped.layers[0].experts[5]
-        #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == [.q4_0x8, .q4_0b8, .rows] && expert.down.dtype == .q8_0)
+        let layouts: [WeightMatrix.Layout] = overridden == "down" ? [.q4_0x8, .q4_0b8, .rows] : [.rows, .q4_0b8, .rows]
+        #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == layouts)
+        #expect((overridden == "down" ? expert.down.dtype : expert.gate.dtype) == .q8_0)
         let tokens = WideModel.tokens(24)
         for batched in [true, false] {
             let (a, b) = try WideModel.logits(grouped, plain, tokens, batched: batched)
