@@ -353,6 +353,17 @@ AVX2 static float dot_f16_avx2(const uint16_t *row, const float *x, int n) {
     return sum;
 }
 
+// The nibbles of an octet's four 32-byte chunks (one block of eight rows, or eight blocks of one
+// row): lo[c] the low nibbles of chunk c, hi[c] the high ones, as bytes 0..15.
+AVX2 static inline void octet_nibbles(const uint8_t *octet, __m256i lo[4], __m256i hi[4]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(octet + 16 + 32 * c));
+        lo[c] = _mm256_and_si256(v, mask);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+}
+
 // Eight grouped rows against G tokens: each chunk's nibbles are unpacked once for all tokens, and
 // BLOCK_DOT(lo, hi, x, seed) gives the eight rows' integer sums for one token's block (seeded
 // with −8·Σx: unsigned nibbles 0..15 against signed activations, the seed removes the offset of
@@ -364,11 +375,7 @@ AVX2 static float dot_f16_avx2(const uint16_t *row, const float *x, int n) {
         for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
         for (int b = 0; b < blocks; b++, p += 144) {                                                        \
             __m256i lo[4], hi[4];                                                                           \
-            for (int c = 0; c < 4; c++) {                                                                   \
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));                   \
-                lo[c] = _mm256_and_si256(v, mask);                                                          \
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                                    \
-            }                                                                                               \
+            octet_nibbles(p, lo, hi);                                                                       \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));                         \
             for (int k = 0; k < G; k++) {                                                                   \
                 const size_t base = (size_t)(t + k) * blocks + b;                                           \
@@ -390,7 +397,6 @@ AVX2 static inline __m256i x8_block_avx2(const __m256i lo[4], const __m256i hi[4
 
 AVX2 static void dot_q4_0_x8_avx2(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                   int tokens, float *out, int out_stride) {
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     int t = 0;
     X8_TOKENS(4, x8_block_avx2)
     X8_TOKENS(1, x8_block_avx2)
@@ -406,11 +412,7 @@ AVX2 static void dot_q4_0_x8_avx2(const void *group, const float *xs, const int8
         for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
         for (int g = 0; g < blocks / 8; g++, p += 144) {                                                    \
             __m256i lo[4], hi[4];                                                                           \
-            for (int c = 0; c < 4; c++) {                                                                   \
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));                   \
-                lo[c] = _mm256_and_si256(v, mask);                                                          \
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                                    \
-            }                                                                                               \
+            octet_nibbles(p, lo, hi);                                                                       \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));                         \
             for (int k = 0; k < G; k++) {                                                                   \
                 const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
@@ -431,7 +433,7 @@ AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i hi[4
 
 AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
                                       int tokens, float *out, int out_stride) {
-    const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     int t = 0;
     B8_TOKENS(4, b8_block_avx2)
     B8_TOKENS(1, b8_block_avx2)
@@ -777,7 +779,6 @@ AVX512 static inline __m256i x8_block_vnni(const __m256i lo[4], const __m256i hi
 
 AVX512 static void dot_q4_0_x8_avx512(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks,
                                       int tokens, float *out, int out_stride) {
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     int t = 0;
     X8_TOKENS(8, x8_block_vnni)
     X8_TOKENS(4, x8_block_vnni)
@@ -801,14 +802,8 @@ AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i hi
         for (int k = 0; k < G; k++) acc0[k] = acc1[k] = _mm256_setzero_ps();                               \
         for (int g = 0; g < blocks / 8; g++, p0 += 144, p1 += 144) {                                        \
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];                                                         \
-            for (int c = 0; c < 4; c++) {                                                                   \
-                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 + 32 * c));                 \
-                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p1 + 16 + 32 * c));                 \
-                lo0[c] = _mm256_and_si256(v0, mask);                                                        \
-                hi0[c] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);                                  \
-                lo1[c] = _mm256_and_si256(v1, mask);                                                        \
-                hi1[c] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);                                  \
-            }                                                                                               \
+            octet_nibbles(p0, lo0, hi0);                                                                    \
+            octet_nibbles(p1, lo1, hi1);                                                                    \
             const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p0));                       \
             const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p1));                       \
             for (int k = 0; k < G; k++) {                                                                   \
@@ -837,7 +832,7 @@ AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i hi
 
 AVX512 static void dot_q4_0_b8_avx512(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
                                       int blocks, int tokens, float *out, int out_stride) {
-    const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     int t = 0;
     if (rows == 2) {
         B8_PAIR_TOKENS(4)
