@@ -39,6 +39,34 @@ import Testing
         return (scales, values, sums)
     }
 
+    /// `rows` random Q4_0 rows of `length` values, back to back, and the bytes of one row.
+    func q4_0Matrix(rows: Int, length: Int, _ g: inout Generator) -> (matrix: [UInt8], rowBytes: Int) {
+        let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
+        return (matrix, matrix.count / rows)
+    }
+
+    /// out[t · stride + r] for rows `rows` of the plain Q4_0 `matrix` against every token's Q8_0
+    /// activations equals the scalar reference, and nothing outside those rows was written (out
+    /// starts as NaN).
+    func expectRowsMatchTheReference(_ set: DotKernels.InstructionSet, matrix: [UInt8], rows: Range<Int>, length: Int, tokens: Int,
+                                     scales: [Float], values: [Int8], out: [Float], stride: Int,
+                                     sourceLocation: SourceLocation = #_sourceLocation) {
+        let blocks = length / 32, rowBytes = blocks * TensorDType.q4_0.blockBytes
+        matrix.withUnsafeBytes { m in
+            for t in 0..<tokens {
+                for r in rows {
+                    let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
+                        ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
+                    } }
+                    let fast = out[t * stride + r]
+                    #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)",
+                            sourceLocation: sourceLocation)
+                }
+            }
+        }
+        #expect(out.enumerated().allSatisfy { rows.contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows", sourceLocation: sourceLocation)
+    }
+
     @Test func theBestAvailableSetIsSelected() {
         #expect(DotKernels.active == DotKernels.detected)
         #expect(Self.sets.last == DotKernels.detected)
@@ -129,8 +157,8 @@ import Testing
         let k = table(set)
         for (length, rows, tokens) in [(32, 8, 1), (96, 16, 5), (1536, 24, 13)] {
             var g = Generator(state: 41 + UInt64(length * tokens))
-            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
-            let rowBytes = matrix.count / rows, blocks = length / 32
+            let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
+            let blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
             matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { Q4_0Groups.interleave(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
             #expect(packed != matrix)
@@ -149,18 +177,8 @@ import Testing
                     }
                 }
             }
-            matrix.withUnsafeBytes { m in
-                for t in 0..<tokens {
-                    for r in 0..<rows {
-                        let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
-                            ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
-                        } }
-                        let fast = out[t * stride + r]
-                        #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)")
-                    }
-                }
-            }
-            #expect(out.enumerated().allSatisfy { $0.offset % stride < rows || $0.element.isNaN }, "wrote outside its rows")
+            expectRowsMatchTheReference(set, matrix: matrix, rows: 0..<rows, length: length, tokens: tokens, scales: scales, values: values,
+                                        out: out, stride: stride)
         }
     }
 
@@ -173,8 +191,8 @@ import Testing
         let k = table(set)
         for (length, rows, tokens) in [(256, 3, 1), (512, 5, 4), (1536, 7, 13)] {
             var g = Generator(state: 97 + UInt64(length * tokens))
-            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
-            let rowBytes = matrix.count / rows, blocks = length / 32
+            let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
+            let blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
             matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { TensorLayout.rowMajorB8.arrange(plain: m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
             #expect(packed != matrix)
@@ -201,18 +219,8 @@ import Testing
                     r += n
                 }
             }
-            matrix.withUnsafeBytes { m in
-                for t in 0..<tokens {
-                    for r in first..<rows {
-                        let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
-                            ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
-                        } }
-                        let fast = out[t * stride + r]
-                        #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)")
-                    }
-                }
-            }
-            #expect(out.enumerated().allSatisfy { (first..<rows).contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows")
+            expectRowsMatchTheReference(set, matrix: matrix, rows: first..<rows, length: length, tokens: tokens, scales: scales, values: values,
+                                        out: out, stride: stride)
         }
     }
 
