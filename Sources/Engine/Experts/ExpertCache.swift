@@ -88,6 +88,9 @@ public final class ExpertCache: @unchecked Sendable {
             close(fd)
             throw .invalidRequest("cannot allocate \(PackageSummary.bytes(slotCount * slotBytes)) for the expert cache")
         }
+        #if os(Linux)
+        _ = madvise(raw, slotCount * slotBytes, MADV_HUGEPAGE)  // fewer TLB misses in the expert kernels
+        #endif
         memory = raw
         slotBundle = Array(repeating: -1, count: slotCount)
         slotReady = Array(repeating: false, count: slotCount)

@@ -186,10 +186,40 @@ public final class MappedFile: @unchecked Sendable {
             bytes = UnsafeRawBufferPointer(start: nil, count: 0)
             return
         }
-        guard let base = mmap(nil, size, PROT_READ, MAP_SHARED, file.descriptor, 0), base != MAP_FAILED else {
+        let base = try MappedFile.map(file.descriptor, size: size, path: path)
+        bytes = UnsafeRawBufferPointer(start: base, count: size)
+    }
+
+    private static let hugePage = 2 << 20
+
+    /// Maps the file at a 2 MiB-aligned address and, on Linux, asks for huge pages: where the page
+    /// cache holds the file in 2 MiB folios (as `PackageWriter` writes it, and as faults read it
+    /// back in with this advice) each one is mapped by a single TLB entry instead of 512.
+    private static func map(_ descriptor: Int32, size: Int, path: String) throws(FormatError) -> UnsafeRawPointer {
+        #if os(Linux)
+        if size >= hugePage,
+           let reserved = mmap(nil, size + hugePage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+           reserved != MAP_FAILED {
+            let start = UInt(bitPattern: reserved)
+            let aligned = (start + UInt(hugePage) - 1) / UInt(hugePage) * UInt(hugePage)
+            let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
+            let end = (aligned + UInt(size) + page - 1) / page * page
+            let at = UnsafeMutableRawPointer(bitPattern: aligned)
+            if let mapped = mmap(at, size, PROT_READ, MAP_SHARED | MAP_FIXED, descriptor, 0), mapped != MAP_FAILED {
+                if aligned > start { munmap(reserved, Int(aligned - start)) }
+                if start + UInt(size + hugePage) > end {
+                    munmap(UnsafeMutableRawPointer(bitPattern: end), Int(start + UInt(size + hugePage) - end))
+                }
+                _ = madvise(mapped, size, MADV_HUGEPAGE)
+                return UnsafeRawPointer(mapped)
+            }
+            munmap(reserved, size + hugePage)
+        }
+        #endif
+        guard let base = mmap(nil, size, PROT_READ, MAP_SHARED, descriptor, 0), base != MAP_FAILED else {
             throw .io(path: path, operation: "memory-map \(size) bytes", code: errno)
         }
-        bytes = UnsafeRawBufferPointer(start: base, count: size)
+        return UnsafeRawPointer(base)
     }
 
     /// Drops the pages wholly inside `range` from this process's resident set (they stay in the
