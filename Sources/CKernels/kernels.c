@@ -212,9 +212,19 @@ static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int
 B8_ROWS_VIA_ROW(dot_q4_0_b8_portable, dot_q4_0_b8_row_portable)
 
 // y += Σ_a coefficients[a] · row rows[a] of a Q4_0 matrix (the active neurons of a down matrix).
+// This work is bound by arithmetic, not memory: the caller's next input, `next_bytes` at `next`
+// (may be NULL), is prefetched into L2 a little at a time alongside it, so the memory system
+// stays busy without a burst that would stall the core.
 #define AXPY_ROWS_VIA_AXPY(name, axpy)                                                                   \
-    static void name(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) { \
-        for (int a = 0; a < count; a++) axpy((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n); \
+    static void name(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n, \
+                     const void *next, int next_bytes) {                                                 \
+        const char *ahead = next;                                                                        \
+        const int per_row = next && count > 0 ? next_bytes / count : 0;                                  \
+        for (int a = 0; a < count; a++) {                                                                \
+            for (int c = 0; c < per_row; c += 64) __builtin_prefetch(ahead + c, 0, 2);                   \
+            ahead += per_row;                                                                            \
+            axpy((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);           \
+        }                                                                                                \
     }
 AXPY_ROWS_VIA_AXPY(axpy_rows_q4_0_portable, axpy_q4_0_portable)
 
@@ -577,9 +587,11 @@ TOKENS_VIA_DOT(dot_q8_0_tokens_avx512, dot_q8_0_avx512)
 
 // Four rows at a time, so each 32-float slice of y is loaded and stored once per four rows; the
 // nibbles become floats through a 16-entry table (vpermps reads the low four bits of each lane).
+// Two lines of `next` are prefetched per block step.
 AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const int *rows, const float *coefficients, int count,
-                                         float *y, int n) {
+                                         float *y, int n, const void *next, int next_bytes) {
     const uint8_t *m = base;
+    const char *ahead = next, *ahead_end = next ? (const char *)next + next_bytes : NULL;
     const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const int blocks = n / 32;
     int a = 0;
@@ -594,6 +606,7 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
         const float c0 = coefficients[a], c1 = coefficients[a + 1], c2 = coefficients[a + 2], c3 = coefficients[a + 3];
         for (int b = 0; b < blocks; b++, w0 += 18, w1 += 18, w2 += 18, w3 += 18) {
             float *o = y + b * 32;
+            if (ahead < ahead_end) { __builtin_prefetch(ahead, 0, 2); __builtin_prefetch(ahead + 64, 0, 2); ahead += 128; }
             __m512 lo = _mm512_loadu_ps(o), hi = _mm512_loadu_ps(o + 16);
 #define ST_AXPY_ROW(w, c)                                                                                  \
             {                                                                                              \
@@ -612,6 +625,7 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
         const float c0 = coefficients[a];
         for (int b = 0; b < blocks; b++, w0 += 18) {
             float *o = y + b * 32;
+            if (ahead < ahead_end) { __builtin_prefetch(ahead, 0, 2); ahead += 64; }
             __m512 lo = _mm512_loadu_ps(o), hi = _mm512_loadu_ps(o + 16);
             ST_AXPY_ROW(w0, c0)
 #undef ST_AXPY_ROW
@@ -976,7 +990,7 @@ void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_
         act[a] *= k->dot_q4_0(u + (size_t)active[a] * row_bytes, xs, xq, xsum, blocks);
     }
     for (int a = 0; a < count; a++) act[a] *= weight;
-    k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32);
+    k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32, NULL, 0);
 }
 
 void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last_group, const float *xs, const int8_t *xq,
@@ -1021,7 +1035,7 @@ static inline void up_b8_row(const kernel_table *k, const uint8_t *u, const uint
 
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
                        const float *xs, const int8_t *xq, const int8_t *xr, const int32_t *xsum, int blocks, float weight,
-                       float *out, float *scratch) {
+                       float *out, float *scratch, const void *next, int next_bytes) {
     const kernel_table *k = table();
     const uint8_t *g = gate, *u = up, *d = down;
     const int n = last - first;
@@ -1066,11 +1080,11 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
     }
     for (; xr && done < count; done++) up_b8_row(k, u, d, row_bytes, active[done], xs, xr, xsum, blocks, act + done);
     for (int a = 0; a < count; a++) act[a] *= weight;
-    k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32);
+    k->axpy_rows_q4_0(d, row_bytes, active, act, count, out, blocks * 32, next, next_bytes);
 }
 
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) {
-    table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n);
+    table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n, NULL, 0);
 }
 
 void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,

@@ -240,7 +240,9 @@ import Testing
             let start = (0..<length).map { _ in g.next() }
             var fast = start, reference = start
             matrix.withUnsafeBytes { m in
-                k.axpy_rows_q4_0(m.baseAddress!, Int32(rowBytes), chosen, coefficients, Int32(count), &fast, Int32(length))
+                // With and without a range to prefetch alongside (it must not change the sums).
+                let next = length == 96 ? nil : m.baseAddress
+                k.axpy_rows_q4_0(m.baseAddress!, Int32(rowBytes), chosen, coefficients, Int32(count), &fast, Int32(length), next, Int32(m.count))
                 reference.withUnsafeMutableBufferPointer { y in
                     for (r, c) in zip(chosen, coefficients) {
                         ReferenceKernels.addScaledRow(m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)

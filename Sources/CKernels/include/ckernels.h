@@ -48,8 +48,10 @@ typedef struct st_kernel_table {
     /// row r · x_t to out[t * out_stride + r].
     void (*dot_q4_0_b8)(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
                         int blocks, int tokens, float *out, int out_stride);
-    /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
-    void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
+    /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows, while
+    /// prefetching about `next_bytes` at `next` (NULL for none) into L2, spread over the work.
+    void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n,
+                           const void *next, int next_bytes);
     /// `heads` query heads sharing one key/value head (queries and outputs `head_dim` floats
     /// apart): out_h = Σ_j softmax_j(q_h·k_j · scale) v_j over positions first...last, position
     /// j's key and value at (j % capacity) · stride floats from `keys` and `values`.
@@ -107,9 +109,11 @@ void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last
 /// The same with gate in the row_major_x8 layout (first and last multiples of 8), and up either
 /// row_major_x8 too (`xr` NULL: a group of eight neurons whose gates are all ≤ 0 skips its up
 /// rows) or row_major_b8 (`xr` the activations interleaved for it: up rows of active neurons only).
+/// `next_bytes` at `next` (NULL for none), the caller's next gate rows, are fetched into L2 while
+/// the down rows are added.
 void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int row_bytes, int first, int last,
                        const float *xs, const int8_t *xq, const int8_t *xr, const int32_t *xsum, int blocks, float weight,
-                       float *out, float *scratch);
+                       float *out, float *scratch, const void *next, int next_bytes);
 
 /// Rows first..<last of a Q4_0 matrix in the row_major_b8 layout against `tokens` interleaved
 /// activation vectors: out[t * out_stride + r].

@@ -200,7 +200,7 @@ extension Session {
                                     st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
                                                       Int32(first), Int32(last), scales + t * blocks, values + t * hidden,
                                                       upRows ? quantized!.interleaved! + t * hidden : nil, sums + t * blocks,
-                                                      Int32(blocks), weights[i], out + t * hidden, activations)
+                                                      Int32(blocks), weights[i], out + t * hidden, activations, nil, 0)
                                     continue
                                 }
                                 // A down matrix of another type (a --tensor-type override): groups
@@ -313,19 +313,33 @@ extension Session {
         parallelFor(workers) { worker in
             let (session, group, routing, q) = work.value
             let scratch = session.gateBuffers + worker * max(2 * ffn, 16 * b)
-            while true {
-                let slice = session.nextSlice.add(1, ordering: .relaxed).oldValue
-                guard slice < slices else { break }
+            // Each worker claims its next slice before adding the current one's down rows, and
+            // fetches that slice's gate rows meanwhile (the down stage is arithmetic-bound); the
+            // last two slices are left to whoever is free first.
+            var slice = session.nextSlice.add(1, ordering: .relaxed).oldValue
+            while slice < slices {
+                var following = slices
+                if session.nextSlice.load(ordering: .relaxed) + 2 <= slices {
+                    following = session.nextSlice.add(1, ordering: .relaxed).oldValue
+                }
                 let e = group[slice / perExpert], part = slice % perExpert
                 let expert = session.currentExperts[e]!
                 // The token's weight for this expert (decode: one token, so the first entry).
                 let weight = routing.weights[e * b]
                 let out = session.sliceSums + slice * hidden
                 out.update(repeating: 0, count: hidden)
+                var next: UnsafeRawPointer? = nil, nextBytes = 0
+                if following < slices {
+                    let nextExpert = session.currentExperts[group[following / perExpert]]!, nextPart = following % perExpert
+                    let first = 8 * (groups * nextPart / perExpert), last = 8 * (groups * (nextPart + 1) / perExpert)
+                    next = nextExpert.gate.base + first * nextExpert.gate.rowBytes
+                    nextBytes = (last - first) * nextExpert.gate.rowBytes
+                }
                 st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
                                   Int32(8 * (groups * part / perExpert)), Int32(8 * (groups * (part + 1) / perExpert)),
                                   q.scales, q.values, expert.up.layout == .q4_0b8 ? q.interleaved : nil, q.sums, Int32(hidden / 32),
-                                  weight, out, scratch)
+                                  weight, out, scratch, next, Int32(nextBytes))
+                slice = following < slices ? following : session.nextSlice.add(1, ordering: .relaxed).oldValue
             }
         }
         st_add_rows(partials, sliceSums, Int32(slices), Int32(hidden), Int32(hidden))
