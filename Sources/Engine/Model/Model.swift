@@ -110,7 +110,19 @@ public final class Model: @unchecked Sendable {
         mappedExperts = experts
         let expertGroups = interleaveExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canInterleave && $0.up.canInterleave } }
         if expertGroups { for layer in experts { for e in layer { dense += [e.gate, e.up] } } }
-        let regrouped = interleave ? Model.interleave(dense, mapping: package.mapping) : nil
+        // The routers (f32, read whole every token) are copied as they are, so that nothing read
+        // every token stays in the mapping.
+        let routerStart = dense.count
+        dense += (0..<c.layerCount).map { matrix(TensorNames.router($0)) }
+        if interleave {
+            // The hot dense matrices are about to be copied to huge pages of their own; what stays
+            // in the mapping (norms, routers, an untied embedding) is read a little at a time, and
+            // with 2 MiB mappings each touch would bring back a released copy's neighbours.
+            let bytes = package.mapping.bytes
+            let end = package.manifest.bundles.first?.offset ?? bytes.count
+            package.mapping.adviseSmallPages(UnsafeRawBufferPointer(rebasing: bytes[package.header.dataOffset..<end]))
+        }
+        let regrouped = interleave ? Model.interleave(dense, copyingAsIs: routerStart..<dense.count, mapping: package.mapping) : nil
         storage = regrouped?.storage
         matricesRegroupedAtLoad = regrouped == nil ? 0 : dense.filter(\.canInterleave).count
         let replaced = regrouped?.matrices ?? dense
@@ -122,7 +134,7 @@ public final class Model: @unchecked Sendable {
                 attentionNorm: vector(TensorNames.attentionNorm(n)),
                 query: replaced[1 + 4 * n], key: replaced[2 + 4 * n],
                 value: replaced[3 + 4 * n], output: replaced[4 + 4 * n],
-                ffnNorm: vector(TensorNames.ffnNorm(n)), router: matrix(TensorNames.router(n)),
+                ffnNorm: vector(TensorNames.ffnNorm(n)), router: replaced[routerStart + n],
                 experts: (0..<c.expertCount).map { e in
                     guard expertGroups, regrouped != nil else { return experts[n][e] }
                     let at = 1 + 4 * c.layerCount + 2 * (n * c.expertCount + e)
@@ -135,15 +147,17 @@ public final class Model: @unchecked Sendable {
 
     /// Copies the Q4_0 matrices (regrouping plain rows, copying `.q4_0x8` ones as they are) into
     /// one anonymous allocation on transparent huge pages, in parallel and in chunks, releasing
-    /// their mapped pages as it goes; other matrices are returned as they are. nil when there is
+    /// their mapped pages as it goes; the matrices at indices `plain` are copied unchanged (the
+    /// f32 routers) and the others are returned as they are. nil when there is
     /// nothing to copy or no memory for it. The dense matrices are copied even when stored
     /// regrouped: read whole for every token, they stream measurably faster from huge pages
     /// (prompt processing ~10-15% on the 4B here) than from the page cache's 4 KiB pages.
-    private static func interleave(_ matrices: [WeightMatrix], mapping: MappedFile) -> (storage: WeightStorage, matrices: [WeightMatrix])? {
+    private static func interleave(_ matrices: [WeightMatrix], copyingAsIs plain: Range<Int>, mapping: MappedFile)
+        -> (storage: WeightStorage, matrices: [WeightMatrix])? {
         var offsets: [Int?] = []
         var total = 0
-        for m in matrices {
-            if m.canInterleave || m.layout == .q4_0x8 {
+        for (i, m) in matrices.enumerated() {
+            if m.canInterleave || m.layout == .q4_0x8 || plain.contains(i) {
                 offsets.append(total)
                 total += (m.rows * m.rowBytes + 4095) / 4096 * 4096
             } else {
@@ -153,12 +167,13 @@ public final class Model: @unchecked Sendable {
         guard total > 0, let storage = WeightStorage(bytes: total) else { return nil }
         // Chunks of at most 4096 rows, so the output head spreads over every core.
         var jobs: [(source: UnsafeRawPointer, target: UnsafeMutableRawPointer, rowBytes: Int, rows: Int, regroup: Bool)] = []
-        for (m, offset) in zip(matrices, offsets) {
+        for (i, (m, offset)) in zip(matrices, offsets).enumerated() {
             guard let offset else { continue }
             var first = 0
             while first < m.rows {
                 let rows = min(4096, m.rows - first)
-                jobs.append((m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows, m.layout == .rows))
+                jobs.append((m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows,
+                             m.layout == .rows && !plain.contains(i)))
                 first += rows
             }
         }
@@ -178,9 +193,10 @@ public final class Model: @unchecked Sendable {
             }
         }
         var result: [WeightMatrix] = []
-        for (m, offset) in zip(matrices, offsets) {
+        for (i, (m, offset)) in zip(matrices, offsets).enumerated() {
             guard let offset else { result.append(m); continue }
-            result.append(WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns, layout: .q4_0x8))
+            result.append(WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns,
+                                       layout: plain.contains(i) ? m.layout : .q4_0x8))
         }
         return (storage, result)
     }

@@ -222,6 +222,20 @@ public final class MappedFile: @unchecked Sendable {
         return UnsafeRawPointer(base)
     }
 
+    /// Asks for `range` (rounded out to whole pages) to be mapped with small pages only: for data
+    /// read a little at a time, or copied elsewhere once, where a 2 MiB mapping would make a
+    /// whole huge folio resident for one row.
+    public func adviseSmallPages(_ range: UnsafeRawBufferPointer) {
+        #if os(Linux)
+        guard let start = range.baseAddress, range.count > 0 else { return }
+        let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
+        let first = UInt(bitPattern: start) / page * page
+        let end = (UInt(bitPattern: start) + UInt(range.count) + page - 1) / page * page
+        guard let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
+        _ = madvise(pointer, Int(end - first), MADV_NOHUGEPAGE)
+        #endif
+    }
+
     /// Drops the pages wholly inside `range` from this process's resident set (they stay in the
     /// page cache and fault back in if read again): for data copied elsewhere after loading.
     public func release(_ range: UnsafeRawBufferPointer) {
