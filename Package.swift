@@ -20,8 +20,8 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
-        // File formats and codecs. Never imports Engine.
-        .target(name: "Format", dependencies: ["CZlib"]),
+        // File formats and codecs. Never imports Engine; the Q4_0 quantiser is in CKernels.
+        .target(name: "Format", dependencies: ["CZlib", "CKernels"]),
         // Row kernels in C: per-function target attributes let one binary carry portable, AVX2
         // and AVX-512 VNNI versions and pick at run time (Swift has no per-function targets).
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),

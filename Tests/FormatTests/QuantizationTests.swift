@@ -106,6 +106,36 @@ import Testing
         #expect(relativeRMS > rmsLimit / 4, "the bound is not loose by more than 4x (\(relativeRMS))")
     }
 
+    /// The one-pass Q4_0 quantiser's error statistics equal decoding its blocks and comparing
+    /// (up to the order of the double sums), on random data and on every golden case (zeros, ties,
+    /// huge and subnormal scales), and its blocks are the plain quantiser's.
+    @Test func q4_0ErrorStatisticsMatchADecodedComparison() {
+        var generator = SplitMix64(seed: 11)
+        let cases = [(0..<32 * 300).map { _ in generator.nextGaussian() * 0.05 }] + Self.golden.map(\.values)
+        for values in cases {
+            var blocks = [UInt8](repeating: 0, count: TensorDType.q4_0.byteLength(shape: [values.count])!)
+            var error = QuantizationError()
+            values.withUnsafeBufferPointer { v in
+                blocks.withUnsafeMutableBytes { Q4_0.quantize(v.baseAddress!, count: values.count, into: $0.baseAddress!, error: &error) }
+            }
+            #expect(blocks == quantize(values, .q4_0))
+            let back = dequantize(blocks, .q4_0, count: values.count)
+            var sumSquaredError = 0.0, sumSquaredValue = 0.0
+            var worst: Float = 0
+            for (b, v) in zip(back, values) {
+                sumSquaredError += Double((b - v) * (b - v))
+                sumSquaredValue += Double(v * v)
+                worst = max(worst, abs(b - v))
+            }
+            #expect(error.count == values.count)
+            #expect(error.maxAbsoluteError == worst)
+            for (ours, expected) in [(error.sumSquaredError, sumSquaredError), (error.sumSquaredValue, sumSquaredValue)] {
+                // NaN or infinite (a scale that overflows float16) in both, or equal up to rounding.
+                #expect(ours.isNaN == expected.isNaN && (ours.isNaN || ours == expected || abs(ours - expected) <= 1e-12 * abs(expected)), "\(ours) vs \(expected)")
+            }
+        }
+    }
+
     @Test func quantisedRowsAreIndependentBlocks() {
         // Quantising a row in pieces gives the same bytes as in one go: blocks never interact.
         var generator = SplitMix64(seed: 3)

@@ -1,3 +1,5 @@
+import CKernels
+
 /// ggml's Q4_0 block: a float16 scale, then 32 4-bit values in 16 bytes. Value i < 16 is the low
 /// nibble of byte i, value 16 + i the high nibble; value = (nibble − 8) · d.
 ///
@@ -9,32 +11,25 @@ public enum Q4_0 {
     public static let blockSize = 32
     public static let blockBytes = 18
 
-    /// Quantises `count` values (a multiple of 32) into `count / 32` blocks.
+    /// Quantises `count` values (a multiple of 32) into `count / 32` blocks (in C: the Swift
+    /// version did not vectorise and took most of stquant's time).
     public static func quantize(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer) {
         precondition(count % blockSize == 0)
-        for b in 0..<count / blockSize {
-            let v = x + b * blockSize
-            let block = out + b * blockBytes
-            var amax: Float = 0
-            var max: Float = 0
-            for j in 0..<blockSize where amax < abs(v[j]) {
-                amax = abs(v[j])
-                max = v[j]
-            }
-            let d = max / -8
-            let id: Float = d != 0 ? 1 / d : 0
-            block.storeBytes(of: Float16(d).bitPattern.littleEndian, as: UInt16.self)
-            let qs = (block + 2).assumingMemoryBound(to: UInt8.self)
-            for j in 0..<blockSize / 2 {
-                let x0 = v[j] * id
-                let x1 = v[j + blockSize / 2] * id
-                let q0 = Swift.min(15, Int8(truncatingToward: x0 + 8.5))
-                let q1 = Swift.min(15, Int8(truncatingToward: x1 + 8.5))
-                // As in C: both are stored through uint8_t and combined without a mask (in range,
-                // 0...15, the mask would change nothing).
-                qs[j] = UInt8(bitPattern: q0) | UInt8(truncatingIfNeeded: UInt32(UInt8(bitPattern: q1)) << 4)
-            }
-        }
+        st_quantize_q4_0(x, Int64(count), out.assumingMemoryBound(to: UInt8.self), nil, nil, nil)
+    }
+
+    /// `quantize`, and the round-trip error of the blocks written (what decoding them and
+    /// comparing would give, up to the order of the sums, without a second pass).
+    public static func quantize(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer,
+                                error: inout QuantizationError) {
+        precondition(count % blockSize == 0)
+        var sse = 0.0, ssv = 0.0
+        var worst: Float = 0
+        st_quantize_q4_0(x, Int64(count), out.assumingMemoryBound(to: UInt8.self), &sse, &ssv, &worst)
+        error.count += count
+        error.sumSquaredError += sse
+        error.sumSquaredValue += ssv
+        error.maxAbsoluteError = max(error.maxAbsoluteError, worst)
     }
 
     public static func dequantize(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {

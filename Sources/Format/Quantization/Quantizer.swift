@@ -191,6 +191,14 @@ public enum Quantizer {
                         let values = b.floats + first * rowLength
                         TensorCodec.decode(b.input + first * inRowBytes, dtype: fromType, count: count, into: values)
                         let encoded = b.output + first * outRowBytes
+                        if toType == .q4_0 {
+                            // Blocks and their round-trip error in one pass.
+                            var e = QuantizationError()
+                            Q4_0.quantize(values, count: count, into: encoded, error: &e)
+                            b.overflow[slice] = -1
+                            b.partial[slice] = e
+                            return
+                        }
                         b.overflow[slice] = TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
                         let back = b.back + first * rowLength
                         TensorCodec.decode(encoded, dtype: toType, count: count, into: back)
