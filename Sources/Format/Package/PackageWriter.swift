@@ -1,8 +1,12 @@
+import Dispatch
+
 /// Writes a package planned by `PackageLayout`, streaming.
 ///
 /// Tensors and files are written in file order, each through a sink that accepts its bytes in any
 /// chunking; the writer inserts alignment padding, computes every checksum on the way (tensor,
-/// bundle, file, manifest, header) and never holds more than its output buffer. Everything goes
+/// bundle, file, manifest, header) and never holds more than its two output buffers (one filling
+/// while the other is written in the background, so storage writes overlap the caller's work —
+/// the page cache takes buffered writes at only ~1 GB/s on the VMs here). Everything goes
 /// to a temporary file beside the destination, renamed into place by `finish()`; a writer that is
 /// dropped unfinished (an error anywhere) removes the temporary file, so no partial package is
 /// ever left at the destination.
@@ -20,9 +24,16 @@ public final class PackageWriter {
     private var nextItem = 0
 
     private var position: Int
-    private var buffer: [UInt8] = []
+    /// The buffer being filled (`filled` bytes, for the file from `bufferStart`) and the one a
+    /// background write may still be reading.
+    private var buffer: UnsafeMutableRawBufferPointer
+    private var spare: UnsafeMutableRawBufferPointer
+    private var filled = 0
     private var bufferStart: Int
     private static let bufferCapacity = 8 << 20
+    private let writes = DispatchGroup()
+    private let writeOutcome = WriteOutcome()
+    private var writing = false
     private var bundleCursor = 0
     private var bundleCRC = CRC32()
     private var finished = false
@@ -41,14 +52,18 @@ public final class PackageWriter {
         file = try SystemFile.createExclusive(temporaryPath)
         position = dataOffset
         bufferStart = dataOffset
-        buffer.reserveCapacity(PackageWriter.bufferCapacity)
+        buffer = .allocate(byteCount: PackageWriter.bufferCapacity, alignment: 4096)
+        spare = .allocate(byteCount: PackageWriter.bufferCapacity, alignment: 4096)
         let ordered = manifest.tensors.indices.map { (manifest.tensors[$0].offset, Item.tensor($0)) }
             + manifest.files.indices.map { (manifest.files[$0].offset, Item.file($0)) }
         items = ordered.sorted { $0.0 < $1.0 }.map(\.1)
     }
 
     deinit {
+        if writing { writes.wait() }
         if !finished { FileSystem.remove(temporaryPath) }
+        buffer.deallocate()
+        spare.deallocate()
     }
 
     private var tensorsWritten = 0
@@ -102,6 +117,7 @@ public final class PackageWriter {
         precondition(nextItem == items.count, "finish() before every tensor and file was written")
         try padTo(fileLength)
         try flush()
+        try waitForWrite()
         precondition(bundleCursor == manifest.bundles.count)
         let manifestBytes = Array(JSONWriter.serialize(manifest.json).utf8)
         precondition(PackageFormat.headerLength + manifestBytes.count <= dataOffset, "manifest grew after planning")
@@ -135,7 +151,8 @@ public final class PackageWriter {
                     bundleCRC.update(UnsafeRawBufferPointer(rebasing: rest[..<take]))
                 }
             }
-            buffer.append(contentsOf: rest[..<take])
+            UnsafeMutableRawBufferPointer(rebasing: buffer[filled..<(filled + take)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: rest[..<take]))
+            filled += take
             position += take
             rest = UnsafeRawBufferPointer(rebasing: rest[take...])
             if bundleCursor < manifest.bundles.count,
@@ -160,11 +177,28 @@ public final class PackageWriter {
         }
     }
 
+    /// Hands the filled buffer to a background write (after the previous one has finished) and
+    /// carries on filling the other.
     private func flush() throws(FormatError) {
-        guard !buffer.isEmpty else { return }
-        try withBytes(buffer) { (raw) throws(FormatError) in try file.write(raw, at: bufferStart) }
-        bufferStart += buffer.count
-        buffer.removeAll(keepingCapacity: true)
+        guard filled > 0 else { return }
+        try waitForWrite()
+        swap(&buffer, &spare)
+        let job = Unchecked((file, UnsafeRawBufferPointer(rebasing: spare[..<filled]), bufferStart, writeOutcome))
+        bufferStart += filled
+        filled = 0
+        writing = true
+        DispatchQueue.global().async(group: writes) {
+            let (file, bytes, offset, outcome) = job.value
+            do throws(FormatError) { try file.write(bytes, at: offset) } catch { outcome.error = error }
+        }
+    }
+
+    /// Waits for the background write, if any, and throws its error.
+    private func waitForWrite() throws(FormatError) {
+        guard writing else { return }
+        writes.wait()
+        writing = false
+        if let error = writeOutcome.error { throw error }
     }
 }
 
@@ -188,4 +222,9 @@ public struct ByteSink {
         try writer.emit(bytes)
         written += bytes.count
     }
+}
+
+/// The error of a background write, read only after waiting for it.
+private final class WriteOutcome: @unchecked Sendable {
+    var error: FormatError?
 }
