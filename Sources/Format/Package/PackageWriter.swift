@@ -30,7 +30,7 @@ public final class PackageWriter {
     private var spare: UnsafeMutableRawBufferPointer
     private var filled = 0
     private var bufferStart: Int
-    private static let bufferCapacity = 8 << 20
+    private let bufferCapacity: Int
     private let writes = DispatchGroup()
     private let writeOutcome = WriteOutcome()
     private var writing = false
@@ -38,8 +38,14 @@ public final class PackageWriter {
     private var bundleCRC = CRC32()
     private var finished = false
 
-    /// - Parameter overwrite: replace an existing destination (only once the new one is complete).
-    public init(destination: String, manifest: PackageManifest, dataOffset: Int, overwrite: Bool) throws(FormatError) {
+    /// - Parameters:
+    ///   - overwrite: replace an existing destination (only once the new one is complete).
+    ///   - bufferCapacity: bytes per buffer (two are kept); writes start at its multiples in the
+    ///     file. Smaller only in tests, to exercise many background writes.
+    public init(destination: String, manifest: PackageManifest, dataOffset: Int, overwrite: Bool,
+                bufferCapacity: Int = 8 << 20) throws(FormatError) {
+        precondition(bufferCapacity > 0)
+        self.bufferCapacity = bufferCapacity
         if FileSystem.exists(destination) && !overwrite { throw .outputExists(path: destination) }
         if FileSystem.isDirectory(destination) {
             throw .invalidRequest("\(destination) is a directory; give the path of the package file to write")
@@ -52,8 +58,8 @@ public final class PackageWriter {
         file = try SystemFile.createExclusive(temporaryPath)
         position = dataOffset
         bufferStart = dataOffset
-        buffer = .allocate(byteCount: PackageWriter.bufferCapacity, alignment: 4096)
-        spare = .allocate(byteCount: PackageWriter.bufferCapacity, alignment: 4096)
+        buffer = .allocate(byteCount: bufferCapacity, alignment: 4096)
+        spare = .allocate(byteCount: bufferCapacity, alignment: 4096)
         let ordered = manifest.tensors.indices.map { (manifest.tensors[$0].offset, Item.tensor($0)) }
             + manifest.files.indices.map { (manifest.files[$0].offset, Item.file($0)) }
         items = ordered.sorted { $0.0 < $1.0 }.map(\.1)
@@ -140,7 +146,7 @@ public final class PackageWriter {
             // Buffers end on multiples of the capacity in the file, so every write after the
             // first starts 8 MiB-aligned: the page cache can then hold the package in huge folios,
             // which the runtime maps with 2 MiB pages (far fewer TLB misses when streaming weights).
-            let boundary = (bufferStart / PackageWriter.bufferCapacity + 1) * PackageWriter.bufferCapacity
+            let boundary = (bufferStart / bufferCapacity + 1) * bufferCapacity
             take = min(take, boundary - position)
             if bundleCursor < manifest.bundles.count {
                 let bundle = manifest.bundles[bundleCursor]
