@@ -309,6 +309,8 @@ extension Session {
         let groups = ffn / 8
         let slices = group.count * perExpert
         nextSlice.store(0, ordering: .relaxed)
+        // Slice part p of an expert: neurons first..<last, in whole groups of eight.
+        func neurons(_ part: Int) -> (first: Int, last: Int) { (8 * (groups * part / perExpert), 8 * (groups * (part + 1) / perExpert)) }
         let work = Unchecked((self, group, routing, q))
         parallelFor(workers) { worker in
             let (session, group, routing, q) = work.value
@@ -330,13 +332,13 @@ extension Session {
                 out.update(repeating: 0, count: hidden)
                 var next: UnsafeRawPointer? = nil, nextBytes = 0
                 if following < slices {
-                    let nextExpert = session.currentExperts[group[following / perExpert]]!, nextPart = following % perExpert
-                    let first = 8 * (groups * nextPart / perExpert), last = 8 * (groups * (nextPart + 1) / perExpert)
-                    next = nextExpert.gate.base + first * nextExpert.gate.rowBytes
-                    nextBytes = (last - first) * nextExpert.gate.rowBytes
+                    let gate = session.currentExperts[group[following / perExpert]]!.gate, range = neurons(following % perExpert)
+                    next = gate.base + range.first * gate.rowBytes
+                    nextBytes = (range.last - range.first) * gate.rowBytes
                 }
+                let range = neurons(part)
                 st_expert_q4_0_x8(expert.gate.base, expert.up.base, expert.down.base, Int32(expert.gate.rowBytes),
-                                  Int32(8 * (groups * part / perExpert)), Int32(8 * (groups * (part + 1) / perExpert)),
+                                  Int32(range.first), Int32(range.last),
                                   q.scales, q.values, expert.up.layout == .q4_0b8 ? q.interleaved : nil, q.sums, Int32(hidden / 32),
                                   weight, out, scratch, next, Int32(nextBytes))
                 slice = following < slices ? following : session.nextSlice.add(1, ordering: .relaxed).oldValue

@@ -120,16 +120,6 @@ public enum TensorCodec {
     }
 }
 
-extension Int8 {
-    /// C's float → int8_t conversion as compiled for x86 (cvttss2si, then the low byte):
-    /// truncation toward zero in range; NaN and out-of-range values give 0. In range this is
-    /// plain C; out of range C leaves it undefined, and this is what ggml's x86 builds do.
-    @inline(__always)
-    init(truncatingToward value: Float) {
-        self = Int8(truncatingIfNeeded: Int32(convertingLikeX86: value))
-    }
-}
-
 extension Int32 {
     /// cvttss2si: truncation toward zero; NaN or out of range gives Int32.min ("integer indefinite").
     @inline(__always)
