@@ -891,6 +891,11 @@ static const kernel_table avx512 = {
 
 static const kernel_table *active = &portable;
 static int active_isa = -1;
+// A thread's own choice (st_kernels_bind), which wins over the process-wide one: sessions that
+// run different tiers side by side (the tests run every model check under every tier) each bind
+// theirs on the threads that compute for them.
+static _Thread_local const kernel_table *bound = 0;
+static _Thread_local int bound_isa = -1;
 
 int st_detect_isa(void) {
 #ifdef ST_X86
@@ -906,20 +911,6 @@ int st_detect_isa(void) {
     return ST_ISA_PORTABLE;
 }
 
-int st_kernels_select(int isa) {
-    const int best = st_detect_isa();
-    if (isa > best) isa = best;
-    if (isa < 0) isa = 0;
-#ifdef ST_X86
-    active = isa == ST_ISA_AVX512 ? &avx512 : isa == ST_ISA_AVX2 ? &avx2 : &portable;
-#else
-    active = &portable;
-    isa = ST_ISA_PORTABLE;
-#endif
-    active_isa = isa;
-    return isa;
-}
-
 const st_kernel_table *st_kernels_for(int isa) {
     if (isa < 0 || isa > st_detect_isa()) return 0;
 #ifdef ST_X86
@@ -929,12 +920,34 @@ const st_kernel_table *st_kernels_for(int isa) {
     return &portable;
 }
 
+int st_kernels_select(int isa) {
+    const int best = st_detect_isa();
+    if (isa > best) isa = best;
+    if (isa < 0) isa = 0;
+    active = st_kernels_for(isa);
+    active_isa = isa;
+    return isa;
+}
+
 int st_kernels_isa(void) {
+    if (bound) return bound_isa;
     if (active_isa < 0) st_kernels_select(st_detect_isa());
     return active_isa;
 }
 
+int st_kernels_bind(int isa) {
+    const int previous = bound ? bound_isa : -1;
+    const st_kernel_table *k = isa < 0 ? 0 : st_kernels_for(isa);
+    if (isa >= 0 && !k) return -2;
+    bound = k;
+    bound_isa = k ? isa : -1;
+    return previous;
+}
+
+int st_kernels_bound(void) { return bound ? bound_isa : -1; }
+
 static inline const kernel_table *table(void) {
+    if (bound) return bound;
     if (active_isa < 0) st_kernels_select(st_detect_isa());
     return active;
 }

@@ -68,6 +68,8 @@ struct Bench: ParsableCommand {
             if json {
                 print(JSONWriter.serialize(.object(JSONObject([
                     ("package", .string(package)), ("threads", .int(threads)),
+                    ("kernels", .string(session.kernels.name)), ("kernels_forced", .bool(DotKernels.forcedByEnvironment)),
+                    ("cpu", DotKernels.cpuModel.map { .string($0) } ?? .null),
                     ("prompt_tokens", .int(promptTokens)), ("decode_tokens", .int(decodeTokens)), ("repetitions", .int(repetitions)),
                     ("prompt_tokens_per_second", .double(median(promptRates))),
                     ("decode_tokens_per_second", .double(median(decodeRates))),
@@ -84,6 +86,7 @@ struct Bench: ParsableCommand {
             } else {
                 print("""
                     \(package): \(threads) threads, median of \(repetitions)
+                    kernels: \(DotKernels.describe(session.kernels))
                     prompt:  \(promptTokens) tokens at \(String(format2: median(promptRates))) tokens/s
                     decode:  \(decodeTokens) tokens at \(String(format2: median(decodeRates))) tokens/s
                     time to first token: \(String(format2: median(firstToken) * 1000)) ms (load \(String(format2: loadSeconds * 1000)) ms)

@@ -31,6 +31,7 @@ struct RuntimeOptions: ParsableArguments {
     func session(_ path: String, contextLength: Int? = nil) throws -> Session {
         // Streaming experts reads their bundles as stored; regrouping them at load is for the
         // whole-package mapping only.
+        _ = try DotKernels.configured()  // a bad STRUN_KERNELS fails before a model is loaded
         let model = try Model(path: path, interleaveExperts: memoryBudget == nil)
         if model.matricesRegroupedAtLoad > 0 {
             writeStandardError("strun: note: \(model.matricesRegroupedAtLoad) Q4_0 matrices of this package are stored in plain rows and were regrouped at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n")

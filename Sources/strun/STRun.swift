@@ -10,7 +10,7 @@ struct STRun: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
-        version: PackageFormat.converterVersion,
+        version: "\(PackageFormat.converterVersion)\nkernels: \(DotKernels.configurationReport)",
         subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self]
     )
 }

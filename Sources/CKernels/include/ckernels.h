@@ -17,8 +17,14 @@ enum {
 int st_detect_isa(void);
 /// Selects the kernels for `isa` (clamped to what the CPU supports); returns the one selected.
 int st_kernels_select(int isa);
-/// The selected instruction set.
+/// The instruction set this thread's kernel calls use: its bound one, else the selected one.
 int st_kernels_isa(void);
+/// Binds the calling thread to `isa`'s kernels (-1: back to the process-wide selection), so
+/// that computations on different tiers can run side by side. Returns the previous binding
+/// (-1 for none), or -2 without changing anything when this CPU lacks `isa`.
+int st_kernels_bind(int isa);
+/// The calling thread's binding, or -1 for none.
+int st_kernels_bound(void);
 
 /// One instruction set's kernels (the functions below dispatch through the selected one).
 typedef struct st_kernel_table {

@@ -10,7 +10,7 @@ public enum DotKernels {
 
     /// The best instruction set this CPU has.
     public static var detected: InstructionSet { InstructionSet(rawValue: st_detect_isa()) ?? .portable }
-    /// The instruction set in use.
+    /// The instruction set the calling thread's kernel calls use.
     public static var active: InstructionSet { InstructionSet(rawValue: st_kernels_isa()) ?? .portable }
 
     @inline(__always)

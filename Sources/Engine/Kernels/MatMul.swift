@@ -115,7 +115,7 @@ public enum MatMul {
         for p in products { precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)") }
         let slices = work >= parallelThreshold ? max(1, threads) : 1
         let shared = Unchecked((products, x, q))
-        parallelFor(slices) { slice in
+        parallelForOnThisTier(slices) { slice in
             let (products, x, q) = shared.value
             for p in products {
                 let w = p.weights, y = p.output, outputStride = p.stride

@@ -130,7 +130,7 @@ extension Session {
                 continue
             }
             let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales))
-            parallelFor(workers) { worker in
+            parallelForOnThisTier(workers) { worker in
                 let (experts, routing, partials, floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
                 let scales = quantized?.scales, values = quantized?.values, sums = quantized?.sums
                 let out = partials + worker * b * hidden
@@ -312,7 +312,7 @@ extension Session {
         // Slice part p of an expert: neurons first..<last, in whole groups of eight.
         func neurons(_ part: Int) -> (first: Int, last: Int) { (8 * (groups * part / perExpert), 8 * (groups * (part + 1) / perExpert)) }
         let work = Unchecked((self, group, routing, q))
-        parallelFor(workers) { worker in
+        parallelForOnThisTier(workers) { worker in
             let (session, group, routing, q) = work.value
             let scratch = session.gateBuffers + worker * max(2 * ffn, 16 * b)
             // Each worker claims its next slice before adding the current one's down rows, and

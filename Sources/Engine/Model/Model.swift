@@ -10,6 +10,8 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
     case invalidRequest(String)
     /// Reading weights from the package failed.
     case io(path: String, detail: String)
+    /// The kernel tier asked for is unknown or beyond this CPU.
+    case kernelTier(String)
 
     public var description: String {
         switch self {
@@ -21,6 +23,8 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
             return detail
         case .io(let path, let detail):
             return "\(path): \(detail)"
+        case .kernelTier(let detail):
+            return detail
         }
     }
 }

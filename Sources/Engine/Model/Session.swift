@@ -25,6 +25,8 @@ public final class Session: @unchecked Sendable {
     public private(set) var position = 0
     /// Worker threads (fixed at creation: per-worker buffers are sized for it).
     public let threads: Int
+    /// The kernel tier every computation of this session uses.
+    public let kernels: DotKernels.InstructionSet
     /// Called for every routing decision when set.
     public var routingObserver: ((RoutingDecision) -> Void)?
 
@@ -67,8 +69,16 @@ public final class Session: @unchecked Sendable {
     /// - Parameter memoryBudget: bytes for everything this session holds: the dense tensors, the
     ///   KV cache, working buffers, a fixed allowance for the process itself, and, with the rest,
     ///   a cache of expert bundles streamed from the package. nil: the whole package is mapped.
+    /// - Parameter kernels: the kernel tier (nil: `DotKernels.configured()`, the environment's
+    ///   `STRUN_KERNELS` or the best this CPU has); one this CPU lacks is an error.
     public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-                memoryBudget: Int? = nil) throws(EngineError) {
+                memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil) throws(EngineError) {
+        if let kernels {
+            try DotKernels.require(kernels, source: "the session")
+            self.kernels = kernels
+        } else {
+            self.kernels = try DotKernels.configured()
+        }
         let c = model.config
         let context = contextLength ?? model.defaultContextLength
         guard context >= 1, context <= c.maxPositionEmbeddings else {
@@ -130,6 +140,11 @@ public final class Session: @unchecked Sendable {
         guard !tokens.isEmpty else { throw .invalidRequest("no tokens to evaluate") }
         if let bad = tokens.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
         guard position + tokens.count <= contextLength else { throw .contextFull(limit: contextLength) }
+        return try DotKernels.with(kernels) { () throws(EngineError) in try evaluateBatches(tokens, allLogits: allLogits) }
+    }
+
+    private func evaluateBatches(_ tokens: [Int], allLogits: Bool) throws(EngineError) -> [Float] {
+        let vocab = model.config.vocabSize
         var logits = [Float](repeating: 0, count: (allLogits ? tokens.count : 1) * vocab)
         var start = 0
         while start < tokens.count {
@@ -201,7 +216,7 @@ public final class Session: @unchecked Sendable {
         let tasks = n * c.kvHeads * chunks
         let workers = max(1, min(threads, tasks, position + n >= 64 || n > 1 ? threads : 1))
         let work = Unchecked((self, cache))
-        parallelFor(workers) { worker in
+        parallelForOnThisTier(workers) { worker in
             let (session, cache) = work.value
             let c = session.model.config
             let scale = 1 / Float(c.headDim).squareRoot()
