@@ -3,7 +3,9 @@
 #include "ckernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define ST_X86 1
@@ -929,9 +931,19 @@ int st_kernels_select(int isa) {
     return isa;
 }
 
+// Before anyone selects: STRUN_KERNELS where it names a tier this CPU has (the Swift side
+// reports a bad value as an error), else the best detected.
+static void select_default(void) {
+    const char *name = getenv("STRUN_KERNELS");
+    int isa = st_detect_isa();
+    if (name && strcasecmp(name, "portable") == 0) isa = ST_ISA_PORTABLE;
+    if (name && strcasecmp(name, "avx2") == 0 && isa >= ST_ISA_AVX2) isa = ST_ISA_AVX2;
+    st_kernels_select(isa);
+}
+
 int st_kernels_isa(void) {
     if (bound) return bound_isa;
-    if (active_isa < 0) st_kernels_select(st_detect_isa());
+    if (active_isa < 0) select_default();
     return active_isa;
 }
 
@@ -948,7 +960,7 @@ int st_kernels_bound(void) { return bound ? bound_isa : -1; }
 
 static inline const kernel_table *table(void) {
     if (bound) return bound;
-    if (active_isa < 0) st_kernels_select(st_detect_isa());
+    if (active_isa < 0) select_default();
     return active;
 }
 

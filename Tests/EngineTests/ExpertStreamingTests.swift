@@ -16,19 +16,21 @@ import Testing
 
     static let cases = ["tiny-4b-like", "tiny-21b-like", "tiny-untied"].flatMap { m in [TensorDType.f32, .q4_0].map { (m, $0) } }
 
-    @Test(arguments: cases)
-    func budgetedLogitsAreBitwiseIdentical(model name: String, type: TensorDType) throws {
+    @Test(arguments: cases, DotKernels.InstructionSet.supported)
+    func budgetedLogitsAreBitwiseIdentical(case: (model: String, type: TensorDType), tier: DotKernels.InstructionSet) throws {
+        let (name, type) = `case`
         let reference = try Reference.load(name)
         let tokens = reference.sequences["long"]!.inputIDs
         let model = try Model(path: try Packages.path(name, type), interleaveExperts: false)
         let context = 64
-        let free = try Session(model: model, contextLength: context, threads: 2)
+        let free = try Session(model: model, contextLength: context, threads: 2, kernels: tier)
         var expected: [Float] = []
         for t in tokens { expected += try free.evaluate([t]) }
-        let batchedExpected = try Session(model: model, contextLength: context, threads: 2).evaluate(tokens, allLogits: true)
+        let batchedExpected = try Session(model: model, contextLength: context, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)
         let k = model.config.activeExperts
         for (slots, prefetch) in [(k, true), (k + 3, true), (k + 3, false), (model.config.expertCount * 2, true)] {
-            let session = try Session(model: model, contextLength: context, threads: 2, memoryBudget: Self.budget(model, slots: slots, context: context))
+            let session = try Session(model: model, contextLength: context, threads: 2,
+                                      memoryBudget: Self.budget(model, slots: slots, context: context), kernels: tier)
             let cache = try #require(session.expertCache)
             cache.prefetchEnabled = prefetch
             #expect(cache.slotCount == slots)

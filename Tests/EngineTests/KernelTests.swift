@@ -67,10 +67,50 @@ import Testing
         #expect(out.enumerated().allSatisfy { rows.contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows", sourceLocation: sourceLocation)
     }
 
-    @Test func theBestAvailableSetIsSelected() {
-        #expect(DotKernels.active == DotKernels.detected)
+    /// Without STRUN_KERNELS the best set is selected; with it, the one it names.
+    @Test func theConfiguredSetIsSelected() throws {
+        let configured = try DotKernels.configured()
+        #expect(DotKernels.active == configured)
+        #expect(DotKernels.forcedByEnvironment || configured == DotKernels.detected)
         #expect(Self.sets.last == DotKernels.detected)
+        #expect(DotKernels.InstructionSet.supported == Self.sets)
         #expect(st_kernels_for(99) == nil)
+    }
+
+    /// A tier is chosen by name; an unknown name, or a tier this CPU lacks, is a clear error.
+    @Test func tierNamesAreCheckedAgainstTheCPU() throws {
+        for tier in DotKernels.InstructionSet.allCases {
+            #expect(DotKernels.InstructionSet(name: tier.name) == tier)
+            if tier.isSupported {
+                #expect(try DotKernels.resolve(tier.name.uppercased()) == tier)
+            } else {
+                #expect(throws: EngineError.self) { try DotKernels.resolve(tier.name) }
+            }
+        }
+        #expect(try DotKernels.resolve(nil) == DotKernels.detected)
+        do {
+            _ = try DotKernels.resolve("neon")
+            Issue.record("an unknown tier was accepted")
+        } catch {
+            #expect("\(error)".contains("STRUN_KERNELS=neon names no kernel tier") && "\(error)".contains("portable, avx2, avx512"))
+        }
+    }
+
+    /// A thread's binding wins over the process-wide choice and is undone after; a tier the CPU
+    /// lacks cannot be bound.
+    @Test(arguments: sets)
+    func aThreadBindsItsOwnTier(set: DotKernels.InstructionSet) throws {
+        let before = DotKernels.active
+        let inside = DotKernels.with(set) { DotKernels.active }
+        #expect(inside == set && DotKernels.active == before)
+        #expect(st_kernels_bind(99) == -2 && DotKernels.active == before)
+        // Workers of a parallel region compute on the caller's tier.
+        var seen = [Int32](repeating: -1, count: 8)
+        seen.withUnsafeMutableBufferPointer { buffer in
+            let out = Unchecked(buffer)
+            DotKernels.with(set) { parallelForOnThisTier(8) { out.value[$0] = st_kernels_isa() } }
+        }
+        #expect(seen.allSatisfy { $0 == set.rawValue }, "\(seen)")
     }
 
     @Test(arguments: sets, [TensorDType.f32, .bf16, .f16])

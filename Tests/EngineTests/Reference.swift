@@ -12,6 +12,21 @@ struct Reference {
         let greedyStepLogits: [[Float]]    // [16][vocab]
         let topkExperts: [[[Int]]]         // [layers][T][k]
         let topkWeights: [[[Float]]]       // [layers][T][k]
+        let layerInputs: [[Float]]         // [layers][T · hidden]: the residual stream entering each layer
+        let routerLogits: [[Float]]        // [layers][T · experts]
+        let finalNormOut: [Float]          // [T · hidden]: model.norm of the last layer's output
+
+        /// The authors' run as a trace for `TeacherForcing`: every layer's input, margins and
+        /// choices (the last layer's raw output is not in the fixture: its states are NaN).
+        func trace(hidden: Int, active: Int) -> Trace {
+            let t = inputIDs.count, experts = routerLogits[0].count / t
+            let margins = routerLogits.map { layer in (0..<t).map { p -> Float in
+                let sorted = layer[p * experts..<(p + 1) * experts].sorted(by: >)
+                return sorted[active - 1] - sorted[active]
+            } }
+            return Trace(hidden: hidden, states: layerInputs + [[Float](repeating: .nan, count: t * hidden)], margins: margins,
+                         experts: topkExperts, logits: logits.flatMap { $0 })
+        }
     }
 
     let sequences: [String: Sequence]
@@ -38,7 +53,10 @@ struct Reference {
                 greedyMargins: (s["greedy_top1_top2_margins"] as! [Double]).map(Float.init),
                 greedyStepLogits: matrix(s["greedy_step_logits"]),
                 topkExperts: s["topk_experts"] as! [[[Int]]],
-                topkWeights: cube(s["topk_weights"]))
+                topkWeights: cube(s["topk_weights"]),
+                layerInputs: matrix(s["layer_inputs"], rows: 1),
+                routerLogits: matrix(s["router_logits"], rows: 1),
+                finalNormOut: floats(s["final_norm_out"]).values)
         }
         let reference = Reference(sequences: result)
         cache[model] = reference
@@ -52,9 +70,11 @@ struct Reference {
         return (values, object["shape"] as! [Int])
     }
 
-    static func matrix(_ any: Any?) -> [[Float]] {
+    /// The array's first `rows` dimensions as rows, the rest flattened in each.
+    static func matrix(_ any: Any?, rows: Int = 1) -> [[Float]] {
         let (values, shape) = floats(any)
-        return (0..<shape[0]).map { Array(values[$0 * shape[1]..<($0 + 1) * shape[1]]) }
+        let count = shape.prefix(rows).reduce(1, *), width = values.count / max(count, 1)
+        return (0..<count).map { Array(values[$0 * width..<($0 + 1) * width]) }
     }
 
     static func cube(_ any: Any?) -> [[[Float]]] {

@@ -1,15 +1,60 @@
+import CKernels
 import Foundation
 import Testing
 @testable import Engine
 
-/// The float runtime against the SmallThinker authors' PyTorch outputs.
+/// The float runtime against the SmallThinker authors' PyTorch outputs, on every kernel tier
+/// this CPU has.
 @Suite struct ReferenceLogitsTests {
     static let cases = Reference.models.flatMap { m in ["short", "long"].flatMap { s in [TensorDType.f32, .bf16].map { (m, s, $0) } } }
+    static let tiers = DotKernels.InstructionSet.supported
 
-    @Test(arguments: cases)
-    func incrementalLogitsMatchTheReference(model: String, sequence: String, dtype: TensorDType) throws {
+    /// Every layer given the authors' input to it (teacher forcing), as a prompt and token by
+    /// token: what it adds to the residual stream is theirs to float rounding (measured: at
+    /// most 2e-6 relative on every tier), so are the last layer's normed output and the logits
+    /// made from it. A wrong layer (RoPE on a NoPE layer, a window off by one, softmax for
+    /// sigmoid) is off by more than 1e-2.
+    @Test(arguments: Reference.models, tiers)
+    func everyLayerMatchesTheReference(model name: String, tier: DotKernels.InstructionSet) throws {
+        for dtype in [TensorDType.f32, .bf16] {
+            let model = try Model(path: try Packages.path(name, dtype == .bf16 ? nil : dtype))
+            let c = model.config, layers = c.layerCount
+            for sequence in ["short", "long"] {
+                let reference = try #require(try Reference.load(name).sequences[sequence])
+                let expected = reference.trace(hidden: c.hiddenSize, active: c.activeExperts)
+                for batched in [true, false] {
+                    let label = "\(dtype.rawValue) \(sequence) \(batched ? "prompt" : "token by token") on \(tier.name)"
+                    let forced = try TeacherForcing.run(model, kernels: tier, tokens: reference.inputIDs, batched: batched,
+                                                        forcing: expected, forcedLayers: layers)
+                    let d = TeacherForcing.compare(expected, forced, layers: 0..<layers - 1)
+                    #expect(d.worst < 1e-4 && d.routingMismatches.isEmpty && d.compared >= (layers - 1) * reference.inputIDs.count - 1,
+                            "\(label): \(d)")
+                    var worstNorm: Float = 0
+                    var normed = [Float](repeating: 0, count: c.hiddenSize)
+                    for p in 0..<reference.inputIDs.count {
+                        let output = Array(forced.state(layers, p))
+                        model.outputNorm.withUnsafeBufferPointer { w in
+                            _ = st_rms_norm(output, w.baseAddress!, c.rmsNormEps, &normed, Int32(c.hiddenSize))
+                        }
+                        let theirs = reference.finalNormOut[p * c.hiddenSize..<(p + 1) * c.hiddenSize]
+                        worstNorm = max(worstNorm, maxAbsDifference(theirs, normed) / (theirs.map(abs).max()! + 1))
+                    }
+                    #expect(worstNorm < 1e-4, "\(label): last layer's normed output differs by \(worstNorm)")
+                    let logits = TeacherForcing.logitDifference(expected.logits, forced.logits, vocab: c.vocabSize)
+                    #expect(logits < 1e-4, "\(label): logits differ by \(logits) of their scale")
+                }
+            }
+        }
+    }
+
+    /// Free-running, one token at a time, with the KV cache: the authors' router margins are all
+    /// at least 7e-4, far above float rounding, so no choice can tip and the logits stay within
+    /// 1e-3 on every tier.
+    @Test(arguments: cases, tiers)
+    func incrementalLogitsMatchTheReference(case: (model: String, sequence: String, dtype: TensorDType), tier: DotKernels.InstructionSet) throws {
+        let (model, sequence, dtype) = `case`
         let reference = try #require(try Reference.load(model).sequences[sequence])
-        let session = try Session(model: try Model(path: try Packages.path(model, dtype == .bf16 ? nil : dtype)), threads: 2)
+        let session = try Session(model: try Model(path: try Packages.path(model, dtype == .bf16 ? nil : dtype)), threads: 2, kernels: tier)
         let vocab = session.model.config.vocabSize
         var worst: Float = 0
         for (t, token) in reference.inputIDs.enumerated() {
@@ -19,13 +64,13 @@ import Testing
         #expect(worst < 1e-3, "max |logit - reference| = \(worst)")
     }
 
-    @Test(arguments: Reference.models)
-    func batchedPromptMatchesIncrementalDecoding(model: String) throws {
+    @Test(arguments: Reference.models, tiers)
+    func batchedPromptMatchesIncrementalDecoding(model: String, tier: DotKernels.InstructionSet) throws {
         let reference = try #require(try Reference.load(model).sequences["long"])
         let m = try Model(path: try Packages.path(model, .f32))
-        let batched = try Session(model: m, threads: 2)
+        let batched = try Session(model: m, threads: 2, kernels: tier)
         let all = try batched.evaluate(reference.inputIDs, allLogits: true)
-        let stepwise = try Session(model: m, threads: 1)
+        let stepwise = try Session(model: m, threads: 1, kernels: tier)
         let vocab = m.config.vocabSize
         var worst: Float = 0
         for (t, token) in reference.inputIDs.enumerated() {
@@ -36,16 +81,17 @@ import Testing
         // different orders); a cache bug shows as errors of order 1.
         #expect(worst < 1e-3, "batched vs one-by-one: \(worst)")
         // Split the prompt unevenly across calls: the cache carries over.
-        let split = try Session(model: m, threads: 2)
+        let split = try Session(model: m, threads: 2, kernels: tier)
         _ = try split.evaluate(Array(reference.inputIDs[0..<7]))
         let tail = try split.evaluate(Array(reference.inputIDs[7...]), allLogits: true)
         #expect(maxAbsDifference(tail[0..<tail.count], Array(all[7 * vocab..<all.count])) < 1e-3)
     }
 
-    @Test(arguments: Reference.models.flatMap { m in ["short", "long"].map { (m, $0) } })
-    func routerChoicesMatchTheReference(model: String, sequence: String) throws {
+    @Test(arguments: Reference.models.flatMap { m in ["short", "long"].map { (m, $0) } }, tiers)
+    func routerChoicesMatchTheReference(case: (model: String, sequence: String), tier: DotKernels.InstructionSet) throws {
+        let (model, sequence) = `case`
         let reference = try #require(try Reference.load(model).sequences[sequence])
-        let session = try Session(model: try Model(path: try Packages.path(model, .f32)), threads: 2)
+        let session = try Session(model: try Model(path: try Packages.path(model, .f32)), threads: 2, kernels: tier)
         var decisions: [RoutingDecision] = []
         session.routingObserver = { decisions.append($0) }
         _ = try session.evaluate(reference.inputIDs)

@@ -126,6 +126,38 @@ import Testing
     }
 }
 
+/// STRUN_KERNELS through the built strun: each tier this CPU has runs and is reported, with the
+/// same generated tokens as the default where the model's margins are clear; a tier that does
+/// not exist, or that this CPU lacks, is one clear line and exit 1.
+@Suite struct KernelTierCommandTests {
+    @Test func theForcedTierRunsAndIsReported() throws {
+        let scratch = ToolScratch()
+        let path = scratch.file("m.stpk")
+        #expect(try Tools.run("stconvert", [Tools.fixtures + "/tiny-4b-like", "-o", path, "-q"]).status == 0)
+        let detected = try Tools.run("strun", ["--version"], environment: ["STRUN_KERNELS": ""])  // empty: not set
+        #expect(detected.stdout.contains("kernels: ") && detected.stdout.contains("the best this CPU has"), "\(detected.stdout)")
+        var supported: [String] = []
+        for tier in ["portable", "avx2", "avx512"] {
+            let bench = try Tools.run("strun", ["bench", path, "-p", "4", "-n", "4", "-r", "1", "--json"], environment: ["STRUN_KERNELS": tier])
+            if bench.status == 0 {
+                let report = try JSONSerialization.jsonObject(with: Data(bench.stdout.utf8)) as! [String: Any]
+                #expect(report["kernels"] as? String == tier && report["kernels_forced"] as? Bool == true)
+                let text = try Tools.run("strun", ["bench", path, "-p", "4", "-n", "4", "-r", "1"], environment: ["STRUN_KERNELS": tier])
+                #expect(text.stdout.contains("kernels: \(tier) (forced by STRUN_KERNELS"), "\(text.stdout)")
+                let version = try Tools.run("strun", ["--version"], environment: ["STRUN_KERNELS": tier])
+                #expect(version.stdout.contains("kernels: \(tier) (forced by STRUN_KERNELS"))
+                supported.append(tier)
+            } else {
+                #expect(bench.status == 1 && bench.stderr.hasPrefix("strun: error: STRUN_KERNELS=\(tier) asks for the \(tier) kernels, which need"), "\(bench.stderr)")
+                #expect(bench.stderr.split(separator: "\n").count == 1)
+            }
+        }
+        #expect(supported.first == "portable")
+        let bad = try Tools.run("strun", ["generate", path, "--tokens", "1,2", "-n", "2", "--ids"], environment: ["STRUN_KERNELS": "sse9"])
+        #expect(bad.status == 1 && bad.stderr == "strun: error: STRUN_KERNELS=sse9 names no kernel tier; use one of portable, avx2, avx512, or unset it for the best this CPU has (\(supported.last!))\n", "\(bad.stderr)")
+    }
+}
+
 /// --memory-budget through the built strun.
 @Suite struct BudgetCommandTests {
     @Test func budgetedGenerationMatchesAndBenchReportsCounters() throws {

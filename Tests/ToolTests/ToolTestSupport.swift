@@ -22,10 +22,11 @@ enum Tools {
     }
 
     @discardableResult
-    static func run(_ tool: String, _ arguments: [String], stdin: String? = nil) throws -> Result {
+    static func run(_ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:]) throws -> Result {
         let process = Process()
         process.executableURL = productsDirectory.appendingPathComponent(tool)
         process.arguments = arguments
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         // Output goes to files, so a large output can never block the child on a full pipe.
         let base = NSTemporaryDirectory() + "tool-" + UUID().uuidString
         _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)

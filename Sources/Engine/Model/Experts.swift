@@ -74,9 +74,12 @@ extension Session {
         for t in 0..<n {
             routing.route(token: t, logits: routerLogits + t * c.expertCount, softmax: c.routerSoftmax)
             if let routingObserver {
-                routingObserver(RoutingDecision(layer: index, position: position + t,
-                                                experts: (0..<c.activeExperts).map { routing.chosen[$0] },
-                                                weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] }))
+                let logits = routerLogits + t * c.expertCount
+                let chosen = (0..<c.activeExperts).map { routing.chosen[$0] }
+                let runnerUp = (0..<c.expertCount).filter { !chosen.contains($0) }.map { logits[$0] }.max() ?? -.infinity
+                routingObserver(RoutingDecision(layer: index, position: position + t, experts: chosen,
+                                                weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] },
+                                                margin: logits[chosen[c.activeExperts - 1]] - runnerUp))
             }
         }
         routing.usedCount = 0

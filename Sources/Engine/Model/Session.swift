@@ -12,6 +12,9 @@ public struct RoutingDecision: Sendable {
     public let experts: [Int]
     /// Their weights in the mixture (sum to 1).
     public let weights: [Float]
+    /// The k-th highest router logit less the (k+1)-th: how far the choice is from a tie (a
+    /// change in the logits smaller than this cannot change which experts are chosen).
+    public let margin: Float
 }
 
 /// One conversation's state: the KV cache, the position, and every working buffer, allocated
@@ -29,6 +32,11 @@ public final class Session: @unchecked Sendable {
     public let kernels: DotKernels.InstructionSet
     /// Called for every routing decision when set.
     public var routingObserver: ((RoutingDecision) -> Void)?
+    /// Called, when set, with the batch's residual stream (batch rows of `hidden` floats, the
+    /// first at position `position`) at the input of each layer (0..<layers) and, as layer
+    /// `layers`, at the output of the last one. It may read the stream (to record hidden
+    /// states) or overwrite it (to give a layer another input: teacher forcing).
+    var residualHook: ((_ layer: Int, _ position: Int, _ residual: UnsafeMutableBufferPointer<Float>) -> Void)?
 
     /// Tokens per forward batch; longer inputs are split.
     public static let maximumBatch = 32
@@ -174,6 +182,10 @@ public final class Session: @unchecked Sendable {
             ropeTable.angles(position: position + t, into: ropeAngles + t * c.headDim)
         }
         for (index, layer) in model.layers.enumerated() {
+            if let residualHook {
+                residualHook(index, position, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
+                residual.setCount(n)  // it may have changed: no stale Q8_0 form
+            }
             // Router first, on the raw residual: the experts are known before attention runs, so
             // their bundles can be read from storage while it does.
             MatMul.multiply(layer.router, residual, into: routerLogits, outputStride: c.expertCount, threads: threads)
@@ -184,6 +196,7 @@ public final class Session: @unchecked Sendable {
             attend(layer: layer, cache: caches[index], count: n)
             try mixExperts(layer: layer, index: index, count: n)
         }
+        residualHook?(model.layers.count, position, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
         position += n
     }
 

@@ -1,0 +1,133 @@
+import Foundation
+import Testing
+@testable import Engine
+
+/// Teacher-forced, layer-by-layer comparison of two computations of the same model.
+///
+/// The random-weight fixtures are chaotic: a float-rounding difference in one layer can tip a
+/// router near-tie, and a different expert choice persists through the KV cache, so comparing
+/// free-running logits of two computations that sum in different orders says more about the
+/// fixture than about the code. Instead the second computation is given, at every layer, the
+/// first one's input to that layer (every position), and what each layer adds to the residual
+/// stream is compared. Attention at a position reads only that layer's inputs (forced), so an
+/// error stays where it is made; a router choice closer to a tie than `tie` in either run is the
+/// one place a rounding difference may legitimately change the result, and is skipped (and
+/// counted).
+struct Trace {
+    let hidden: Int
+    /// (layers + 1) × (positions · hidden): the residual stream entering each layer, then the
+    /// last layer's output. Forced runs record, at l + 1, what layer l made of its given input.
+    var states: [[Float]]
+    /// layers × positions: the router's k-th minus (k+1)-th logit.
+    var margins: [[Float]]
+    /// layers × positions: the chosen experts, best first.
+    var experts: [[[Int]]]
+    /// positions × vocab.
+    var logits: [Float]
+
+    var layers: Int { margins.count }
+    var positions: Int { margins.first?.count ?? 0 }
+
+    func state(_ layer: Int, _ position: Int) -> ArraySlice<Float> {
+        states[layer][position * hidden..<(position + 1) * hidden]
+    }
+}
+
+enum TeacherForcing {
+    /// Runs `tokens` through a new session on `model` with the `kernels` tier, as one prompt
+    /// (`batched`) or one token per call (decoding), and records its trace. With `inputs`, each
+    /// layer l < `forcedLayers` (default: every layer and the final stream) gets
+    /// `inputs.states[l]` as its input.
+    static func run(_ model: Model, kernels: DotKernels.InstructionSet, tokens: [Int], batched: Bool, forcing inputs: Trace? = nil,
+                    forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil) throws -> Trace {
+        let c = model.config, hidden = c.hiddenSize, n = tokens.count
+        let session = try Session(model: model, contextLength: max(n, 64), threads: threads, memoryBudget: memoryBudget, kernels: kernels)
+        defer { session.expertCache?.shutdown() }
+        var trace = Trace(hidden: hidden, states: Array(repeating: [Float](repeating: .nan, count: n * hidden), count: c.layerCount + 1),
+                          margins: Array(repeating: [Float](repeating: .nan, count: n), count: c.layerCount),
+                          experts: Array(repeating: Array(repeating: [], count: n), count: c.layerCount), logits: [])
+        let forced = forcedLayers ?? c.layerCount + 1
+        session.routingObserver = { d in
+            trace.margins[d.layer][d.position] = d.margin
+            trace.experts[d.layer][d.position] = d.experts
+        }
+        session.residualHook = { layer, position, residual in
+            for i in 0..<residual.count / hidden {
+                let p = position + i
+                for j in 0..<hidden { trace.states[layer][p * hidden + j] = residual[i * hidden + j] }
+                if let inputs, layer < forced {
+                    for j in 0..<hidden { residual[i * hidden + j] = inputs.states[layer][p * hidden + j] }
+                }
+            }
+        }
+        if batched {
+            trace.logits = try session.evaluate(tokens, allLogits: true)
+        } else {
+            for t in tokens { trace.logits += try session.evaluate([t]) }
+        }
+        return trace
+    }
+
+    /// The worst relative difference, over layers and positions, between what each layer adds
+    /// in `forced` (run on `expected`'s inputs) and in `expected`: |Δf − Δe| / |Δe| with
+    /// Δ = output − input. Positions where either run's router is within `tie` of a tie are left
+    /// out; where both are clear the experts must agree.
+    struct Difference: CustomStringConvertible {
+        var worst: Float = 0
+        var worstAt = (layer: 0, position: 0)
+        /// The mean of the compared positions' relative differences.
+        var mean: Float = 0
+        var compared = 0
+        var skipped = 0
+        var routingMismatches: [(layer: Int, position: Int)] = []
+        var description: String {
+            "worst relative difference \(worst) (mean \(mean)) at layer \(worstAt.layer) position \(worstAt.position); \(compared) compared, \(skipped) near router ties skipped"
+                + (routingMismatches.isEmpty ? "" : "; different experts despite clear margins at \(routingMismatches.prefix(5))")
+        }
+    }
+
+    static func compare(_ expected: Trace, _ forced: Trace, tie: Float = 1e-3, layers: Range<Int>? = nil) -> Difference {
+        var result = Difference()
+        for l in layers ?? 0..<expected.layers {
+            for p in 0..<expected.positions {
+                guard expected.margins[l][p] > tie, forced.margins[l][p] > tie else { result.skipped += 1; continue }
+                if Set(expected.experts[l][p]) != Set(forced.experts[l][p]) { result.routingMismatches.append((l, p)) }
+                let input = expected.state(l, p), e = expected.state(l + 1, p), f = forced.state(l + 1, p)
+                var error: Double = 0, size: Double = 0
+                for (x, (a, b)) in zip(input, zip(e, f)) {
+                    error += Double(b - a) * Double(b - a)
+                    size += Double(a - x) * Double(a - x)
+                }
+                let relative = Float((error / max(size, 1e-30)).squareRoot())
+                result.compared += 1
+                result.mean += relative
+                if !(relative <= result.worst) { result.worst = relative; result.worstAt = (l, p) }
+            }
+        }
+        result.mean /= Float(max(1, result.compared))
+        return result
+    }
+
+    /// `other` given `base`'s layer inputs, both on `kernels`: each run batched (a prompt) or
+    /// token by token as asked. Returns the per-layer difference and the logits' comparison
+    /// (both made from the same final residual stream).
+    static func layerByLayer(base: Model, other: Model, tokens: [Int], kernels: DotKernels.InstructionSet, batched: Bool,
+                             baseBatched: Bool? = nil, tie: Float = 1e-3, memoryBudget: Int? = nil) throws -> (layers: Difference, logits: LogitComparison) {
+        let expected = try run(base, kernels: kernels, tokens: tokens, batched: baseBatched ?? batched)
+        let forced = try run(other, kernels: kernels, tokens: tokens, batched: batched, forcing: expected, memoryBudget: memoryBudget)
+        return (compare(expected, forced, tie: tie),
+                LogitComparison(base: expected.logits, other: forced.logits, vocab: base.config.vocabSize, tokens: tokens))
+    }
+
+    /// The largest |a − b| over positions' logits, relative to the position's largest |logit|
+    /// (plus 1), for logits computed from the same final residual stream.
+    static func logitDifference(_ a: [Float], _ b: [Float], vocab: Int) -> Float {
+        var worst: Float = 0
+        for p in 0..<a.count / vocab {
+            let u = a[p * vocab..<(p + 1) * vocab], v = b[p * vocab..<(p + 1) * vocab]
+            let scale = u.map(abs).max()! + 1
+            worst = max(worst, zip(u, v).map { abs($0 - $1) }.max()! / scale)
+        }
+        return worst
+    }
+}
