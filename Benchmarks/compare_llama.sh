@@ -2,13 +2,21 @@
 # Side by side on one synthetic full-size checkpoint, same machine, same thread count:
 #   ours:      stconvert -> stquant q4_0 -> strun bench
 #   llama.cpp: convert_hf_to_gguf.py (bf16) -> llama-quantize --pure q4_0 -> llama-bench
-# llama.cpp is built from the source that the llama-cpp-python sdist on PyPI vendors. Its
-# converter needs torch and transformers (pip). Run by hand, never by the tests:
+# llama.cpp is built from the source that the llama-cpp-python sdist vendors (version pinned
+# below, fetched with pip). Its converter needs torch and transformers (pip). Run by hand, never
+# by the tests:
 #
-#   bash Benchmarks/compare_llama.sh [WORK_DIR] [THREADS] [-- make_checkpoint.py options]
+#   [TIER=avx2] [ROUNDS=5] bash Benchmarks/compare_llama.sh [WORK_DIR] [THREADS] [-- make_checkpoint.py options]
 #
-# Prints decode and prompt tokens/s, conversion + quantisation wall time and peak RSS, file sizes,
-# all as ratios ours / llama.cpp, and decode speed as a fraction of the bandwidth limit.
+# TIER forces our kernel tier (STRUN_KERNELS: portable, avx2, avx512; default the best this CPU
+# has) and, with it, how llama.cpp is built: TIER=avx2 builds it for AVX2 + FMA + F16C with
+# AVX-512 off, so an AVX-512 machine measures what an AVX2-only one would run; otherwise it is
+# built for the native CPU (LLAMA_BUILD=native|avx2 overrides). LLAMA_DIR shares one llama.cpp
+# source and its builds between work directories (default WORK_DIR/llama.cpp).
+#
+# Prints the CPU, each engine's tier or build flags, decode and prompt tokens/s, conversion +
+# quantisation wall time, peak RSS of every run, file sizes, all as ratios ours / llama.cpp with
+# the median of the paired rounds, and decode speed as a fraction of the bandwidth limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -17,34 +25,48 @@ shift $(( $# > 2 ? 2 : $# )) || true
 [ "${1:-}" = "--" ] && shift
 mkdir -p "$work"; work=$(cd "$work" && pwd)
 P=128; N=64
+LLAMA_CPP_PYTHON_VERSION=0.3.36   # pinned: the llama.cpp it vendors is the comparison
+
+tier="${TIER:-}"
+if [ -n "$tier" ]; then export STRUN_KERNELS="$tier"; else unset STRUN_KERNELS; fi
+llama_build="${LLAMA_BUILD:-$([ "$tier" = avx2 ] && echo avx2 || echo native)}"
+case "$llama_build" in
+    native) llama_flags="-DGGML_NATIVE=ON" ;;
+    avx2) llama_flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF" ;;
+    *) echo "LLAMA_BUILD must be native or avx2 (got '$llama_build')" >&2; exit 2 ;;
+esac
 
 swift build -c release >/dev/null
+.build/release/strun --version >/dev/null  # a bad TIER fails here, before any work
 if [ ! -f "$work/checkpoint/config.json" ]; then
     python3 Benchmarks/make_checkpoint.py "$work/checkpoint" --tokenizer Tests/Fixtures/qwen-tokenizer "$@"
 fi
 
-# llama.cpp from the llama-cpp-python sdist.
-llama="$work/llama.cpp"
-if [ ! -x "$llama/build/bin/llama-bench" ]; then
-    python3 - "$work" <<'PY'
-import json, os, sys, tarfile, urllib.parse, urllib.request
-work = sys.argv[1]
-meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/llama-cpp-python/json", timeout=60))
-sdist = [f for f in meta["urls"] if f["packagetype"] == "sdist"][0]
-path = os.path.join(work, sdist["filename"])
-if not os.path.exists(path):
-    urllib.request.urlretrieve(urllib.parse.urljoin("https://pypi.org/pypi/llama-cpp-python/json", sdist["url"]), path)
-with tarfile.open(path) as t:
-    t.extractall(work)
-top = sdist["filename"][:-len(".tar.gz")]
-os.replace(os.path.join(work, top, "vendor", "llama.cpp"), os.path.join(work, "llama.cpp"))
-print("llama-cpp-python", meta["info"]["version"])
-PY
-    python3 -m pip install -q cmake torch transformers sentencepiece >/dev/null 2>&1 || true
-    cmake -S "$llama" -B "$llama/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$llama/build" --target llama-bench llama-quantize -j"$(nproc)" >/dev/null
+# llama.cpp from the llama-cpp-python sdist, fetched by pip (only that package from source:
+# `--no-binary :all:` would also build pip's build dependencies from source, cmake included).
+llama="${LLAMA_DIR:-$work/llama.cpp}"
+if [ ! -f "$llama/CMakeLists.txt" ]; then
+    sdist=$(mktemp -d)
+    python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist"
+    tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
+    mkdir -p "$(dirname "$llama")"
+    mv "$sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$llama"
+    echo "$LLAMA_CPP_PYTHON_VERSION" > "$llama/LLAMA_CPP_PYTHON_VERSION"
+    rm -rf "$sdist"
 fi
+build="$llama/build-$llama_build"
+if [ ! -x "$build/bin/llama-bench" ]; then
+    python3 -m pip install -q cmake torch transformers sentencepiece >/dev/null 2>&1 || true
+    # shellcheck disable=SC2086
+    cmake -S "$llama" -B "$build" $llama_flags -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build "$build" --target llama-bench llama-quantize -j"$(nproc)" >/dev/null
+fi
+{
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "ours: $(.build/release/strun --version | sed -n 's/^kernels: //p')"
+    echo "llama.cpp: llama-cpp-python $(cat "$llama/LLAMA_CPP_PYTHON_VERSION" 2>/dev/null || echo '?') sources, build '$llama_build': $llama_flags"
+} > "$work/engines.txt"
 
 timed() {  # label command... -> appends "label seconds rss_kb" to $work/times.txt
     local label=$1; shift
@@ -57,7 +79,7 @@ timed ours_convert .build/release/stconvert "$work/checkpoint" -o "$work/ours-bf
 timed ours_quantize .build/release/stquant "$work/ours-bf16.stpk" -o "$work/ours-q4_0.stpk" --type q4_0 --force --quiet
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 timed llama_convert env PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$work/checkpoint" --outtype bf16 --outfile "$work/llama-bf16.gguf"
-timed llama_quantize "$llama/build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" "$work/llama-q4_0.gguf" q4_0 "$threads"
+timed llama_quantize "$build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" "$work/llama-q4_0.gguf" q4_0 "$threads"
 
 # Both decode after a P-token context: strun bench decodes right after its prompt, so
 # llama-bench's generation test runs at depth P (-d; its plain tg starts from an empty cache,
@@ -67,11 +89,14 @@ timed llama_quantize "$llama/build/bin/llama-quantize" --pure --token-embedding-
 # median are printed below it.
 rounds="${ROUNDS:-3}"
 for round in $(seq "$rounds"); do
-    .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$round.json"
-    "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$round.json" 2>"$work/llama-bench.err"
-    "$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$round.json" 2>>"$work/llama-bench.err"
+    /usr/bin/time -f "%M" -o "$work/ours-bench-$round.rss" \
+        .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$round.json"
+    /usr/bin/time -f "%M" -o "$work/llama-pp-$round.rss" \
+        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$round.json" 2>"$work/llama-bench.err"
+    /usr/bin/time -f "%M" -o "$work/llama-tg-$round.rss" \
+        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$round.json" 2>>"$work/llama-bench.err"
 done
-"$llama/build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -t "$threads" -r 3 -o json > "$work/llama-tg-empty.json" 2>>"$work/llama-bench.err"
+"$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -t "$threads" -r 3 -o json > "$work/llama-tg-empty.json" 2>>"$work/llama-bench.err"
 .build/release/strun inspect "$work/ours-q4_0.stpk" --json > "$work/inspect.json"
 cc -O3 -march=native -ffast-math -fopenmp Benchmarks/bandwidth.c -o "$work/bandwidth"
 bandwidth=$("$work/bandwidth" "$threads")
@@ -81,6 +106,8 @@ import json, os, sys
 work, threads, bandwidth, rounds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 times = {l.split()[0]: (float(l.split()[1]), int(l.split()[2])) for l in open(os.path.join(work, "times.txt"))}
 load = lambda name: json.load(open(os.path.join(work, name)))
+rss = lambda name: int(open(os.path.join(work, name)).read().split()[-1]) / 1024  # MiB
+print(open(os.path.join(work, "engines.txt")).read(), end="")
 R = range(1, rounds + 1)
 runs = [load(f"ours-bench-{r}.json") for r in R]
 ours = dict(runs[0])
@@ -115,13 +142,17 @@ row("prompt tokens/s (p=128)", ours["prompt_tokens_per_second"], ll_pp)
 row("convert + quantise wall time (s)", conv_ours, conv_ll)
 row("  of which quantise (s)", times["ours_quantize"][0], times["llama_quantize"][0])
 row("convert/quantise peak RSS (MiB)", rss_ours, rss_ll)
+print("  peak RSS of each step (MiB): ours convert %.0f, quantise %.0f; llama.cpp convert %.0f, quantize %.0f" % (
+    times["ours_convert"][1] / 1024, times["ours_quantize"][1] / 1024, times["llama_convert"][1] / 1024, times["llama_quantize"][1] / 1024))
 row("Q4_0 model file (GiB)", size("ours-q4_0.stpk") / 2**30, size("llama-q4_0.gguf") / 2**30)
 median = lambda v: sorted(v)[len(v) // 2]
 for name, key, theirs in (("decode", "decode_tokens_per_second", ll_tgs), ("prompt", "prompt_tokens_per_second", ll_pps)):
     ratios = [r[key] / t for r, t in zip(runs, theirs)]
     print(f"{name} ratio per round (ours/llama.cpp, turn by turn): " + " ".join(f"{x:.2f}" for x in ratios) + f"; median {median(ratios):.2f}")
 print(f"llama.cpp decode from an empty context (its default tg test): {ll_tg_empty:.2f} tokens/s")
-print(f"runtime peak RSS (ours, strun bench): {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+print("runtime peak RSS per round (GiB): ours " + " ".join(f"{rss(f'ours-bench-{r}.rss') / 1024:.2f}" for r in R)
+      + "; llama.cpp prompt " + " ".join(f"{rss(f'llama-pp-{r}.rss') / 1024:.2f}" for r in R)
+      + ", decode " + " ".join(f"{rss(f'llama-tg-{r}.rss') / 1024:.2f}" for r in R))
 print(f"memory read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; a token reads {per_token / 1e6:.0f} MB "
       f"(dense {dense / 1e6:.0f} + head {head / 1e6:.0f} + experts {c['num_hidden_layers'] * c['moe_num_active_primary_experts'] * bundle / 1e6:.0f}) "
       f"-> limit {limit:.1f} tokens/s; ours reaches {ours['decode_tokens_per_second'] / limit:.0%}, llama.cpp {ll_tg / limit:.0%}"

@@ -474,7 +474,52 @@ AVX2 static void axpy_q4_0_avx2(const void *row, float a, float *y, int n) {
     }
 }
 
-AXPY_ROWS_VIA_AXPY(axpy_rows_q4_0_avx2, axpy_q4_0_avx2)
+// Four rows at a time, so each 32-float slice of y is loaded and stored once per four rows (as the
+// AVX-512 version). Nibbles become floats by zero extension and conversion, without the −8: each
+// row's −8·scale is summed over the tile and added once per slice. Two lines of `next` are
+// prefetched per block step.
+AVX2 static inline void axpy_block_avx2(const uint8_t *w, float c, __m256 acc[4], float *bias) {
+    const float s = c * _cvtsh_ss(load_u16(w));
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 10)));
+    acc[0] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), acc[0]);  // values 0..7
+    acc[1] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)), acc[1]);  // 8..15
+    acc[2] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), acc[2]);    // 16..23
+    acc[3] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), acc[3]);    // 24..31
+    *bias -= 8 * s;
+}
+
+AVX2 static void axpy_rows_q4_0_avx2(const void *base, int row_bytes, const int *rows, const float *coefficients, int count,
+                                     float *y, int n, const void *next, int next_bytes) {
+    const uint8_t *m = base;
+    const char *ahead = next, *ahead_end = next ? (const char *)next + next_bytes : NULL;
+    const int blocks = n / 32;
+    int a = 0;
+    for (; a < count; a += 4) {
+        const int tile = count - a < 4 ? count - a : 4;
+        const uint8_t *w[4];
+        for (int k = 0; k < tile; k++) w[k] = m + (size_t)rows[a + k] * row_bytes;
+        for (int k = 4; k < 8 && a + k < count; k++) prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        for (int b = 0; b < blocks; b++) {
+            float *o = y + b * 32;
+            if (ahead < ahead_end) { prefetch_l2(ahead, tile == 4 ? 128 : 64); ahead += tile == 4 ? 128 : 64; }
+            __m256 acc[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
+            float bias = 0;
+            if (tile == 4) {
+                axpy_block_avx2(w[0] + (size_t)b * 18, coefficients[a], acc, &bias);
+                axpy_block_avx2(w[1] + (size_t)b * 18, coefficients[a + 1], acc, &bias);
+                axpy_block_avx2(w[2] + (size_t)b * 18, coefficients[a + 2], acc, &bias);
+                axpy_block_avx2(w[3] + (size_t)b * 18, coefficients[a + 3], acc, &bias);
+            } else {
+                for (int k = 0; k < tile; k++) axpy_block_avx2(w[k] + (size_t)b * 18, coefficients[a + k], acc, &bias);
+            }
+            const __m256 vb = _mm256_set1_ps(bias);
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + 8 * k, _mm256_add_ps(acc[k], vb));
+        }
+    }
+}
 
 AVX2 static void axpy_q8_0_avx2(const void *row, float a, float *y, int n) {
     const uint8_t *w = row;
