@@ -237,6 +237,19 @@ B8_ROWS_VIA_ROW(dot_q4_0_b8_portable, dot_q4_0_b8_row_portable)
     }
 AXPY_ROWS_VIA_AXPY(axpy_rows_q4_0_portable, axpy_q4_0_portable)
 
+// Two outputs over one row list: y0 += Σ c0[a]·row, y1 += Σ c1[a]·row (a zero coefficient adds
+// nothing). Tiers without a fused form add the rows for each output in turn.
+#define AXPY_ROWS2_VIA_AXPY(name, axpy)                                                                  \
+    static void name(const void *base, int row_bytes, const int *rows, const float *c0, const float *c1, int count, \
+                     float *y0, float *y1, int n) {                                                      \
+        for (int a = 0; a < count; a++) {                                                                \
+            const uint8_t *w = (const uint8_t *)base + (size_t)rows[a] * row_bytes;                      \
+            if (c0[a] != 0) axpy(w, c0[a], y0, n);                                                       \
+            if (c1[a] != 0) axpy(w, c1[a], y1, n);                                                       \
+        }                                                                                                \
+    }
+AXPY_ROWS2_VIA_AXPY(axpy_rows2_q4_0_portable, axpy_q4_0_portable)
+
 // Attention for `heads` query heads sharing one key/value head (grouped-query attention), over
 // cached positions first...last (slot j % capacity, `stride` floats per slot): for each head,
 // softmax(q·k_j · scale) weighted sum of v_j, in one pass with a running maximum (no score vector;
@@ -491,6 +504,46 @@ AVX2 static inline void axpy_block_avx2(const uint8_t *w, float c, __m256 acc[4]
     *bias -= 8 * s;
 }
 
+// Two tokens' rows in one pass (a prompt's tokens that chose the same expert share most of its
+// active neurons): each row block is unpacked once for both, and each output's 32-float slice is
+// loaded and stored once per four rows.
+AVX2 static void axpy_rows2_q4_0_avx2(const void *base, int row_bytes, const int *rows, const float *c0, const float *c1, int count,
+                                      float *y0, float *y1, int n) {
+    const uint8_t *m = base;
+    const int blocks = n / 32;
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (int a = 0; a < count; a += 4) {
+        const int tile = count - a < 4 ? count - a : 4;
+        const uint8_t *w[4];
+        for (int k = 0; k < tile; k++) w[k] = m + (size_t)rows[a + k] * row_bytes;
+        for (int k = 4; k < 8 && a + k < count; k++) prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        for (int b = 0; b < blocks; b++) {
+            float *o0 = y0 + b * 32, *o1 = y1 + b * 32;
+            __m256 p[4], q[4];
+            for (int v = 0; v < 4; v++) { p[v] = _mm256_loadu_ps(o0 + 8 * v); q[v] = _mm256_loadu_ps(o1 + 8 * v); }
+            float bias0 = 0, bias1 = 0;
+            for (int k = 0; k < tile; k++) {
+                const uint8_t *wb = w[k] + (size_t)b * 18;
+                const float d = _cvtsh_ss(load_u16(wb));
+                const float s0 = c0[a + k] * d, s1 = c1[a + k] * d;
+                const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wb + 2)));
+                const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wb + 10)));
+                const __m256 f[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)),
+                                     _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+                const __m256 v0 = _mm256_set1_ps(s0), v1 = _mm256_set1_ps(s1);
+                for (int v = 0; v < 4; v++) { p[v] = _mm256_fmadd_ps(v0, f[v], p[v]); q[v] = _mm256_fmadd_ps(v1, f[v], q[v]); }
+                bias0 -= 8 * s0;
+                bias1 -= 8 * s1;
+            }
+            const __m256 e0 = _mm256_set1_ps(bias0), e1 = _mm256_set1_ps(bias1);
+            for (int v = 0; v < 4; v++) {
+                _mm256_storeu_ps(o0 + 8 * v, _mm256_add_ps(p[v], e0));
+                _mm256_storeu_ps(o1 + 8 * v, _mm256_add_ps(q[v], e1));
+            }
+        }
+    }
+}
+
 AVX2 static void axpy_rows_q4_0_avx2(const void *base, int row_bytes, const int *rows, const float *coefficients, int count,
                                      float *y, int n, const void *next, int next_bytes) {
     const uint8_t *m = base;
@@ -552,6 +605,105 @@ AVX2 static void axpy_f16_avx2(const uint16_t *row, float a, float *y, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * fp16_to_fp32(row[i]);
+}
+
+// e^x for x ≤ 0, eight lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r^7,
+// scaled by 2^n built in the exponent bits (x is clamped at −87, where e^x is below 2e−38).
+AVX2 static inline __m256 exp_nonpositive_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// Lane i: the sum of the eight lanes of v[i] (two rounds of horizontal adds within each half,
+// then the halves added).
+AVX2 static inline __m256 sum8(const __m256 v[8]) {
+    const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+AVX2 static inline float hmax256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+// The AVX-512 attention's shape at eight positions a block: each block's keys and values are
+// read from memory once for every head of the group, a head's eight scores go through one
+// vector exp, and its running output is rescaled once per block. head_dim a multiple of 8.
+AVX2 static void attend_avx2(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride,
+                             int first, int last, int head_dim, float scale, float *outs) {
+    if (head_dim % 8 != 0 || heads > 64) {
+        attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+        return;
+    }
+    float maxima[64], sums[64];
+    for (int h = 0; h < heads; h++) {
+        maxima[h] = -INFINITY;
+        sums[h] = 0;
+        for (int i = 0; i < head_dim; i++) outs[(size_t)h * head_dim + i] = 0;
+    }
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j0 = first; j0 <= last; j0 += 8) {
+        const int count = last - j0 + 1 < 8 ? last - j0 + 1 : 8;
+        const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
+        const float *k[8], *v[8];
+        for (int p = 0; p < 8; p++) {
+            const size_t slot = (size_t)((j0 + (p < count ? p : 0)) % capacity) * stride;
+            k[p] = keys + slot;
+            v[p] = values + slot;
+        }
+        for (int p = j0 + 8; p <= last && p < j0 + 16; p++) {
+            const size_t slot = (size_t)(p % capacity) * stride;
+            for (int i = 0; i < head_dim; i += 16) {
+                _mm_prefetch((const char *)(keys + slot + i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(values + slot + i), _MM_HINT_T0);
+            }
+        }
+        for (int h = 0; h < heads; h++) {
+            const float *q = queries + (size_t)h * head_dim;
+            float *out = outs + (size_t)h * head_dim;
+            __m256 dots[8];
+            for (int p = 0; p < 8; p++) dots[p] = _mm256_setzero_ps();
+            for (int c = 0; c < head_dim; c += 8) {
+                const __m256 qc = _mm256_loadu_ps(q + c);
+                for (int p = 0; p < 8; p++) dots[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[p] + c), dots[p]);
+            }
+            const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(dots), _mm256_set1_ps(scale)), valid);
+            const float block_max = hmax256(s);
+            const float new_max = block_max > maxima[h] ? block_max : maxima[h];
+            const float rescale = expf(maxima[h] - new_max);
+            const __m256 w = _mm256_and_ps(valid, exp_nonpositive_avx2(_mm256_sub_ps(s, _mm256_set1_ps(new_max))));
+            sums[h] = sums[h] * rescale + hsum256(w);
+            maxima[h] = new_max;
+            float weights[8];
+            _mm256_storeu_ps(weights, w);
+            const __m256 r = _mm256_set1_ps(rescale);
+            for (int c = 0; c < head_dim; c += 8) {
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(out + c), r);
+                for (int p = 0; p < count; p++) acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), _mm256_loadu_ps(v[p] + c), acc);
+                _mm256_storeu_ps(out + c, acc);
+            }
+        }
+    }
+    for (int h = 0; h < heads; h++) {
+        const __m256 inverse = _mm256_set1_ps(1 / sums[h]);
+        float *out = outs + (size_t)h * head_dim;
+        for (int c = 0; c < head_dim; c += 8) _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_loadu_ps(out + c), inverse));
+    }
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
@@ -911,6 +1063,7 @@ AVX512 static void dot_q4_0_b8_avx512(const void *row, int row_bytes, int rows, 
 
 TOKENS_VIA_DOT(dot_q4_0_tokens_avx2, dot_q4_0_avx2)
 TOKENS_VIA_DOT(dot_q8_0_tokens_avx2, dot_q8_0_avx2)
+AXPY_ROWS2_VIA_AXPY(axpy_rows2_q4_0_avx512, axpy_q4_0_avx512)
 #endif
 
 // ---------------------------------------------------------------- dispatch
@@ -921,18 +1074,21 @@ static const kernel_table portable = {
     dot_q4_0_portable, dot_q8_0_portable, dot_q4_0_tokens_portable, dot_q8_0_tokens_portable, dot_f32_portable, dot_bf16_portable, dot_f16_portable,
     axpy_q4_0_portable, axpy_q8_0_portable, axpy_f32_portable, axpy_bf16_portable, axpy_f16_portable,
     quantize_q8_0_portable, dot_q4_0_x8_portable, dot_q4_0_b8_portable, axpy_rows_q4_0_portable, attend_portable,
+    axpy_rows2_q4_0_portable,
 };
 
 #ifdef ST_X86
 static const kernel_table avx2 = {
     dot_q4_0_avx2, dot_q8_0_avx2, dot_q4_0_tokens_avx2, dot_q8_0_tokens_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx2, dot_q4_0_b8_avx2, axpy_rows_q4_0_avx2, attend_portable,
+    quantize_q8_0_portable, dot_q4_0_x8_avx2, dot_q4_0_b8_avx2, axpy_rows_q4_0_avx2, attend_avx2,
+    axpy_rows2_q4_0_avx2,
 };
 static const kernel_table avx512 = {
     dot_q4_0_vnni256, dot_q8_0_avx512, dot_q4_0_tokens_avx512, dot_q8_0_tokens_avx512, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx512, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
     quantize_q8_0_avx512, dot_q4_0_x8_avx512, dot_q4_0_b8_avx512, axpy_rows_q4_0_avx512, attend_avx512,
+    axpy_rows2_q4_0_avx512,
 };
 #endif
 
@@ -1156,6 +1312,23 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
 
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) {
     table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n, NULL, 0);
+}
+
+void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
+                            const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1) {
+    const kernel_table *k = table();
+    int a = 0, b = 0, count = 0;
+    while (a < n0 || b < n1) {
+        if (b >= n1 || (a < n0 && rows0[a] < rows1[b])) {
+            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = 0;
+        } else if (a >= n0 || rows1[b] < rows0[a]) {
+            merged[count] = rows1[b]; m0[count] = 0; m1[count] = c1[b++];
+        } else {
+            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = c1[b++];
+        }
+        count++;
+    }
+    k->axpy_rows2_q4_0(base, row_bytes, merged, m0, m1, count, y0, y1, n);
 }
 
 void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,

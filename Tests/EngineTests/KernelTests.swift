@@ -293,6 +293,42 @@ import Testing
         }
     }
 
+    /// Two tokens' down rows in one pass (their lists merged, shared rows unpacked once) equal
+    /// each token's rows added one by one with the scalar reference: lists that overlap, that
+    /// do not, and one that is empty.
+    @Test(arguments: sets)
+    func addingTwoTokensRowsMatchesTheReference(set: DotKernels.InstructionSet) {
+        for (length, rows, picks) in [(32, 3, [[0, 2], [1, 2]]), (1536, 40, [[1, 3, 4, 9, 17, 30, 31, 39], [0, 3, 9, 10, 11, 12, 17, 38, 39]]),
+                                      (96, 9, [[], [2, 5, 8]]), (256, 12, [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]])] {
+            var g = Generator(state: 31 + UInt64(length * rows))
+            let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
+            let rowBytes = matrix.count / rows
+            let lists = picks.map { $0.map(Int32.init) }
+            let coefficients = lists.map { $0.map { _ in g.next() * 2 } }
+            let starts = (0..<2).map { _ in (0..<length).map { _ in g.next() } }
+            var fast0 = starts[0], fast1 = starts[1], reference = starts
+            var merged = [Int32](repeating: 0, count: lists[0].count + lists[1].count)
+            var m0 = [Float](repeating: .nan, count: merged.count), m1 = m0
+            matrix.withUnsafeBytes { m in
+                DotKernels.with(set) {
+                    st_axpy_rows_q4_0_pair(m.baseAddress!, Int32(rowBytes), lists[0], coefficients[0], Int32(lists[0].count), lists[1], coefficients[1],
+                                           Int32(lists[1].count), &fast0, &fast1, Int32(length), &merged, &m0, &m1)
+                }
+                for t in 0..<2 {
+                    reference[t].withUnsafeMutableBufferPointer { y in
+                        for (r, c) in zip(lists[t], coefficients[t]) {
+                            ReferenceKernels.addScaledRow(m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
+                        }
+                    }
+                }
+            }
+            for (t, fast) in [fast0, fast1].enumerated() {
+                #expect(zip(fast, reference[t]).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) },
+                        "\(set) n=\(length) token \(t): max diff \(zip(fast, reference[t]).map { abs($0 - $1) }.max()!)")
+            }
+        }
+    }
+
     /// Attention for a group of query heads sharing a key/value head, against a plain two-pass
     /// softmax in double precision: head sizes on and off the vector width, groups of 1 to 7,
     /// a ring cache that wraps, one position, more positions than a block of sixteen, and scores

@@ -63,6 +63,10 @@ typedef struct st_kernel_table {
     /// j's key and value at (j % capacity) · stride floats from `keys` and `values`.
     void (*attend)(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first,
                    int last, int head_dim, float scale, float *outs);
+    /// y0 += Σ c0[a] · row rows[a] and y1 += Σ c1[a] · row rows[a] over one list of `count`
+    /// rows of the Q4_0 matrix at base (a zero coefficient adds nothing).
+    void (*axpy_rows2_q4_0)(const void *base, int row_bytes, const int *rows, const float *c0, const float *c1, int count,
+                            float *y0, float *y1, int n);
 } st_kernel_table;
 
 /// The kernels of `isa`, or NULL when this CPU (or build) does not have it. For tests.
@@ -133,6 +137,12 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks);
 
 /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows.
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
+
+/// Two tokens' down rows at once: y0 += Σ c0[a] · row rows0[a] (n0 rows) and y1 likewise, each
+/// row list ascending; the union goes through the kernel once (each shared row unpacked once).
+/// `merged`, `m0` and `m1` are scratch for n0 + n1 entries.
+void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
+                            const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1);
 
 void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
                int head_dim, float scale, float *outs);

@@ -23,7 +23,7 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
         // row_major_b8 kernels read.
         let activations = 6 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)
         let floats = b * (c.queryWidth + 2 * c.kvWidth + 2 * c.hiddenSize + c.expertCount + c.headDim)
-            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b))
+            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b) + 6 * c.expertFFNSize)
         let logits = 3 * c.vocabSize  // the last position's logits, and the sampler's copies
         bufferBytes = activations + 4 * floats + 4 * logits
     }

@@ -132,9 +132,11 @@ extension Session {
                 groupStart += group.count
                 continue
             }
-            let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales))
+            let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales,
+                                  pairRows, pairCoefficients))
             parallelForOnThisTier(workers) { worker in
-                let (experts, routing, partials, floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales) = work.value
+                let (experts, routing, partials, floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales,
+                     pairRows, pairCoefficients) = work.value
                 let scales = quantized?.scales, values = quantized?.values, sums = quantized?.sums
                 let out = partials + worker * b * hidden
                 let blocks = hidden / 32
@@ -191,7 +193,17 @@ extension Session {
                                 }
                             }
                             if listDown {
-                                for i in 0..<count {
+                                // Tokens two at a time: a row both use is unpacked once.
+                                let merged = pairRows + worker * 2 * ffn, coefficients = pairCoefficients + worker * 4 * ffn
+                                var i = 0
+                                while i + 1 < count {
+                                    st_axpy_rows_q4_0_pair(expert.down.base, Int32(expert.down.rowBytes), rows + i * ffn, rowScales + i * ffn, listed[i],
+                                                           rows + (i + 1) * ffn, rowScales + (i + 1) * ffn, listed[i + 1],
+                                                           out + tokens[i] * hidden, out + tokens[i + 1] * hidden, Int32(hidden),
+                                                           merged, coefficients, coefficients + 2 * ffn)
+                                    i += 2
+                                }
+                                if i < count {
                                     st_axpy_rows_q4_0(expert.down.base, Int32(expert.down.rowBytes), rows + i * ffn, rowScales + i * ffn, listed[i],
                                                       out + tokens[i] * hidden, Int32(hidden))
                                 }

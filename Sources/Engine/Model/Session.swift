@@ -64,6 +64,10 @@ public final class Session: @unchecked Sendable {
     /// scales (so each token's rows go through the many-row kernel at once).
     let downRows: UnsafeMutablePointer<Int32>
     let downScales: UnsafeMutablePointer<Float>
+    /// (threads, 2 · ffn) and (threads, 2, 2 · ffn): per worker, two tokens' down rows merged into
+    /// one list, with each token's coefficients (zero where the row is the other token's).
+    let pairRows: UnsafeMutablePointer<Int32>
+    let pairCoefficients: UnsafeMutablePointer<Float>
     let expertInputs: ActivationBatch  // (batch · active experts, hidden): a batch's tokens grouped by expert
     let assignments: ExpertAssignments
     let ropeTable: RoPETable
@@ -114,6 +118,8 @@ public final class Session: @unchecked Sendable {
         activeIndices = .allocate(capacity: max(1, threads) * max(c.expertFFNSize, b))
         downRows = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
         downScales = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
+        pairRows = .allocate(capacity: max(1, threads) * 2 * c.expertFFNSize)
+        pairCoefficients = .allocate(capacity: max(1, threads) * 4 * c.expertFFNSize)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = .allocate(capacity: b * c.headDim)
         currentExperts = Array(repeating: nil, count: c.expertCount)
@@ -133,7 +139,7 @@ public final class Session: @unchecked Sendable {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
         routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
-        downRows.deallocate(); downScales.deallocate()
+        downRows.deallocate(); downScales.deallocate(); pairRows.deallocate(); pairCoefficients.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
