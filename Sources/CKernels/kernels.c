@@ -706,6 +706,42 @@ AVX2 static void attend_avx2(const float *queries, int heads, const float *keys,
     }
 }
 
+// Activations to Q8_0 as quantize_q8_0_portable, eight lanes at a time: d = amax / 127, and
+// q = roundf(x / d) with roundf's ties away from zero done exactly (truncate, then step away
+// from zero when the dropped fraction is at least one half), as the AVX-512 version does.
+AVX2 static void quantize_q8_0_avx2(const float *x, float *scales, int8_t *q, int32_t *sums, int n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000));
+    for (int b = 0; b < n / 32; b++) {
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + b * 32 + 8 * k);
+        const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                       _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+        const float amax = hmax256(m);
+        const float d = amax / 127.0f;
+        const float id = d != 0 ? 1.0f / d : 0.0f;
+        scales[b] = d;
+        __m256i lanes[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 y = _mm256_mul_ps(v[k], _mm256_set1_ps(id));
+            const __m256 t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 away = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(y, t), abs_mask), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+            const __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(y, sign_mask));
+            lanes[k] = _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(away, step)));
+        }
+        // Pack 32 int32 lanes to int8 in order (the packs work per 128-bit half; one permute
+        // puts the dwords back in order).
+        const __m256i p16a = _mm256_packs_epi32(lanes[0], lanes[1]), p16b = _mm256_packs_epi32(lanes[2], lanes[3]);
+        const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        _mm256_storeu_si256((__m256i *)(q + b * 32), _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(lanes[0], lanes[1]), _mm256_add_epi32(lanes[2], lanes[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, _MM_SHUFFLE(1, 0, 3, 2)));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, _MM_SHUFFLE(2, 3, 0, 1)));
+        sums[b] = _mm_cvtsi128_si32(t4);
+    }
+}
+
 // ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
 
 #define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -1081,7 +1117,7 @@ static const kernel_table portable = {
 static const kernel_table avx2 = {
     dot_q4_0_avx2, dot_q8_0_avx2, dot_q4_0_tokens_avx2, dot_q8_0_tokens_avx2, dot_f32_avx2, dot_bf16_avx2, dot_f16_avx2,
     axpy_q4_0_avx2, axpy_q8_0_avx2, axpy_f32_avx2, axpy_bf16_avx2, axpy_f16_avx2,
-    quantize_q8_0_portable, dot_q4_0_x8_avx2, dot_q4_0_b8_avx2, axpy_rows_q4_0_avx2, attend_avx2,
+    quantize_q8_0_avx2, dot_q4_0_x8_avx2, dot_q4_0_b8_avx2, axpy_rows_q4_0_avx2, attend_avx2,
     axpy_rows2_q4_0_avx2,
 };
 static const kernel_table avx512 = {
