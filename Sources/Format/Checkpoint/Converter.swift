@@ -61,14 +61,16 @@ public enum Converter {
     public static func write(_ plan: ConversionPlan, to destination: String, overwrite: Bool,
                              progress: (WriteProgress) -> Void = { _ in }) throws(FormatError) {
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
+        let transposed = plan.manifest.tensors.filter { $0.layout == .transposed }.map(\.elementCount).max() ?? 0
+        let buffers = Buffers(elements: max(chunkElements, transposed))
         for entry in plan.manifest.tensors {
             let source = plan.sources[entry.name]!
             let shard = plan.checkpoint.shard(for: source)
             try writer.writeTensor(entry.name) { (sink) throws(FormatError) in
                 if entry.layout == .transposed {
-                    try writeTransposed(source, shard: shard, as: entry, into: &sink)
+                    try writeTransposed(source, shard: shard, as: entry, buffers: buffers, into: &sink)
                 } else {
-                    try writeConverted(source, shard: shard, as: entry, into: &sink)
+                    try writeConverted(source, shard: shard, as: entry, buffers: buffers, into: &sink)
                 }
             }
             shard.doneReading(source)
@@ -81,30 +83,47 @@ public enum Converter {
         progress(writer.progress)
     }
 
+    /// The working memory of a conversion, allocated once for all its tensors (room for a chunk
+    /// and for the largest transposed tensor in any float dtype), so that memory stays at that
+    /// whatever the allocator does with thousands of buffers allocated and freed in turn.
+    private final class Buffers {
+        let elements: Int
+        let input: UnsafeMutableRawBufferPointer       // (elements) source values
+        let transposed: UnsafeMutableRawBufferPointer  // (elements) source values, transposed
+        let floats: UnsafeMutablePointer<Float>        // (elements)
+        let output: UnsafeMutableRawBufferPointer      // (elements) stored values
+
+        init(elements: Int) {
+            self.elements = elements
+            input = .allocate(byteCount: 4 * max(1, elements), alignment: 64)
+            transposed = .allocate(byteCount: 4 * max(1, elements), alignment: 64)
+            floats = .allocate(capacity: max(1, elements))
+            output = .allocate(byteCount: 4 * max(1, elements), alignment: 64)
+        }
+
+        deinit {
+            input.deallocate(); transposed.deallocate(); floats.deallocate(); output.deallocate()
+        }
+    }
+
     /// Row-major copy with dtype conversion, in chunks.
-    private static func writeConverted(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry,
+    private static func writeConverted(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
                                        into sink: inout ByteSink) throws(FormatError) {
         let count = entry.elementCount
         let sourceSize = source.dtype.blockBytes
         let chunk = min(count, chunkElements)
-        let input = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, chunk * sourceSize), alignment: 64)
-        defer { input.deallocate() }
         let needsConversion = source.dtype != entry.dtype
-        let floats = UnsafeMutablePointer<Float>.allocate(capacity: needsConversion ? chunk : 1)
-        defer { floats.deallocate() }
-        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: needsConversion ? max(1, chunk * entry.dtype.blockBytes) : 1, alignment: 64)
-        defer { output.deallocate() }
         var done = 0
         while done < count {
             let n = min(chunk, count - done)
-            let inBytes = UnsafeMutableRawBufferPointer(rebasing: input[..<(n * sourceSize)])
+            let inBytes = UnsafeMutableRawBufferPointer(rebasing: buffers.input[..<(n * sourceSize)])
             try shard.read(source, from: done * sourceSize, into: inBytes)
             if needsConversion {
-                FloatCodecs.decode(inBytes.baseAddress!, dtype: source.dtype, count: n, into: floats)
-                if let overflow = FloatCodecs.encode(floats, count: n, as: entry.dtype, into: output.baseAddress!) {
-                    throw .unrepresentable(tensor: entry.sourceName, detail: "value \(floats[overflow]) at element \(done + overflow) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
+                FloatCodecs.decode(inBytes.baseAddress!, dtype: source.dtype, count: n, into: buffers.floats)
+                if let overflow = FloatCodecs.encode(buffers.floats, count: n, as: entry.dtype, into: buffers.output.baseAddress!) {
+                    throw .unrepresentable(tensor: entry.sourceName, detail: "value \(buffers.floats[overflow]) at element \(done + overflow) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
                 }
-                try sink.append(UnsafeRawBufferPointer(rebasing: output[..<(n * entry.dtype.blockBytes)]))
+                try sink.append(UnsafeRawBufferPointer(rebasing: buffers.output[..<(n * entry.dtype.blockBytes)]))
             } else {
                 try sink.append(UnsafeRawBufferPointer(inBytes))
             }
@@ -113,36 +132,29 @@ public enum Converter {
     }
 
     /// A [rows, cols] source stored as its [cols, rows] transpose (expert down matrices, a few MB).
-    private static func writeTransposed(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry,
+    private static func writeTransposed(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
                                         into sink: inout ByteSink) throws(FormatError) {
         let rows = source.shape[0], cols = source.shape[1]
         let count = rows * cols
-        let floats = UnsafeMutablePointer<Float>.allocate(capacity: count)
-        defer { floats.deallocate() }
-        do {
-            let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, source.length), alignment: 64)
-            defer { raw.deallocate() }
-            try shard.read(source, into: raw)
-            let transposed = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, source.length), alignment: 64)
-            defer { transposed.deallocate() }
-            let size = source.dtype.blockBytes
-            // Move elements as raw bytes, so a same-dtype transpose is exact bit for bit.
-            for r in 0..<rows {
-                for c in 0..<cols {
-                    (transposed.baseAddress! + (c * rows + r) * size).copyMemory(from: raw.baseAddress! + (r * cols + c) * size, byteCount: size)
-                }
+        precondition(count <= buffers.elements, "conversion buffers planned too small for \(entry.name)")
+        let raw = UnsafeMutableRawBufferPointer(rebasing: buffers.input[..<source.length])
+        try shard.read(source, into: raw)
+        let transposed = UnsafeMutableRawBufferPointer(rebasing: buffers.transposed[..<source.length])
+        let size = source.dtype.blockBytes
+        // Move elements as raw bytes, so a same-dtype transpose is exact bit for bit.
+        for r in 0..<rows {
+            for c in 0..<cols {
+                (transposed.baseAddress! + (c * rows + r) * size).copyMemory(from: raw.baseAddress! + (r * cols + c) * size, byteCount: size)
             }
-            if source.dtype == entry.dtype {
-                try sink.append(UnsafeRawBufferPointer(transposed))
-                return
-            }
-            FloatCodecs.decode(transposed.baseAddress!, dtype: source.dtype, count: count, into: floats)
         }
-        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: count * entry.dtype.blockBytes, alignment: 64)
-        defer { output.deallocate() }
-        if let overflow = FloatCodecs.encode(floats, count: count, as: entry.dtype, into: output.baseAddress!) {
-            throw .unrepresentable(tensor: entry.sourceName, detail: "value \(floats[overflow]) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
+        if source.dtype == entry.dtype {
+            try sink.append(UnsafeRawBufferPointer(transposed))
+            return
         }
-        try sink.append(UnsafeRawBufferPointer(output))
+        FloatCodecs.decode(transposed.baseAddress!, dtype: source.dtype, count: count, into: buffers.floats)
+        if let overflow = FloatCodecs.encode(buffers.floats, count: count, as: entry.dtype, into: buffers.output.baseAddress!) {
+            throw .unrepresentable(tensor: entry.sourceName, detail: "value \(buffers.floats[overflow]) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
+        }
+        try sink.append(UnsafeRawBufferPointer(rebasing: buffers.output[..<(count * entry.dtype.blockBytes)]))
     }
 }
