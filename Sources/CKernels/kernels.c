@@ -294,6 +294,23 @@ TOKENS_VIA_DOT(dot_q8_0_tokens_portable, dot_q8_0_portable)
 
 // ---------------------------------------------------------------- AVX2 (+FMA, F16C)
 
+// The vector exps' shared core, for any width: r = x − n·ln2 (ln2 in two parts, so r is exact to
+// float rounding), then p = e^r by its Taylor series to r^7 in Horner form (truncation below 1e-8
+// relative for |r| ≤ ln2/2). The caller scales p by 2^n.
+#define EXP_REDUCED(x, n, r, p, FMADD, FNMADD, SET1)                 \
+    do {                                                             \
+        r = FNMADD(n, SET1(0.693145751953125f), x);                  \
+        r = FNMADD(n, SET1(1.42860682030941723212e-6f), r);          \
+        p = SET1(1.0f / 5040);                                       \
+        p = FMADD(p, r, SET1(1.0f / 720));                           \
+        p = FMADD(p, r, SET1(1.0f / 120));                           \
+        p = FMADD(p, r, SET1(1.0f / 24));                            \
+        p = FMADD(p, r, SET1(1.0f / 6));                             \
+        p = FMADD(p, r, SET1(0.5f));                                 \
+        p = FMADD(p, r, SET1(1.0f));                                 \
+        p = FMADD(p, r, SET1(1.0f));                                 \
+    } while (0)
+
 #ifdef ST_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -607,21 +624,13 @@ AVX2 static void axpy_f16_avx2(const uint16_t *row, float a, float *y, int n) {
     for (; i < n; i++) y[i] += a * fp16_to_fp32(row[i]);
 }
 
-// e^x for x ≤ 0, eight lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r^7,
-// scaled by 2^n built in the exponent bits (x is clamped at −87, where e^x is below 2e−38).
+// e^x for x ≤ 0, eight lanes (EXP_REDUCED), scaled by 2^n built in the exponent bits (x is
+// clamped at −87, where e^x is below 2e−38).
 AVX2 static inline __m256 exp_nonpositive_avx2(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256 r, p;
+    EXP_REDUCED(x, n, r, p, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_set1_ps);
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
@@ -874,21 +883,13 @@ AVX512 static void axpy_rows_q4_0_avx512(const void *base, int row_bytes, const 
     }
 }
 
-// e^x for x ≤ 0, 16 lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its Taylor series to r^7
-// (truncation below 1e-8 relative), scaled by 2^n with vscalefps (which also underflows to 0).
+// e^x for x ≤ 0, 16 lanes (EXP_REDUCED), scaled by 2^n with vscalefps (which also underflows
+// to 0).
 AVX512 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 r, p;
+    EXP_REDUCED(x, n, r, p, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_set1_ps);
     return _mm512_scalef_ps(p, n);
 }
 
