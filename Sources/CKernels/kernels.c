@@ -282,6 +282,27 @@ static void attend_portable(const float *queries, int heads, const float *keys, 
     }
 }
 
+// For the vector attentions' blocks of `width` positions from j0 (`count` of them real): each
+// position's key and value rows (ring slot j % capacity, `stride` floats apart) into k and v, the
+// rest padded with the first one's; and the next block's rows fetched while this one computes
+// (positions are a row of the cache apart, a stride the hardware prefetchers follow too slowly
+// from memory).
+static inline void attention_block(const float *keys, const float *values, int capacity, int stride, int j0, int count, int width,
+                                   int last, int head_dim, const float **k, const float **v) {
+    for (int p = 0; p < width; p++) {
+        const size_t slot = (size_t)((j0 + (p < count ? p : 0)) % capacity) * stride;
+        k[p] = keys + slot;
+        v[p] = values + slot;
+    }
+    for (int p = j0 + width; p <= last && p < j0 + 2 * width; p++) {
+        const size_t slot = (size_t)(p % capacity) * stride;
+        for (int i = 0; i < head_dim; i += 16) {
+            __builtin_prefetch(keys + slot + i, 0, 3);
+            __builtin_prefetch(values + slot + i, 0, 3);
+        }
+    }
+}
+
 #define TOKENS_VIA_DOT(name, dot)                                                                        \
     static void name(const void *row, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, \
                      int tokens, float *out, int out_stride) {                                          \
@@ -670,18 +691,7 @@ AVX2 static void attend_avx2(const float *queries, int heads, const float *keys,
         const int count = last - j0 + 1 < 8 ? last - j0 + 1 : 8;
         const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
         const float *k[8], *v[8];
-        for (int p = 0; p < 8; p++) {
-            const size_t slot = (size_t)((j0 + (p < count ? p : 0)) % capacity) * stride;
-            k[p] = keys + slot;
-            v[p] = values + slot;
-        }
-        for (int p = j0 + 8; p <= last && p < j0 + 16; p++) {
-            const size_t slot = (size_t)(p % capacity) * stride;
-            for (int i = 0; i < head_dim; i += 16) {
-                _mm_prefetch((const char *)(keys + slot + i), _MM_HINT_T0);
-                _mm_prefetch((const char *)(values + slot + i), _MM_HINT_T0);
-            }
-        }
+        attention_block(keys, values, capacity, stride, j0, count, 8, last, head_dim, k, v);
         for (int h = 0; h < heads; h++) {
             const float *q = queries + (size_t)h * head_dim;
             float *out = outs + (size_t)h * head_dim;
@@ -930,20 +940,7 @@ AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(const f
         const int count = last - j0 + 1 < 16 ? last - j0 + 1 : 16;
         const __mmask16 valid = (__mmask16)((1u << count) - 1);
         const float *k[16], *v[16];
-        for (int p = 0; p < count; p++) {
-            const size_t slot = (size_t)((j0 + p) % capacity) * stride;
-            k[p] = keys + slot;
-            v[p] = values + slot;
-        }
-        // The next block's keys and values, while this one computes: positions are a row of the
-        // cache apart, a stride the hardware prefetchers follow too slowly from memory.
-        for (int p = j0 + 16; p <= last && p < j0 + 32; p++) {
-            const size_t slot = (size_t)(p % capacity) * stride;
-            for (int i = 0; i < head_dim; i += 16) {
-                _mm_prefetch((const char *)(keys + slot + i), _MM_HINT_T0);
-                _mm_prefetch((const char *)(values + slot + i), _MM_HINT_T0);
-            }
-        }
+        attention_block(keys, values, capacity, stride, j0, count, 16, last, head_dim, k, v);
         for (int h = 0; h < heads; h++) {
             const float *q = queries + (size_t)h * head_dim;
             float *out = outs + (size_t)h * head_dim;
