@@ -375,7 +375,7 @@ extension String {
 struct Compare: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compare two packages' predictions over the same tokens (KL divergence, top-1 agreement, perplexity).",
-        discussion: "BASE is the reference (usually the float package). Without --tokens or --tokens-file, a fixed pseudo-random sequence of 128 ids is used."
+        discussion: "BASE is the reference (usually the float package). The tokens come from --text or --file (through BASE's tokenizer), --tokens or --tokens-file; without any, a fixed pseudo-random sequence of 128 ids is used, which says little about a trained model."
     )
 
     @Argument(help: "The reference package.")
@@ -384,20 +384,12 @@ struct Compare: ParsableCommand {
     @Argument(help: "The package to judge.")
     var other: String
 
-    @Option(help: "Token ids, e.g. 1,2,3.")
-    var tokens: String?
-
-    @Option(help: "A file of token ids (commas or white space).")
-    var tokensFile: String?
+    @OptionGroup var input: InputTokens
 
     @Flag(help: "Print JSON.")
     var json = false
 
     @OptionGroup var runtime: RuntimeOptions
-
-    func validate() throws {
-        if tokens != nil && tokensFile != nil { throw ValidationError("give --tokens or --tokens-file, not both") }
-    }
 
     func run() throws {
         try reportingErrors {
@@ -408,11 +400,11 @@ struct Compare: ParsableCommand {
                 throw EngineError.invalidRequest("the packages have different vocabularies (\(vocab) and \(otherSession.model.config.vocabSize)); compare packages of the same model")
             }
             var ids: [Int]
-            if let tokens {
-                ids = try parseTokens(tokens, option: "--tokens")
-            } else if let tokensFile {
-                let bytes = try FileSystem.readAll(tokensFile, limit: 64 << 20)
-                ids = try parseTokens(String(decoding: bytes, as: UTF8.self), option: "--tokens-file")
+            if input.given {
+                ids = try input.ids(for: baseSession.model)
+                guard ids.count <= baseSession.contextLength else {
+                    throw EngineError.invalidRequest("\(ids.count) tokens do not fit the context of \(baseSession.contextLength); give a shorter text or a larger --context")
+                }
             } else {
                 var random = SplitMix64(seed: 20_250_701)
                 ids = (0..<min(128, baseSession.contextLength)).map { _ in Int(random.next() % UInt64(vocab)) }

@@ -11,7 +11,7 @@ struct STRun: ParsableCommand {
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
         version: "\(PackageFormat.converterVersion)\nkernels: \(DotKernels.configurationReport)",
-        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self]
+        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self, Stats.self]
     )
 }
 

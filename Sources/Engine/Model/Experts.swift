@@ -95,6 +95,7 @@ extension Session {
         let routing = assignments
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
+        expertInputHook?(index, position, UnsafeBufferPointer(start: normed.floats, count: n * c.hiddenSize))
         let quantizedInput = layer.experts.contains { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }
         let quantized = quantizedInput ? normed.quantizedForm() : nil
         let ffn = c.expertFFNSize, hidden = c.hiddenSize, b = Session.maximumBatch

@@ -37,6 +37,9 @@ public final class Session: @unchecked Sendable {
     /// `layers`, at the output of the last one. It may read the stream (to record hidden
     /// states) or overwrite it (to give a layer another input: teacher forcing).
     var residualHook: ((_ layer: Int, _ position: Int, _ residual: UnsafeMutableBufferPointer<Float>) -> Void)?
+    /// Called, when set, with each layer's expert input (batch rows of rmsnorm(x) after
+    /// attention, the first at position `position`), after routing and before the experts run.
+    var expertInputHook: ((_ layer: Int, _ position: Int, _ input: UnsafeBufferPointer<Float>) -> Void)?
 
     /// Tokens per forward batch; longer inputs are split.
     public static let maximumBatch = 32
