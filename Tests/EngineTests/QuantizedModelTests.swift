@@ -26,6 +26,17 @@ import Testing
         .q8_0: (0.030, 0.092, 6.2e-4),
         .q4_0: (0.32, 0.93, 0.071),
     ]
+    /// The trained fixture, measured the same way (all three tiers agree to four digits): q8_0
+    /// 0.00497 / 0.0204 and a KL of 3.9e-5; q4_0 0.0469 / 0.131 and 4.8e-3. Four bits cost a
+    /// trained model a quarter of the layer difference and a tenth of the KL they cost the random
+    /// fixtures. The bounds are 1.5x those values.
+    static let trainedBounds: [TensorDType: (mean: Float, worst: Float, kl: Double)] = [
+        .q8_0: (0.0075, 0.031, 5.9e-5),
+        .q4_0: (0.070, 0.196, 7.2e-3),
+    ]
+    static func bounds(_ model: String) -> [TensorDType: (mean: Float, worst: Float, kl: Double)] {
+        model == Reference.trained ? trainedBounds : bounds
+    }
     /// Two computations of the same blocks that differ only in the order of float additions:
     /// measured at most 1.6e-6 relative, except where a sum lands on the other side of a Q8_0
     /// activation rounding boundary and the value moves by a whole step (measured once: 1.7e-3
@@ -54,7 +65,7 @@ import Testing
         for type in [TensorDType.q8_0, .q4_0] {
             let quantised = try Model(path: try Packages.path(model, type))
             let result = try TeacherForcing.layerByLayer(base: base, other: quantised, tokens: tokens, kernels: tier, batched: true)
-            Self.expect(result, within: Self.bounds[type]!, "\(type.rawValue) on \(tier.name)")
+            Self.expect(result, within: Self.bounds(model)[type]!, "\(model) \(type.rawValue) on \(tier.name)")
             #expect(result.logits.positions == tokens.count)
             means[type] = result.layers.mean
         }
@@ -64,7 +75,8 @@ import Testing
     /// Eight-row groups change only the order of float additions. Three ways to run the same
     /// Q4_0 blocks: a package stored `row_major_x8` (stquant's default), a `--plain-rows` package
     /// regrouped at load, and the plain package read in place with the one-row kernels. The first
-    /// two are the same computation, so their logits are identical bit for bit. Against the third:
+    /// two are the same computation where their layouts agree, so their logits are identical bit
+    /// for bit (where the stored up rows are `row_major_b8`, they agree to `reordered`). Against the third:
     /// every regrouped dense matrix gives the in-place product to float rounding, embedding rows
     /// read from the regrouped head are the stored ones, and every layer, as a prompt and token
     /// by token, adds what the in-place one adds to the stated rounding (`reordered`).
@@ -74,9 +86,13 @@ import Testing
         let plainPath = try Packages.path(model, .q4_0, plainRows: true)
         let stored = try Model(path: try Packages.path(model, .q4_0))
         let regrouped = try Model(path: plainPath), inPlace = try Model(path: plainPath, interleave: false)
-        for m in [stored, regrouped] {
+        // stquant stores up rows with their blocks grouped in eights (row_major_b8) where the
+        // hidden size is a multiple of 256 (the trained fixture); regrouping at load makes
+        // eight-row groups of them.
+        let storedUp: WeightMatrix.Layout = stored.config.hiddenSize % 256 == 0 ? .q4_0b8 : .q4_0x8
+        for (m, up) in [(stored, storedUp), (regrouped, WeightMatrix.Layout.q4_0x8)] {
             #expect(m.layers[0].query.layout == .q4_0x8 && m.output.layout == .q4_0x8)
-            #expect(m.layers[0].experts[0].gate.layout == .q4_0x8 && m.layers[0].experts[0].up.layout == .q4_0x8)
+            #expect(m.layers[0].experts[0].gate.layout == .q4_0x8 && m.layers[0].experts[0].up.layout == up)
             #expect(m.layers[0].experts[0].down.layout == .rows)
         }
         #expect(inPlace.layers[0].query.layout == .rows && inPlace.layers[0].experts[0].gate.layout == .rows)
@@ -108,7 +124,12 @@ import Testing
         for batched in [true, false] {
             let a = try TeacherForcing.run(stored, kernels: tier, tokens: tokens, batched: batched)
             let b = try TeacherForcing.run(regrouped, kernels: tier, tokens: tokens, batched: batched)
-            #expect(a.logits == b.logits && a.states == b.states, "stored groups and groups made at load must agree bit for bit")
+            if storedUp == .q4_0x8 {
+                #expect(a.logits == b.logits && a.states == b.states, "stored groups and groups made at load must agree bit for bit")
+            } else {
+                Self.expect(try TeacherForcing.layerByLayer(base: regrouped, other: stored, tokens: tokens, kernels: tier, batched: batched),
+                            within: Self.reordered, "b8 against x8 up rows, \(batched ? "prompt" : "token by token") on \(tier.name)")
+            }
             Self.expect(try TeacherForcing.layerByLayer(base: inPlace, other: stored, tokens: tokens, kernels: tier, batched: batched),
                         within: Self.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
         }

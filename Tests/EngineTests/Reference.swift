@@ -31,9 +31,17 @@ struct Reference {
 
     let sequences: [String: Sequence]
 
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .appendingPathComponent("Fixtures/smallthinker-tiny").path
-    static let models = ["tiny-4b-like", "tiny-21b-like", "tiny-untied"]
+    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures").path
+    static let root = fixtures + "/smallthinker-tiny"
+    /// The authors' three random-weight fixtures, and the trained one (Fixtures/trained).
+    static let models = ["tiny-4b-like", "tiny-21b-like", "tiny-untied", trained]
+    static let trained = "trained-21b-like"
+
+    /// A fixture's checkpoint folder.
+    static func directory(_ model: String) -> String {
+        model == trained ? fixtures + "/trained/" + trained : root + "/" + model
+    }
 
     nonisolated(unsafe) private static var cache: [String: Reference] = [:]
     private static let lock = NSLock()
@@ -41,7 +49,7 @@ struct Reference {
     static func load(_ model: String) throws -> Reference {
         lock.lock(); defer { lock.unlock() }
         if let cached = cache[model] { return cached }
-        let data = try Data(contentsOf: URL(fileURLWithPath: root + "/" + model + "/reference.json"))
+        let data = try Data(contentsOf: URL(fileURLWithPath: directory(model) + "/reference.json"))
         let json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
         let sequences = json["sequences"] as! [String: [String: Any]]
         var result: [String: Sequence] = [:]
@@ -121,7 +129,7 @@ enum Packages {
             let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, interleave: !plainRows))
             try Quantizer.write(plan, to: output, overwrite: true, threads: 2)
         } else {
-            let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.root + "/" + model), dtype: dtype)
+            let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.directory(model)), dtype: dtype)
             try Converter.write(plan, to: output, overwrite: true)
         }
         made[key] = output

@@ -3,16 +3,18 @@ import Foundation
 import Testing
 @testable import Engine
 
-/// The float runtime against the SmallThinker authors' PyTorch outputs, on every kernel tier
-/// this CPU has.
+/// The float runtime against the SmallThinker authors' PyTorch outputs (and, for the trained
+/// fixture, against Fixtures/trained/smallthinker.py, which matches the authors' code to the
+/// bit on the random fixtures), on every kernel tier this CPU has.
 @Suite struct ReferenceLogitsTests {
     static let cases = Reference.models.flatMap { m in ["short", "long"].flatMap { s in [TensorDType.f32, .bf16].map { (m, s, $0) } } }
     static let tiers = DotKernels.InstructionSet.supported
 
     /// Every layer given the authors' input to it (teacher forcing), as a prompt and token by
     /// token: what it adds to the residual stream is theirs to float rounding (measured: at
-    /// most 2e-6 relative on every tier), so are the last layer's normed output and the logits
-    /// made from it. A wrong layer (RoPE on a NoPE layer, a window off by one, softmax for
+    /// most 2e-6 relative on the random fixtures, 4.6e-6 on the trained one), so are the last
+    /// layer's normed output and the logits made from it. Router choices within 1e-3 of a tie are
+    /// skipped; at most 1% of them may be (the trained fixture has 2 of 700). A wrong layer (RoPE on a NoPE layer, a window off by one, softmax for
     /// sigmoid) is off by more than 1e-2.
     @Test(arguments: Reference.models, tiers)
     func everyLayerMatchesTheReference(model name: String, tier: DotKernels.InstructionSet) throws {
@@ -27,7 +29,8 @@ import Testing
                     let forced = try TeacherForcing.run(model, kernels: tier, tokens: reference.inputIDs, batched: batched,
                                                         forcing: expected, forcedLayers: layers)
                     let d = TeacherForcing.compare(expected, forced, layers: 0..<layers - 1)
-                    #expect(d.worst < 1e-4 && d.routingMismatches.isEmpty && d.compared >= (layers - 1) * reference.inputIDs.count - 1,
+                    let decisions = (layers - 1) * reference.inputIDs.count
+                    #expect(d.worst < 1e-4 && d.routingMismatches.isEmpty && d.compared >= decisions - max(1, decisions / 100),
                             "\(label): \(d)")
                     var worstNorm: Float = 0
                     var normed = [Float](repeating: 0, count: c.hiddenSize)
