@@ -111,10 +111,12 @@ enum TeacherForcing {
     /// `other` given `base`'s layer inputs, both on `kernels`: each run batched (a prompt) or
     /// token by token as asked. Returns the per-layer difference and the logits' comparison
     /// (both made from the same final residual stream).
+    /// `otherKernels`: the second computation's tier, when it is not `kernels`.
     static func layerByLayer(base: Model, other: Model, tokens: [Int], kernels: DotKernels.InstructionSet, batched: Bool,
-                             baseBatched: Bool? = nil, tie: Float = 1e-3, memoryBudget: Int? = nil) throws -> (layers: Difference, logits: LogitComparison) {
+                             baseBatched: Bool? = nil, tie: Float = 1e-3, memoryBudget: Int? = nil,
+                             otherKernels: DotKernels.InstructionSet? = nil) throws -> (layers: Difference, logits: LogitComparison) {
         let expected = try run(base, kernels: kernels, tokens: tokens, batched: baseBatched ?? batched)
-        let forced = try run(other, kernels: kernels, tokens: tokens, batched: batched, forcing: expected, memoryBudget: memoryBudget)
+        let forced = try run(other, kernels: otherKernels ?? kernels, tokens: tokens, batched: batched, forcing: expected, memoryBudget: memoryBudget)
         return (compare(expected, forced, tie: tie),
                 LogitComparison(base: expected.logits, other: forced.logits, vocab: base.config.vocabSize, tokens: tokens))
     }
