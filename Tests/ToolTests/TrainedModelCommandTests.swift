@@ -59,6 +59,42 @@ import Testing
     }
 }
 
+extension TrainedModelCommandTests {
+    /// `strun stats` over held-out text, as a user runs it: the held-out routing check of
+    /// reference.json through `--tokens` and `--context` (the windows the PyTorch statistics used)
+    /// gives its expert counts to within a flipped near-tie, and the text report has a row per layer.
+    @Test func statsReportsTheReferenceRouting() throws {
+        let scratch = ToolScratch()
+        let package = scratch.file("trained.stpk")
+        var result = try Tools.run("stconvert", [Self.directory, "-o", package, "-q", "--dtype", "f32"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let data = try Data(contentsOf: URL(fileURLWithPath: Self.directory + "/reference.json"))
+        let check = (try JSONSerialization.jsonObject(with: data) as! [String: Any])["routing_check"] as! [String: Any]
+        let ids = check["input_ids"] as! [Int]
+        result = try Tools.run("strun", ["stats", package, "--tokens", ids.map(String.init).joined(separator: ","),
+                                         "--context", String(check["window"] as! Int), "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let json = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+        #expect(json["tokens"] as? Int == ids.count)
+        let layers = json["layers"] as! [[String: Any]], expected = check["layers"] as! [[String: Any]]
+        #expect(layers.count == 8)
+        for (ours, theirs) in zip(layers, expected) {
+            let a = ours["expert_counts"] as! [Int], b = theirs["expert_counts"] as! [Int]
+            let moved: Int = zip(a, b).map { abs($0 - $1) }.reduce(0, +), allowed: Int = 2 * max(1, b.reduce(0, +) / 100)
+            #expect(moved <= allowed, "layer \(ours["layer"]!): \(a) against \(b)")
+        }
+        #expect(layers[0]["predicted_recall"] is NSNull && layers[1]["predicted_recall"] is Double)
+        let text = URL(fileURLWithPath: Self.directory).deletingLastPathComponent().appendingPathComponent("held-out-sample.txt").path
+        result = try Tools.run("strun", ["stats", package, "--file", text])
+        #expect(result.status == 0, "\(result.stderr)")
+        let lines = result.stdout.split(separator: "\n")
+        #expect(lines.first?.hasPrefix("1990 tokens; 16 experts, 4 chosen per token") == true, "\(result.stdout)")
+        #expect(lines.count == 2 + 8)
+        result = try Tools.run("strun", ["stats", package])
+        #expect(result.status != 0 && result.stderr.contains("give the text to measure on"), "\(result.stderr)")
+    }
+}
+
 /// Mean KL(float ‖ quantised) over the 1,990 tokens of held-out-sample.txt, measured on every
 /// tier (portable, AVX2, AVX-512 agree to 1%: Q8_0 0.00264–0.00267, Q4_0 0.0402–0.0403), times 1.5.
 enum TrainedBounds {
