@@ -23,6 +23,9 @@ struct Bench: ParsableCommand {
     @Option(name: .shortAndLong, help: "Runs to take the median of.")
     var repetitions: Int = 3
 
+    @Option(help: ArgumentHelp("Run on the text of this file instead of random ids: its first -p tokens are the prompt and each decode step feeds its next token (not the greedy choice), so routing and the expert cache see real text.", valueName: "FILE"))
+    var textFile: String?
+
     @Flag(help: "Print JSON.")
     var json = false
 
@@ -39,7 +42,16 @@ struct Bench: ParsableCommand {
             let model = session.model
             let loadSeconds = ProgressReporter.monotonicSeconds() - loadStart
             var random = SplitMix64(seed: 1)
-            let prompt = (0..<promptTokens).map { _ in Int(random.next() % UInt64(model.config.vocabSize)) }
+            var prompt = (0..<promptTokens).map { _ in Int(random.next() % UInt64(model.config.vocabSize)) }
+            var script: [Int]? = nil
+            if let textFile {
+                let ids = try encodeTextFile(textFile, for: model, tokenizer: nil, option: "--text-file")
+                guard ids.count >= promptTokens + decodeTokens else {
+                    throw ValidationError("\(textFile) encodes to \(ids.count) tokens; -p \(promptTokens) and -n \(decodeTokens) need \(promptTokens + decodeTokens)")
+                }
+                prompt = Array(ids[..<promptTokens])
+                script = Array(ids[promptTokens..<promptTokens + decodeTokens])
+            }
             var promptRates: [Double] = [], decodeRates: [Double] = [], firstToken: [Double] = []
             var decodeStats = ExpertCache.Statistics()
             for _ in 0..<repetitions {
@@ -51,8 +63,8 @@ struct Bench: ParsableCommand {
                 promptRates.append(Double(promptTokens) / (prompted - start))
                 firstToken.append(prompted - start)
                 session.expertCache?.resetStatistics()
-                for _ in 0..<decodeTokens {
-                    logits = try session.evaluate([next])
+                for step in 0..<decodeTokens {
+                    logits = try session.evaluate([script?[step] ?? next])
                     next = LogitComparison.argmax(logits[...])
                 }
                 decodeRates.append(Double(decodeTokens) / (ProgressReporter.monotonicSeconds() - prompted))
@@ -82,6 +94,15 @@ struct Bench: ParsableCommand {
                     ("expert_hit_rate", cache.map { _ in .double(decodeStats.hitRate) } ?? .null),
                     ("expert_bytes_read_per_token", cache.map { _ in .double(Double(decodeStats.bytesRead) / perToken) } ?? .null),
                     ("io_stall_seconds_per_token", cache.map { _ in .double(decodeStats.stallSeconds / perToken) } ?? .null),
+                    ("cross_layer_prefetch", cache.map { .string($0.crossLayer.rawValue) } ?? .null),
+                    ("expert_hits", cache.map { _ in .int(decodeStats.hits) } ?? .null),
+                    ("expert_misses", cache.map { _ in .int(decodeStats.misses) } ?? .null),
+                    ("expert_bytes_read", cache.map { _ in .int(decodeStats.bytesRead) } ?? .null),
+                    ("expert_bundle_bytes", cache.map { .int($0.slotBytes) } ?? .null),
+                    ("speculative_reads", cache.map { _ in .int(decodeStats.speculativeReads) } ?? .null),
+                    ("speculative_cancelled", cache.map { _ in .int(decodeStats.speculativeCancelled) } ?? .null),
+                    ("speculative_used", cache.map { _ in .int(decodeStats.speculativeUsed) } ?? .null),
+                    ("speculative_wasted", cache.map { _ in .int(decodeStats.speculativeWasted) } ?? .null),
                 ])), pretty: true))
             } else {
                 print("""
@@ -93,8 +114,11 @@ struct Bench: ParsableCommand {
                     peak RSS: \(PackageSummary.bytes(peak))
                     """)
                 if let cache {
-                    print("expert cache: \(PackageSummary.bytes(cache.capacityBytes)) (\(cache.slotCount) bundles), \(cache.directIO ? "direct I/O" : "buffered reads, pages dropped"), prefetch \(cache.prefetchEnabled ? "on" : "off")")
+                    print("expert cache: \(PackageSummary.bytes(cache.capacityBytes)) (\(cache.slotCount) bundles), \(cache.directIO ? "direct I/O" : "buffered reads, pages dropped"), prefetch \(cache.prefetchEnabled ? "on" : "off"), cross-layer prefetch \(cache.crossLayer.rawValue)")
                     print("decode: hit rate \(String(format2: decodeStats.hitRate * 100))%, \(PackageSummary.bytes(Int(Double(decodeStats.bytesRead) / perToken))) read per token, \(String(format2: decodeStats.stallSeconds / perToken * 1000)) ms stalled on I/O per token")
+                    if decodeStats.speculativeReads > 0 {
+                        print("speculative reads: \(decodeStats.speculativeReads) read, \(decodeStats.speculativeUsed) used, \(decodeStats.speculativeWasted) evicted unused, \(decodeStats.speculativeCancelled) cancelled before reading")
+                    }
                 }
             }
         }

@@ -19,6 +19,9 @@ struct RuntimeOptions: ParsableArguments {
     @Flag(help: "With --memory-budget: read experts only when needed, not ahead while attention runs (for comparisons).")
     var noPrefetch = false
 
+    @Option(help: ArgumentHelp("With --memory-budget: also read the experts the next layer's router predicts from this layer's input, one layer early: on, off, or auto (while at least half of those reads are used).", valueName: "on|off|auto"))
+    var crossLayerPrefetch: String = "auto"
+
     func validate() throws {
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let context, context < 1 { throw ValidationError("--context must be at least 1") }
@@ -26,6 +29,10 @@ struct RuntimeOptions: ParsableArguments {
             throw ValidationError("--memory-budget takes a size such as 1GiB, 800MB or 1073741824 (got '\(memoryBudget)')")
         }
         if noPrefetch && memoryBudget == nil { throw ValidationError("--no-prefetch goes with --memory-budget") }
+        guard let mode = ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) else {
+            throw ValidationError("--cross-layer-prefetch takes on, off or auto (got '\(crossLayerPrefetch)')")
+        }
+        if mode == .on && noPrefetch { throw ValidationError("--cross-layer-prefetch on and --no-prefetch contradict each other") }
     }
 
     func session(_ path: String, contextLength: Int? = nil) throws -> Session {
@@ -39,6 +46,7 @@ struct RuntimeOptions: ParsableArguments {
         let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
                                   memoryBudget: memoryBudget.flatMap(ByteCount.parse))
         session.expertCache?.prefetchEnabled = !noPrefetch
+        session.expertCache?.crossLayer = noPrefetch ? .off : ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) ?? .auto
         return session
     }
 }

@@ -34,16 +34,28 @@ struct InputTokens: ParsableArguments {
             ids = try parseTokens(tokens, option: "--tokens")
         } else if let tokensFile {
             ids = try parseTokens(String(decoding: try FileSystem.readAll(tokensFile, limit: 64 << 20), as: UTF8.self), option: "--tokens-file")
+        } else if let text {
+            ids = try encodeText(text, for: model, tokenizer: tokenizer, option: "--text")
         } else {
-            let source = try text ?? String(decoding: FileSystem.readAll(file!, limit: 64 << 20), as: UTF8.self)
-            ids = try loadTokenizer(package: model, override: tokenizer).encode(source)
-            guard !ids.isEmpty else { throw ValidationError("\(text != nil ? "--text" : "--file") encodes to no tokens") }
+            ids = try encodeTextFile(file!, for: model, tokenizer: tokenizer, option: "--file")
         }
         if let bad = ids.first(where: { $0 >= model.config.vocabSize }) {
             throw EngineError.invalidToken(id: bad, vocabularySize: model.config.vocabSize)
         }
         return ids
     }
+}
+
+/// Text through the package's tokenizer (or `tokenizer`, a tokenizer.json path).
+func encodeText(_ text: String, for model: Model, tokenizer: String?, option: String) throws -> [Int] {
+    let ids = try loadTokenizer(package: model, override: tokenizer).encode(text)
+    guard !ids.isEmpty else { throw ValidationError("\(option) encodes to no tokens") }
+    return ids
+}
+
+/// A UTF-8 text file through the package's tokenizer.
+func encodeTextFile(_ path: String, for model: Model, tokenizer: String?, option: String) throws -> [Int] {
+    try encodeText(String(decoding: FileSystem.readAll(path, limit: 64 << 20), as: UTF8.self), for: model, tokenizer: tokenizer, option: option)
 }
 
 struct Stats: ParsableCommand {

@@ -53,6 +53,7 @@ public final class Session: @unchecked Sendable {
     let attention: ActivationBatch     // (batch, heads·head_dim)
     let projected: UnsafeMutablePointer<Float>   // (batch, hidden)
     let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
+    let predictedLogits: UnsafeMutablePointer<Float> // (batch, experts): the next layer's router on this layer's input
     let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
     /// (active experts · decodeSlices, hidden): one token's expert sums per slice of an expert's
@@ -112,6 +113,7 @@ public final class Session: @unchecked Sendable {
         attention = ActivationBatch(columns: c.queryWidth, capacity: b)
         projected = .allocate(capacity: b * c.hiddenSize)
         routerLogits = .allocate(capacity: b * c.expertCount)
+        predictedLogits = .allocate(capacity: b * c.expertCount)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
         sliceSums = .allocate(capacity: c.activeExperts * Session.decodeSlices * c.hiddenSize)
@@ -141,7 +143,7 @@ public final class Session: @unchecked Sendable {
     deinit {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
+        routerLogits.deallocate(); predictedLogits.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
         downRows.deallocate(); downScales.deallocate(); pairRows.deallocate(); pairCoefficients.deallocate()
     }
 
@@ -201,12 +203,30 @@ public final class Session: @unchecked Sendable {
             route(layer: index, count: n)
             if let expertCache {
                 try expertCache.prefetch(layer: index, experts: UnsafeBufferPointer(start: assignments.used, count: assignments.usedCount))
+                if expertCache.crossLayerEnabled, n == 1, index + 1 < model.layers.count { speculate(layer: index + 1, cache: expertCache) }
             }
             attend(layer: layer, cache: caches[index], count: n)
             try mixExperts(layer: layer, index: index, count: n)
         }
         residualHook?(model.layers.count, position, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
         position += n
+    }
+
+    /// Cross-layer prefetch while decoding: layer `next`'s router applied to the current layer's
+    /// input (the residual stream before this layer's attention) predicts `next`'s choice; the
+    /// cache starts reading the predicted bundles it lacks behind the demand reads. The
+    /// prediction only schedules reads: what the model computes does not depend on it.
+    func speculate(layer next: Int, cache: ExpertCache) {
+        let c = model.config
+        MatMul.multiply(model.layers[next].router, residual, into: predictedLogits, outputStride: c.expertCount, threads: 1)
+        var chosen: [Int] = []
+        chosen.reserveCapacity(c.activeExperts)
+        for _ in 0..<c.activeExperts {
+            var best = -1
+            for e in 0..<c.expertCount where !chosen.contains(e) && (best < 0 || predictedLogits[e] > predictedLogits[best]) { best = e }
+            chosen.append(best)
+        }
+        cache.speculate(layer: next, experts: chosen)
     }
 
     /// x += Wo · attention(rmsnorm(x)) for the batch.
