@@ -287,6 +287,14 @@ public final class ExpertCache: @unchecked Sendable {
         return UnsafeRawPointer(memory + slot * slotBytes)
     }
 
+    /// Whether the bundle of (`layer`, `expert`) is in memory and read (`acquire` would not wait).
+    public func isReady(layer: Int, expert: Int) -> Bool {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        let slot = bundleSlot[layer * experts + expert]
+        return slot >= 0 && slotReady[slot] && slotError[slot] == nil
+    }
+
     /// Unpins what `prefetch` and `acquire` pinned for this layer.
     public func release(layer: Int, experts chosen: some Sequence<Int>) {
         pthread_mutex_lock(&mutex)

@@ -125,14 +125,27 @@ extension Session {
         while groupStart < chosen.count {
             let group = chosen[groupStart..<min(groupStart + groupSize, chosen.count)]
             for e in 0..<c.expertCount { currentExperts[e] = nil }
-            for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
+            // The layouts the experts are computed in: as stored when streamed, else as loaded.
+            let layouts = expertCache == nil ? layer.experts : model.mappedExperts[index]
             if n == 1, workers > 1, group.count <= c.activeExperts, let q = quantized,
-               group.allSatisfy({ currentExperts[$0]!.groupedGateUp && currentExperts[$0]!.down.dtype == .q4_0 }) {
-                decodeSlices(UnsafeBufferPointer(rebasing: group), weights: routing, input: q, workers: workers)
+               group.allSatisfy({ layouts[$0].groupedGateUp && layouts[$0].down.dtype == .q4_0 }) {
+                // Streaming: the experts already in memory are computed while the reads of the
+                // others finish. Each slice has its own sum and the sums are added in the same
+                // order whatever ran first, so the result is the unbudgeted one bit for bit.
+                let group = UnsafeBufferPointer(rebasing: group)
+                let resident = expertCache.map { cache in group.map { cache.isReady(layer: index, expert: $0) } } ?? group.map { _ in true }
+                for phase in [true, false] where resident.contains(phase) {
+                    for (i, e) in group.enumerated() where resident[i] == phase {
+                        currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e)
+                    }
+                    decodeSlices(group, computing: resident.map { $0 == phase }, weights: routing, input: q, workers: workers)
+                }
+                st_add_rows(partials, sliceSums, Int32(group.count * Session.decodeSlices), Int32(hidden), Int32(hidden))
                 expertCache?.release(layer: index, experts: group)
                 groupStart += group.count
                 continue
             }
+            for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
             let work = Unchecked((currentExperts, routing, partials, normed.floats, quantized, gateBuffers, activeIndices, batched, downRows, downScales,
                                   pairRows, pairCoefficients))
             parallelForOnThisTier(workers) { worker in
@@ -318,18 +331,21 @@ extension Session {
     /// neurons, taken by whichever worker is free: the two cores rarely run at the same speed on
     /// a shared machine (the memory traffic of one slows the other), and a static half each left
     /// one waiting. Each slice adds into its own buffer and the buffers are summed in slice order,
-    /// so the result is the same whoever took what. Adds into the first worker's partial sums.
-    func decodeSlices(_ group: UnsafeBufferPointer<Int>, weights routing: ExpertAssignments, input q: QuantizedActivations, workers: Int) {
+    /// so the result is the same whoever took what. Computes the slices of the experts at the
+    /// positions of `group` where `computing` is true, each into its own buffer of `sliceSums`
+    /// (slice s of the group at s · hidden); the caller adds the buffers in order.
+    func decodeSlices(_ group: UnsafeBufferPointer<Int>, computing: [Bool], weights routing: ExpertAssignments, input q: QuantizedActivations, workers: Int) {
         let c = model.config
         let hidden = c.hiddenSize, ffn = c.expertFFNSize, b = Session.maximumBatch, perExpert = Session.decodeSlices
         let groups = ffn / 8
-        let slices = group.count * perExpert
+        let todo = (0..<group.count * perExpert).filter { computing[$0 / perExpert] }
+        let slices = todo.count
         nextSlice.store(0, ordering: .relaxed)
         // Slice part p of an expert: neurons first..<last, in whole groups of eight.
         func neurons(_ part: Int) -> (first: Int, last: Int) { (8 * (groups * part / perExpert), 8 * (groups * (part + 1) / perExpert)) }
-        let work = Unchecked((self, group, routing, q))
+        let work = Unchecked((self, group, routing, q, todo))
         parallelForOnThisTier(workers) { worker in
-            let (session, group, routing, q) = work.value
+            let (session, group, routing, q, todo) = work.value
             let scratch = session.gateBuffers + worker * max(2 * ffn, 16 * b)
             // Each worker claims its next slice before adding the current one's down rows, and
             // fetches that slice's gate rows meanwhile (the down stage is arithmetic-bound); the
@@ -340,15 +356,15 @@ extension Session {
                 if session.nextSlice.load(ordering: .relaxed) + 2 <= slices {
                     following = session.nextSlice.add(1, ordering: .relaxed).oldValue
                 }
-                let e = group[slice / perExpert], part = slice % perExpert
+                let e = group[todo[slice] / perExpert], part = todo[slice] % perExpert
                 let expert = session.currentExperts[e]!
                 // The token's weight for this expert (decode: one token, so the first entry).
                 let weight = routing.weights[e * b]
-                let out = session.sliceSums + slice * hidden
+                let out = session.sliceSums + todo[slice] * hidden
                 out.update(repeating: 0, count: hidden)
                 var next: UnsafeRawPointer? = nil, nextBytes = 0
                 if following < slices {
-                    let gate = session.currentExperts[group[following / perExpert]]!.gate, range = neurons(following % perExpert)
+                    let gate = session.currentExperts[group[todo[following] / perExpert]]!.gate, range = neurons(todo[following] % perExpert)
                     next = gate.base + range.first * gate.rowBytes
                     nextBytes = (range.last - range.first) * gate.rowBytes
                 }
@@ -360,7 +376,6 @@ extension Session {
                 slice = following < slices ? following : session.nextSlice.add(1, ordering: .relaxed).oldValue
             }
         }
-        st_add_rows(partials, sliceSums, Int32(slices), Int32(hidden), Int32(hidden))
     }
 
     /// Expert `expert` of layer `index`, from the cache when streaming, else from the mapping.
