@@ -67,6 +67,61 @@ import Testing
         }
     }
 
+    /// Eviction counts uses, not only recency: an expert used often survives a run of experts
+    /// used once that would push it out of an LRU cache (LRU would evict it for the last of them).
+    @Test func aFrequentlyUsedBundleOutlivesAScanOfNewOnes() throws {
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), interleaveExperts: false)
+        let slot = model.package.manifest.bundles.map(\.length).max()!
+        let slots = model.config.activeExperts
+        let cache = try ExpertCache(package: model.package, capacityBytes: slots * slot)
+        defer { cache.shutdown() }
+        cache.crossLayer = .off
+        func use(_ layer: Int, _ expert: Int) throws {
+            try cache.prefetch(layer: layer, experts: [expert])
+            _ = try cache.acquire(layer: layer, expert: expert)
+            cache.release(layer: layer, experts: [expert])
+        }
+        for _ in 0..<10 { try use(0, 0) }
+        for e in 1...slots { try use(1, e) }  // `slots` others, once each: LRU's victim for the last is (0, 0)
+        cache.resetStatistics()
+        try use(0, 0)
+        #expect(cache.statistics.hits == 1, "the hot bundle was evicted: \(cache.statistics)")
+        try use(1, 1)
+        #expect(cache.statistics.misses == 1, "one of the scan went instead")
+    }
+
+    /// `.auto` cross-layer prefetch stops speculating when its guesses are not used, and `.on`
+    /// does not; a guess that was right counts as a hit and as used.
+    @Test func autoCrossLayerPrefetchPausesWhenItsGuessesAreWrong() throws {
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), interleaveExperts: false)
+        let slot = model.package.manifest.bundles.map(\.length).max()!
+        for mode in [ExpertCache.CrossLayerMode.auto, .on] {
+            let cache = try ExpertCache(package: model.package, capacityBytes: 8 * slot)
+            defer { cache.shutdown() }
+            cache.crossLayer = mode
+            cache.speculate(layer: 1, experts: [3])
+            while !cache.isReady(layer: 1, expert: 3) { usleep(100) }
+            try cache.prefetch(layer: 1, experts: [3])
+            cache.release(layer: 1, experts: [3])
+            #expect(cache.statistics.speculativeUsed == 1 && cache.statistics.hits == 1 && cache.statistics.misses == 0)
+            var steps = 0
+            while cache.crossLayerEnabled && steps < 100 {
+                let layer = 2 + steps % 6
+                cache.speculate(layer: layer, experts: [steps % 16])
+                try cache.prefetch(layer: layer, experts: [(steps + 1) % 16])  // the guess was wrong
+                _ = try cache.acquire(layer: layer, expert: (steps + 1) % 16)
+                cache.release(layer: layer, experts: [(steps + 1) % 16])
+                steps += 1
+            }
+            let stats = cache.statistics, wrong = stats.speculativeWasted + stats.speculativeCancelled
+            if mode == .auto {
+                #expect(!cache.crossLayerEnabled && wrong >= 63 && steps <= 72, "pauses once 64 guesses are judged, most wrong: \(steps) steps, \(stats)")
+            } else {
+                #expect(cache.crossLayerEnabled && steps == 100 && wrong >= 90, "\(stats)")
+            }
+        }
+    }
+
     /// Where direct I/O is refused (tmpfs, some network file systems) reads go through the page
     /// cache and the pages are dropped after each read: the slots hold the same bytes (checked
     /// against each bundle's CRC), and an eight-slot session gives the unbudgeted logits.

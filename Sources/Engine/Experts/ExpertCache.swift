@@ -14,9 +14,12 @@ import Glibc
 ///   early: the next layer's router applied to this layer's input. Those reads wait behind every
 ///   demand read, are not pinned, and the ones not started when the real choice arrives and
 ///   missed it are cancelled; a speculative bundle that is never used is the first evicted.
-/// - Eviction is least-recently-used over all layers, as the SmallThinker authors do: with skewed
-///   routing the hot experts of every layer are touched every token and stay; bundles in use by
-///   the current layer are pinned.
+/// - Eviction is frequency-aware over all layers: the bundle with the fewest uses lately goes
+///   (use counts halve every 128 layer steps; ties go to the least recently used). The
+///   SmallThinker authors use plain LRU; over held-out text on the trained fixture this keeps
+///   80.4% of choices in a cache of 97 of its 128 bundles against LRU's 75.2% (93.5% against
+///   90.7% with 115), and matches LRU on the 4B-shaped skewed package at 1 GiB (98.5%).
+///   Bundles in use by the current layer are pinned.
 public final class ExpertCache: @unchecked Sendable {
     /// Linux's O_DIRECT (Glibc's Swift overlay does not export it; its value differs by architecture).
     #if arch(x86_64)
@@ -55,7 +58,8 @@ public final class ExpertCache: @unchecked Sendable {
     /// (`speculate`): always, never, or while it pays (the default).
     public enum CrossLayerMode: String, Sendable, CaseIterable {
         case on, off
-        /// Speculate while at least half of the speculative reads whose fate is known were used:
+        /// Speculate while at least half of the speculative reads whose fate is known were used
+        /// (cancelled ones count against: their slot was taken from something else):
         /// judged every 64 outcomes; below that, pause for 2048 layer steps, then try again,
         /// doubling the pause after each failed trial up to 65536 steps.
         /// Trained routing is predictable from the previous layer's input (88% of speculative
@@ -88,6 +92,11 @@ public final class ExpertCache: @unchecked Sendable {
     private var slotPinned: [Bool]    // in use by the current layer: not evictable
     private var slotLastUse: [UInt64]
     private var slotSpeculative: [Bool]  // read by `speculate` and not yet used by a real choice
+    private var slotUses: [Int]            // uses, halved every `usesHalvingPeriod` layer steps
+    /// Layer steps (`prefetch` calls) between halvings of the use counts: of the periods
+    /// measured (128–2048 steps, halving or dividing by 4 to 256), halving every 128 gave the
+    /// best hit rates on the trained fixture and matched LRU on the 4B-shaped skewed package.
+    static let usesHalvingPeriod: UInt64 = 128
     private var bundleSlot: [Int]          // bundle index → slot, -1 if absent
     private var clock: UInt64 = 0
     private var queue: [(bundle: Int, slot: Int)] = []
@@ -139,6 +148,7 @@ public final class ExpertCache: @unchecked Sendable {
         slotPinned = Array(repeating: false, count: slotCount)
         slotLastUse = Array(repeating: 0, count: slotCount)
         slotSpeculative = Array(repeating: false, count: slotCount)
+        slotUses = Array(repeating: 0, count: slotCount)
         bundleSlot = Array(repeating: -1, count: bundles.count)
         pthread_mutex_init(&mutex, nil)
         pthread_cond_init(&ready, nil)
@@ -197,6 +207,7 @@ public final class ExpertCache: @unchecked Sendable {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
         clock += 1
+        if clock % ExpertCache.usesHalvingPeriod == 0 { for i in 0..<slotCount { slotUses[i] /= 2 } }
         if pausedSteps > 0 { pausedSteps -= 1 }
         // Speculative reads for this layer that have not started and that the real choice does
         // not want give their slots back.
@@ -208,6 +219,7 @@ public final class ExpertCache: @unchecked Sendable {
             slotSpeculative[job.slot] = false
             stats.speculativeCancelled += 1
             stats.speculativeReads -= 1
+            judge(used: false)  // no read, but it took a slot from something else
             return true
         }
         // Hits first, pinned, so that no miss of this layer can evict them.
@@ -218,6 +230,7 @@ public final class ExpertCache: @unchecked Sendable {
                 stats.hits += 1
                 slotPinned[slot] = true
                 slotLastUse[slot] = clock
+                slotUses[slot] += 1
                 if slotSpeculative[slot] {
                     slotSpeculative[slot] = false
                     stats.speculativeUsed += 1
@@ -328,10 +341,11 @@ public final class ExpertCache: @unchecked Sendable {
     /// read. Caller holds the mutex.
     @discardableResult
     private func startLoad(_ bundle: Int, speculative: Bool = false) throws(EngineError) -> Int {
-        // A free slot if there is one, else the least recently used unpinned, finished one (an
-        // unused speculative bundle counts as least recent of all).
+        // A free slot if there is one, else the unpinned, finished one least used lately (fewest
+        // uses since the counts were last halved, then least recently used; an unused
+        // speculative bundle goes first of all).
         var victim = -1
-        func age(_ s: Int) -> UInt64 { slotSpeculative[s] ? 0 : slotLastUse[s] }
+        func age(_ s: Int) -> UInt64 { slotSpeculative[s] ? 0 : UInt64(min(slotUses[s], 1 << 20)) << 40 | slotLastUse[s] }
         for s in 0..<slotCount {
             if slotBundle[s] < 0 { victim = s; break }
             if !slotPinned[s] && slotReady[s] && (victim < 0 || age(s) < age(victim)) { victim = s }
@@ -349,6 +363,7 @@ public final class ExpertCache: @unchecked Sendable {
         slotPinned[victim] = !speculative
         slotSpeculative[victim] = speculative
         slotLastUse[victim] = clock
+        slotUses[victim] = 1
         bundleSlot[bundle] = victim
         if speculative {
             stats.speculativeReads += 1
