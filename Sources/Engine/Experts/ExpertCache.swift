@@ -246,8 +246,12 @@ public final class ExpertCache: @unchecked Sendable {
         // When every slot is pinned (a batch choosing more experts than fit), the rest are read
         // on demand by `acquire`, a group at a time.
         if prefetchEnabled {
-            for bundle in missing where hasVictim { try startLoad(bundle) }
-            if !missing.isEmpty { pthread_cond_broadcast(&work) }
+            // One wake-up per read queued: on two cores, every I/O thread woken for nothing
+            // preempts a compute thread.
+            for bundle in missing where hasVictim {
+                try startLoad(bundle)
+                pthread_cond_signal(&work)
+            }
         }
     }
 
