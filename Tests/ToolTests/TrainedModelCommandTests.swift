@@ -95,6 +95,49 @@ extension TrainedModelCommandTests {
     }
 }
 
+extension TrainedModelCommandTests {
+    /// `strun bench --text-file` under a budget that holds three quarters of the experts, with
+    /// cross-layer prefetch on and off: the counters add up (a pick per chosen expert; every miss
+    /// and speculative read a whole bundle), speculation is reported, and on this model's real
+    /// routing it raises the hit rate. Generation prints the same text with and without it.
+    @Test func benchOnRealTextReportsHonestStreamingCounters() throws {
+        let scratch = ToolScratch()
+        let package = scratch.file("trained.stpk")
+        var result = try Tools.run("stconvert", [Self.directory, "-o", package, "-q"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let quantised = scratch.file("trained-q4_0.stpk")
+        #expect(try Tools.run("stquant", [package, "-o", quantised, "--type", "q4_0"]).status == 0)
+        let text = URL(fileURLWithPath: Self.directory).deletingLastPathComponent().appendingPathComponent("held-out-sample.txt").path
+        var hitRates: [String: Double] = [:]
+        for mode in ["off", "on"] {
+            // 512 positions: 73.2 MiB leaves 96 of the 128 bundles (of 56 KiB each).
+            result = try Tools.run("strun", ["bench", quantised, "-p", "16", "-n", "496", "-r", "1", "--memory-budget", "73.2MiB",
+                                             "--text-file", text, "--cross-layer-prefetch", mode, "--json"])
+            #expect(result.status == 0, "\(result.stderr)")
+            let r = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+            let hits = r["expert_hits"] as! Int, misses = r["expert_misses"] as! Int, bundle = r["expert_bundle_bytes"] as! Int
+            let read = r["expert_bytes_read"] as! Int, speculative = r["speculative_reads"] as! Int
+            #expect(hits + misses == 496 * 8 * 4, "one pick per chosen expert")
+            #expect(read >= misses * bundle * 9 / 10 && read <= (misses + speculative) * bundle, "\(r)")
+            #expect(r["cross_layer_prefetch"] as? String == mode)
+            if mode == "off" { #expect(speculative == 0 && r["speculative_used"] as? Int == 0) }
+            else { #expect((r["speculative_used"] as! Int) > (r["speculative_wasted"] as! Int), "\(r)") }
+            hitRates[mode] = r["expert_hit_rate"] as? Double
+        }
+        #expect(hitRates["on"]! > hitRates["off"]! + 0.03, "\(hitRates)")
+        let prompt = ["generate", quantised, "-p", "And it came to pass", "-n", "24", "--temperature", "0", "--context", "64"]
+        let free = try Tools.run("strun", prompt)
+        for mode in ["on", "off", "auto"] {
+            let budgeted = try Tools.run("strun", prompt + ["--memory-budget", "70MiB", "--cross-layer-prefetch", mode])
+            #expect(budgeted.status == 0 && budgeted.stdout == free.stdout, "\(mode): \(budgeted.stderr)")
+        }
+        result = try Tools.run("strun", ["bench", quantised, "-p", "16", "-n", "3000", "--text-file", text])
+        #expect(result.status != 0 && result.stderr.contains("encodes to 1990 tokens"), "\(result.stderr)")
+        result = try Tools.run("strun", prompt + ["--memory-budget", "70MiB", "--cross-layer-prefetch", "sometimes"])
+        #expect(result.status != 0 && result.stderr.contains("takes on, off or auto"), "\(result.stderr)")
+    }
+}
+
 /// Mean KL(float ‖ quantised) over the 1,990 tokens of held-out-sample.txt, measured on every
 /// tier (portable, AVX2, AVX-512 agree to 1%: Q8_0 0.00264–0.00267, Q4_0 0.0402–0.0403), times 1.5.
 enum TrainedBounds {
