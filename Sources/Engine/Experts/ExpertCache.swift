@@ -256,8 +256,8 @@ public final class ExpertCache: @unchecked Sendable {
     }
 
     /// Starts reading, behind every demand read, the bundles of `layer`'s `predicted` experts
-    /// that are not resident, into slots no current layer holds. A no-op unless
-    /// `crossLayerEnabled`. They stay unpinned; `prefetch` for `layer` cancels those it does not
+    /// that are not resident, into slots no current layer holds (the session calls it while
+    /// `crossLayerEnabled`). They stay unpinned; `prefetch` for `layer` cancels those it does not
     /// want that have not started.
     public func speculate(layer: Int, experts predicted: some Sequence<Int>) {
         pthread_mutex_lock(&mutex)
@@ -265,8 +265,7 @@ public final class ExpertCache: @unchecked Sendable {
         var started = false
         for e in predicted {
             let bundle = layer * experts + e
-            guard bundleSlot[bundle] < 0, hasVictim, let slot = try? startLoad(bundle, speculative: true) else { continue }
-            _ = slot
+            guard bundleSlot[bundle] < 0, hasVictim, (try? startLoad(bundle, speculative: true)) != nil else { continue }
             started = true
         }
         if started { pthread_cond_signal(&work) }

@@ -37,18 +37,24 @@ final class ExpertAssignments: @unchecked Sendable {
         firstRow.deallocate(); chosen.deallocate(); used.deallocate(); chosenWeights.deallocate()
     }
 
+    /// The `k` largest of `count` logits, best first, the lower index on ties: the routing
+    /// choice (and the cross-layer prediction and statistics made the same way).
+    static func topK(_ logits: UnsafePointer<Float>, count: Int, k: Int, into chosen: UnsafeMutablePointer<Int>) {
+        for r in 0..<k {
+            var best = -1
+            for e in 0..<count {
+                var taken = false
+                for i in 0..<r where chosen[i] == e { taken = true; break }
+                if !taken && (best < 0 || logits[e] > logits[best]) { best = e }
+            }
+            chosen[r] = best
+        }
+    }
+
     /// Chooses token `t`'s experts from its router logits: the top k by logit (lower index on
     /// ties), weighted by softmax over the chosen logits or by sigmoid normalised over them.
     func route(token t: Int, logits: UnsafePointer<Float>, softmax: Bool) {
-        for k in 0..<active {
-            var best = -1
-            for e in 0..<experts {
-                var taken = false
-                for i in 0..<k where chosen[i] == e { taken = true; break }
-                if !taken && (best < 0 || logits[e] > logits[best]) { best = e }
-            }
-            chosen[k] = best
-        }
+        ExpertAssignments.topK(logits, count: experts, k: active, into: chosen)
         var total: Float = 0
         for k in 0..<active {
             let w = softmax ? exp(logits[chosen[k]] - logits[chosen[0]]) : 1 / (1 + exp(-logits[chosen[k]]))

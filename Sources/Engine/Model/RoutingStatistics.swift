@@ -152,17 +152,15 @@ public final class RoutingStatistics {
                     for e in 0..<c.expertCount { logits[e] = DotKernels.f32(w.baseAddress! + e * hidden, x.baseAddress! + t * hidden, hidden) }
                 }
             }
-            let guess = RoutingStatistics.topK(logits, k)
+            var guess = [Int](repeating: 0, count: k)
+            logits.withUnsafeBufferPointer { l in
+                guess.withUnsafeMutableBufferPointer { ExpertAssignments.topK(l.baseAddress!, count: c.expertCount, k: k, into: $0.baseAddress!) }
+            }
             predicted[l] += 1
             for (rank, e) in chosen.enumerated() where guess.contains(e) {
                 found[l] += 1
                 foundByRank[l][rank] += 1
             }
         }
-    }
-
-    /// The k largest entries' indices, best first, the lower index on ties (as routing does).
-    static func topK(_ values: [Float], _ k: Int) -> [Int] {
-        Array(values.indices.sorted { values[$0] > values[$1] || (values[$0] == values[$1] && $0 < $1) }.prefix(k))
     }
 }

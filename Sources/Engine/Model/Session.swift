@@ -53,7 +53,8 @@ public final class Session: @unchecked Sendable {
     let attention: ActivationBatch     // (batch, heads·head_dim)
     let projected: UnsafeMutablePointer<Float>   // (batch, hidden)
     let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
-    let predictedLogits: UnsafeMutablePointer<Float> // (batch, experts): the next layer's router on this layer's input
+    let predictedLogits: UnsafeMutablePointer<Float> // (experts): decoding, the next layer's router on this layer's input
+    let predictedExperts: UnsafeMutablePointer<Int>  // (active experts): its top k
     let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
     let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
     /// (active experts · decodeSlices, hidden): one token's expert sums per slice of an expert's
@@ -113,7 +114,8 @@ public final class Session: @unchecked Sendable {
         attention = ActivationBatch(columns: c.queryWidth, capacity: b)
         projected = .allocate(capacity: b * c.hiddenSize)
         routerLogits = .allocate(capacity: b * c.expertCount)
-        predictedLogits = .allocate(capacity: b * c.expertCount)
+        predictedLogits = .allocate(capacity: c.expertCount)
+        predictedExperts = .allocate(capacity: c.activeExperts)
         mixture = .allocate(capacity: b * c.hiddenSize)
         partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
         sliceSums = .allocate(capacity: c.activeExperts * Session.decodeSlices * c.hiddenSize)
@@ -143,7 +145,7 @@ public final class Session: @unchecked Sendable {
     deinit {
         expertCache?.shutdown()
         queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); predictedLogits.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
+        routerLogits.deallocate(); predictedLogits.deallocate(); predictedExperts.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
         downRows.deallocate(); downScales.deallocate(); pairRows.deallocate(); pairCoefficients.deallocate()
     }
 
@@ -219,14 +221,8 @@ public final class Session: @unchecked Sendable {
     func speculate(layer next: Int, cache: ExpertCache) {
         let c = model.config
         MatMul.multiply(model.layers[next].router, residual, into: predictedLogits, outputStride: c.expertCount, threads: 1)
-        var chosen: [Int] = []
-        chosen.reserveCapacity(c.activeExperts)
-        for _ in 0..<c.activeExperts {
-            var best = -1
-            for e in 0..<c.expertCount where !chosen.contains(e) && (best < 0 || predictedLogits[e] > predictedLogits[best]) { best = e }
-            chosen.append(best)
-        }
-        cache.speculate(layer: next, experts: chosen)
+        ExpertAssignments.topK(predictedLogits, count: c.expertCount, k: c.activeExperts, into: predictedExperts)
+        cache.speculate(layer: next, experts: UnsafeBufferPointer(start: predictedExperts, count: c.activeExperts))
     }
 
     /// x += Wo · attention(rmsnorm(x)) for the batch.
