@@ -20,10 +20,13 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
-        // File formats and codecs. Never imports Engine; the Q4_0 quantiser is in CKernels.
-        .target(name: "Format", dependencies: ["CZlib", "CKernels"]),
-        // Row kernels in C: per-function target attributes let one binary carry portable, AVX2
-        // and AVX-512 VNNI versions and pick at run time (Swift has no per-function targets).
+        // ggml's Q4_0 quantiser in C (clang vectorises it), for the converter and stquant.
+        .target(name: "CQuantize", cSettings: [.unsafeFlags(["-O3"])]),
+        // File formats and codecs. Never imports Engine or the runtime's kernels.
+        .target(name: "Format", dependencies: ["CZlib", "CQuantize"]),
+        // The runtime's kernels in C, one file per operation family: per-function target
+        // attributes let one binary carry portable, AVX2 and AVX-512 VNNI versions and pick at
+        // run time (Swift has no per-function targets).
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
         // The runtime.
         .target(name: "Engine", dependencies: ["Format", "CKernels"]),

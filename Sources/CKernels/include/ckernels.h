@@ -4,7 +4,9 @@
 #include <stdint.h>
 
 // Row kernels for the runtime, one implementation per instruction set, chosen once at run time
-// (st_kernels_select). Every variant computes the same function as the portable C version; the
+// (st_kernels_select). The sources are one file per operation family (dot.c, grouped.c, axpy.c,
+// attention.c, activations.c, experts.c), each with its portable version first and its SIMD
+// versions beside it; dispatch.c holds the tables. Every variant computes the same function as the portable C version; the
 // tests compare them. Activations in Q8_0 form are a float32 scale per block of 32 and 32 int8s.
 
 enum {
@@ -156,13 +158,5 @@ float st_rms_norm(const float *x, const float *weight, double eps, float *out, i
 
 /// Asks the cache to fetch `bytes` bytes at `p` (rows the next loop iteration will read).
 void st_prefetch(const void *p, int bytes);
-
-/// Quantises `n` floats (a multiple of 32) to ggml Q4_0 blocks, operation for operation as its
-/// reference quantiser (`quantize_row_q4_0_ref`), so the bytes are identical. With non-NULL
-/// statistics pointers it also decodes each block and sums the squared round-trip error and the
-/// squared values (in double, eight partial sums added pairwise), and takes the largest absolute
-/// error (NaN differences are skipped; the caller checks the sums for NaN).
-void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squared_error, double *sum_squared_value,
-                      float *max_abs_error);
 
 #endif

@@ -1,4 +1,4 @@
-import CKernels
+import CQuantize
 
 /// ggml's Q4_0 block: a float16 scale, then 32 4-bit values in 16 bytes. Value i < 16 is the low
 /// nibble of byte i, value 16 + i the high nibble; value = (nibble − 8) · d.

@@ -1,0 +1,304 @@
+// y += a · row: the neuron-major expert down matrices, whose rows are added scaled by each active
+// neuron's activation (ReGLU leaves most of them out). Single rows of every dtype, lists of Q4_0
+// rows (one neuron slice of an expert), and two outputs over one list (two tokens of a prompt).
+#include "internal.h"
+
+// ---------------------------------------------------------------- portable
+
+ST_AXPY(st_axpy_q4_0_portable, void) {
+    const st_block_q4_0 *w = row;
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const float s = a * st_fp16_to_fp32(w->d);
+        for (int j = 0; j < 16; j++) {
+            y[b * ST_QK + j] += s * (float)((w->qs[j] & 0x0F) - 8);
+            y[b * ST_QK + j + 16] += s * (float)((w->qs[j] >> 4) - 8);
+        }
+    }
+}
+
+ST_AXPY(st_axpy_q8_0_portable, void) {
+    const st_block_q8_0 *w = row;
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const float s = a * st_fp16_to_fp32(w->d);
+        for (int j = 0; j < ST_QK; j++) y[b * ST_QK + j] += s * (float)w->qs[j];
+    }
+}
+
+ST_AXPY(st_axpy_f32_portable, float) {
+    for (int i = 0; i < n; i++) y[i] += a * row[i];
+}
+
+ST_AXPY(st_axpy_bf16_portable, uint16_t) {
+    for (int i = 0; i < n; i++) y[i] += a * st_bf16_to_fp32(row[i]);
+}
+
+ST_AXPY(st_axpy_f16_portable, uint16_t) {
+    for (int i = 0; i < n; i++) y[i] += a * st_fp16_to_fp32(row[i]);
+}
+
+// This work is bound by arithmetic, not memory: the caller's next input, `next_bytes` at `next`
+// (may be NULL), is prefetched into L2 a little at a time alongside it, so the memory system
+// stays busy without a burst that would stall the core.
+ST_AXPY_ROWS(st_axpy_rows_q4_0_portable) {
+    const char *ahead = next;
+    const int per_row = next && count > 0 ? next_bytes / count : 0;
+    for (int a = 0; a < count; a++) {
+        st_prefetch_l2(ahead, per_row);
+        ahead += per_row;
+        st_axpy_q4_0_portable((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);
+    }
+}
+
+// Tiers without a fused form add the rows for each output in turn (a zero coefficient adds
+// nothing).
+#define AXPY_ROWS2_VIA_AXPY(name, axpy)                                                                  \
+    ST_AXPY_ROWS2(name) {                                                                                \
+        for (int a = 0; a < count; a++) {                                                                \
+            const uint8_t *w = (const uint8_t *)base + (size_t)rows[a] * row_bytes;                      \
+            if (c0[a] != 0) axpy(w, c0[a], y0, n);                                                       \
+            if (c1[a] != 0) axpy(w, c1[a], y1, n);                                                       \
+        }                                                                                                \
+    }
+AXPY_ROWS2_VIA_AXPY(st_axpy_rows2_q4_0_portable, st_axpy_q4_0_portable)
+
+#ifdef ST_X86
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+
+ST_AVX2 ST_AXPY(st_axpy_q4_0_avx2, void) {
+    const st_block_q4_0 *w = row;
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const __m256 s = _mm256_set1_ps(a * _cvtsh_ss(w->d));
+        const __m256i q = _mm256_sub_epi8(st_unpack_nibbles(w), eight);
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        float *o = y + b * ST_QK;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(o + 8)));
+        _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(o + 16)));
+        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(o + 24)));
+    }
+}
+
+// One block of a row into a 32-float tile: nibbles become floats by zero extension and
+// conversion, without the −8; the row's −8·scale goes to *bias, added once per tile.
+ST_AVX2 static inline void axpy_block_avx2(const st_block_q4_0 *w, float c, __m256 acc[4], float *bias) {
+    const float s = c * _cvtsh_ss(w->d);
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w->qs));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->qs + 8)));
+    acc[0] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), acc[0]);  // values 0..7
+    acc[1] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)), acc[1]);  // 8..15
+    acc[2] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), acc[2]);    // 16..23
+    acc[3] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), acc[3]);    // 24..31
+    *bias -= 8 * s;
+}
+
+// Four rows at a time, so each 32-float slice of y is loaded and stored once per four rows (as the
+// AVX-512 version). Two lines of `next` are prefetched per block step.
+ST_AVX2 ST_AXPY_ROWS(st_axpy_rows_q4_0_avx2) {
+    const uint8_t *m = base;
+    const char *ahead = next, *ahead_end = next ? (const char *)next + next_bytes : NULL;
+    const int blocks = n / ST_QK;
+    for (int a = 0; a < count; a += 4) {
+        const int tile = count - a < 4 ? count - a : 4;
+        const st_block_q4_0 *w[4];
+        for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
+        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        for (int b = 0; b < blocks; b++) {
+            float *o = y + b * ST_QK;
+            if (ahead < ahead_end) { st_prefetch_l2(ahead, tile == 4 ? 128 : 64); ahead += tile == 4 ? 128 : 64; }
+            __m256 acc[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
+            float bias = 0;
+            if (tile == 4) {
+                axpy_block_avx2(w[0] + b, coefficients[a], acc, &bias);
+                axpy_block_avx2(w[1] + b, coefficients[a + 1], acc, &bias);
+                axpy_block_avx2(w[2] + b, coefficients[a + 2], acc, &bias);
+                axpy_block_avx2(w[3] + b, coefficients[a + 3], acc, &bias);
+            } else {
+                for (int k = 0; k < tile; k++) axpy_block_avx2(w[k] + b, coefficients[a + k], acc, &bias);
+            }
+            const __m256 vb = _mm256_set1_ps(bias);
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + 8 * k, _mm256_add_ps(acc[k], vb));
+        }
+    }
+}
+
+// Two tokens' rows in one pass (a prompt's tokens that chose the same expert share most of its
+// active neurons): each row block is unpacked once for both, and each output's 32-float slice is
+// loaded and stored once per four rows.
+ST_AVX2 ST_AXPY_ROWS2(st_axpy_rows2_q4_0_avx2) {
+    const uint8_t *m = base;
+    const int blocks = n / ST_QK;
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (int a = 0; a < count; a += 4) {
+        const int tile = count - a < 4 ? count - a : 4;
+        const st_block_q4_0 *w[4];
+        for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
+        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        for (int b = 0; b < blocks; b++) {
+            float *o0 = y0 + b * ST_QK, *o1 = y1 + b * ST_QK;
+            __m256 p[4], q[4];
+            for (int v = 0; v < 4; v++) { p[v] = _mm256_loadu_ps(o0 + 8 * v); q[v] = _mm256_loadu_ps(o1 + 8 * v); }
+            float bias0 = 0, bias1 = 0;
+            for (int k = 0; k < tile; k++) {
+                const st_block_q4_0 *wb = w[k] + b;
+                const float d = _cvtsh_ss(wb->d);
+                const float s0 = c0[a + k] * d, s1 = c1[a + k] * d;
+                const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)wb->qs));
+                const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wb->qs + 8)));
+                const __m256 f[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)),
+                                     _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+                const __m256 v0 = _mm256_set1_ps(s0), v1 = _mm256_set1_ps(s1);
+                for (int v = 0; v < 4; v++) { p[v] = _mm256_fmadd_ps(v0, f[v], p[v]); q[v] = _mm256_fmadd_ps(v1, f[v], q[v]); }
+                bias0 -= 8 * s0;
+                bias1 -= 8 * s1;
+            }
+            const __m256 e0 = _mm256_set1_ps(bias0), e1 = _mm256_set1_ps(bias1);
+            for (int v = 0; v < 4; v++) {
+                _mm256_storeu_ps(o0 + 8 * v, _mm256_add_ps(p[v], e0));
+                _mm256_storeu_ps(o1 + 8 * v, _mm256_add_ps(q[v], e1));
+            }
+        }
+    }
+}
+
+ST_AVX2 ST_AXPY(st_axpy_q8_0_avx2, void) {
+    const st_block_q8_0 *w = row;
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const __m256 s = _mm256_set1_ps(a * _cvtsh_ss(w->d));
+        float *o = y + b * ST_QK;
+        for (int k = 0; k < 4; k++) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->qs + 8 * k))));
+            _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(s, q, _mm256_loadu_ps(o + 8 * k)));
+        }
+    }
+}
+
+ST_AVX2 ST_AXPY(st_axpy_f32_avx2, float) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_loadu_ps(row + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * row[i];
+}
+
+ST_AVX2 static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+ST_AVX2 ST_AXPY(st_axpy_bf16_avx2, uint16_t) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, load_bf16x8(row + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * st_bf16_to_fp32(row[i]);
+}
+
+ST_AVX2 ST_AXPY(st_axpy_f16_avx2, uint16_t) {
+    const __m256 s = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * st_fp16_to_fp32(row[i]);
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+
+// 16 floats per instruction.
+ST_AVX512 ST_AXPY(st_axpy_q4_0_avx512, void) {
+    const st_block_q4_0 *w = row;
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const __m512 s = _mm512_set1_ps(a * _cvtsh_ss(w->d));
+        const __m256i q = _mm256_sub_epi8(st_unpack_nibbles(w), eight);
+        float *o = y + b * ST_QK;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), _mm512_loadu_ps(o + 16)));
+    }
+}
+
+// One block of a row into the 32-float tile (lo, hi): the nibbles become floats through a
+// 16-entry table (vpermps reads the low four bits of each lane).
+ST_AVX512 static inline void axpy_block_avx512(const st_block_q4_0 *w, float c, __m512 table, __m512 *lo, __m512 *hi) {
+    const __m512 s = _mm512_set1_ps(c * _cvtsh_ss(w->d));
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w->qs));
+    *lo = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(q, table), *lo);
+    *hi = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), *hi);
+}
+
+// Four rows at a time, so each 32-float slice of y is loaded and stored once per four rows. Two
+// lines of `next` are prefetched per block step.
+ST_AVX512 ST_AXPY_ROWS(st_axpy_rows_q4_0_avx512) {
+    const uint8_t *m = base;
+    const char *ahead = next, *ahead_end = next ? (const char *)next + next_bytes : NULL;
+    const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const int blocks = n / ST_QK;
+    int a = 0;
+    for (; a + 4 <= count; a += 4) {
+        const st_block_q4_0 *w0 = (const st_block_q4_0 *)(m + (size_t)rows[a] * row_bytes);
+        const st_block_q4_0 *w1 = (const st_block_q4_0 *)(m + (size_t)rows[a + 1] * row_bytes);
+        const st_block_q4_0 *w2 = (const st_block_q4_0 *)(m + (size_t)rows[a + 2] * row_bytes);
+        const st_block_q4_0 *w3 = (const st_block_q4_0 *)(m + (size_t)rows[a + 3] * row_bytes);
+        // The next tile's rows.
+        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        const float c0 = coefficients[a], c1 = coefficients[a + 1], c2 = coefficients[a + 2], c3 = coefficients[a + 3];
+        for (int b = 0; b < blocks; b++, w0++, w1++, w2++, w3++) {
+            float *o = y + b * ST_QK;
+            if (ahead < ahead_end) { st_prefetch_l2(ahead, 128); ahead += 128; }
+            __m512 lo = _mm512_loadu_ps(o), hi = _mm512_loadu_ps(o + 16);
+            axpy_block_avx512(w0, c0, table, &lo, &hi);
+            axpy_block_avx512(w1, c1, table, &lo, &hi);
+            axpy_block_avx512(w2, c2, table, &lo, &hi);
+            axpy_block_avx512(w3, c3, table, &lo, &hi);
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o + 16, hi);
+        }
+    }
+    for (; a < count; a++) {
+        const st_block_q4_0 *w0 = (const st_block_q4_0 *)(m + (size_t)rows[a] * row_bytes);
+        for (int b = 0; b < blocks; b++, w0++) {
+            float *o = y + b * ST_QK;
+            if (ahead < ahead_end) { st_prefetch_l2(ahead, 64); ahead += 64; }
+            __m512 lo = _mm512_loadu_ps(o), hi = _mm512_loadu_ps(o + 16);
+            axpy_block_avx512(w0, coefficients[a], table, &lo, &hi);
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o + 16, hi);
+        }
+    }
+}
+
+ST_AVX512 AXPY_ROWS2_VIA_AXPY(st_axpy_rows2_q4_0_avx512, st_axpy_q4_0_avx512)
+#endif
+
+// ---------------------------------------------------------------- drivers (every tier)
+
+void st_axpy_q4_0(const void *row, float a, float *y, int n) { st_table()->axpy_q4_0(row, a, y, n); }
+void st_axpy_q8_0(const void *row, float a, float *y, int n) { st_table()->axpy_q8_0(row, a, y, n); }
+void st_axpy_f32(const float *row, float a, float *y, int n) { st_table()->axpy_f32(row, a, y, n); }
+void st_axpy_bf16(const uint16_t *row, float a, float *y, int n) { st_table()->axpy_bf16(row, a, y, n); }
+void st_axpy_f16(const uint16_t *row, float a, float *y, int n) { st_table()->axpy_f16(row, a, y, n); }
+
+void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n) {
+    st_table()->axpy_rows_q4_0(base, row_bytes, rows, coefficients, count, y, n, NULL, 0);
+}
+
+void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
+                            const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1) {
+    int a = 0, b = 0, count = 0;
+    while (a < n0 || b < n1) {
+        if (b >= n1 || (a < n0 && rows0[a] < rows1[b])) {
+            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = 0;
+        } else if (a >= n0 || rows1[b] < rows0[a]) {
+            merged[count] = rows1[b]; m0[count] = 0; m1[count] = c1[b++];
+        } else {
+            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = c1[b++];
+        }
+        count++;
+    }
+    st_table()->axpy_rows2_q4_0(base, row_bytes, merged, m0, m1, count, y0, y1, n);
+}
+
+void st_add_rows(float *y, const float *rows, int count, int stride, int n) {
+    for (int k = 0; k < count; k++) {
+        const float *r = rows + (size_t)k * stride;
+        for (int i = 0; i < n; i++) y[i] += r[i];
+    }
+}

@@ -1,0 +1,150 @@
+// Which tier's kernels run: one table per tier (designated initialisers, so a field cannot be
+// filled with its neighbour's function), the CPU detection, the process-wide selection and the
+// per-thread binding. Tiers that add nothing for an operation take the tier below's function.
+#include "internal.h"
+
+#include <stdlib.h>
+#include <strings.h>
+
+static const st_kernel_table portable = {
+    .dot_q4_0 = st_dot_q4_0_portable,
+    .dot_q8_0 = st_dot_q8_0_portable,
+    .dot_q4_0_tokens = st_dot_q4_0_tokens_portable,
+    .dot_q8_0_tokens = st_dot_q8_0_tokens_portable,
+    .dot_f32 = st_dot_f32_portable,
+    .dot_bf16 = st_dot_bf16_portable,
+    .dot_f16 = st_dot_f16_portable,
+    .axpy_q4_0 = st_axpy_q4_0_portable,
+    .axpy_q8_0 = st_axpy_q8_0_portable,
+    .axpy_f32 = st_axpy_f32_portable,
+    .axpy_bf16 = st_axpy_bf16_portable,
+    .axpy_f16 = st_axpy_f16_portable,
+    .quantize_q8_0 = st_quantize_q8_0_portable,
+    .dot_q4_0_x8 = st_dot_q4_0_x8_portable,
+    .dot_q4_0_b8 = st_dot_q4_0_b8_portable,
+    .axpy_rows_q4_0 = st_axpy_rows_q4_0_portable,
+    .attend = st_attend_portable,
+    .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_portable,
+};
+
+#ifdef ST_X86
+static const st_kernel_table avx2 = {
+    .dot_q4_0 = st_dot_q4_0_avx2,
+    .dot_q8_0 = st_dot_q8_0_avx2,
+    .dot_q4_0_tokens = st_dot_q4_0_tokens_avx2,
+    .dot_q8_0_tokens = st_dot_q8_0_tokens_avx2,
+    .dot_f32 = st_dot_f32_avx2,
+    .dot_bf16 = st_dot_bf16_avx2,
+    .dot_f16 = st_dot_f16_avx2,
+    .axpy_q4_0 = st_axpy_q4_0_avx2,
+    .axpy_q8_0 = st_axpy_q8_0_avx2,
+    .axpy_f32 = st_axpy_f32_avx2,
+    .axpy_bf16 = st_axpy_bf16_avx2,
+    .axpy_f16 = st_axpy_f16_avx2,
+    .quantize_q8_0 = st_quantize_q8_0_avx2,
+    .dot_q4_0_x8 = st_dot_q4_0_x8_avx2,
+    .dot_q4_0_b8 = st_dot_q4_0_b8_avx2,
+    .axpy_rows_q4_0 = st_axpy_rows_q4_0_avx2,
+    .attend = st_attend_avx2,
+    .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_avx2,
+};
+
+// AVX-512 VNNI: the byte dot products, the Q4_0 axpys, attention and quantisation at 512 bits
+// or with VNNI; the float dot products and axpys of AVX2 (memory-bound: wider adds nothing).
+static const st_kernel_table avx512 = {
+    .dot_q4_0 = st_dot_q4_0_avx512,
+    .dot_q8_0 = st_dot_q8_0_avx512,
+    .dot_q4_0_tokens = st_dot_q4_0_tokens_avx512,
+    .dot_q8_0_tokens = st_dot_q8_0_tokens_avx512,
+    .dot_f32 = st_dot_f32_avx2,
+    .dot_bf16 = st_dot_bf16_avx2,
+    .dot_f16 = st_dot_f16_avx2,
+    .axpy_q4_0 = st_axpy_q4_0_avx512,
+    .axpy_q8_0 = st_axpy_q8_0_avx2,
+    .axpy_f32 = st_axpy_f32_avx2,
+    .axpy_bf16 = st_axpy_bf16_avx2,
+    .axpy_f16 = st_axpy_f16_avx2,
+    .quantize_q8_0 = st_quantize_q8_0_avx512,
+    .dot_q4_0_x8 = st_dot_q4_0_x8_avx512,
+    .dot_q4_0_b8 = st_dot_q4_0_b8_avx512,
+    .axpy_rows_q4_0 = st_axpy_rows_q4_0_avx512,
+    .attend = st_attend_avx512,
+    .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_avx512,
+};
+#endif
+// An ARM NEON table would sit here, under `#if defined(__aarch64__)`, detected in
+// st_detect_isa (NEON always; the dot-product extension from getauxval(AT_HWCAP) & HWCAP_ASIMDDP
+// on Linux, sysctlbyname("hw.optional.arm.FEAT_DotProd") on macOS).
+
+static const st_kernel_table *active = &portable;
+static int active_isa = -1;
+// A thread's own choice (st_kernels_bind), which wins over the process-wide one: sessions that
+// run different tiers side by side (the tests run every model check under every tier) each bind
+// theirs on the threads that compute for them.
+static _Thread_local const st_kernel_table *bound = 0;
+static _Thread_local int bound_isa = -1;
+
+int st_detect_isa(void) {
+#ifdef ST_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        return ST_ISA_AVX512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        return ST_ISA_AVX2;
+    }
+#endif
+    return ST_ISA_PORTABLE;
+}
+
+const st_kernel_table *st_kernels_for(int isa) {
+    if (isa < 0 || isa > st_detect_isa()) return 0;
+#ifdef ST_X86
+    if (isa == ST_ISA_AVX512) return &avx512;
+    if (isa == ST_ISA_AVX2) return &avx2;
+#endif
+    return &portable;
+}
+
+int st_kernels_select(int isa) {
+    const int best = st_detect_isa();
+    if (isa > best) isa = best;
+    if (isa < 0) isa = 0;
+    active = st_kernels_for(isa);
+    active_isa = isa;
+    return isa;
+}
+
+// Before anyone selects: STRUN_KERNELS where it names a tier this CPU has (the Swift side
+// reports a bad value as an error), else the best detected.
+static void select_default(void) {
+    const char *name = getenv("STRUN_KERNELS");
+    int isa = st_detect_isa();
+    if (name && strcasecmp(name, "portable") == 0) isa = ST_ISA_PORTABLE;
+    if (name && strcasecmp(name, "avx2") == 0 && isa >= ST_ISA_AVX2) isa = ST_ISA_AVX2;
+    st_kernels_select(isa);
+}
+
+int st_kernels_isa(void) {
+    if (bound) return bound_isa;
+    if (active_isa < 0) select_default();
+    return active_isa;
+}
+
+int st_kernels_bind(int isa) {
+    const int previous = bound ? bound_isa : -1;
+    const st_kernel_table *k = isa < 0 ? 0 : st_kernels_for(isa);
+    if (isa >= 0 && !k) return -2;
+    bound = k;
+    bound_isa = k ? isa : -1;
+    return previous;
+}
+
+int st_kernels_bound(void) { return bound ? bound_isa : -1; }
+
+const st_kernel_table *st_table(void) {
+    if (bound) return bound;
+    if (active_isa < 0) select_default();
+    return active;
+}

@@ -1,0 +1,268 @@
+// Q4_0 rows read in octets (st_octet_q4_0), the two grouped layouts of specs/FORMAT.md:
+// - row_major_x8: eight rows side by side, one octet per block column, so one 32-byte load feeds
+//   eight rows at once and their scales load as one vector (dense matrices, expert gate rows);
+// - row_major_b8: one row at a time, each run of eight blocks one octet, read against activations
+//   interleaved to match (st_interleave_q8_0_b8), so eight blocks' integer sums land in eight
+//   lanes and their scales apply as one vector (expert up rows, read only for active neurons).
+#include "internal.h"
+
+// ---------------------------------------------------------------- portable
+
+ST_DOT_X8(st_dot_q4_0_x8_portable) {
+    (void)xsum;
+    for (int t = 0; t < tokens; t++) {
+        const st_octet_q4_0 *o = group;
+        const float *s = xs + (size_t)t * blocks;
+        const int8_t *x = xq + (size_t)t * blocks * ST_QK;
+        float sum[8] = {0};
+        for (int b = 0; b < blocks; b++, o++) {
+            for (int i = 0; i < 8; i++) {
+                int32_t acc = 0;
+                for (int c = 0; c < 4; c++) {
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t q = o->qs[c][4 * i + j];
+                        acc += ((q & 0x0F) - 8) * x[b * ST_QK + 4 * c + j];
+                        acc += ((q >> 4) - 8) * x[b * ST_QK + 16 + 4 * c + j];
+                    }
+                }
+                sum[i] += st_fp16_to_fp32(o->d[i]) * s[b] * (float)acc;
+            }
+        }
+        for (int i = 0; i < 8; i++) out[(size_t)t * out_stride + i] = sum[i];
+    }
+}
+
+// One row_major_b8 row against interleaved activations: per octet g, eight 32-byte vectors, 0..3
+// for the low nibbles of chunks 0..3 and 4..7 for the high ones, lane k of each holding the four
+// values of block 8g+k that meet that lane's weight bytes.
+static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int8_t *xr, int blocks, int tokens, float *out,
+                                     int out_stride) {
+    for (int t = 0; t < tokens; t++) {
+        const st_octet_q4_0 *o = row;
+        const float *s = xs + (size_t)t * blocks;
+        const int8_t *x = xr + (size_t)t * blocks * ST_QK;
+        float sum = 0;
+        for (int g = 0; g < blocks / 8; g++, o++, x += 8 * ST_QK) {
+            for (int k = 0; k < 8; k++) {
+                int32_t acc = 0;
+                for (int c = 0; c < 4; c++) {
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t q = o->qs[c][4 * k + j];
+                        acc += ((q & 0x0F) - 8) * x[32 * c + 4 * k + j];
+                        acc += ((q >> 4) - 8) * x[128 + 32 * c + 4 * k + j];
+                    }
+                }
+                sum += st_fp16_to_fp32(o->d[k]) * s[8 * g + k] * (float)acc;
+            }
+        }
+        out[(size_t)t * out_stride] = sum;
+    }
+}
+
+ST_DOT_B8(st_dot_q4_0_b8_portable) {
+    (void)xsum;
+    for (int r = 0; r < rows; r++)
+        dot_q4_0_b8_row_portable((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, blocks, tokens, out + r, out_stride);
+}
+
+#ifdef ST_X86
+// ---------------------------------------------------------------- shared by AVX2 and AVX-512
+
+// The nibbles of an octet's four chunks: lo[c] the low nibbles of chunk c, hi[c] the high ones,
+// as bytes 0..15.
+ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], __m256i hi[4]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)o->qs[c]);
+        lo[c] = _mm256_and_si256(v, mask);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+}
+
+// Eight grouped rows against G tokens: each chunk's nibbles are unpacked once for all tokens, and
+// BLOCK_DOT(lo, hi, x, seed) gives the eight rows' integer sums for one token's block (seeded
+// with −8·Σx: unsigned nibbles 0..15 against signed activations, the seed removes the offset of
+// 8 for all eight rows at once). Expanded inside functions compiled for AVX2 or AVX-512.
+#define X8_TOKENS(G, BLOCK_DOT)                                                                             \
+    for (; t + G <= tokens; t += G) {                                                                       \
+        const st_octet_q4_0 *o = group;                                                                     \
+        __m256 acc[G];                                                                                      \
+        for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
+        for (int b = 0; b < blocks; b++, o++) {                                                             \
+            __m256i lo[4], hi[4];                                                                           \
+            octet_nibbles(o, lo, hi);                                                                       \
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o->d));                      \
+            for (int k = 0; k < G; k++) {                                                                   \
+                const size_t base = (size_t)(t + k) * blocks + b;                                           \
+                const __m256i sums = BLOCK_DOT(lo, hi, (const int32_t *)(xq + base * ST_QK), -8 * xsum[base]); \
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xs[base])), _mm256_cvtepi32_ps(sums), acc[k]); \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int k = 0; k < G; k++) _mm256_storeu_ps(out + (size_t)(t + k) * out_stride, acc[k]);          \
+    }
+
+// Eight blocks of one row against G tokens' interleaved activations: each chunk's nibbles are
+// unpacked once for all tokens, and BLOCK_DOT(lo, hi, x, seed) gives the eight blocks' integer
+// sums (seeded with −8·Σx of each block).
+#define B8_TOKENS(G, BLOCK_DOT)                                                                             \
+    for (; t + G <= tokens; t += G) {                                                                       \
+        const st_octet_q4_0 *o = row;                                                                       \
+        __m256 acc[G];                                                                                      \
+        for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
+        for (int g = 0; g < blocks / 8; g++, o++) {                                                         \
+            __m256i lo[4], hi[4];                                                                           \
+            octet_nibbles(o, lo, hi);                                                                       \
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o->d));                      \
+            for (int k = 0; k < G; k++) {                                                                   \
+                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const __m256i seed = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
+                const __m256i sums = BLOCK_DOT(lo, hi, xr + base * ST_QK, seed);                            \
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(xs + base)), _mm256_cvtepi32_ps(sums), acc[k]); \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int k = 0; k < G; k++) out[(size_t)(t + k) * out_stride] = st_hsum256(acc[k]);                \
+    }
+
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+
+// AVX2 has no byte dot product into 32 bits: maddubs gives pairs in 16 bits, and the eight chunk
+// halves of a block sum without overflow there (8 · 2 · 15 · 127 < 32768).
+ST_AVX2 static inline __m256i x8_block_avx2(const __m256i lo[4], const __m256i hi[4], const int32_t *x, int32_t seed) {
+    __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(x[0]));
+    for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(x[c])));
+    for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(x[4 + c])));
+    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), _mm256_set1_epi32(seed));
+}
+
+ST_AVX2 ST_DOT_X8(st_dot_q4_0_x8_avx2) {
+    int t = 0;
+    X8_TOKENS(4, x8_block_avx2)
+    X8_TOKENS(1, x8_block_avx2)
+}
+
+ST_AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i seed) {
+    __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_loadu_si256((const __m256i *)x));
+    for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c))));
+    for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))));
+    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), seed);
+}
+
+ST_AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                         int tokens, float *out, int out_stride) {
+    const __m256i zero = _mm256_setzero_si256();
+    int t = 0;
+    B8_TOKENS(4, b8_block_avx2)
+    B8_TOKENS(1, b8_block_avx2)
+}
+
+ST_AVX2 ST_DOT_B8(st_dot_q4_0_b8_avx2) {
+    for (int r = 0; r < rows; r++)
+        dot_q4_0_b8_row_avx2((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
+
+// The VNNI form: one vpdpbusd per chunk half.
+ST_AVX512 static inline __m256i x8_block_vnni(const __m256i lo[4], const __m256i hi[4], const int32_t *x, int32_t seed) {
+    __m256i a0 = _mm256_set1_epi32(seed), a1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        a0 = _mm256_dpbusd_epi32(a0, lo[c], _mm256_set1_epi32(x[c]));
+        a1 = _mm256_dpbusd_epi32(a1, hi[c], _mm256_set1_epi32(x[4 + c]));
+    }
+    return _mm256_add_epi32(a0, a1);
+}
+
+ST_AVX512 ST_DOT_X8(st_dot_q4_0_x8_avx512) {
+    int t = 0;
+    X8_TOKENS(8, x8_block_vnni)
+    X8_TOKENS(4, x8_block_vnni)
+    X8_TOKENS(1, x8_block_vnni)
+}
+
+ST_AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i seed) {
+    __m256i a0 = seed, a1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        a0 = _mm256_dpbusd_epi32(a0, lo[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c)));
+        a1 = _mm256_dpbusd_epi32(a1, hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c)));
+    }
+    return _mm256_add_epi32(a0, a1);
+}
+
+// Two rows against G tokens: each token's activations, seeds and scales are loaded once for both.
+#define B8_PAIR_TOKENS(G)                                                                                   \
+    for (; t + G <= tokens; t += G) {                                                                       \
+        const st_octet_q4_0 *o0 = row, *o1 = (const st_octet_q4_0 *)((const uint8_t *)row + row_bytes);    \
+        __m256 acc0[G], acc1[G];                                                                            \
+        for (int k = 0; k < G; k++) acc0[k] = acc1[k] = _mm256_setzero_ps();                               \
+        for (int g = 0; g < blocks / 8; g++, o0++, o1++) {                                                  \
+            __m256i lo0[4], hi0[4], lo1[4], hi1[4];                                                         \
+            octet_nibbles(o0, lo0, hi0);                                                                    \
+            octet_nibbles(o1, lo1, hi1);                                                                    \
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o0->d));                    \
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o1->d));                    \
+            for (int k = 0; k < G; k++) {                                                                   \
+                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const int8_t *x = xr + base * ST_QK;                                                        \
+                __m256i a0 = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
+                __m256i a1 = a0, b0 = zero, b1 = zero;                                                      \
+                for (int c = 0; c < 4; c++) {                                                               \
+                    const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + 32 * c));                   \
+                    const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c));             \
+                    a0 = _mm256_dpbusd_epi32(a0, lo0[c], xl);                                               \
+                    a1 = _mm256_dpbusd_epi32(a1, lo1[c], xl);                                               \
+                    b0 = _mm256_dpbusd_epi32(b0, hi0[c], xh);                                               \
+                    b1 = _mm256_dpbusd_epi32(b1, hi1[c], xh);                                               \
+                }                                                                                           \
+                const __m256 sx = _mm256_loadu_ps(xs + base);                                               \
+                acc0[k] = _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), _mm256_cvtepi32_ps(_mm256_add_epi32(a0, b0)), acc0[k]); \
+                acc1[k] = _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), _mm256_cvtepi32_ps(_mm256_add_epi32(a1, b1)), acc1[k]); \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int k = 0; k < G; k++) {                                                                       \
+            out[(size_t)(t + k) * out_stride] = st_hsum256(acc0[k]);                                        \
+            out[(size_t)(t + k) * out_stride + 1] = st_hsum256(acc1[k]);                                    \
+        }                                                                                                   \
+    }
+
+ST_AVX512 ST_DOT_B8(st_dot_q4_0_b8_avx512) {
+    const __m256i zero = _mm256_setzero_si256();
+    int t = 0;
+    if (rows == 2) {
+        B8_PAIR_TOKENS(4)
+        B8_PAIR_TOKENS(1)
+        return;
+    }
+    B8_TOKENS(8, b8_block_vnni)
+    B8_TOKENS(4, b8_block_vnni)
+    B8_TOKENS(1, b8_block_vnni)
+}
+#endif
+
+// ---------------------------------------------------------------- drivers (every tier)
+
+void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last_group, const float *xs, const int8_t *xq,
+                       const int32_t *xsum, int tokens, float *out, int out_stride) {
+    const st_kernel_table *k = st_table();
+    const st_octet_q4_0 *groups = packed;
+    for (int g = first_group; g < last_group; g++)
+        k->dot_q4_0_x8(groups + (size_t)g * blocks, xs, xq, xsum, blocks, tokens, out + (size_t)g * 8, out_stride);
+}
+
+void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
+                       int blocks, int tokens, float *out, int out_stride) {
+    const st_kernel_table *k = st_table();
+    const uint8_t *base = rows;
+    int r = first;
+    for (; r + 2 <= last; r += 2) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+}
+
+void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
+    for (int g = 0; g < blocks / 8; g++, xq += 8 * ST_QK, xr += 8 * ST_QK) {
+        for (int c = 0; c < 8; c++) {
+            // Vector c: lane k holds values 4c..4c+3 (c < 4: low nibbles) or 16+4(c−4).. of block k.
+            const int from = c < 4 ? 4 * c : 16 + 4 * (c - 4);
+            for (int k = 0; k < 8; k++) memcpy(xr + 32 * c + 4 * k, xq + ST_QK * k + from, 4);
+        }
+    }
+}
