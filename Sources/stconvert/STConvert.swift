@@ -5,6 +5,10 @@ import Format
 import Glibc
 #endif
 
+extension TensorDType: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument.lowercased()) }
+}
+
 @main
 struct STConvert: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -26,7 +30,7 @@ struct STConvert: ParsableCommand {
     var output: String?
 
     @Option(help: "Stored dtype of every tensor: f32, f16 or bf16 (default: keep the source dtype, lossless).")
-    var dtype: String?
+    var dtype: TensorDType?
 
     @Option(help: "Take tokenizer.json and tokenizer_config.json from this folder instead of the checkpoint.")
     var tokenizer: String?
@@ -41,8 +45,8 @@ struct STConvert: ParsableCommand {
     var dryRun = false
 
     func validate() throws {
-        if let dtype, !["f32", "f16", "bf16"].contains(dtype) {
-            throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype)'); quantise with stquant")
+        if let dtype, dtype.isQuantized {
+            throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
         }
         if output == nil && !dryRun {
             throw ValidationError("missing -o/--output: the package file to write")
@@ -50,9 +54,9 @@ struct STConvert: ParsableCommand {
     }
 
     func run() throws {
-        do {
+        try reportingErrors(tool: "stconvert", exit: { ExitCode($0) }) {
             let source = try Checkpoint(directory: checkpoint, tokenizerDirectory: tokenizer)
-            let plan = try Converter.plan(checkpoint: source, dtype: dtype.flatMap(TensorDType.init(rawValue:)))
+            let plan = try Converter.plan(checkpoint: source, dtype: dtype)
             if dryRun {
                 print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
                 print("\nwould write \(plan.outputSize) bytes\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
@@ -68,9 +72,6 @@ struct STConvert: ParsableCommand {
             if !quiet {
                 print("wrote \(output): \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, \(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)")
             }
-        } catch {
-            writeStandardError("stconvert: error: \(error)\n")
-            throw ExitCode(1)
         }
     }
 }

@@ -5,6 +5,10 @@ import Format
 import Glibc
 #endif
 
+extension TensorDType: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument.lowercased()) }
+}
+
 @main
 struct STQuant: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -26,13 +30,13 @@ struct STQuant: ParsableCommand {
     var output: String?
 
     @Option(help: "q4_0 or q8_0.")
-    var type: String
+    var type: TensorDType
 
     @Option(help: "Type for the token embeddings (e.g. q8_0, f16, f32).")
-    var embeddingType: String?
+    var embeddingType: TensorDType?
 
     @Option(help: "Type for the untied output head.")
-    var outputType: String?
+    var outputType: TensorDType?
 
     @Option(name: .customLong("tensor-type"), help: ArgumentHelp("Type for tensors whose name matches PATTERN (* matches anything), e.g. 'layers.*.attn_v=q8_0'. Repeatable; the first match wins.", valueName: "PATTERN=TYPE"))
     var tensorTypes: [String] = []
@@ -59,26 +63,19 @@ struct STQuant: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard let t = TensorDType(rawValue: type.lowercased()), t.isQuantized else {
-            throw ValidationError("--type must be q4_0 or q8_0 (got '\(type)')")
-        }
-        for (flag, value) in [("--embedding-type", embeddingType), ("--output-type", outputType)] {
-            if let value, TensorDType(rawValue: value.lowercased()) == nil {
-                throw ValidationError("\(flag) must be one of \(TensorDType.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(value)')")
-            }
+        guard type.isQuantized else {
+            throw ValidationError("--type must be q4_0 or q8_0 (got '\(type.rawValue)'); stconvert --dtype writes float types")
         }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if output == nil && !dryRun { throw ValidationError("missing -o/--output: the package file to write") }
     }
 
     func run() throws {
-        do {
+        try reportingErrors(tool: "stquant", exit: { ExitCode($0) }) {
             var overrides: [(pattern: String, type: TensorDType)] = []
             for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
-            let policy = QuantizationPolicy(type: TensorDType(rawValue: type.lowercased())!,
-                                            embeddingType: embeddingType.flatMap { TensorDType(rawValue: $0.lowercased()) },
-                                            outputType: outputType.flatMap { TensorDType(rawValue: $0.lowercased()) },
-                                            overrides: overrides, allowRequantize: allowRequantize, interleave: !plainRows)
+            let policy = QuantizationPolicy(type: type, embeddingType: embeddingType, outputType: outputType,
+                                            overrides: overrides, allowRequantize: allowRequantize, groupedLayouts: !plainRows)
             let source = try PackageReader(path: input)
             let plan = try Quantizer.plan(source: source, policy: policy)
             let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }
@@ -102,9 +99,6 @@ struct STQuant: ParsableCommand {
             } else if !quiet {
                 print(QuantizationSummary.text(report, input: input, output: output, type: policy.type))
             }
-        } catch {
-            writeStandardError("stquant: error: \(error)\n")
-            throw ExitCode(1)
         }
     }
 }

@@ -87,7 +87,7 @@ struct Bench: ParsableCommand {
                     ("decode_tokens_per_second", .double(median(decodeRates))),
                     ("time_to_first_token_seconds", .double(median(firstToken))),
                     ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
-                    ("memory_budget_bytes", runtime.memoryBudget.flatMap(ByteCount.parse).map { .int($0) } ?? .null),
+                    ("memory_budget_bytes", runtime.memoryBudget.map { .int($0.bytes) } ?? .null),
                     ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
                     ("prefetch", cache.map { .bool($0.prefetchEnabled) } ?? .null),
                     ("direct_io", cache.map { .bool($0.directIO) } ?? .null),

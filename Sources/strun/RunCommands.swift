@@ -1,5 +1,11 @@
 import ArgumentParser
 import Engine
+import Format
+
+/// Sizes and dtypes on the command line, with the libraries' own parsing.
+extension ByteCount: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument) }
+}
 
 #if canImport(Glibc)
 import Glibc
@@ -13,8 +19,8 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Context length in tokens (default: the model's limit, at most 4096).")
     var context: Int?
 
-    @Option(help: ArgumentHelp("Run within this much memory (e.g. 1GiB, 800MB): experts are streamed from the package into a cache of what the dense part leaves.", valueName: "BYTES"))
-    var memoryBudget: String?
+    @Option(help: ArgumentHelp("Run within this much memory, a size such as 1GiB, 800MB or 1073741824: experts are streamed from the package into a cache of what the dense part leaves.", valueName: "BYTES"))
+    var memoryBudget: ByteCount?
 
     @Flag(help: "With --memory-budget: read experts only when needed, not ahead while attention runs (for comparisons).")
     var noPrefetch = false
@@ -25,9 +31,6 @@ struct RuntimeOptions: ParsableArguments {
     func validate() throws {
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let context, context < 1 { throw ValidationError("--context must be at least 1") }
-        if let memoryBudget, ByteCount.parse(memoryBudget) == nil {
-            throw ValidationError("--memory-budget takes a size such as 1GiB, 800MB or 1073741824 (got '\(memoryBudget)')")
-        }
         if noPrefetch && memoryBudget == nil { throw ValidationError("--no-prefetch goes with --memory-budget") }
         guard let mode = ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) else {
             throw ValidationError("--cross-layer-prefetch takes on, off or auto (got '\(crossLayerPrefetch)')")
@@ -39,12 +42,12 @@ struct RuntimeOptions: ParsableArguments {
         // Streaming experts reads their bundles as stored; regrouping them at load is for the
         // whole-package mapping only.
         _ = try DotKernels.configured()  // a bad STRUN_KERNELS fails before a model is loaded
-        let model = try Model(path: path, interleaveExperts: memoryBudget == nil)
-        if model.matricesRegroupedAtLoad > 0 {
-            writeStandardError("strun: note: \(model.matricesRegroupedAtLoad) Q4_0 matrices of this package are stored in plain rows and were regrouped at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n")
+        let model = try Model(path: path, arrangeExperts: memoryBudget == nil)
+        if model.matricesArrangedAtLoad > 0 {
+            writeStandardError("strun: note: \(model.matricesArrangedAtLoad) Q4_0 matrices of this package are stored in plain rows and were regrouped at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n")
         }
         let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
-                                  memoryBudget: memoryBudget.flatMap(ByteCount.parse))
+                                  memoryBudget: memoryBudget?.bytes)
         session.expertCache?.prefetchEnabled = !noPrefetch
         session.expertCache?.crossLayer = noPrefetch ? .off : ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) ?? .auto
         return session
@@ -134,15 +137,16 @@ struct SamplingOptions: ParsableArguments {
     }
 }
 
-/// The tokenizer embedded in a package, or one given with --tokenizer.
-func loadTokenizer(package: Model?, override path: String?) throws -> Tokenizer {
+/// The tokenizer embedded in a package (read from the package alone, no model built), or one
+/// given with --tokenizer.
+func loadTokenizer(package: PackageReader?, override path: String?) throws -> Tokenizer {
     if let path { return try Tokenizer(path: path) }
-    guard let package, let bytes = package.package.fileContents("tokenizer.json") else {
+    guard let package, let bytes = package.fileContents("tokenizer.json") else {
         throw ValidationError("the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token ids with --tokens and --ids")
     }
     let tokenizer = try Tokenizer(json: bytes, path: "tokenizer.json in the package")
-    if tokenizer.vocabularySize > package.config.vocabSize {
-        throw TokenizerError.mismatch("the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of \(package.config.vocabSize)")
+    if tokenizer.vocabularySize > package.manifest.config.vocabSize {
+        throw TokenizerError.mismatch("the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of \(package.manifest.config.vocabSize)")
     }
     return tokenizer
 }
@@ -210,24 +214,13 @@ struct Generate: ParsableCommand {
             let parameters = sampling.parameters(for: model)
             if ids && prompt == nil && tokenizer == nil && model.package.fileContents("tokenizer.json") == nil {
                 // Token ids in, token ids out: no tokenizer needed.
-                var sampler = Sampler(parameters)
-                let stops = ignoreEOS ? [] : Set(model.config.eosTokenIDs)
-                var history = promptIDs!
-                var generated: [Int] = []
-                if n > 0 {
-                    var logits = try session.evaluate(history)
-                    while true {
-                        let next = sampler.sample(logits[...], history: history)
-                        generated.append(next)
-                        history.append(next)
-                        if stops.contains(next) || generated.count == n || session.position >= session.contextLength { break }
-                        logits = try session.evaluate([next])
-                    }
-                }
+                var generator = TokenGenerator(session: session, sampling: parameters)
+                if ignoreEOS { generator.stopTokens = [] }
+                let generated = n == 0 ? [] : try generator.run(prompt: promptIDs!, maximumTokens: n) { _ in nil }.ids
                 print(generated.map(String.init).joined(separator: " "))
                 return
             }
-            let tok = try loadTokenizer(package: model, override: tokenizer)
+            let tok = try loadTokenizer(package: model.package, override: tokenizer)
             var generator = TextGenerator(session: session, tokenizer: tok, sampling: parameters, stopStrings: stop)
             if ignoreEOS { generator.stopTokens = [] }
             let text = chat ? ChatTemplate.prompt(user: prompt!, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt)) : prompt
@@ -277,7 +270,7 @@ struct Chat: ParsableCommand {
     func run() throws {
         try reportingErrors {
             let session = try runtime.session(package)
-            let tok = try loadTokenizer(package: session.model, override: tokenizer)
+            let tok = try loadTokenizer(package: session.model.package, override: tokenizer)
             let generator = TextGenerator(session: session, tokenizer: tok, sampling: sampling.parameters(for: session.model))
             let conversation = Conversation(generator: generator, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt))
             let interactive = isatty(0) != 0
@@ -329,7 +322,7 @@ struct Tokenize: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let tok = try loadTokenizer(package: try package.map { try Model(path: $0) }, override: tokenizer)
+            let tok = try loadTokenizer(package: try package.map { try PackageReader(path: $0) }, override: tokenizer)
             let input: String
             if let text { input = text } else {
                 let bytes = try FileSystem.readAll(file!, limit: 1 << 30)
@@ -365,7 +358,7 @@ struct Detokenize: ParsableCommand {
     func run() throws {
         let list = try parseTokens(ids, option: "--ids")
         try reportingErrors {
-            let tok = try loadTokenizer(package: try package.map { try Model(path: $0) }, override: tokenizer)
+            let tok = try loadTokenizer(package: try package.map { try PackageReader(path: $0) }, override: tokenizer)
             print(try tok.decode(list, skipSpecialTokens: skipSpecialTokens))
         }
     }
@@ -405,13 +398,13 @@ struct Compare: ParsableCommand {
             let otherSession = try runtime.session(other)
             let vocab = baseSession.model.config.vocabSize
             guard otherSession.model.config.vocabSize == vocab else {
-                throw EngineError.invalidRequest("the packages have different vocabularies (\(vocab) and \(otherSession.model.config.vocabSize)); compare packages of the same model")
+                throw EngineError.vocabularyMismatch(vocab, otherSession.model.config.vocabSize)
             }
             var ids: [Int]
             if input.given {
                 ids = try input.ids(for: baseSession.model)
                 guard ids.count <= baseSession.contextLength else {
-                    throw EngineError.invalidRequest("\(ids.count) tokens do not fit the context of \(baseSession.contextLength); give a shorter text or a larger --context")
+                    throw EngineError.inputTooLong(tokens: ids.count, context: baseSession.contextLength)
                 }
             } else {
                 var random = SplitMix64(seed: 20_250_701)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Engine
+import Format
 
 #if canImport(Glibc)
 import Glibc
@@ -17,18 +18,7 @@ struct STRun: ParsableCommand {
 
 /// Runs `body`, turning library errors into one line on stderr and exit code 1.
 func reportingErrors(_ body: () throws -> Void) throws {
-    do {
-        try body()
-    } catch let error as FormatError {
-        writeStandardError("strun: error: \(error)\n")
-        throw ExitCode(1)
-    } catch let error as EngineError {
-        writeStandardError("strun: error: \(error)\n")
-        throw ExitCode(1)
-    } catch let error as TokenizerError {
-        writeStandardError("strun: error: \(error)\n")
-        throw ExitCode(1)
-    }
+    try Format.reportingErrors(tool: "strun", exit: { ExitCode($0) }, body)
 }
 
 struct Inspect: ParsableCommand {

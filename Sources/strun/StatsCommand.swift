@@ -48,7 +48,7 @@ struct InputTokens: ParsableArguments {
 
 /// Text through the package's tokenizer (or `tokenizer`, a tokenizer.json path).
 func encodeText(_ text: String, for model: Model, tokenizer: String?, option: String) throws -> [Int] {
-    let ids = try loadTokenizer(package: model, override: tokenizer).encode(text)
+    let ids = try loadTokenizer(package: model.package, override: tokenizer).encode(text)
     guard !ids.isEmpty else { throw ValidationError("\(option) encodes to no tokens") }
     return ids
 }

@@ -4,7 +4,7 @@ import Testing
 
 /// Running under a memory budget streams expert bundles through a small cache; the arithmetic is
 /// the same, so the logits must be identical bit for bit to a session on the whole mapping that
-/// also reads the experts as stored (`interleaveExperts: false`, which is what `strun` loads when
+/// also reads the experts as stored (`arrangeExperts: false`, which is what `strun` loads when
 /// given a budget).
 @Suite struct ExpertStreamingTests {
     /// A budget whose expert cache holds exactly `slots` bundles.
@@ -21,7 +21,7 @@ import Testing
         let (name, type) = `case`
         let reference = try Reference.load(name)
         let tokens = reference.sequences["long"]!.inputIDs
-        let model = try Model(path: try Packages.path(name, type), interleaveExperts: false)
+        let model = try Model(path: try Packages.path(name, type), arrangeExperts: false)
         let context = 128
         let free = try Session(model: model, contextLength: context, threads: 2, kernels: tier)
         var expected: [Float] = []
@@ -70,7 +70,7 @@ import Testing
     /// Eviction counts uses, not only recency: an expert used often survives a run of experts
     /// used once that would push it out of an LRU cache (LRU would evict it for the last of them).
     @Test func aFrequentlyUsedBundleOutlivesAScanOfNewOnes() throws {
-        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), interleaveExperts: false)
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), arrangeExperts: false)
         let slot = model.package.manifest.bundles.map(\.length).max()!
         let slots = model.config.activeExperts
         let cache = try ExpertCache(package: model.package, capacityBytes: slots * slot)
@@ -93,7 +93,7 @@ import Testing
     /// `.auto` cross-layer prefetch stops speculating when its guesses are not used, and `.on`
     /// does not; a guess that was right counts as a hit and as used.
     @Test func autoCrossLayerPrefetchPausesWhenItsGuessesAreWrong() throws {
-        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), interleaveExperts: false)
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), arrangeExperts: false)
         let slot = model.package.manifest.bundles.map(\.length).max()!
         for mode in [ExpertCache.CrossLayerMode.auto, .on] {
             let cache = try ExpertCache(package: model.package, capacityBytes: 8 * slot)
@@ -126,7 +126,7 @@ import Testing
     /// cache and the pages are dropped after each read: the slots hold the same bytes (checked
     /// against each bundle's CRC), and an eight-slot session gives the unbudgeted logits.
     @Test func bufferedFallbackReadsTheSameBytes() throws {
-        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), interleaveExperts: false)
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), arrangeExperts: false)
         let tokens = try Reference.load("tiny-21b-like").sequences["short"]!.inputIDs
         let expected = try Session(model: model, contextLength: 64, threads: 2).evaluate(tokens, allLogits: true)
         let slot = model.package.manifest.bundles.map(\.length).max()!

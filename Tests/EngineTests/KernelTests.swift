@@ -200,11 +200,11 @@ import Testing
             let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
             let blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
-            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { Q4_0Groups.interleave(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { RowMajorX8.arrange(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
             #expect(packed != matrix)
             for r in 0..<rows {
                 var back = [UInt8](repeating: 0, count: rowBytes)
-                packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { Q4_0Groups.row(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) } }
+                packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { RowMajorX8.plainRow(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) } }
                 #expect(back == Array(matrix[r * rowBytes..<(r + 1) * rowBytes]), "row \(r) does not come back")
             }
             let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)

@@ -85,17 +85,17 @@ import Testing
         let tokens = try Self.tokens(model)
         let plainPath = try Packages.path(model, .q4_0, plainRows: true)
         let stored = try Model(path: try Packages.path(model, .q4_0))
-        let regrouped = try Model(path: plainPath), inPlace = try Model(path: plainPath, interleave: false)
+        let regrouped = try Model(path: plainPath), inPlace = try Model(path: plainPath, copyHotMatrices: false)
         // stquant stores up rows with their blocks grouped in eights (row_major_b8) where the
         // hidden size is a multiple of 256 (the trained fixture); regrouping at load makes
         // eight-row groups of them.
-        let storedUp: WeightMatrix.Layout = stored.config.hiddenSize % 256 == 0 ? .q4_0b8 : .q4_0x8
-        for (m, up) in [(stored, storedUp), (regrouped, WeightMatrix.Layout.q4_0x8)] {
-            #expect(m.layers[0].query.layout == .q4_0x8 && m.output.layout == .q4_0x8)
-            #expect(m.layers[0].experts[0].gate.layout == .q4_0x8 && m.layers[0].experts[0].up.layout == up)
-            #expect(m.layers[0].experts[0].down.layout == .rows)
+        let storedUp: TensorLayout = stored.config.hiddenSize % 256 == 0 ? .rowMajorB8 : .rowMajorX8
+        for (m, up) in [(stored, storedUp), (regrouped, TensorLayout.rowMajorX8)] {
+            #expect(m.layers[0].query.layout == .rowMajorX8 && m.output.layout == .rowMajorX8)
+            #expect(m.layers[0].experts[0].gate.layout == .rowMajorX8 && m.layers[0].experts[0].up.layout == up)
+            #expect(m.layers[0].experts[0].down.layout == .rowMajor)
         }
-        #expect(inPlace.layers[0].query.layout == .rows && inPlace.layers[0].experts[0].gate.layout == .rows)
+        #expect(inPlace.layers[0].query.layout == .rowMajor && inPlace.layers[0].experts[0].gate.layout == .rowMajor)
         let hidden = stored.config.hiddenSize
         for token in [0, 1, 7, 8, 9, stored.config.vocabSize - 1] {
             var a = [Float](repeating: 0, count: hidden), b = a
@@ -124,7 +124,7 @@ import Testing
         for batched in [true, false] {
             let a = try TeacherForcing.run(stored, kernels: tier, tokens: tokens, batched: batched)
             let b = try TeacherForcing.run(regrouped, kernels: tier, tokens: tokens, batched: batched)
-            if storedUp == .q4_0x8 {
+            if storedUp == .rowMajorX8 {
                 #expect(a.logits == b.logits && a.states == b.states, "stored groups and groups made at load must agree bit for bit")
             } else {
                 Self.expect(try TeacherForcing.layerByLayer(base: regrouped, other: stored, tokens: tokens, kernels: tier, batched: batched),
@@ -147,16 +147,16 @@ import Testing
         let scratch = Scratch()
         let float = try PackageReader(path: try Packages.path(model, .f32))
         var paths: [String] = []
-        for interleave in [true, false] {
-            let policy = QuantizationPolicy(type: .q4_0, overrides: [("*.\(overridden)", .q8_0)], interleave: interleave)
-            let path = scratch.file("\(interleave ? "grouped" : "plain").stpk")
+        for grouped in [true, false] {
+            let policy = QuantizationPolicy(type: .q4_0, overrides: [("*.\(overridden)", .q8_0)], groupedLayouts: grouped)
+            let path = scratch.file("\(grouped ? "grouped" : "plain").stpk")
             try Quantizer.write(try Quantizer.plan(source: float, policy: policy), to: path, overwrite: true, threads: 2)
             paths.append(path)
         }
-        let grouped = try Model(path: paths[0]), plain = try Model(path: paths[1], interleave: false)
+        let grouped = try Model(path: paths[0]), plain = try Model(path: paths[1], copyHotMatrices: false)
         let expert = grouped.layers[1].experts[2]
         let layouts = [expert.gate.layout, expert.up.layout, expert.down.layout]
-        let expected: [WeightMatrix.Layout] = ["gate", "up", "down"].map { $0 == overridden || $0 == "down" ? .rows : .q4_0x8 }
+        let expected: [TensorLayout] = ["gate", "up", "down"].map { $0 == overridden || $0 == "down" ? .rowMajor : .rowMajorX8 }
         #expect(layouts == expected, "\(layouts)")
         for batched in [true, false] {
             Self.expect(try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),

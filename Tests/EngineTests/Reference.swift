@@ -126,7 +126,7 @@ enum Packages {
             lock.unlock()
             let float = try path(model, .f32)
             lock.lock()
-            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, interleave: !plainRows))
+            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, groupedLayouts: !plainRows))
             try Quantizer.write(plan, to: output, overwrite: true, threads: 2)
         } else {
             let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.directory(model)), dtype: dtype)

@@ -61,9 +61,9 @@ enum WideModel {
             try Converter.write(try Converter.plan(checkpoint: try Checkpoint(directory: try checkpoint(in: scratch.path)), dtype: .f32), to: f32, overwrite: true)
         }
         var out: [String] = []
-        for interleave in [true, false] {
-            let path = scratch.file("wide-q4_0\(overrides.isEmpty ? "" : "-override")\(interleave ? "" : "-plain").stpk")
-            let policy = QuantizationPolicy(type: .q4_0, overrides: overrides, interleave: interleave)
+        for grouped in [true, false] {
+            let path = scratch.file("wide-q4_0\(overrides.isEmpty ? "" : "-override")\(grouped ? "" : "-plain").stpk")
+            let policy = QuantizationPolicy(type: .q4_0, overrides: overrides, groupedLayouts: grouped)
             try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: f32), policy: policy), to: path, overwrite: true, threads: 2)
             out.append(path)
         }
@@ -86,15 +86,15 @@ enum WideModel {
     func blockGroupedUpRowsGiveThePlainRowResults(tier: DotKernels.InstructionSet) throws {
         let scratch = Scratch()
         let paths = try WideModel.packages(in: scratch)
-        let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, interleave: false)
+        let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, copyHotMatrices: false)
         let expert = grouped.layers[1].experts[3]
-        #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == [.q4_0x8, .q4_0b8, .rows])
+        #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == [.rowMajorX8, .rowMajorB8, .rowMajor])
         let stored = try PackageReader(path: paths.q4_0), plainPackage = try PackageReader(path: paths.plain)
         #expect(stored.header.majorVersion == 3)
         // stquant on a Q4_0 package rearranges the same blocks both ways, byte for byte.
-        for (source, interleave, target) in [(paths.q4_0, false, plainPackage), (paths.plain, true, stored)] {
-            let path = scratch.file("again-\(interleave).stpk")
-            try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: source), policy: QuantizationPolicy(type: .q4_0, interleave: interleave)),
+        for (source, grouped, target) in [(paths.q4_0, false, plainPackage), (paths.plain, true, stored)] {
+            let path = scratch.file("again-\(grouped).stpk")
+            try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: source), policy: QuantizationPolicy(type: .q4_0, groupedLayouts: grouped)),
                                 to: path, overwrite: true, threads: 2)
             let again = try PackageReader(path: path)
             for t in target.manifest.tensors {
@@ -130,7 +130,7 @@ enum WideModel {
             QuantizedModelTests.expect(try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
                                        within: QuantizedModelTests.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
         }
-        let streamed = try Model(path: paths.q4_0, interleaveExperts: false)
+        let streamed = try Model(path: paths.q4_0, arrangeExperts: false)
         let expected = try Session(model: streamed, contextLength: 64, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)
         let session = try Session(model: streamed, contextLength: 64, threads: 2,
                                   memoryBudget: ExpertStreamingTests.budget(streamed, slots: WideModel.active + 1, context: 64), kernels: tier)
@@ -145,9 +145,9 @@ enum WideModel {
     func blockGroupedUpRowsBesideAnotherType(overridden: String, tier: DotKernels.InstructionSet) throws {
         let scratch = Scratch()
         let paths = try WideModel.packages(in: scratch, overrides: [("*.\(overridden)", .q8_0)])
-        let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, interleave: false)
+        let grouped = try Model(path: paths.q4_0), plain = try Model(path: paths.plain, copyHotMatrices: false)
         let expert = grouped.layers[0].experts[5]
-        let layouts: [WeightMatrix.Layout] = overridden == "down" ? [.q4_0x8, .q4_0b8, .rows] : [.rows, .q4_0b8, .rows]
+        let layouts: [TensorLayout] = overridden == "down" ? [.rowMajorX8, .rowMajorB8, .rowMajor] : [.rowMajor, .rowMajorB8, .rowMajor]
         #expect([expert.gate.layout, expert.up.layout, expert.down.layout] == layouts)
         #expect((overridden == "down" ? expert.down.dtype : expert.gate.dtype) == .q8_0)
         let tokens = WideModel.tokens(24)

@@ -71,9 +71,9 @@ import Testing
         let scratch = ScratchDirectory()
         let float = try convertFixture("tiny-21b-like", in: scratch)
         let (grouped, _) = try quantize(float, QuantizationPolicy(type: .q4_0), in: scratch, name: "x8.stpk")
-        let (plain, _) = try quantize(float, QuantizationPolicy(type: .q4_0, interleave: false), in: scratch, name: "plain.stpk")
+        let (plain, _) = try quantize(float, QuantizationPolicy(type: .q4_0, groupedLayouts: false), in: scratch, name: "plain.stpk")
         let (regrouped, _) = try quantize(plain.path, QuantizationPolicy(type: .q4_0), in: scratch, name: "again.stpk")
-        let (ungrouped, _) = try quantize(grouped.path, QuantizationPolicy(type: .q4_0, interleave: false), in: scratch, name: "back.stpk")
+        let (ungrouped, _) = try quantize(grouped.path, QuantizationPolicy(type: .q4_0, groupedLayouts: false), in: scratch, name: "back.stpk")
         try regrouped.verify()
         try ungrouped.verify()
         #expect(plain.manifest.tensors.allSatisfy { $0.layout != .rowMajorX8 })
@@ -106,7 +106,7 @@ import Testing
         #expect(policy.layout(name: gate, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajorX8)
         #expect(policy.layout(name: "layers.3.attn_q", dtype: .q4_0, shape: [1536, 1536], orientation: .rowMajor) == .rowMajorX8)
         #expect(policy.layout(name: "layers.3.experts.5.down", dtype: .q4_0, shape: [768, 1536], orientation: .transposed) == .transposed)
-        #expect(QuantizationPolicy(type: .q4_0, interleave: false).layout(name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
+        #expect(QuantizationPolicy(type: .q4_0, groupedLayouts: false).layout(name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
     }
 
     /// Both grouped layouts hold a matrix's bytes in place of its rows and give them back.

@@ -6,37 +6,82 @@ public enum StopReason: String, Sendable {
     case contextFull = "context full"
 }
 
-/// Runs the sampling loop over a session and streams text: stops at the stop token ids, at a
-/// stop string (which is not printed), at the token limit or when the context is full.
-public struct TextGenerator {
+/// The token-level generation loop every front end shares (`TextGenerator` for text, `strun
+/// generate --ids` without a tokenizer): evaluates the prompt, then samples, stops at a stop
+/// token id, at the token limit or when the context is full, and evaluates each new token.
+public struct TokenGenerator {
     public let session: Session
-    public let tokenizer: Tokenizer
     public var sampler: Sampler
     public var stopTokens: Set<Int>
+    /// Ids at and past this are never sampled (embedding rows past the tokenizer's vocabulary,
+    /// padding in real checkpoints, have no text); nil: every id.
+    public var speakable: Int?
+
+    /// Stops at the model's end-of-sequence ids.
+    public init(session: Session, sampling: SamplingParameters) {
+        self.session = session
+        sampler = Sampler(sampling)
+        stopTokens = Set(session.model.config.eosTokenIDs)
+    }
+
+    /// Feeds `prompt` (ids not yet evaluated; `history` those before it, for the repetition
+    /// penalty), then generates up to `maximumTokens`. `next` sees each generated id that is not
+    /// a stop token and returns a reason to stop there, or nil to go on. Returns the generated
+    /// ids (the stop token included when one ended it) and why it stopped.
+    public mutating func run(prompt: [Int], history: [Int] = [], maximumTokens: Int,
+                             next: (Int) throws(EngineError) -> StopReason?) throws(EngineError) -> (ids: [Int], reason: StopReason) {
+        guard session.position + prompt.count < session.contextLength else { throw .contextFull(limit: session.contextLength) }
+        var logits = try session.evaluate(prompt)
+        var generated: [Int] = []
+        var seen = history + prompt
+        while generated.count < maximumTokens {
+            if let speakable { for i in min(speakable, logits.count)..<logits.count { logits[i] = -.infinity } }
+            let token = sampler.sample(logits[...], history: seen)
+            generated.append(token)
+            seen.append(token)
+            if stopTokens.contains(token) { return (generated, .endOfSequence) }
+            if let reason = try next(token) { return (generated, reason) }
+            if generated.count == maximumTokens { break }
+            if session.position >= session.contextLength { return (generated, .contextFull) }
+            logits = try session.evaluate([token])
+        }
+        return (generated, .maximumTokens)
+    }
+}
+
+/// Generation as text: the token loop, with the tokens decoded as they come and text streamed
+/// once it is final; also stops at `<|im_end|>` / `<|endoftext|>` and at a stop string (which is
+/// not printed).
+public struct TextGenerator {
+    public let tokenizer: Tokenizer
+    public var tokens: TokenGenerator
     public var stopStrings: [String]
 
+    public var session: Session { tokens.session }
+    public var sampler: Sampler {
+        get { tokens.sampler }
+        set { tokens.sampler = newValue }
+    }
+    public var stopTokens: Set<Int> {
+        get { tokens.stopTokens }
+        set { tokens.stopTokens = newValue }
+    }
+
     public init(session: Session, tokenizer: Tokenizer, sampling: SamplingParameters, stopStrings: [String] = []) {
-        self.session = session
         self.tokenizer = tokenizer
-        sampler = Sampler(sampling)
-        var stops = Set(session.model.config.eosTokenIDs)
+        tokens = TokenGenerator(session: session, sampling: sampling)
         for name in [ChatTemplate.turnEnd, ChatTemplate.endOfText] {
-            if let id = tokenizer.id(of: name) { stops.insert(id) }
+            if let id = tokenizer.id(of: name) { tokens.stopTokens.insert(id) }
         }
-        stopTokens = stops
+        tokens.speakable = tokenizer.vocabularySize
         self.stopStrings = stopStrings.filter { !$0.isEmpty }
     }
 
     /// Feeds `prompt` (ids not yet evaluated), then generates up to `maximumTokens`, calling
-    /// `emit` with text as it becomes final. Returns the generated ids (the stop token included
-    /// when one ended it) and why it stopped.
+    /// `emit` with text as it becomes final. Returns the generated ids and why it stopped.
     public mutating func run(prompt: [Int], history: [Int] = [], maximumTokens: Int,
                              emit: (String) -> Void) throws(EngineError) -> (ids: [Int], reason: StopReason) {
-        guard session.position + prompt.count < session.contextLength else { throw .contextFull(limit: session.contextLength) }
-        var logits = try session.evaluate(prompt)
         var decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
-        var generated: [Int] = []
-        var seen = history + prompt
         var text = ""       // decoded, not yet emitted (may be the start of a stop string)
         let holdBack = (stopStrings.map(\.count).max() ?? 1) - 1
         func release(final: Bool) {
@@ -47,40 +92,22 @@ public struct TextGenerator {
                 text.removeSubrange(..<cut)
             }
         }
-        // Embedding rows past the tokenizer's vocabulary (padding in real checkpoints) have no
-        // text: never sample them.
-        let speakable = min(tokenizer.vocabularySize, logits.count)
-        while generated.count < maximumTokens {
-            for i in speakable..<logits.count { logits[i] = -.infinity }
-            let next = sampler.sample(logits[...], history: seen)
-            generated.append(next)
-            seen.append(next)
-            if stopTokens.contains(next) {
-                text += decoder.flush()
-                release(final: true)
-                return (generated, .endOfSequence)
-            }
+        let stopStrings = self.stopStrings
+        let result = try tokens.run(prompt: prompt, history: history, maximumTokens: maximumTokens) { (token) throws(EngineError) -> StopReason? in
             do {
-                text += try decoder.add(next)
+                text += try decoder.add(token)
             } catch {
-                throw .invalidRequest("the model produced token \(next), which the tokenizer does not have: \(error)")
+                throw .undecodableToken(id: token, detail: "\(error)")
             }
             if let stop = stopStrings.compactMap({ s in text.firstRange(of: s).map { (s, $0) } }).min(by: { $0.1.lowerBound < $1.1.lowerBound }) {
                 text = String(text[..<stop.1.lowerBound])
-                release(final: true)
-                return (generated, .stopString)
+                return .stopString
             }
             release(final: false)
-            if generated.count == maximumTokens { break }
-            if session.position >= session.contextLength {
-                text += decoder.flush()
-                release(final: true)
-                return (generated, .contextFull)
-            }
-            logits = try session.evaluate([next])
+            return nil
         }
-        text += decoder.flush()
+        if result.reason != .stopString { text += decoder.flush() }
         release(final: true)
-        return (generated, .maximumTokens)
+        return result
     }
 }

@@ -118,7 +118,7 @@ public final class ExpertCache: @unchecked Sendable {
         slotBytes = bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
         slotCount = capacityBytes / slotBytes
         guard slotCount >= c.activeExperts else {
-            throw .invalidRequest("the memory budget leaves room for \(slotCount) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs \(c.activeExperts) (raise --memory-budget)")
+            throw .budgetBelowOneLayer(slots: slotCount, slotBytes: slotBytes, needed: c.activeExperts)
         }
         var fd = allowDirectIO ? open(package.path, O_RDONLY | O_CLOEXEC | ExpertCache.directFlag) : -1
         var direct = true
@@ -132,7 +132,7 @@ public final class ExpertCache: @unchecked Sendable {
         var raw: UnsafeMutableRawPointer?
         guard posix_memalign(&raw, PackageFormat.bundleAlignment, slotCount * slotBytes) == 0, let raw else {
             close(fd)
-            throw .invalidRequest("cannot allocate \(PackageSummary.bytes(slotCount * slotBytes)) for the expert cache")
+            throw .outOfMemory(bytes: slotCount * slotBytes, purpose: "the expert cache")
         }
         #if os(Linux)
         _ = madvise(raw, slotCount * slotBytes, MADV_HUGEPAGE)  // fewer TLB misses in the expert kernels
@@ -354,7 +354,7 @@ public final class ExpertCache: @unchecked Sendable {
             if !slotPinned[s] && slotReady[s] && (victim < 0 || age(s) < age(victim)) { victim = s }
         }
         guard victim >= 0 else {
-            throw .invalidRequest("every expert cache slot is in use by the current layer; raise --memory-budget")
+            throw .cacheExhausted
         }
         if slotBundle[victim] >= 0 {
             bundleSlot[slotBundle[victim]] = -1

@@ -18,14 +18,9 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
         kvCacheBytes = model.layers.reduce(0) { total, layer in
             total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)
         }
-        let b = Session.maximumBatch
-        // Floats, their Q8_0 values and, for rows of a multiple of 256, the reordered copy the
-        // row_major_b8 kernels read.
-        let activations = 6 * b * (3 * c.hiddenSize + c.queryWidth + c.activeExperts * c.hiddenSize)
-        let floats = b * (c.queryWidth + 2 * c.kvWidth + 2 * c.hiddenSize + c.expertCount + c.headDim)
-            + threads * (b * c.hiddenSize + 3 * max(c.expertFFNSize, b) + 6 * c.expertFFNSize)
-        let logits = 3 * c.vocabSize  // the last position's logits, and the sampler's copies
-        bufferBytes = activations + 4 * floats + 4 * logits
+        // The session's list of buffers, its other objects' buffers, and logits (the last
+        // position's, and the sampler's copies).
+        bufferBytes = SessionBuffer.layout(c, threads: threads).bytes + SessionBuffer.objectBytes(c) + 4 * 3 * c.vocabSize
     }
 
     public var description: String {
@@ -33,9 +28,21 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
     }
 }
 
-/// Parses a byte count with an optional unit: `1073741824`, `800MB`, `1.5GiB`, `512 MiB`, `2G`.
+/// A byte count with an optional unit: `1073741824`, `800MB`, `1.5GiB`, `512 MiB`, `2G`.
 /// KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB (and bare K/M/G/T) powers of 1024.
-public enum ByteCount {
+public struct ByteCount: Sendable, Equatable, CustomStringConvertible {
+    public let bytes: Int
+    public let text: String
+
+    /// nil for text that is not a positive size.
+    public init?(_ text: String) {
+        guard let bytes = ByteCount.parse(text) else { return nil }
+        self.bytes = bytes
+        self.text = text
+    }
+
+    public var description: String { text }
+
     public static func parse(_ text: String) -> Int? {
         let trimmed = text.filter { $0 != " " && $0 != "_" }
         let digits = trimmed.prefix { $0.isNumber || $0 == "." }

@@ -2,7 +2,7 @@ import CKernels
 
 /// The row kernels the runtime uses: C implementations for the portable, AVX2 and AVX-512 VNNI
 /// instruction sets, the best one for this CPU selected once (tests reach each set's kernels
-/// through `st_kernels_for`). `ReferenceKernels` is their plain definition.
+/// through `st_kernels_for`). The tests' `ReferenceKernels` is their plain definition.
 public enum DotKernels {
     public enum InstructionSet: Int32, CaseIterable, Sendable {
         case portable = 0, avx2 = 1, avx512 = 2
@@ -75,43 +75,5 @@ public enum DotKernels {
     public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>,
                                            sums: UnsafeMutablePointer<Int32>, _ n: Int) {
         st_quantize_q8_0(x, scales, values, sums, Int32(n))
-    }
-}
-
-/// Plain scalar versions of every kernel: the definition the fast kernels are tested against.
-public enum ReferenceKernels {
-    public static func dot(_ row: UnsafeRawPointer, dtype: TensorDType, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var w = [Float](repeating: 0, count: n)
-        w.withUnsafeMutableBufferPointer { TensorCodec.decode(row, dtype: dtype, count: n, into: $0.baseAddress!) }
-        var sum: Float = 0
-        for i in 0..<n { sum += w[i] * x[i] }
-        return sum
-    }
-
-    public static func dotQuantized(_ row: UnsafeRawPointer, dtype: TensorDType, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
-        var sum: Float = 0
-        for b in 0..<blocks {
-            let block = row + b * dtype.blockBytes
-            let d = Float(Float16(bitPattern: block.loadUnaligned(as: UInt16.self)))
-            var integer: Int32 = 0
-            for j in 0..<32 {
-                let q: Int32
-                if dtype == .q4_0 {
-                    let byte = block.load(fromByteOffset: 2 + j % 16, as: UInt8.self)
-                    q = Int32(j < 16 ? byte & 0x0F : byte >> 4) - 8
-                } else {
-                    q = Int32(block.load(fromByteOffset: 2 + j, as: Int8.self))
-                }
-                integer += q * Int32(values[b * 32 + j])
-            }
-            sum += d * scales[b] * Float(integer)
-        }
-        return sum
-    }
-
-    public static func addScaledRow(_ row: UnsafeRawPointer, dtype: TensorDType, scale a: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
-        var w = [Float](repeating: 0, count: n)
-        w.withUnsafeMutableBufferPointer { TensorCodec.decode(row, dtype: dtype, count: n, into: $0.baseAddress!) }
-        for i in 0..<n { y[i] += a * w[i] }
     }
 }

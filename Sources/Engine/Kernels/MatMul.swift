@@ -13,6 +13,15 @@ public final class ActivationBatch: @unchecked Sendable {
     let quantized: QuantizedActivations?
     private var quantizedCount = 0
 
+    /// What a batch of `capacity` rows of `columns` floats allocates: the floats, and for widths
+    /// that are a multiple of 32 the Q8_0 form (`QuantizedActivations.bytes`).
+    static func bytes(columns: Int, capacity: Int) -> Int {
+        4 * columns * capacity + (columns % 32 == 0 ? QuantizedActivations.bytes(columns: columns, capacity: capacity) : 0)
+    }
+
+    /// What this batch allocated.
+    var allocatedBytes: Int { 4 * columns * capacity + (quantized?.allocatedBytes ?? 0) }
+
     public init(columns: Int, capacity: Int) {
         self.columns = columns
         self.capacity = capacity
@@ -119,14 +128,14 @@ public enum MatMul {
             let (products, x, q) = shared.value
             for p in products {
                 let w = p.weights, y = p.output, outputStride = p.stride
-                if w.layout == .q4_0x8, let q {
+                if w.layout == .rowMajorX8, let q {
                     let groups = w.rows / 8
                     st_matmul_q4_0_x8(w.base, Int32(w.columns / 32), Int32(groups * slice / slices), Int32(groups * (slice + 1) / slices),
                                       q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
                     continue
                 }
                 let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
-                if w.layout == .q4_0b8, let q {
+                if w.layout == .rowMajorB8, let q {
                     st_matmul_q4_0_b8(w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
                                       Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
                     continue

@@ -7,39 +7,24 @@ import Darwin
 #endif
 
 /// A 2-D weight matrix: `rows` rows of `columns` values, each row `rowBytes` bytes of `dtype`
-/// (whole blocks for quantised types). Usually a view in place in the memory-mapped package;
-/// dense Q4_0 matrices are regrouped at load for the eight-row kernels (`Layout.q4_0x8`).
+/// (whole blocks for quantised types), in a layout of the package format (`TensorLayout`; a
+/// stored transpose is plain rows of the stored shape, so it reads as `.rowMajor`). Usually a
+/// view in place in the memory-mapped package; Q4_0 matrices stored in plain rows are arranged
+/// in `.rowMajorX8` at load for the eight-row kernels.
 public struct WeightMatrix: @unchecked Sendable {
-    public enum Layout: Sendable, Equatable {
-        /// Row after row, as in the package.
-        case rows
-        /// Q4_0 rows in groups of eight, block columns interleaved (`Q4_0Groups`).
-        case q4_0x8
-        /// Q4_0 rows one by one, each row's blocks in groups of eight (`Q4_0BlockGroups`): read
-        /// with activations in `QuantizedActivations.interleaved`.
-        case q4_0b8
-
-        /// The layout a package tensor stored as `layout` is read in.
-        init(_ layout: TensorLayout) {
-            switch layout {
-            case .rowMajorX8: self = .q4_0x8
-            case .rowMajorB8: self = .q4_0b8
-            case .rowMajor, .transposed: self = .rows
-            }
-        }
-    }
-
     public let name: String
     public let base: UnsafeRawPointer
     public let dtype: TensorDType
     public let rows: Int
     public let columns: Int
     public let rowBytes: Int
-    public let layout: Layout
+    /// `.rowMajor`, `.rowMajorX8` or `.rowMajorB8`.
+    public let layout: TensorLayout
 
-    public init(name: String, base: UnsafeRawPointer, dtype: TensorDType, rows: Int, columns: Int, layout: Layout = .rows) {
+    public init(name: String, base: UnsafeRawPointer, dtype: TensorDType, rows: Int, columns: Int, layout: TensorLayout = .rowMajor) {
+        let layout = layout == .transposed ? .rowMajor : layout
         precondition(columns % dtype.blockSize == 0)
-        precondition(layout == .rows || (dtype == .q4_0 && (layout == .q4_0x8 ? rows % 8 == 0 : columns % 256 == 0)))
+        precondition(layout.fits(dtype: dtype, rows: rows, rowBytes: columns / dtype.blockSize * dtype.blockBytes))
         self.name = name
         self.base = base
         self.dtype = dtype
@@ -49,24 +34,25 @@ public struct WeightMatrix: @unchecked Sendable {
         rowBytes = columns / dtype.blockSize * dtype.blockBytes
     }
 
-    /// Whether this matrix can be regrouped for the eight-row kernels.
-    public var canInterleave: Bool { layout == .rows && dtype == .q4_0 && rows % 8 == 0 && rows > 0 }
+    /// Whether this matrix is in plain rows that can be arranged in `.rowMajorX8` for the
+    /// eight-row kernels.
+    public var canArrangeInRowGroups: Bool { layout == .rowMajor && TensorLayout.rowMajorX8.fits(dtype: dtype, rows: rows, rowBytes: rowBytes) && rows > 0 }
 
-    /// Row `index` of a matrix in the `.rows` or `.q4_0b8` layout.
+    /// Row `index` of a matrix in the `.rowMajor` or `.rowMajorB8` layout.
     @inline(__always)
     public func row(_ index: Int) -> UnsafeRawPointer { base + index * rowBytes }
 
     /// Row `index` as float32 (for embeddings lookups and tests).
     public func decodeRow(_ index: Int, into out: UnsafeMutablePointer<Float>) {
         switch layout {
-        case .rows:
+        case .rowMajor, .transposed:
             TensorCodec.decode(row(index), dtype: dtype, count: columns, into: out)
-        case .q4_0x8, .q4_0b8:
+        case .rowMajorX8, .rowMajorB8:
             withUnsafeTemporaryAllocation(byteCount: rowBytes, alignment: 16) { row in
-                if layout == .q4_0x8 {
-                    Q4_0Groups.row(index, of: base, rowBytes: rowBytes, into: row.baseAddress!)
+                if layout == .rowMajorX8 {
+                    RowMajorX8.plainRow(index, of: base, rowBytes: rowBytes, into: row.baseAddress!)
                 } else {
-                    Q4_0BlockGroups.deinterleave(self.row(index), into: row.baseAddress!, rowBytes: rowBytes, rowCount: 1)
+                    RowMajorB8.plainRows(self.row(index), into: row.baseAddress!, rowBytes: rowBytes, rowCount: 1)
                 }
                 TensorCodec.decode(UnsafeRawPointer(row.baseAddress!), dtype: dtype, count: columns, into: out)
             }
@@ -74,11 +60,11 @@ public struct WeightMatrix: @unchecked Sendable {
     }
 
     /// Row `index` · activation vector `t` (float `x`, and its Q8_0 form `q` for quantised
-    /// weights), for a matrix in the `.rows` or `.q4_0b8` layout.
+    /// weights), for a matrix in the `.rowMajor` or `.rowMajorB8` layout.
     @inline(__always)
     func dot(row index: Int, _ x: UnsafePointer<Float>, _ q: QuantizedActivations?, token t: Int) -> Float {
         let blocks = columns / 32
-        if layout == .q4_0b8, let q {
+        if layout == .rowMajorB8, let q {
             var v: Float = 0
             st_matmul_q4_0_b8(row(index), Int32(rowBytes), 0, 1, q.scales + t * blocks, q.interleaved! + t * columns,
                               q.sums + t * blocks, Int32(blocks), 1, &v, 1)
@@ -120,6 +106,15 @@ public struct QuantizedActivations {
     /// The values reordered for `row_major_b8` rows (`st_interleave_q8_0_b8`); nil unless
     /// `columns` is a multiple of 256.
     public let interleaved: UnsafeMutablePointer<Int8>?
+
+    /// What `init(columns:capacity:)` allocates: per block of 32 a scale and a sum, the values,
+    /// and the interleaved copy when `columns` is a multiple of 256.
+    static func bytes(columns: Int, capacity: Int) -> Int {
+        capacity * (columns / 32 * 8 + columns + (columns % 256 == 0 ? columns : 0))
+    }
+
+    /// What this instance allocated.
+    var allocatedBytes: Int { capacity * (columns / 32 * 8 + columns + (interleaved == nil ? 0 : columns)) }
 
     public init(columns: Int, capacity: Int) {
         precondition(columns % 32 == 0)

@@ -1,13 +1,30 @@
 import Format
 
 /// Errors of the runtime. Each message says what to do about it.
-public enum EngineError: Error, Equatable, CustomStringConvertible {
+public enum EngineError: ReportableError, Equatable {
     /// The session's context is full.
     case contextFull(limit: Int)
     /// A token id outside the vocabulary.
     case invalidToken(id: Int, vocabularySize: Int)
-    /// A request the model cannot serve (bad context size, empty input, ...).
-    case invalidRequest(String)
+    /// Nothing to evaluate.
+    case emptyInput
+    /// A context length the model cannot take.
+    case contextLength(requested: Int, maximum: Int)
+    /// An input longer than the session's context.
+    case inputTooLong(tokens: Int, context: Int)
+    /// A memory budget that cannot hold what a session needs before any expert (`needed` bytes,
+    /// `parts` says of what).
+    case budgetBelowDensePart(budget: Int, needed: Int, parts: String)
+    /// A memory budget whose expert cache has fewer slots than one layer's chosen experts.
+    case budgetBelowOneLayer(slots: Int, slotBytes: Int, needed: Int)
+    /// Every expert cache slot is held by the layer being computed.
+    case cacheExhausted
+    /// An allocation the operating system refused.
+    case outOfMemory(bytes: Int, purpose: String)
+    /// The model produced a token the tokenizer cannot decode.
+    case undecodableToken(id: Int, detail: String)
+    /// Two packages that should share a vocabulary do not.
+    case vocabularyMismatch(Int, Int)
     /// Reading weights from the package failed.
     case io(path: String, detail: String)
     /// The kernel tier asked for is unknown or beyond this CPU.
@@ -19,24 +36,30 @@ public enum EngineError: Error, Equatable, CustomStringConvertible {
             return "the context is full (\(limit) tokens); start over, or raise --context (up to the model's max_position_embeddings)"
         case .invalidToken(let id, let size):
             return "token id \(id) is outside the vocabulary (0..<\(size))"
-        case .invalidRequest(let detail):
-            return detail
+        case .emptyInput:
+            return "no tokens to evaluate"
+        case .contextLength(let requested, let maximum):
+            return "context length \(requested) is outside 1...\(maximum) (the model's max_position_embeddings)"
+        case .inputTooLong(let tokens, let context):
+            return "\(tokens) tokens do not fit the context of \(context); give a shorter text or a larger --context"
+        case .budgetBelowDensePart(let budget, let needed, let parts):
+            return "a memory budget of \(PackageSummary.bytes(budget)) cannot hold the dense part: \(parts) need \(PackageSummary.bytes(needed)) before any expert"
+        case .budgetBelowOneLayer(let slots, let slotBytes, let needed):
+            return "the memory budget leaves room for \(slots) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs \(needed) (raise --memory-budget)"
+        case .cacheExhausted:
+            return "every expert cache slot is in use by the current layer; raise --memory-budget"
+        case .outOfMemory(let bytes, let purpose):
+            return "cannot allocate \(PackageSummary.bytes(bytes)) for \(purpose)"
+        case .undecodableToken(let id, let detail):
+            return "the model produced token \(id), which the tokenizer does not have: \(detail)"
+        case .vocabularyMismatch(let a, let b):
+            return "the packages have different vocabularies (\(a) and \(b)); compare packages of the same model"
         case .io(let path, let detail):
             return "\(path): \(detail)"
         case .kernelTier(let detail):
             return detail
         }
     }
-}
-
-/// One expert's matrices, all neuron-major [ffn, hidden]: row j of each belongs to neuron j.
-struct ExpertWeights: @unchecked Sendable {
-    let gate: WeightMatrix
-    let up: WeightMatrix
-    let down: WeightMatrix
-
-    /// Gate in groups of eight rows and up grouped too (rows or blocks): the grouped expert kernels.
-    var groupedGateUp: Bool { gate.layout == .q4_0x8 && (up.layout == .q4_0x8 || up.layout == .q4_0b8) }
 }
 
 struct LayerWeights: @unchecked Sendable {
@@ -55,10 +78,12 @@ struct LayerWeights: @unchecked Sendable {
 
 /// A SmallThinker model executing from a memory-mapped .stpk package: weight matrices are views
 /// into the mapping, norms aside. Q4_0 matrices that `stquant` stored `row_major_x8` go straight
-/// to the eight-row kernels. A package with plain Q4_0 rows (format 1, or `stquant --plain-rows`)
-/// has its attention and output head regrouped at load (their mapped pages are then released, so
-/// this costs load time, not memory) and, when `interleaveExperts`, the experts' gate and up too
-/// (about 1.4 GB of anonymous memory on the 4B, so not when streaming experts).
+/// to the eight-row kernels. With `copyHotMatrices` (the default) the matrices read whole for
+/// every token (attention, routers, output head) are copied to huge pages, plain Q4_0 rows
+/// (format 1, or `stquant --plain-rows`) arranged in `row_major_x8` on the way (their mapped
+/// pages are then released, so this costs load time, not memory); with `arrangeExperts` too, the
+/// plain-row experts' gate and up (about 1.4 GB of anonymous memory on the 4B, so not when
+/// streaming experts).
 public final class Model: @unchecked Sendable {
     public let package: PackageReader
     public let config: ModelConfig
@@ -67,29 +92,29 @@ public final class Model: @unchecked Sendable {
     let outputNorm: [Float]          // (hidden)
     let output: WeightMatrix         // (vocab, hidden); the embedding when tied
     /// Every expert as views into the mapping (what the expert cache reads and moves into its
-    /// slots), whether or not `layers` holds regrouped copies of gate and up.
+    /// slots), whether or not `layers` holds arranged copies of gate and up.
     let mappedExperts: [[ExpertWeights]]
-    /// Owns the regrouped matrices.
+    /// Owns the copied matrices.
     private let storage: WeightStorage?
-    /// How many Q4_0 matrices were stored in plain rows and regrouped at load (0 for packages
-    /// that store `row_major_x8`, stquant's default): worth telling the user, since
+    /// How many Q4_0 matrices were stored in plain rows and arranged in row groups at load (0 for
+    /// packages that store `row_major_x8`, stquant's default): worth telling the user, since
     /// re-running stquant stores them grouped and makes loading a memory map again.
-    public let matricesRegroupedAtLoad: Int
+    public let matricesArrangedAtLoad: Int
 
-    public convenience init(path: String, interleave: Bool = true, interleaveExperts: Bool = true) throws(FormatError) {
-        try self.init(package: try PackageReader(path: path), interleave: interleave, interleaveExperts: interleaveExperts)
+    public convenience init(path: String, copyHotMatrices: Bool = true, arrangeExperts: Bool = true) throws(FormatError) {
+        try self.init(package: try PackageReader(path: path), copyHotMatrices: copyHotMatrices, arrangeExperts: arrangeExperts)
     }
 
-    /// `interleave: false` keeps every matrix in place in the mapping (for comparisons).
-    public init(package: PackageReader, interleave: Bool = true, interleaveExperts: Bool = true) throws(FormatError) {
+    /// `copyHotMatrices: false` keeps every matrix in place in the mapping (for comparisons).
+    public init(package: PackageReader, copyHotMatrices: Bool = true, arrangeExperts: Bool = true) throws(FormatError) {
         self.package = package
         let c = package.manifest.config
         config = c
-        func matrix(_ name: String) -> WeightMatrix {
+        func mapped(_ name: String) -> WeightMatrix {
             // The reader has checked presence, shape and range of every tensor the config needs.
             let t = package.tensor(name)!
             return WeightMatrix(name: name, base: package.bytes(of: t).baseAddress!, dtype: t.dtype, rows: t.shape[0], columns: t.shape[1],
-                                layout: WeightMatrix.Layout(t.layout))
+                                layout: t.layout)
         }
         func vector(_ name: String) -> [Float] {
             let t = package.tensor(name)!
@@ -97,71 +122,62 @@ public final class Model: @unchecked Sendable {
             out.withUnsafeMutableBufferPointer { TensorCodec.decode(package.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!) }
             return out
         }
-        var dense: [WeightMatrix] = []
-        let mappedEmbedding = matrix(TensorNames.embedding)
-        let mappedOutput = c.tieWordEmbeddings ? mappedEmbedding : matrix(TensorNames.output)
-        dense.append(mappedOutput)
-        for n in 0..<c.layerCount {
-            dense += [matrix(TensorNames.query(n)), matrix(TensorNames.key(n)), matrix(TensorNames.value(n)), matrix(TensorNames.attentionOutput(n))]
-        }
-        var experts: [[ExpertWeights]] = []
-        for n in 0..<c.layerCount {
-            experts.append((0..<c.expertCount).map { e in
-                ExpertWeights(gate: matrix(TensorNames.expertGate(n, e)), up: matrix(TensorNames.expertUp(n, e)),
-                              down: matrix(TensorNames.expertDown(n, e)))
-            })
+        let experts = (0..<c.layerCount).map { n in
+            (0..<c.expertCount).map { e in
+                ExpertWeights(gate: mapped(TensorNames.expertGate(n, e)), up: mapped(TensorNames.expertUp(n, e)), down: mapped(TensorNames.expertDown(n, e)))
+            }
         }
         mappedExperts = experts
-        let expertGroups = interleaveExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canInterleave && $0.up.canInterleave } }
-        if expertGroups { for layer in experts { for e in layer { dense += [e.gate, e.up] } } }
-        // The routers (f32, read whole every token) are copied as they are, so that nothing read
-        // every token stays in the mapping.
-        let routerStart = dense.count
-        dense += (0..<c.layerCount).map { matrix(TensorNames.router($0)) }
-        if interleave {
-            // The hot dense matrices are about to be copied to huge pages of their own; what stays
-            // in the mapping (norms, routers, an untied embedding) is read a little at a time, and
-            // with 2 MiB mappings each touch would bring back a released copy's neighbours.
+        // What is read whole for every token (and, when asked and possible, the experts' gate and
+        // up) is copied; the routers (f32) as they are, so that nothing read every token stays in
+        // the mapping.
+        var hot = [c.tieWordEmbeddings ? TensorNames.embedding : TensorNames.output]
+        for n in 0..<c.layerCount {
+            hot += [TensorNames.query(n), TensorNames.key(n), TensorNames.value(n), TensorNames.attentionOutput(n), TensorNames.router(n)]
+        }
+        let arrangeExperts = arrangeExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canArrangeInRowGroups && $0.up.canArrangeInRowGroups } }
+        if arrangeExperts { hot += experts.joined().flatMap { [$0.gate.name, $0.up.name] } }
+        if copyHotMatrices {
+            // The hot matrices are about to be copied to huge pages of their own; what stays in the
+            // mapping (norms, an untied embedding) is read a little at a time, and with 2 MiB
+            // mappings each touch would bring back a released copy's neighbours.
             let bytes = package.mapping.bytes
             let end = package.manifest.bundles.first?.offset ?? bytes.count
             package.mapping.adviseSmallPages(UnsafeRawBufferPointer(rebasing: bytes[package.header.dataOffset..<end]))
         }
-        let regrouped = interleave ? Model.interleave(dense, copyingAsIs: routerStart..<dense.count, mapping: package.mapping) : nil
-        storage = regrouped?.storage
-        matricesRegroupedAtLoad = regrouped == nil ? 0 : dense.filter(\.canInterleave).count
-        let replaced = regrouped?.matrices ?? dense
-        output = replaced[0]
-        embedding = c.tieWordEmbeddings ? output : mappedEmbedding
+        let routers = Set((0..<c.layerCount).map(TensorNames.router))
+        let copied = copyHotMatrices ? Model.copy(hot.map(mapped), keepingLayout: routers, mapping: package.mapping) : nil
+        storage = copied?.storage
+        matricesArrangedAtLoad = copied == nil ? 0 : hot.map(mapped).filter(\.canArrangeInRowGroups).count
+        func matrix(_ name: String) -> WeightMatrix { copied?.matrices[name] ?? mapped(name) }
+        output = matrix(c.tieWordEmbeddings ? TensorNames.embedding : TensorNames.output)
+        embedding = c.tieWordEmbeddings ? output : mapped(TensorNames.embedding)
         outputNorm = vector(TensorNames.outputNorm)
         layers = (0..<c.layerCount).map { n in
             LayerWeights(
                 attentionNorm: vector(TensorNames.attentionNorm(n)),
-                query: replaced[1 + 4 * n], key: replaced[2 + 4 * n],
-                value: replaced[3 + 4 * n], output: replaced[4 + 4 * n],
-                ffnNorm: vector(TensorNames.ffnNorm(n)), router: replaced[routerStart + n],
-                experts: (0..<c.expertCount).map { e in
-                    guard expertGroups, regrouped != nil else { return experts[n][e] }
-                    let at = 1 + 4 * c.layerCount + 2 * (n * c.expertCount + e)
-                    return ExpertWeights(gate: replaced[at], up: replaced[at + 1], down: experts[n][e].down)
-                },
+                query: matrix(TensorNames.query(n)), key: matrix(TensorNames.key(n)),
+                value: matrix(TensorNames.value(n)), output: matrix(TensorNames.attentionOutput(n)),
+                ffnNorm: vector(TensorNames.ffnNorm(n)), router: matrix(TensorNames.router(n)),
+                experts: experts[n].map { e in ExpertWeights(gate: matrix(e.gate.name), up: matrix(e.up.name), down: e.down) },
                 rope: c.ropeLayout[n],
                 window: c.slidingWindowLayout[n] ? c.slidingWindowSize : nil)
         }
     }
 
-    /// Copies the Q4_0 matrices (regrouping plain rows, copying `.q4_0x8` ones as they are) into
-    /// one anonymous allocation on transparent huge pages, in parallel and in chunks, releasing
-    /// their mapped pages as it goes; the matrices at indices `plain` are copied unchanged (the
-    /// f32 routers) and the others are returned as they are. nil when there is
-    /// nothing to copy or no memory for it. The dense matrices are copied even when stored
+    /// Copies the Q4_0 matrices (arranging plain rows in row groups, copying `.rowMajorX8` ones as
+    /// they are) and those named in `keepingLayout` (unchanged: the f32 routers) into one
+    /// anonymous allocation on transparent huge pages, in parallel and in chunks, releasing their
+    /// mapped pages as it goes; returns the copies by name. nil when there is nothing to copy or
+    /// no memory for it. The dense matrices are copied even when stored
     /// regrouped: read whole for every token, they stream measurably faster from huge pages
     /// (prompt processing ~10-15% on the 4B here) than from the page cache's 4 KiB pages.
-    private static func interleave(_ matrices: [WeightMatrix], copyingAsIs plain: Range<Int>, mapping: MappedFile)
-        -> (storage: WeightStorage, matrices: [WeightMatrix])? {
+    private static func copy(_ matrices: [WeightMatrix], keepingLayout asIs: Set<String>, mapping: MappedFile)
+        -> (storage: WeightStorage, matrices: [String: WeightMatrix])? {
         var offsets: [Int?] = []
         var total = 0
-        for (i, m) in matrices.enumerated() {
-            if m.canInterleave || m.layout == .q4_0x8 || plain.contains(i) {
+        for m in matrices {
+            if m.canArrangeInRowGroups || m.layout == .rowMajorX8 || asIs.contains(m.name) {
                 offsets.append(total)
                 total += (m.rows * m.rowBytes + 4095) / 4096 * 4096
             } else {
@@ -170,14 +186,14 @@ public final class Model: @unchecked Sendable {
         }
         guard total > 0, let storage = WeightStorage(bytes: total) else { return nil }
         // Chunks of at most 4096 rows, so the output head spreads over every core.
-        var jobs: [(source: UnsafeRawPointer, target: UnsafeMutableRawPointer, rowBytes: Int, rows: Int, regroup: Bool)] = []
-        for (i, (m, offset)) in zip(matrices, offsets).enumerated() {
+        var jobs: [(source: UnsafeRawPointer, target: UnsafeMutableRawPointer, rowBytes: Int, rows: Int, arrange: Bool)] = []
+        for (m, offset) in zip(matrices, offsets) {
             guard let offset else { continue }
             var first = 0
             while first < m.rows {
                 let rows = min(4096, m.rows - first)
                 jobs.append((m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows,
-                             m.layout == .rows && !plain.contains(i)))
+                             m.layout == .rowMajor && !asIs.contains(m.name)))
                 first += rows
             }
         }
@@ -188,19 +204,19 @@ public final class Model: @unchecked Sendable {
             let (jobs, mapping) = shared.value
             for j in stride(from: slice, to: jobs.count, by: WorkerPool.shared.workers + 1) {
                 let job = jobs[j]
-                if job.regroup {
-                    Q4_0Groups.interleave(job.source, into: job.target, rowBytes: job.rowBytes, rowCount: job.rows)
+                if job.arrange {
+                    RowMajorX8.arrange(job.source, into: job.target, rowBytes: job.rowBytes, rowCount: job.rows)
                 } else {
                     job.target.copyMemory(from: job.source, byteCount: job.rows * job.rowBytes)
                 }
                 mapping.release(UnsafeRawBufferPointer(start: job.source, count: job.rows * job.rowBytes))
             }
         }
-        var result: [WeightMatrix] = []
-        for (i, (m, offset)) in zip(matrices, offsets).enumerated() {
-            guard let offset else { result.append(m); continue }
-            result.append(WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns,
-                                       layout: plain.contains(i) ? m.layout : .q4_0x8))
+        var result: [String: WeightMatrix] = [:]
+        for (m, offset) in zip(matrices, offsets) {
+            guard let offset else { continue }
+            result[m.name] = WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns,
+                                          layout: asIs.contains(m.name) ? m.layout : .rowMajorX8)
         }
         return (storage, result)
     }

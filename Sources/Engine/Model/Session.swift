@@ -18,8 +18,9 @@ public struct RoutingDecision: Sendable {
 }
 
 /// One conversation's state: the KV cache, the position, and every working buffer, allocated
-/// once. `evaluate` runs a batch of tokens through the model (SMALLTHINKER.md §3) and returns
-/// logits; decoding is a batch of one.
+/// once. `evaluate` runs a batch of tokens through the model and returns logits; decoding is a
+/// batch of one. (The test target's ScalarForward.swift writes the same forward pass as plain
+/// loops.)
 public final class Session: @unchecked Sendable {
     public let model: Model
     /// Positions this session can hold; `evaluate` refuses to go past it.
@@ -45,6 +46,8 @@ public final class Session: @unchecked Sendable {
     public static let maximumBatch = 32
 
     let caches: [KVCache]
+    /// Owns the buffers below that are not activation batches (`SessionBuffer` lists them).
+    let arena: SessionArena
     let residual: ActivationBatch      // (batch, hidden): the residual stream, also the router input
     let normed: ActivationBatch        // (batch, hidden)
     let queries: UnsafeMutablePointer<Float>     // (batch, heads·head_dim)
@@ -63,7 +66,10 @@ public final class Session: @unchecked Sendable {
     let sliceSums: UnsafeMutablePointer<Float>
     let nextSlice = Atomic<Int>(0)
     static let decodeSlices = 4
-    let gateBuffers: UnsafeMutablePointer<Float> // (threads, ffn): per-worker gate, then gate·up
+    /// (threads, gateBufferStride): per worker, gate then gate·up (a batch: eight neurons' gate
+    /// and up values for each of up to `maximumBatch` tokens).
+    let gateBuffers: UnsafeMutablePointer<Float>
+    static func gateBufferStride(ffn: Int) -> Int { max(2 * ffn, 16 * maximumBatch) }
     let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
     /// (threads, batch, ffn): per worker and token, the down rows a batch's token adds and their
     /// scales (so each token's rows go through the many-row kernel at once).
@@ -99,7 +105,7 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         let context = contextLength ?? model.defaultContextLength
         guard context >= 1, context <= c.maxPositionEmbeddings else {
-            throw .invalidRequest("context length \(context) is outside 1...\(c.maxPositionEmbeddings) (the model's max_position_embeddings)")
+            throw .contextLength(requested: context, maximum: c.maxPositionEmbeddings)
         }
         self.model = model
         self.contextLength = context
@@ -108,33 +114,35 @@ public final class Session: @unchecked Sendable {
         caches = model.layers.map { KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), heads: c.kvHeads, headDim: c.headDim, window: $0.window) }
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
-        queries = .allocate(capacity: b * c.queryWidth)
-        keys = .allocate(capacity: b * c.kvWidth)
-        values = .allocate(capacity: b * c.kvWidth)
+        let arena = SessionArena(c, threads: max(1, threads))
+        self.arena = arena
+        queries = arena.pointer(.queries, as: Float.self)
+        keys = arena.pointer(.keys, as: Float.self)
+        values = arena.pointer(.values, as: Float.self)
         attention = ActivationBatch(columns: c.queryWidth, capacity: b)
-        projected = .allocate(capacity: b * c.hiddenSize)
-        routerLogits = .allocate(capacity: b * c.expertCount)
-        predictedLogits = .allocate(capacity: c.expertCount)
-        predictedExperts = .allocate(capacity: c.activeExperts)
-        mixture = .allocate(capacity: b * c.hiddenSize)
-        partials = .allocate(capacity: max(1, threads) * b * c.hiddenSize)
-        sliceSums = .allocate(capacity: c.activeExperts * Session.decodeSlices * c.hiddenSize)
-        gateBuffers = .allocate(capacity: max(1, threads) * max(2 * c.expertFFNSize, 16 * b))
+        projected = arena.pointer(.projected, as: Float.self)
+        routerLogits = arena.pointer(.routerLogits, as: Float.self)
+        predictedLogits = arena.pointer(.predictedLogits, as: Float.self)
+        predictedExperts = arena.pointer(.predictedExperts, as: Int.self)
+        mixture = arena.pointer(.mixture, as: Float.self)
+        partials = arena.pointer(.partials, as: Float.self)
+        sliceSums = arena.pointer(.sliceSums, as: Float.self)
+        gateBuffers = arena.pointer(.gateBuffers, as: Float.self)
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
-        activeIndices = .allocate(capacity: max(1, threads) * max(c.expertFFNSize, b))
-        downRows = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
-        downScales = .allocate(capacity: max(1, threads) * b * c.expertFFNSize)
-        pairRows = .allocate(capacity: max(1, threads) * 2 * c.expertFFNSize)
-        pairCoefficients = .allocate(capacity: max(1, threads) * 4 * c.expertFFNSize)
+        activeIndices = arena.pointer(.activeIndices, as: Int32.self)
+        downRows = arena.pointer(.downRows, as: Int32.self)
+        downScales = arena.pointer(.downScales, as: Float.self)
+        pairRows = arena.pointer(.pairRows, as: Int32.self)
+        pairCoefficients = arena.pointer(.pairCoefficients, as: Float.self)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
-        ropeAngles = .allocate(capacity: b * c.headDim)
+        ropeAngles = arena.pointer(.ropeAngles, as: Float.self)
         currentExperts = Array(repeating: nil, count: c.expertCount)
         if let memoryBudget {
             let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
             let forExperts = memoryBudget - plan.fixedBytes
             guard forExperts > 0 else {
-                throw .invalidRequest("a memory budget of \(PackageSummary.bytes(memoryBudget)) cannot hold the dense part: \(plan.description) need \(PackageSummary.bytes(plan.fixedBytes)) before any expert")
+                throw .budgetBelowDensePart(budget: memoryBudget, needed: plan.fixedBytes, parts: plan.description)
             }
             expertCache = try ExpertCache(package: model.package, capacityBytes: forExperts)
         } else {
@@ -144,9 +152,6 @@ public final class Session: @unchecked Sendable {
 
     deinit {
         expertCache?.shutdown()
-        queries.deallocate(); keys.deallocate(); values.deallocate(); projected.deallocate()
-        routerLogits.deallocate(); predictedLogits.deallocate(); predictedExperts.deallocate(); mixture.deallocate(); partials.deallocate(); sliceSums.deallocate(); gateBuffers.deallocate(); activeIndices.deallocate(); ropeAngles.deallocate()
-        downRows.deallocate(); downScales.deallocate(); pairRows.deallocate(); pairCoefficients.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
@@ -158,7 +163,7 @@ public final class Session: @unchecked Sendable {
     /// token when `allLogits`, else for the last one only.
     public func evaluate(_ tokens: [Int], allLogits: Bool = false) throws(EngineError) -> [Float] {
         let vocab = model.config.vocabSize
-        guard !tokens.isEmpty else { throw .invalidRequest("no tokens to evaluate") }
+        guard !tokens.isEmpty else { throw .emptyInput }
         if let bad = tokens.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
         guard position + tokens.count <= contextLength else { throw .contextFull(limit: contextLength) }
         return try DotKernels.with(kernels) { () throws(EngineError) in try evaluateBatches(tokens, allLogits: allLogits) }

@@ -1,6 +1,6 @@
 import Foundation
 
-public enum TokenizerError: Error, Equatable, CustomStringConvertible {
+public enum TokenizerError: ReportableError, Equatable {
     /// The file is not a tokenizer we can run exactly; `detail` says what is different.
     case unsupported(path: String, detail: String)
     /// The file is damaged or not a tokenizer.json.

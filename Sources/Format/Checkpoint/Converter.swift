@@ -3,7 +3,6 @@ public struct WriteProgress: Sendable {
     public var bytesWritten: Int
     public var totalBytes: Int
     public var tensorsWritten: Int
-    public var totalTensors: Int
     /// The layer whose experts are being written; nil while writing dense tensors or files.
     public var layer: Int?
 }

@@ -23,7 +23,8 @@ public struct ExpectedTensor: Sendable, Equatable {
     }
 }
 
-/// The tensor names of a SmallThinker checkpoint (`SMALLTHINKER.md` §2) and of our packages.
+/// The tensor names of a SmallThinker checkpoint (as the Hugging Face checkpoints name them) and
+/// of our packages (specs/FORMAT.md).
 public enum TensorNames {
     public static let embedding = "token_embd"
     public static let outputNorm = "output_norm"

@@ -80,7 +80,7 @@ public final class PackageWriter {
         let layer = bundleCursor < manifest.bundles.count && position > manifest.bundles[bundleCursor].offset
             ? manifest.bundles[bundleCursor].layer : nil
         return WriteProgress(bytesWritten: finished ? fileLength : position, totalBytes: fileLength, tensorsWritten: tensorsWritten,
-                             totalTensors: manifest.tensors.count, layer: layer)
+                             layer: layer)
     }
 
     /// The tensor that must be written next, or nil when only files (or nothing) remain.

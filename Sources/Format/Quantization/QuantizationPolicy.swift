@@ -6,9 +6,9 @@
 /// to f16. Overrides, in the style of llama-quantize: `--tensor-type PATTERN=TYPE` (first match
 /// wins, `*` matches any run of characters), `--embedding-type`, `--output-type`.
 ///
-/// Q4_0 matrices stored in their source orientation are written `row_major_x8` (rows regrouped
-/// in eights for the runtime's eight-row kernels; the blocks are ggml's, byte for byte) unless
-/// `interleave` is off. Expert `up` matrices are written `row_major_b8` instead (each row's blocks
+/// Q4_0 matrices stored in their source orientation are written `row_major_x8` (rows in groups
+/// of eight for the runtime's eight-row kernels; the blocks are ggml's, byte for byte) unless
+/// `groupedLayouts` is off. Expert `up` matrices are written `row_major_b8` instead (each row's blocks
 /// grouped in eights; rows of a multiple of 256 values), because the runtime reads the up row of
 /// an active neuron only; neuron-major
 /// `down` matrices keep plain rows for the same reason.
@@ -18,11 +18,11 @@ public struct QuantizationPolicy: Sendable {
     public var outputType: TensorDType?
     public var overrides: [(pattern: String, type: TensorDType)]
     public var allowRequantize: Bool
-    public var interleave: Bool
+    public var groupedLayouts: Bool
 
     public init(type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,
-                overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false, interleave: Bool = true) {
-        self.interleave = interleave
+                overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false, groupedLayouts: Bool = true) {
+        self.groupedLayouts = groupedLayouts
         self.type = type
         self.embeddingType = embeddingType
         self.outputType = outputType
@@ -33,7 +33,7 @@ public struct QuantizationPolicy: Sendable {
     /// The stored layout for tensor `name` of `shape`, in `orientation` relative to its source,
     /// given the dtype it gets.
     public func layout(name: String, dtype: TensorDType, shape: [Int], orientation: TensorLayout) -> TensorLayout {
-        guard interleave, orientation == .rowMajor, shape.count == 2, let rowBytes = dtype.byteLength(shape: [shape[1]]) else { return orientation }
+        guard groupedLayouts, orientation == .rowMajor, shape.count == 2, let rowBytes = dtype.byteLength(shape: [shape[1]]) else { return orientation }
         let upRows = name.hasSuffix(".up") && TensorNames.role(of: name) == .expert
         for layout in upRows ? [TensorLayout.rowMajorB8, .rowMajorX8] : [.rowMajorX8] where layout.fits(dtype: dtype, rows: shape[0], rowBytes: rowBytes) {
             return layout

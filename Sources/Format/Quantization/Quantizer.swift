@@ -88,7 +88,7 @@ public enum Quantizer {
         quantization["type"] = .string(policy.type.rawValue)
         if let e = policy.embeddingType { quantization["embedding_type"] = .string(e.rawValue) }
         if let o = policy.outputType { quantization["output_type"] = .string(o.rawValue) }
-        quantization["q4_0_rows"] = .string(policy.interleave ? "row_major_x8; expert up row_major_b8 where rows are a multiple of 256 values" : "row_major")
+        quantization["q4_0_rows"] = .string(policy.groupedLayouts ? "row_major_x8; expert up row_major_b8 where rows are a multiple of 256 values" : "row_major")
         if !policy.overrides.isEmpty {
             quantization["tensor_types"] = .array(policy.overrides.map { .string("\($0.pattern)=\($0.type.rawValue)") })
         }
