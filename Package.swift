@@ -8,10 +8,10 @@ let package = Package(
         .executable(name: "stquant", targets: ["stquant"]),
         .executable(name: "strun", targets: ["strun"]),
         .library(name: "Format", targets: ["Format"]),
-        .library(name: "Engine", targets: ["Engine"]),
+        .library(name: "Engine", targets: ["Engine"])
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
     ],
     targets: [
         // zlib, for CRC-32 (Debian: zlib1g-dev).
@@ -47,6 +47,6 @@ let package = Package(
         .testTarget(
             name: "ToolTests",
             dependencies: ["Format", "stconvert", "stquant", "strun"]
-        ),
+        )
     ]
 )

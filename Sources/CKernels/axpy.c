@@ -73,9 +73,11 @@ ST_AVX2 ST_AXPY(st_axpy_q4_0_avx2, void) {
         const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
         float *o = y + b * ST_QK;
         _mm256_storeu_ps(o, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(o)));
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(o + 8)));
+        _mm256_storeu_ps(o + 8,
+                         _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(o + 8)));
         _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(o + 16)));
-        _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(o + 24)));
+        _mm256_storeu_ps(o + 24,
+                         _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(o + 24)));
     }
 }
 
@@ -196,7 +198,10 @@ ST_AVX2 ST_AXPY(st_axpy_bf16_avx2, uint16_t) {
 ST_AVX2 ST_AXPY(st_axpy_f16_avx2, uint16_t) {
     const __m256 s = _mm256_set1_ps(a);
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8) {
+        const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(s, w, _mm256_loadu_ps(y + i)));
+    }
     for (; i < n; i++) y[i] += a * st_fp16_to_fp32(row[i]);
 }
 
@@ -211,7 +216,8 @@ ST_AVX512 ST_AXPY(st_axpy_q4_0_avx512, void) {
         const __m256i q = _mm256_sub_epi8(st_unpack_nibbles(w), eight);
         float *o = y + b * ST_QK;
         _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), _mm512_loadu_ps(o + 16)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(s, high, _mm512_loadu_ps(o + 16)));
     }
 }
 

@@ -65,7 +65,9 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
                     st_prefetch_l2(u + (size_t)(r + i) * row_bytes, row_bytes);
                 }
             }
-            for (; done < count && active[done] < r - 8 * UP_LAG; done++) up_b8_row(k, u, d, row_bytes, active[done], xs, xr, xsum, blocks, act + done);
+            for (; done < count && active[done] < r - 8 * UP_LAG; done++) {
+                up_b8_row(k, u, d, row_bytes, active[done], xs, xr, xsum, blocks, act + done);
+            }
             continue;
         }
         int any = 0;

@@ -143,7 +143,9 @@ ST_AVX2 ST_DOT_X8(st_dot_q4_0_x8_avx2) {
 ST_AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i seed) {
     __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_loadu_si256((const __m256i *)x));
     for (int c = 1; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c))));
-    for (int c = 0; c < 4; c++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))));
+    for (int c = 0; c < 4; c++) {
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * c))));
+    }
     return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), seed);
 }
 
@@ -253,7 +255,9 @@ void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, con
     const st_kernel_table *k = st_table();
     const uint8_t *base = rows;
     int r = first;
-    for (; r + 2 <= last; r += 2) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    for (; r + 2 <= last; r += 2) {
+        k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    }
     if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, out + r, out_stride);
 }
 

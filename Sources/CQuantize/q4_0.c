@@ -80,7 +80,8 @@ void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squar
     }
     if (sum_squared_error) {
         *sum_squared_error = ((errors[0] + errors[1]) + (errors[2] + errors[3])) + ((errors[4] + errors[5]) + (errors[6] + errors[7]));
-        *sum_squared_value = ((squares[0] + squares[1]) + (squares[2] + squares[3])) + ((squares[4] + squares[5]) + (squares[6] + squares[7]));
+        *sum_squared_value =
+            ((squares[0] + squares[1]) + (squares[2] + squares[3])) + ((squares[4] + squares[5]) + (squares[6] + squares[7]));
         float largest = 0;
         for (int l = 0; l < 8; l++) largest = worst[l] > largest ? worst[l] : largest;
         *max_abs_error = largest;

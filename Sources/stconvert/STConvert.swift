@@ -70,7 +70,10 @@ struct STConvert: ParsableCommand {
             }
             meter.finish()
             if !quiet {
-                print("wrote \(output): \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, \(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)")
+                print(
+                    "wrote \(output): \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, "
+                        + "\(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)"
+                )
             }
         }
     }

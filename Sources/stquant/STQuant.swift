@@ -38,13 +38,22 @@ struct STQuant: ParsableCommand {
     @Option(help: "Type for the untied output head.")
     var outputType: TensorDType?
 
-    @Option(name: .customLong("tensor-type"), help: ArgumentHelp("Type for tensors whose name matches PATTERN (* matches anything), e.g. 'layers.*.attn_v=q8_0'. Repeatable; the first match wins.", valueName: "PATTERN=TYPE"))
+    @Option(
+        name: .customLong("tensor-type"),
+        help: ArgumentHelp(
+            "Type for tensors whose name matches PATTERN (* matches anything), e.g. 'layers.*.attn_v=q8_0'. Repeatable; the first match "
+                + "wins.",
+            valueName: "PATTERN=TYPE"))
     var tensorTypes: [String] = []
 
     @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
     var allowRequantize = false
 
-    @Flag(help: "Store Q4_0 matrices in ggml's plain row order instead of row_major_x8 groups of eight rows and, for expert up matrices, row_major_b8 groups of eight blocks (slower to run; for tools that read rows in place).")
+    @Flag(
+        help: ArgumentHelp(
+            "Store Q4_0 matrices in ggml's plain row order instead of row_major_x8 groups of eight rows and, for expert up matrices, "
+                + "row_major_b8 groups of eight blocks (slower to run; for tools that read rows in place).")
+    )
     var plainRows = false
 
     @Option(name: [.customShort("t"), .long], help: "Worker threads (default: all cores).")
@@ -74,8 +83,9 @@ struct STQuant: ParsableCommand {
         try reportingErrors(tool: "stquant", exit: { ExitCode($0) }) {
             var overrides: [(pattern: String, type: TensorDType)] = []
             for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
-            let policy = QuantizationPolicy(type: type, embeddingType: embeddingType, outputType: outputType,
-                                            overrides: overrides, allowRequantize: allowRequantize, groupedLayouts: !plainRows)
+            let policy = QuantizationPolicy(
+                type: type, embeddingType: embeddingType, outputType: outputType,
+                overrides: overrides, allowRequantize: allowRequantize, groupedLayouts: !plainRows)
             let source = try PackageReader(path: input)
             let plan = try Quantizer.plan(source: source, policy: policy)
             let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }
@@ -84,12 +94,17 @@ struct STQuant: ParsableCommand {
                 return
             }
             if !quiet && !json, !fallbacks.isEmpty {
-                writeStandardError("stquant: note: \(fallbacks.count) tensors cannot use \(policy.type.rawValue) and stay f16: \(QuantizationSummary.fallbackText(plan))\n")
+                writeStandardError(
+                    "stquant: note: \(fallbacks.count) tensors cannot use \(policy.type.rawValue) and stay f16: "
+                        + "\(QuantizationSummary.fallbackText(plan))\n"
+                )
             }
             let output = output!
             var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
-            let report = try Quantizer.write(plan, to: output, overwrite: force,
-                                             threads: threads ?? Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) { progress in
+            let report = try Quantizer.write(
+                plan, to: output, overwrite: force,
+                threads: threads ?? Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+            ) { progress in
                 let label = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
                 meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: label)
             }

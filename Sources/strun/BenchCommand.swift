@@ -8,7 +8,9 @@ import Glibc
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure prompt and decode speed, time to first token and peak memory.",
-        discussion: "Prompt: -p seeded random token ids evaluated as one prompt. Decode: -n tokens generated greedily one at a time after it. Each figure is the median over --repetitions runs."
+        discussion:
+            "Prompt: -p seeded random token ids evaluated as one prompt. Decode: -n tokens generated greedily one at a time after it. "
+            + "Each figure is the median over --repetitions runs."
     )
 
     @Argument(help: "The .stpk package.")
@@ -23,7 +25,11 @@ struct Bench: ParsableCommand {
     @Option(name: .shortAndLong, help: "Runs to take the median of.")
     var repetitions: Int = 3
 
-    @Option(help: ArgumentHelp("Run on the text of this file instead of random ids: its first -p tokens are the prompt and each decode step feeds its next token (not the greedy choice), so routing and the expert cache see real text.", valueName: "FILE"))
+    @Option(
+        help: ArgumentHelp(
+            "Run on the text of this file instead of random ids: its first -p tokens are the prompt and each decode step feeds its next "
+                + "token (not the greedy choice), so routing and the expert cache see real text.",
+            valueName: "FILE"))
     var textFile: String?
 
     @Flag(help: "Print JSON.")
@@ -47,7 +53,10 @@ struct Bench: ParsableCommand {
             if let textFile {
                 let ids = try encodeTextFile(textFile, for: model, tokenizer: nil, option: "--text-file")
                 guard ids.count >= promptTokens + decodeTokens else {
-                    throw ValidationError("\(textFile) encodes to \(ids.count) tokens; -p \(promptTokens) and -n \(decodeTokens) need \(promptTokens + decodeTokens)")
+                    throw ValidationError(
+                        "\(textFile) encodes to \(ids.count) tokens; -p \(promptTokens) and -n \(decodeTokens) need "
+                            + "\(promptTokens + decodeTokens)"
+                    )
                 }
                 prompt = Array(ids[..<promptTokens])
                 script = Array(ids[promptTokens..<promptTokens + decodeTokens])
@@ -78,34 +87,42 @@ struct Bench: ParsableCommand {
             let peak = Int(usage.ru_maxrss) * 1024
             let threads = session.threads
             if json {
-                print(JSONWriter.serialize(.object(JSONObject([
-                    ("package", .string(package)), ("threads", .int(threads)),
-                    ("kernels", .string(session.kernels.name)), ("kernels_forced", .bool(DotKernels.forcedByEnvironment)),
-                    ("cpu", DotKernels.cpuModel.map { .string($0) } ?? .null),
-                    ("prompt_tokens", .int(promptTokens)), ("decode_tokens", .int(decodeTokens)), ("repetitions", .int(repetitions)),
-                    ("prompt_tokens_per_second", .double(median(promptRates))),
-                    ("decode_tokens_per_second", .double(median(decodeRates))),
-                    ("time_to_first_token_seconds", .double(median(firstToken))),
-                    ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
-                    ("memory_budget_bytes", runtime.memoryBudget.map { .int($0.bytes) } ?? .null),
-                    ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
-                    ("prefetch", cache.map { .bool($0.prefetchEnabled) } ?? .null),
-                    ("direct_io", cache.map { .bool($0.directIO) } ?? .null),
-                    ("expert_hit_rate", cache.map { _ in .double(decodeStats.hitRate) } ?? .null),
-                    ("expert_bytes_read_per_token", cache.map { _ in .double(Double(decodeStats.bytesRead) / perToken) } ?? .null),
-                    ("io_stall_seconds_per_token", cache.map { _ in .double(decodeStats.stallSeconds / perToken) } ?? .null),
-                    ("cross_layer_prefetch", cache.map { .string($0.crossLayer.rawValue) } ?? .null),
-                    ("expert_hits", cache.map { _ in .int(decodeStats.hits) } ?? .null),
-                    ("expert_misses", cache.map { _ in .int(decodeStats.misses) } ?? .null),
-                    ("expert_bytes_read", cache.map { _ in .int(decodeStats.bytesRead) } ?? .null),
-                    ("expert_bundle_bytes", cache.map { .int($0.slotBytes) } ?? .null),
-                    ("speculative_reads", cache.map { _ in .int(decodeStats.speculativeReads) } ?? .null),
-                    ("speculative_cancelled", cache.map { _ in .int(decodeStats.speculativeCancelled) } ?? .null),
-                    ("speculative_used", cache.map { _ in .int(decodeStats.speculativeUsed) } ?? .null),
-                    ("speculative_wasted", cache.map { _ in .int(decodeStats.speculativeWasted) } ?? .null),
-                ])), pretty: true))
+                print(
+                    JSONWriter.serialize(
+                        .object(
+                            JSONObject([
+                                ("package", .string(package)), ("threads", .int(threads)),
+                                ("kernels", .string(session.kernels.name)), ("kernels_forced", .bool(DotKernels.forcedByEnvironment)),
+                                ("cpu", DotKernels.cpuModel.map { .string($0) } ?? .null),
+                                ("prompt_tokens", .int(promptTokens)), ("decode_tokens", .int(decodeTokens)),
+                                ("repetitions", .int(repetitions)),
+                                ("prompt_tokens_per_second", .double(median(promptRates))),
+                                ("decode_tokens_per_second", .double(median(decodeRates))),
+                                ("time_to_first_token_seconds", .double(median(firstToken))),
+                                ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
+                                ("memory_budget_bytes", runtime.memoryBudget.map { .int($0.bytes) } ?? .null),
+                                ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
+                                ("prefetch", cache.map { .bool($0.prefetchEnabled) } ?? .null),
+                                ("direct_io", cache.map { .bool($0.directIO) } ?? .null),
+                                ("expert_hit_rate", cache.map { _ in .double(decodeStats.hitRate) } ?? .null),
+                                (
+                                    "expert_bytes_read_per_token",
+                                    cache.map { _ in .double(Double(decodeStats.bytesRead) / perToken) } ?? .null
+                                ),
+                                ("io_stall_seconds_per_token", cache.map { _ in .double(decodeStats.stallSeconds / perToken) } ?? .null),
+                                ("cross_layer_prefetch", cache.map { .string($0.crossLayer.rawValue) } ?? .null),
+                                ("expert_hits", cache.map { _ in .int(decodeStats.hits) } ?? .null),
+                                ("expert_misses", cache.map { _ in .int(decodeStats.misses) } ?? .null),
+                                ("expert_bytes_read", cache.map { _ in .int(decodeStats.bytesRead) } ?? .null),
+                                ("expert_bundle_bytes", cache.map { .int($0.slotBytes) } ?? .null),
+                                ("speculative_reads", cache.map { _ in .int(decodeStats.speculativeReads) } ?? .null),
+                                ("speculative_cancelled", cache.map { _ in .int(decodeStats.speculativeCancelled) } ?? .null),
+                                ("speculative_used", cache.map { _ in .int(decodeStats.speculativeUsed) } ?? .null),
+                                ("speculative_wasted", cache.map { _ in .int(decodeStats.speculativeWasted) } ?? .null)
+                            ])), pretty: true))
             } else {
-                print("""
+                print(
+                    """
                     \(package): \(threads) threads, median of \(repetitions)
                     kernels: \(DotKernels.describe(session.kernels))
                     prompt:  \(promptTokens) tokens at \(String(format2: median(promptRates))) tokens/s
@@ -114,10 +131,22 @@ struct Bench: ParsableCommand {
                     peak RSS: \(PackageSummary.bytes(peak))
                     """)
                 if let cache {
-                    print("expert cache: \(PackageSummary.bytes(cache.capacityBytes)) (\(cache.slotCount) bundles), \(cache.directIO ? "direct I/O" : "buffered reads, pages dropped"), prefetch \(cache.prefetchEnabled ? "on" : "off"), cross-layer prefetch \(cache.crossLayer.rawValue)")
-                    print("decode: hit rate \(String(format2: decodeStats.hitRate * 100))%, \(PackageSummary.bytes(Int(Double(decodeStats.bytesRead) / perToken))) read per token, \(String(format2: decodeStats.stallSeconds / perToken * 1000)) ms stalled on I/O per token")
+                    print(
+                        "expert cache: \(PackageSummary.bytes(cache.capacityBytes)) (\(cache.slotCount) bundles), "
+                            + "\(cache.directIO ? "direct I/O" : "buffered reads, pages dropped"), prefetch "
+                            + "\(cache.prefetchEnabled ? "on" : "off"), cross-layer prefetch \(cache.crossLayer.rawValue)"
+                    )
+                    print(
+                        "decode: hit rate \(String(format2: decodeStats.hitRate * 100))%, "
+                            + "\(PackageSummary.bytes(Int(Double(decodeStats.bytesRead) / perToken))) read per token, "
+                            + "\(String(format2: decodeStats.stallSeconds / perToken * 1000)) ms stalled on I/O per token"
+                    )
                     if decodeStats.speculativeReads > 0 {
-                        print("speculative reads: \(decodeStats.speculativeReads) read, \(decodeStats.speculativeUsed) used, \(decodeStats.speculativeWasted) evicted unused, \(decodeStats.speculativeCancelled) cancelled before reading")
+                        print(
+                            "speculative reads: \(decodeStats.speculativeReads) read, \(decodeStats.speculativeUsed) used, "
+                                + "\(decodeStats.speculativeWasted) evicted unused, \(decodeStats.speculativeCancelled) cancelled before "
+                                + "reading"
+                        )
                     }
                 }
             }

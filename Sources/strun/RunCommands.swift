@@ -19,13 +19,21 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Context length in tokens (default: the model's limit, at most 4096).")
     var context: Int?
 
-    @Option(help: ArgumentHelp("Run within this much memory, a size such as 1GiB, 800MB or 1073741824: experts are streamed from the package into a cache of what the dense part leaves.", valueName: "BYTES"))
+    @Option(
+        help: ArgumentHelp(
+            "Run within this much memory, a size such as 1GiB, 800MB or 1073741824: experts are streamed from the package into a cache "
+                + "of what the dense part leaves.",
+            valueName: "BYTES"))
     var memoryBudget: ByteCount?
 
     @Flag(help: "With --memory-budget: read experts only when needed, not ahead while attention runs (for comparisons).")
     var noPrefetch = false
 
-    @Option(help: ArgumentHelp("With --memory-budget: also read the experts the next layer's router predicts from this layer's input, one layer early: on, off, or auto (while at least half of those reads are used).", valueName: "on|off|auto"))
+    @Option(
+        help: ArgumentHelp(
+            "With --memory-budget: also read the experts the next layer's router predicts from this layer's input, one layer early: on, "
+                + "off, or auto (while at least half of those reads are used).",
+            valueName: "on|off|auto"))
     var crossLayerPrefetch: String = "auto"
 
     func validate() throws {
@@ -39,15 +47,19 @@ struct RuntimeOptions: ParsableArguments {
     }
 
     func session(_ path: String, contextLength: Int? = nil) throws -> Session {
-        // Streaming experts reads their bundles as stored; regrouping them at load is for the
+        // Streaming experts reads their bundles as stored; arranging them at load is for the
         // whole-package mapping only.
         _ = try DotKernels.configured()  // a bad STRUN_KERNELS fails before a model is loaded
         let model = try Model(path: path, arrangeExperts: memoryBudget == nil)
         if model.matricesArrangedAtLoad > 0 {
-            writeStandardError("strun: note: \(model.matricesArrangedAtLoad) Q4_0 matrices of this package are stored in plain rows and were regrouped at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n")
+            writeStandardError(
+                "strun: note: \(model.matricesArrangedAtLoad) Q4_0 matrices of this package are stored in plain rows and were arranged in row groups "
+                    + "at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n"
+            )
         }
-        let session = try Session(model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
-                                  memoryBudget: memoryBudget?.bytes)
+        let session = try Session(
+            model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
+            memoryBudget: memoryBudget?.bytes)
         session.expertCache?.prefetchEnabled = !noPrefetch
         session.expertCache?.crossLayer = noPrefetch ? .off : ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) ?? .auto
         return session
@@ -142,11 +154,17 @@ struct SamplingOptions: ParsableArguments {
 func loadTokenizer(package: PackageReader?, override path: String?) throws -> Tokenizer {
     if let path { return try Tokenizer(path: path) }
     guard let package, let bytes = package.fileContents("tokenizer.json") else {
-        throw ValidationError("the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token ids with --tokens and --ids")
+        throw ValidationError(
+            "the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token ids "
+                + "with --tokens and --ids"
+        )
     }
     let tokenizer = try Tokenizer(json: bytes, path: "tokenizer.json in the package")
     if tokenizer.vocabularySize > package.manifest.config.vocabSize {
-        throw TokenizerError.mismatch("the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of \(package.manifest.config.vocabSize)")
+        throw TokenizerError.mismatch(
+            "the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of "
+                + "\(package.manifest.config.vocabSize)"
+        )
     }
     return tokenizer
 }
@@ -160,7 +178,9 @@ func emitText(_ text: String) {
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate text (or token ids) after a prompt.",
-        discussion: "Text is streamed as it is produced. Stops after -n tokens, at <|im_end|> or <|endoftext|>, at the model's EOS ids, or at a --stop string."
+        discussion:
+            "Text is streamed as it is produced. Stops after -n tokens, at <|im_end|> or <|endoftext|>, at the model's EOS ids, or at a "
+            + "--stop string."
     )
 
     @Argument(help: "The .stpk package.")
@@ -223,7 +243,8 @@ struct Generate: ParsableCommand {
             let tok = try loadTokenizer(package: model.package, override: tokenizer)
             var generator = TextGenerator(session: session, tokenizer: tok, sampling: parameters, stopStrings: stop)
             if ignoreEOS { generator.stopTokens = [] }
-            let text = chat ? ChatTemplate.prompt(user: prompt!, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt)) : prompt
+            let text =
+                chat ? ChatTemplate.prompt(user: prompt!, system: noSystem ? nil : (system ?? ChatTemplate.defaultSystemPrompt)) : prompt
             let input = promptIDs ?? tok.encode(text!)
             let (generated, reason) = try generator.run(prompt: input, maximumTokens: n) { piece in
                 if !ids { emitText(piece) }
@@ -232,7 +253,9 @@ struct Generate: ParsableCommand {
                 print(generated.map(String.init).joined(separator: " "))
             } else {
                 print("")
-                if reason == .contextFull { writeStandardError("strun: note: stopped: the context is full (\(session.contextLength) tokens)\n") }
+                if reason == .contextFull {
+                    writeStandardError("strun: note: stopped: the context is full (\(session.contextLength) tokens)\n")
+                }
             }
         }
     }
@@ -324,7 +347,9 @@ struct Tokenize: ParsableCommand {
         try reportingErrors {
             let tok = try loadTokenizer(package: try package.map { try PackageReader(path: $0) }, override: tokenizer)
             let input: String
-            if let text { input = text } else {
+            if let text {
+                input = text
+            } else {
                 let bytes = try FileSystem.readAll(file!, limit: 1 << 30)
                 guard let decoded = String(validating: bytes, as: UTF8.self) else {
                     throw ValidationError("\(file!) is not valid UTF-8 text")
@@ -376,7 +401,10 @@ extension String {
 struct Compare: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compare two packages' predictions over the same tokens (KL divergence, top-1 agreement, perplexity).",
-        discussion: "BASE is the reference (usually the float package). The tokens come from --text or --file (through BASE's tokenizer), --tokens or --tokens-file; without any, a fixed pseudo-random sequence of 128 ids is used, which says little about a trained model."
+        discussion:
+            "BASE is the reference (usually the float package). The tokens come from --text or --file (through BASE's tokenizer), "
+            + "--tokens or --tokens-file; without any, a fixed pseudo-random sequence of 128 ids is used, which says little about a "
+            + "trained model."
     )
 
     @Argument(help: "The reference package.")
@@ -414,14 +442,18 @@ struct Compare: ParsableCommand {
             let b = try otherSession.evaluate(ids, allLogits: true)
             let c = LogitComparison(base: a, other: b, vocab: vocab, tokens: ids)
             if json {
-                print(JSONWriter.serialize(.object(JSONObject([
-                    ("positions", .int(c.positions)), ("mean_kl", .double(c.meanKL)), ("p99_kl", .double(c.p99KL)),
-                    ("max_kl", .double(c.maxKL)), ("top1_agreement", .double(c.top1Agreement)),
-                    ("max_abs_logit_difference", .double(Double(c.maxAbsoluteDifference))),
-                    ("base_perplexity", .double(c.basePerplexity)), ("other_perplexity", .double(c.otherPerplexity)),
-                ])), pretty: true))
+                print(
+                    JSONWriter.serialize(
+                        .object(
+                            JSONObject([
+                                ("positions", .int(c.positions)), ("mean_kl", .double(c.meanKL)), ("p99_kl", .double(c.p99KL)),
+                                ("max_kl", .double(c.maxKL)), ("top1_agreement", .double(c.top1Agreement)),
+                                ("max_abs_logit_difference", .double(Double(c.maxAbsoluteDifference))),
+                                ("base_perplexity", .double(c.basePerplexity)), ("other_perplexity", .double(c.otherPerplexity))
+                            ])), pretty: true))
             } else {
-                print("""
+                print(
+                    """
                     positions:               \(c.positions)
                     mean KL(base ‖ other):   \(c.meanKL)
                     99th percentile KL:      \(c.p99KL)

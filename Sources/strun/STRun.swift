@@ -12,7 +12,10 @@ struct STRun: ParsableCommand {
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
         version: "\(PackageFormat.converterVersion)\nkernels: \(DotKernels.configurationReport)",
-        subcommands: [Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self, Stats.self]
+        subcommands: [
+            Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self,
+            Stats.self
+        ]
     )
 }
 
@@ -43,9 +46,11 @@ struct Inspect: ParsableCommand {
                 object["data_offset"] = .int(reader.header.dataOffset)
                 print(JSONWriter.serialize(.object(object), pretty: true))
             } else {
-                print(PackageSummary.text(reader.manifest, dataOffset: reader.header.dataOffset,
-                                          fileLength: reader.header.fileLength, listTensors: tensors,
-                                          version: (reader.header.majorVersion, reader.header.minorVersion)))
+                print(
+                    PackageSummary.text(
+                        reader.manifest, dataOffset: reader.header.dataOffset,
+                        fileLength: reader.header.fileLength, listTensors: tensors,
+                        version: (reader.header.majorVersion, reader.header.minorVersion)))
             }
         }
     }
@@ -68,7 +73,10 @@ struct Verify: ParsableCommand {
             let reader = try PackageReader(path: package)
             try reader.verify()
             if !quiet {
-                print("\(package): OK (\(reader.manifest.tensors.count) tensors, \(reader.manifest.bundles.count) expert bundles, \(reader.manifest.files.count) files, \(PackageSummary.bytes(reader.header.fileLength)) checked)")
+                print(
+                    "\(package): OK (\(reader.manifest.tensors.count) tensors, \(reader.manifest.bundles.count) expert bundles, "
+                        + "\(reader.manifest.files.count) files, \(PackageSummary.bytes(reader.header.fileLength)) checked)"
+                )
             }
         }
     }

@@ -33,7 +33,8 @@ struct InputTokens: ParsableArguments {
         if let tokens {
             ids = try parseTokens(tokens, option: "--tokens")
         } else if let tokensFile {
-            ids = try parseTokens(String(decoding: try FileSystem.readAll(tokensFile, limit: 64 << 20), as: UTF8.self), option: "--tokens-file")
+            ids = try parseTokens(
+                String(decoding: try FileSystem.readAll(tokensFile, limit: 64 << 20), as: UTF8.self), option: "--tokens-file")
         } else if let text {
             ids = try encodeText(text, for: model, tokenizer: tokenizer, option: "--text")
         } else {
@@ -55,7 +56,8 @@ func encodeText(_ text: String, for model: Model, tokenizer: String?, option: St
 
 /// A UTF-8 text file through the package's tokenizer.
 func encodeTextFile(_ path: String, for model: Model, tokenizer: String?, option: String) throws -> [Int] {
-    try encodeText(String(decoding: FileSystem.readAll(path, limit: 64 << 20), as: UTF8.self), for: model, tokenizer: tokenizer, option: option)
+    try encodeText(
+        String(decoding: FileSystem.readAll(path, limit: 64 << 20), as: UTF8.self), for: model, tokenizer: tokenizer, option: option)
 }
 
 struct Stats: ParsableCommand {
@@ -93,26 +95,43 @@ struct Stats: ParsableCommand {
             try statistics.feed(ids)
             let report = statistics.report
             if json {
-                print(JSONWriter.serialize(.object(JSONObject([
-                    ("tokens", .int(report.tokens)), ("experts", .int(report.experts)), ("active", .int(report.active)),
-                    ("layers", .array(report.layers.map { layer in
-                        .object(JSONObject([
-                            ("layer", .int(layer.layer)), ("expert_counts", .array(layer.expertCounts.map { .int($0) })),
-                            ("top_quarter_share", .double(layer.topQuarterShare)), ("unused_experts", .int(layer.unusedExperts)),
-                            ("idle_neuron_fraction", .double(layer.idleNeuronFraction)),
-                            ("predicted_recall", layer.predictedRecall.map { .double($0) } ?? .null),
-                            ("predicted_by_rank", layer.predictedByRank.map { .array($0.map { .double($0) }) } ?? .null),
-                        ]))
-                    })),
-                ])), pretty: true))
+                print(
+                    JSONWriter.serialize(
+                        .object(
+                            JSONObject([
+                                ("tokens", .int(report.tokens)), ("experts", .int(report.experts)), ("active", .int(report.active)),
+                                (
+                                    "layers",
+                                    .array(
+                                        report.layers.map { layer in
+                                            .object(
+                                                JSONObject([
+                                                    ("layer", .int(layer.layer)),
+                                                    ("expert_counts", .array(layer.expertCounts.map { .int($0) })),
+                                                    ("top_quarter_share", .double(layer.topQuarterShare)),
+                                                    ("unused_experts", .int(layer.unusedExperts)),
+                                                    ("idle_neuron_fraction", .double(layer.idleNeuronFraction)),
+                                                    ("predicted_recall", layer.predictedRecall.map { .double($0) } ?? .null),
+                                                    (
+                                                        "predicted_by_rank",
+                                                        layer.predictedByRank.map { .array($0.map { .double($0) }) } ?? .null
+                                                    )
+                                                ]))
+                                        })
+                                )
+                            ])), pretty: true))
                 return
             }
             func percent(_ v: Double) -> String { String(Int((v * 100).rounded())) + "%" }
             func pad(_ s: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - s.count)) + s }
-            print("\(report.tokens) tokens; \(report.experts) experts, \(report.active) chosen per token; uniform use would give the top quarter 25%")
+            print(
+                "\(report.tokens) tokens; \(report.experts) experts, \(report.active) chosen per token; uniform use would give the top "
+                    + "quarter 25%"
+            )
             print("layer  top quarter  unused  idle neurons  predicted from the previous layer's input: found, by rank (best first)")
             for layer in report.layers {
-                var line = pad(String(layer.layer), 5) + pad(percent(layer.topQuarterShare), 13) + pad(String(layer.unusedExperts), 8)
+                var line =
+                    pad(String(layer.layer), 5) + pad(percent(layer.topQuarterShare), 13) + pad(String(layer.unusedExperts), 8)
                     + pad(percent(layer.idleNeuronFraction), 14)
                 if let recall = layer.predictedRecall, let ranks = layer.predictedByRank {
                     line += pad(percent(recall), 9) + "   " + ranks.map(percent).joined(separator: " ")

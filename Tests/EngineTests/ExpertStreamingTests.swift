@@ -28,11 +28,14 @@ import Testing
         for t in tokens { expected += try free.evaluate([t]) }
         let batchedExpected = try Session(model: model, contextLength: context, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)
         let k = model.config.activeExperts
-        let runs: [(Int, Bool, ExpertCache.CrossLayerMode)] = [(k, true, .off), (k, true, .on), (k + 3, true, .off), (k + 3, true, .on),
-                                                               (k + 3, false, .off), (model.config.expertCount * 2, true, .auto)]
+        let runs: [(Int, Bool, ExpertCache.CrossLayerMode)] = [
+            (k, true, .off), (k, true, .on), (k + 3, true, .off), (k + 3, true, .on),
+            (k + 3, false, .off), (model.config.expertCount * 2, true, .auto)
+        ]
         for (slots, prefetch, crossLayer) in runs {
-            let session = try Session(model: model, contextLength: context, threads: 2,
-                                      memoryBudget: Self.budget(model, slots: slots, context: context), kernels: tier)
+            let session = try Session(
+                model: model, contextLength: context, threads: 2,
+                memoryBudget: Self.budget(model, slots: slots, context: context), kernels: tier)
             let cache = try #require(session.expertCache)
             cache.prefetchEnabled = prefetch
             cache.crossLayer = crossLayer
@@ -50,14 +53,18 @@ import Testing
                 #expect(stats.speculativeReads == 0 && stats.speculativeUsed == 0)
             } else {
                 // Speculative reads still in flight when the last token ends are not counted yet.
-                #expect(stats.bytesRead >= stats.misses * cache.slotBytes && stats.bytesRead <= (stats.misses + stats.speculativeReads) * cache.slotBytes,
-                        "misses and speculative reads are whole-bundle reads: \(stats)")
+                #expect(
+                    stats.bytesRead >= stats.misses * cache.slotBytes
+                        && stats.bytesRead <= (stats.misses + stats.speculativeReads) * cache.slotBytes,
+                    "misses and speculative reads are whole-bundle reads: \(stats)")
             }
             if crossLayer == .on && name == Reference.trained && slots == k + 3 {
                 #expect(stats.speculativeUsed > stats.speculativeWasted, "trained routing is predictable one layer early: \(stats)")
             }
             if slots >= model.config.layerCount * model.config.expertCount {
-                #expect(stats.misses <= model.config.layerCount * model.config.expertCount, "a cache holding everything reads each bundle at most once")
+                #expect(
+                    stats.misses <= model.config.layerCount * model.config.expertCount,
+                    "a cache holding everything reads each bundle at most once")
             }
             // A batched prompt may choose more experts in a layer than there are slots: they run in groups.
             session.reset()
@@ -115,7 +122,9 @@ import Testing
             }
             let stats = cache.statistics, wrong = stats.speculativeWasted + stats.speculativeCancelled
             if mode == .auto {
-                #expect(!cache.crossLayerEnabled && wrong >= 63 && steps <= 72, "pauses once 64 guesses are judged, most wrong: \(steps) steps, \(stats)")
+                #expect(
+                    !cache.crossLayerEnabled && wrong >= 63 && steps <= 72,
+                    "pauses once 64 guesses are judged, most wrong: \(steps) steps, \(stats)")
             } else {
                 #expect(cache.crossLayerEnabled && steps == 100 && wrong >= 90, "\(stats)")
             }
@@ -164,8 +173,9 @@ import Testing
         let copy = scratch.file("model.stpk")
         try FileManager.default.copyItem(atPath: try Packages.path("tiny-4b-like"), toPath: copy)
         let model = try Model(path: copy)
-        let session = try Session(model: model, contextLength: 64, threads: 2,
-                                  memoryBudget: Self.budget(model, slots: 6, context: 64))
+        let session = try Session(
+            model: model, contextLength: 64, threads: 2,
+            memoryBudget: Self.budget(model, slots: 6, context: 64))
         defer { session.expertCache?.shutdown() }
         // Cut the file inside the expert region after the package was opened.
         let bundles = model.package.manifest.bundles
@@ -181,8 +191,10 @@ import Testing
         #expect("\(error)".contains("unexpected end of file"))
     }
 
-    @Test(arguments: [("1073741824", 1_073_741_824), ("1GiB", 1 << 30), ("1.5GiB", 3 << 29), ("800MB", 800_000_000),
-                      ("512 MiB", 512 << 20), ("2G", 2 << 30), ("64k", 65536)])
+    @Test(arguments: [
+        ("1073741824", 1_073_741_824), ("1GiB", 1 << 30), ("1.5GiB", 3 << 29), ("800MB", 800_000_000),
+        ("512 MiB", 512 << 20), ("2G", 2 << 30), ("64k", 65536)
+    ])
     func byteCountsParseWithUnits(text: String, bytes: Int) {
         #expect(ByteCount.parse(text) == bytes)
     }

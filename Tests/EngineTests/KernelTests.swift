@@ -20,21 +20,30 @@ import Testing
 
     func encoded(_ values: [Float], _ dtype: TensorDType) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: dtype.byteLength(shape: [values.count])!)
-        values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { TensorCodec.encode(v.baseAddress!, count: values.count, as: dtype, into: $0.baseAddress!) } }
+        values.withUnsafeBufferPointer { v in
+            out.withUnsafeMutableBytes { TensorCodec.encode(v.baseAddress!, count: values.count, as: dtype, into: $0.baseAddress!) }
+        }
         return out
     }
 
     /// `tokens` random activation vectors of `length` values, side by side in their Q8_0 form.
-    func quantizedActivations(_ k: st_kernel_table, length: Int, tokens: Int, _ g: inout Generator) -> (scales: [Float], values: [Int8], sums: [Int32]) {
+    func quantizedActivations(
+        _ k: st_kernel_table, length: Int, tokens: Int, _ g: inout Generator
+    ) -> (scales: [Float], values: [Int8], sums: [Int32]) {
         let blocks = length / 32
         var scales = [Float](repeating: 0, count: blocks * tokens)
         var values = [Int8](repeating: 0, count: length * tokens)
         var sums = [Int32](repeating: 0, count: blocks * tokens)
         for t in 0..<tokens {
             let x = (0..<length).map { _ in g.next() * 2 }
-            scales.withUnsafeMutableBufferPointer { s in values.withUnsafeMutableBufferPointer { v in sums.withUnsafeMutableBufferPointer { m in
-                k.quantize_q8_0(x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
-            } } }
+            scales.withUnsafeMutableBufferPointer { s in
+                values.withUnsafeMutableBufferPointer { v in
+                    sums.withUnsafeMutableBufferPointer { m in
+                        k.quantize_q8_0(
+                            x, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(length))
+                    }
+                }
+            }
         }
         return (scales, values, sums)
     }
@@ -48,23 +57,33 @@ import Testing
     /// out[t · stride + r] for rows `rows` of the plain Q4_0 `matrix` against every token's Q8_0
     /// activations equals the scalar reference, and nothing outside those rows was written (out
     /// starts as NaN).
-    func expectRowsMatchTheReference(_ set: DotKernels.InstructionSet, matrix: [UInt8], rows: Range<Int>, length: Int, tokens: Int,
-                                     scales: [Float], values: [Int8], out: [Float], stride: Int,
-                                     sourceLocation: SourceLocation = #_sourceLocation) {
+    func expectRowsMatchTheReference(
+        _ set: DotKernels.InstructionSet, matrix: [UInt8], rows: Range<Int>, length: Int, tokens: Int,
+        scales: [Float], values: [Int8], out: [Float], stride: Int,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
         let blocks = length / 32, rowBytes = blocks * TensorDType.q4_0.blockBytes
         matrix.withUnsafeBytes { m in
             for t in 0..<tokens {
                 for r in rows {
-                    let reference = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in
-                        ReferenceKernels.dotQuantized(m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length, blocks)
-                    } }
+                    let reference = scales.withUnsafeBufferPointer { s in
+                        values.withUnsafeBufferPointer { v in
+                            ReferenceKernels.dotQuantized(
+                                m.baseAddress! + r * rowBytes, dtype: .q4_0, s.baseAddress! + t * blocks, v.baseAddress! + t * length,
+                                blocks)
+                        }
+                    }
                     let fast = out[t * stride + r]
-                    #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)",
-                            sourceLocation: sourceLocation)
+                    #expect(
+                        abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5,
+                        "\(set) n=\(length) token \(t) row \(r): \(fast) vs scalar \(reference)",
+                        sourceLocation: sourceLocation)
                 }
             }
         }
-        #expect(out.enumerated().allSatisfy { rows.contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows", sourceLocation: sourceLocation)
+        #expect(
+            out.enumerated().allSatisfy { rows.contains($0.offset % stride) || $0.element.isNaN }, "wrote outside its rows",
+            sourceLocation: sourceLocation)
     }
 
     /// Without STRUN_KERNELS the best set is selected; with it, the one it names.
@@ -150,14 +169,19 @@ import Testing
             for b in 0..<length / 32 { #expect(sums[b] == values[b * 32..<(b + 1) * 32].reduce(Int32(0)) { $0 + Int32($1) }) }
             row.withUnsafeBytes { r in
                 let blocks = length / 32
-                let fast = dtype == .q4_0 ? k.dot_q4_0(r.baseAddress!, scales, values, sums, Int32(blocks)) : k.dot_q8_0(r.baseAddress!, scales, values, sums, Int32(blocks))
+                let fast =
+                    dtype == .q4_0
+                    ? k.dot_q4_0(r.baseAddress!, scales, values, sums, Int32(blocks))
+                    : k.dot_q8_0(r.baseAddress!, scales, values, sums, Int32(blocks))
                 let reference = ReferenceKernels.dotQuantized(r.baseAddress!, dtype: dtype, scales, values, blocks)
                 #expect(abs(fast - reference) <= 1e-5 * abs(reference) + 1e-5, "\(set) n=\(length): \(fast) vs scalar \(reference)")
                 // Against float: the only difference is the activation's Q8_0 rounding, at most half a
                 // step per value: |Σ w·(x − x̂)| ≤ Σ |w| · d_x / 2.
                 let float = x.withUnsafeBufferPointer { ReferenceKernels.dot(r.baseAddress!, dtype: dtype, $0.baseAddress!, length) }
                 var weights = [Float](repeating: 0, count: length)
-                weights.withUnsafeMutableBufferPointer { TensorCodec.decode(r.baseAddress!, dtype: dtype, count: length, into: $0.baseAddress!) }
+                weights.withUnsafeMutableBufferPointer {
+                    TensorCodec.decode(r.baseAddress!, dtype: dtype, count: length, into: $0.baseAddress!)
+                }
                 var bound: Float = 0
                 for b in 0..<blocks { for j in 0..<32 { bound += abs(weights[b * 32 + j]) * scales[b] / 2 } }
                 #expect(abs(fast - float) <= bound * 1.001 + 1e-5, "quantised \(fast) vs float \(float), bound \(bound)")
@@ -180,18 +204,24 @@ import Testing
                 let f = (dtype == .q4_0 ? k.dot_q4_0_tokens : k.dot_q8_0_tokens)!
                 f(r.baseAddress!, scales, values, sums, Int32(blocks), Int32(tokens), &out, 3)
                 for t in 0..<tokens {
-                    let one = scales.withUnsafeBufferPointer { s in values.withUnsafeBufferPointer { v in sums.withUnsafeBufferPointer { m in
-                        (dtype == .q4_0 ? k.dot_q4_0 : k.dot_q8_0)!(r.baseAddress!, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks, Int32(blocks))
-                    } } }
+                    let one = scales.withUnsafeBufferPointer { s in
+                        values.withUnsafeBufferPointer { v in
+                            sums.withUnsafeBufferPointer { m in
+                                (dtype == .q4_0 ? k.dot_q4_0 : k.dot_q8_0)!(
+                                    r.baseAddress!, s.baseAddress! + t * blocks, v.baseAddress! + t * length, m.baseAddress! + t * blocks,
+                                    Int32(blocks))
+                            }
+                        }
+                    }
                     #expect(abs(out[t * 3] - one) <= 1e-5 * abs(one) + 1e-5, "\(set) token \(t) of \(tokens): \(out[t * 3]) vs \(one)")
                 }
             }
         }
     }
 
-    /// The eight-row kernels on regrouped Q4_0 rows equal the scalar reference row by row, for
+    /// The eight-row kernels on Q4_0 rows arranged in row groups equal the scalar reference row by row, for
     /// every token of a batch (token counts that do and do not fill the kernels' groups), and a
-    /// regrouped row comes back byte for byte.
+    /// arranged row comes back byte for byte.
     @Test(arguments: sets)
     func interleavedRowsMatchTheReference(set: DotKernels.InstructionSet) {
         let k = table(set)
@@ -200,11 +230,17 @@ import Testing
             let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
             let blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
-            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { RowMajorX8.arrange(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            matrix.withUnsafeBytes { m in
+                packed.withUnsafeMutableBytes {
+                    RowMajorX8.arrange(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                }
+            }
             #expect(packed != matrix)
             for r in 0..<rows {
                 var back = [UInt8](repeating: 0, count: rowBytes)
-                packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { RowMajorX8.plainRow(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) } }
+                packed.withUnsafeBytes { p in
+                    back.withUnsafeMutableBytes { RowMajorX8.plainRow(r, of: p.baseAddress!, rowBytes: rowBytes, into: $0.baseAddress!) }
+                }
                 #expect(back == Array(matrix[r * rowBytes..<(r + 1) * rowBytes]), "row \(r) does not come back")
             }
             let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)
@@ -213,12 +249,15 @@ import Testing
             packed.withUnsafeBytes { p in
                 for group in 0..<rows / 8 {
                     out.withUnsafeMutableBufferPointer { o in
-                        k.dot_q4_0_x8(p.baseAddress! + group * 8 * rowBytes, scales, values, sums, Int32(blocks), Int32(tokens), o.baseAddress! + group * 8, Int32(stride))
+                        k.dot_q4_0_x8(
+                            p.baseAddress! + group * 8 * rowBytes, scales, values, sums, Int32(blocks), Int32(tokens),
+                            o.baseAddress! + group * 8, Int32(stride))
                     }
                 }
             }
-            expectRowsMatchTheReference(set, matrix: matrix, rows: 0..<rows, length: length, tokens: tokens, scales: scales, values: values,
-                                        out: out, stride: stride)
+            expectRowsMatchTheReference(
+                set, matrix: matrix, rows: 0..<rows, length: length, tokens: tokens, scales: scales, values: values,
+                out: out, stride: stride)
         }
     }
 
@@ -234,16 +273,26 @@ import Testing
             let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
             let blocks = length / 32
             var packed = [UInt8](repeating: 0, count: matrix.count)
-            matrix.withUnsafeBytes { m in packed.withUnsafeMutableBytes { TensorLayout.rowMajorB8.arrange(plain: m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            matrix.withUnsafeBytes { m in
+                packed.withUnsafeMutableBytes {
+                    TensorLayout.rowMajorB8.arrange(plain: m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                }
+            }
             #expect(packed != matrix)
             var back = [UInt8](repeating: 0, count: matrix.count)
-            packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { TensorLayout.rowMajorB8.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+            packed.withUnsafeBytes { p in
+                back.withUnsafeMutableBytes {
+                    TensorLayout.rowMajorB8.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                }
+            }
             #expect(back == matrix, "rows do not come back")
             let (scales, values, sums) = quantizedActivations(k, length: length, tokens: tokens, &g)
             var interleaved = [Int8](repeating: 0, count: values.count)
-            values.withUnsafeBufferPointer { v in interleaved.withUnsafeMutableBufferPointer { o in
-                for t in 0..<tokens { st_interleave_q8_0_b8(v.baseAddress! + t * length, o.baseAddress! + t * length, Int32(blocks)) }
-            } }
+            values.withUnsafeBufferPointer { v in
+                interleaved.withUnsafeMutableBufferPointer { o in
+                    for t in 0..<tokens { st_interleave_q8_0_b8(v.baseAddress! + t * length, o.baseAddress! + t * length, Int32(blocks)) }
+                }
+            }
             #expect(interleaved.sorted() == values.sorted() && interleaved != values)
             let stride = rows + 3, first = 1
             var out = [Float](repeating: .nan, count: tokens * stride)
@@ -253,14 +302,17 @@ import Testing
                 while r < rows {
                     let n = r % 3 == 0 ? 1 : min(2, rows - r)
                     out.withUnsafeMutableBufferPointer { o in
-                        k.dot_q4_0_b8(p.baseAddress! + r * rowBytes, Int32(rowBytes), Int32(n), scales, interleaved, sums, Int32(blocks), Int32(tokens),
-                                      o.baseAddress! + r, Int32(stride))
+                        k.dot_q4_0_b8(
+                            p.baseAddress! + r * rowBytes, Int32(rowBytes), Int32(n), scales, interleaved, sums, Int32(blocks),
+                            Int32(tokens),
+                            o.baseAddress! + r, Int32(stride))
                     }
                     r += n
                 }
             }
-            expectRowsMatchTheReference(set, matrix: matrix, rows: first..<rows, length: length, tokens: tokens, scales: scales, values: values,
-                                        out: out, stride: stride)
+            expectRowsMatchTheReference(
+                set, matrix: matrix, rows: first..<rows, length: length, tokens: tokens, scales: scales, values: values,
+                out: out, stride: stride)
         }
     }
 
@@ -282,14 +334,18 @@ import Testing
             matrix.withUnsafeBytes { m in
                 // With and without a range to prefetch alongside (it must not change the sums).
                 let next = length == 96 ? nil : m.baseAddress
-                k.axpy_rows_q4_0(m.baseAddress!, Int32(rowBytes), chosen, coefficients, Int32(count), &fast, Int32(length), next, Int32(m.count))
+                k.axpy_rows_q4_0(
+                    m.baseAddress!, Int32(rowBytes), chosen, coefficients, Int32(count), &fast, Int32(length), next, Int32(m.count))
                 reference.withUnsafeMutableBufferPointer { y in
                     for (r, c) in zip(chosen, coefficients) {
-                        ReferenceKernels.addScaledRow(m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
+                        ReferenceKernels.addScaledRow(
+                            m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
                     }
                 }
             }
-            #expect(zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) }, "\(set) n=\(length): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
+            #expect(
+                zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) },
+                "\(set) n=\(length): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
         }
     }
 
@@ -298,8 +354,10 @@ import Testing
     /// do not, and one that is empty.
     @Test(arguments: sets)
     func addingTwoTokensRowsMatchesTheReference(set: DotKernels.InstructionSet) {
-        for (length, rows, picks) in [(32, 3, [[0, 2], [1, 2]]), (1536, 40, [[1, 3, 4, 9, 17, 30, 31, 39], [0, 3, 9, 10, 11, 12, 17, 38, 39]]),
-                                      (96, 9, [[], [2, 5, 8]]), (256, 12, [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]])] {
+        for (length, rows, picks) in [
+            (32, 3, [[0, 2], [1, 2]]), (1536, 40, [[1, 3, 4, 9, 17, 30, 31, 39], [0, 3, 9, 10, 11, 12, 17, 38, 39]]),
+            (96, 9, [[], [2, 5, 8]]), (256, 12, [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]])
+        ] {
             var g = Generator(state: 31 + UInt64(length * rows))
             let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
             let rowBytes = matrix.count / rows
@@ -311,20 +369,23 @@ import Testing
             var m0 = [Float](repeating: .nan, count: merged.count), m1 = m0
             matrix.withUnsafeBytes { m in
                 DotKernels.with(set) {
-                    st_axpy_rows_q4_0_pair(m.baseAddress!, Int32(rowBytes), lists[0], coefficients[0], Int32(lists[0].count), lists[1], coefficients[1],
-                                           Int32(lists[1].count), &fast0, &fast1, Int32(length), &merged, &m0, &m1)
+                    st_axpy_rows_q4_0_pair(
+                        m.baseAddress!, Int32(rowBytes), lists[0], coefficients[0], Int32(lists[0].count), lists[1], coefficients[1],
+                        Int32(lists[1].count), &fast0, &fast1, Int32(length), &merged, &m0, &m1)
                 }
                 for t in 0..<2 {
                     reference[t].withUnsafeMutableBufferPointer { y in
                         for (r, c) in zip(lists[t], coefficients[t]) {
-                            ReferenceKernels.addScaledRow(m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
+                            ReferenceKernels.addScaledRow(
+                                m.baseAddress! + Int(r) * rowBytes, dtype: .q4_0, scale: c, into: y.baseAddress!, length)
                         }
                     }
                 }
             }
             for (t, fast) in [fast0, fast1].enumerated() {
-                #expect(zip(fast, reference[t]).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) },
-                        "\(set) n=\(length) token \(t): max diff \(zip(fast, reference[t]).map { abs($0 - $1) }.max()!)")
+                #expect(
+                    zip(fast, reference[t]).allSatisfy { abs($0 - $1) <= 1e-5 * (abs($1) + 1) },
+                    "\(set) n=\(length) token \(t): max diff \(zip(fast, reference[t]).map { abs($0 - $1) }.max()!)")
             }
         }
     }
@@ -336,9 +397,11 @@ import Testing
     @Test(arguments: sets)
     func attentionMatchesATwoPassSoftmax(set: DotKernels.InstructionSet) {
         let k = table(set)
-        for (headDim, heads, capacity, first, last, spread) in [(16, 1, 10, 7, 15, Float(1)), (128, 6, 40, 0, 39, 1), (128, 2, 8, 3, 3, 1),
-                                                                (96, 3, 12, 2, 13, 4), (256, 2, 20, 5, 24, 1), (64, 7, 60, 0, 59, 30),
-                                                                (128, 6, 50, 30, 77, 3)] {
+        for (headDim, heads, capacity, first, last, spread) in [
+            (16, 1, 10, 7, 15, Float(1)), (128, 6, 40, 0, 39, 1), (128, 2, 8, 3, 3, 1),
+            (96, 3, 12, 2, 13, 4), (256, 2, 20, 5, 24, 1), (64, 7, 60, 0, 59, 30),
+            (128, 6, 50, 30, 77, 3)
+        ] {
             var g = Generator(state: UInt64(headDim * 31 + capacity))
             let stride = headDim * 2 + 16  // two key/value heads and some slack per slot, as a cache row
             let q = (0..<heads * headDim).map { _ in g.next() * spread }
@@ -359,9 +422,13 @@ import Testing
                 let weights = scores.map { Foundation.exp($0 - top) }, total = weights.reduce(0, +)
                 for i in 0..<headDim {
                     var expected = 0.0
-                    for (n, j) in (first...last).enumerated() { expected += weights[n] / total * Double(values[(j % capacity) * stride + i]) }
+                    for (n, j) in (first...last).enumerated() {
+                        expected += weights[n] / total * Double(values[(j % capacity) * stride + i])
+                    }
                     let got = out[h * headDim + i]
-                    #expect(abs(Double(got) - expected) <= 2e-5 * (abs(expected) + 1), "\(set) d=\(headDim) head \(h) [\(first), \(last)] element \(i): \(got) vs \(expected)")
+                    #expect(
+                        abs(Double(got) - expected) <= 2e-5 * (abs(expected) + 1),
+                        "\(set) d=\(headDim) head \(h) [\(first), \(last)] element \(i): \(got) vs \(expected)")
                 }
             }
         }
@@ -388,9 +455,13 @@ import Testing
                     case .q8_0: k.axpy_q8_0(p, -0.37, out, n)
                     }
                 }
-                reference.withUnsafeMutableBufferPointer { ReferenceKernels.addScaledRow(p, dtype: dtype, scale: -0.37, into: $0.baseAddress!, length) }
+                reference.withUnsafeMutableBufferPointer {
+                    ReferenceKernels.addScaledRow(p, dtype: dtype, scale: -0.37, into: $0.baseAddress!, length)
+                }
             }
-            #expect(zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-6 }, "\(set) \(dtype): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
+            #expect(
+                zip(fast, reference).allSatisfy { abs($0 - $1) <= 1e-6 },
+                "\(set) \(dtype): max diff \(zip(fast, reference).map { abs($0 - $1) }.max()!)")
         }
     }
 
@@ -457,9 +528,17 @@ import Testing
         fresh.setCount(3)
         for (i, r) in [2, 0, 3].enumerated() { fresh.row(i).update(from: source.row(r), count: n) }
         let requantised = fresh.quantizedForm()
-        #expect(Array(UnsafeBufferPointer(start: copied.values, count: 3 * n)) == Array(UnsafeBufferPointer(start: requantised.values, count: 3 * n)))
-        #expect(Array(UnsafeBufferPointer(start: copied.interleaved!, count: 3 * n)) == Array(UnsafeBufferPointer(start: requantised.interleaved!, count: 3 * n)))
-        #expect(Array(UnsafeBufferPointer(start: copied.scales, count: 3 * blocks)) == Array(UnsafeBufferPointer(start: requantised.scales, count: 3 * blocks)))
-        #expect(Array(UnsafeBufferPointer(start: copied.sums, count: 3 * blocks)) == Array(UnsafeBufferPointer(start: requantised.sums, count: 3 * blocks)))
+        #expect(
+            Array(UnsafeBufferPointer(start: copied.values, count: 3 * n))
+                == Array(UnsafeBufferPointer(start: requantised.values, count: 3 * n)))
+        #expect(
+            Array(UnsafeBufferPointer(start: copied.interleaved!, count: 3 * n))
+                == Array(UnsafeBufferPointer(start: requantised.interleaved!, count: 3 * n)))
+        #expect(
+            Array(UnsafeBufferPointer(start: copied.scales, count: 3 * blocks))
+                == Array(UnsafeBufferPointer(start: requantised.scales, count: 3 * blocks)))
+        #expect(
+            Array(UnsafeBufferPointer(start: copied.sums, count: 3 * blocks))
+                == Array(UnsafeBufferPointer(start: requantised.sums, count: 3 * blocks)))
     }
 }

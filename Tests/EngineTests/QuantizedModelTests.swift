@@ -24,7 +24,7 @@ import Testing
     static let tiers = DotKernels.InstructionSet.supported
     static let bounds: [TensorDType: (mean: Float, worst: Float, kl: Double)] = [
         .q8_0: (0.030, 0.092, 6.2e-4),
-        .q4_0: (0.32, 0.93, 0.071),
+        .q4_0: (0.32, 0.93, 0.071)
     ]
     /// The trained fixture, measured the same way (all three tiers agree to four digits): q8_0
     /// 0.00497 / 0.0204 and a KL of 3.9e-5; q4_0 0.0469 / 0.131 and 4.8e-3. Four bits cost a
@@ -32,7 +32,7 @@ import Testing
     /// fixtures. The bounds are 1.5x those values.
     static let trainedBounds: [TensorDType: (mean: Float, worst: Float, kl: Double)] = [
         .q8_0: (0.0075, 0.031, 5.9e-5),
-        .q4_0: (0.070, 0.196, 7.2e-3),
+        .q4_0: (0.070, 0.196, 7.2e-3)
     ]
     static func bounds(_ model: String) -> [TensorDType: (mean: Float, worst: Float, kl: Double)] {
         model == Reference.trained ? trainedBounds : bounds
@@ -49,11 +49,15 @@ import Testing
     }
 
     /// Expects `result` within `bound`; `label` names the comparison.
-    static func expect(_ result: (layers: TeacherForcing.Difference, logits: LogitComparison), within bound: (mean: Float, worst: Float, kl: Double),
-                       _ label: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    static func expect(
+        _ result: (layers: TeacherForcing.Difference, logits: LogitComparison), within bound: (mean: Float, worst: Float, kl: Double),
+        _ label: String, sourceLocation: SourceLocation = #_sourceLocation
+    ) {
         let d = result.layers
-        #expect(d.mean <= bound.mean && d.worst <= bound.worst && d.routingMismatches.isEmpty && d.compared >= 9 * (d.compared + d.skipped) / 10,
-                "\(label): \(d)", sourceLocation: sourceLocation)
+        #expect(
+            d.mean <= bound.mean && d.worst <= bound.worst && d.routingMismatches.isEmpty
+                && d.compared >= 9 * (d.compared + d.skipped) / 10,
+            "\(label): \(d)", sourceLocation: sourceLocation)
         #expect(result.logits.meanKL <= bound.kl, "\(label): logits' mean KL \(result.logits.meanKL)", sourceLocation: sourceLocation)
     }
 
@@ -74,23 +78,23 @@ import Testing
 
     /// Eight-row groups change only the order of float additions. Three ways to run the same
     /// Q4_0 blocks: a package stored `row_major_x8` (stquant's default), a `--plain-rows` package
-    /// regrouped at load, and the plain package read in place with the one-row kernels. The first
+    /// arranged at load, and the plain package read in place with the one-row kernels. The first
     /// two are the same computation where their layouts agree, so their logits are identical bit
     /// for bit (where the stored up rows are `row_major_b8`, they agree to `reordered`). Against the third:
-    /// every regrouped dense matrix gives the in-place product to float rounding, embedding rows
-    /// read from the regrouped head are the stored ones, and every layer, as a prompt and token
+    /// every arranged dense matrix gives the in-place product to float rounding, embedding rows
+    /// read from the arranged head are the stored ones, and every layer, as a prompt and token
     /// by token, adds what the in-place one adds to the stated rounding (`reordered`).
     @Test(arguments: Reference.models, tiers)
     func groupedRowsGiveThePlainRowResults(model: String, tier: DotKernels.InstructionSet) throws {
         let tokens = try Self.tokens(model)
         let plainPath = try Packages.path(model, .q4_0, plainRows: true)
         let stored = try Model(path: try Packages.path(model, .q4_0))
-        let regrouped = try Model(path: plainPath), inPlace = try Model(path: plainPath, copyHotMatrices: false)
+        let arranged = try Model(path: plainPath), inPlace = try Model(path: plainPath, copyHotMatrices: false)
         // stquant stores up rows with their blocks grouped in eights (row_major_b8) where the
-        // hidden size is a multiple of 256 (the trained fixture); regrouping at load makes
+        // hidden size is a multiple of 256 (the trained fixture); arranging at load makes
         // eight-row groups of them.
         let storedUp: TensorLayout = stored.config.hiddenSize % 256 == 0 ? .rowMajorB8 : .rowMajorX8
-        for (m, up) in [(stored, storedUp), (regrouped, TensorLayout.rowMajorX8)] {
+        for (m, up) in [(stored, storedUp), (arranged, TensorLayout.rowMajorX8)] {
             #expect(m.layers[0].query.layout == .rowMajorX8 && m.output.layout == .rowMajorX8)
             #expect(m.layers[0].experts[0].gate.layout == .rowMajorX8 && m.layers[0].experts[0].up.layout == up)
             #expect(m.layers[0].experts[0].down.layout == .rowMajor)
@@ -123,15 +127,17 @@ import Testing
         }
         for batched in [true, false] {
             let a = try TeacherForcing.run(stored, kernels: tier, tokens: tokens, batched: batched)
-            let b = try TeacherForcing.run(regrouped, kernels: tier, tokens: tokens, batched: batched)
+            let b = try TeacherForcing.run(arranged, kernels: tier, tokens: tokens, batched: batched)
             if storedUp == .rowMajorX8 {
                 #expect(a.logits == b.logits && a.states == b.states, "stored groups and groups made at load must agree bit for bit")
             } else {
-                Self.expect(try TeacherForcing.layerByLayer(base: regrouped, other: stored, tokens: tokens, kernels: tier, batched: batched),
-                            within: Self.reordered, "b8 against x8 up rows, \(batched ? "prompt" : "token by token") on \(tier.name)")
+                Self.expect(
+                    try TeacherForcing.layerByLayer(base: arranged, other: stored, tokens: tokens, kernels: tier, batched: batched),
+                    within: Self.reordered, "b8 against x8 up rows, \(batched ? "prompt" : "token by token") on \(tier.name)")
             }
-            Self.expect(try TeacherForcing.layerByLayer(base: inPlace, other: stored, tokens: tokens, kernels: tier, batched: batched),
-                        within: Self.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
+            Self.expect(
+                try TeacherForcing.layerByLayer(base: inPlace, other: stored, tokens: tokens, kernels: tier, batched: batched),
+                within: Self.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
         }
     }
 
@@ -159,8 +165,9 @@ import Testing
         let expected: [TensorLayout] = ["gate", "up", "down"].map { $0 == overridden || $0 == "down" ? .rowMajor : .rowMajorX8 }
         #expect(layouts == expected, "\(layouts)")
         for batched in [true, false] {
-            Self.expect(try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
-                        within: Self.reordered, "\(overridden) overridden, \(batched ? "prompt" : "token by token") on \(tier.name)")
+            Self.expect(
+                try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
+                within: Self.reordered, "\(overridden) overridden, \(batched ? "prompt" : "token by token") on \(tier.name)")
         }
     }
 
@@ -178,8 +185,12 @@ import Testing
         let kernels = try TeacherForcing.layerByLayer(base: dequantised, other: quantised, tokens: tokens, kernels: tier, batched: true)
         let weights = try TeacherForcing.layerByLayer(base: base, other: dequantised, tokens: tokens, kernels: tier, batched: true)
         #expect(kernels.layers.mean < weights.layers.mean / 8, "kernels \(kernels.layers) vs weight quantisation \(weights.layers)")
-        #expect(kernels.logits.meanKL < weights.logits.meanKL / 20, "kernel KL \(kernels.logits.meanKL) vs weight-quantisation KL \(weights.logits.meanKL)")
-        #expect(kernels.layers.mean < 0.02 && kernels.layers.worst < 0.066 && kernels.logits.meanKL < 2.7e-4, "\(kernels.layers), KL \(kernels.logits.meanKL)")
+        #expect(
+            kernels.logits.meanKL < weights.logits.meanKL / 20,
+            "kernel KL \(kernels.logits.meanKL) vs weight-quantisation KL \(weights.logits.meanKL)")
+        #expect(
+            kernels.layers.mean < 0.02 && kernels.layers.worst < 0.066 && kernels.logits.meanKL < 2.7e-4,
+            "\(kernels.layers), KL \(kernels.logits.meanKL)")
     }
 
     /// Decoding one token at a time (the C expert path, experts split across workers) and a
@@ -190,7 +201,8 @@ import Testing
     func quantisedDecodingMatchesTheBatchedPrompt(type: TensorDType, tier: DotKernels.InstructionSet) throws {
         let tokens = try Self.tokens("tiny-4b-like")
         let model = try Model(path: try Packages.path("tiny-4b-like", type))
-        Self.expect(try TeacherForcing.layerByLayer(base: model, other: model, tokens: tokens, kernels: tier, batched: false, baseBatched: true),
-                    within: Self.reordered, "\(type.rawValue) on \(tier.name)")
+        Self.expect(
+            try TeacherForcing.layerByLayer(base: model, other: model, tokens: tokens, kernels: tier, batched: false, baseBatched: true),
+            within: Self.reordered, "\(type.rawValue) on \(tier.name)")
     }
 }

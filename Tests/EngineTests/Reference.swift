@@ -6,26 +6,29 @@ import Testing
 struct Reference {
     struct Sequence {
         let inputIDs: [Int]
-        let logits: [[Float]]             // [T][vocab]
+        let logits: [[Float]]  // [T][vocab]
         let greedyTokens: [Int]
         let greedyMargins: [Float]
-        let greedyStepLogits: [[Float]]    // [16][vocab]
-        let topkExperts: [[[Int]]]         // [layers][T][k]
-        let topkWeights: [[[Float]]]       // [layers][T][k]
-        let layerInputs: [[Float]]         // [layers][T · hidden]: the residual stream entering each layer
-        let routerLogits: [[Float]]        // [layers][T · experts]
-        let finalNormOut: [Float]          // [T · hidden]: model.norm of the last layer's output
+        let greedyStepLogits: [[Float]]  // [16][vocab]
+        let topkExperts: [[[Int]]]  // [layers][T][k]
+        let topkWeights: [[[Float]]]  // [layers][T][k]
+        let layerInputs: [[Float]]  // [layers][T · hidden]: the residual stream entering each layer
+        let routerLogits: [[Float]]  // [layers][T · experts]
+        let finalNormOut: [Float]  // [T · hidden]: model.norm of the last layer's output
 
         /// The authors' run as a trace for `TeacherForcing`: every layer's input, margins and
         /// choices (the last layer's raw output is not in the fixture: its states are NaN).
         func trace(hidden: Int, active: Int) -> Trace {
             let t = inputIDs.count, experts = routerLogits[0].count / t
-            let margins = routerLogits.map { layer in (0..<t).map { p -> Float in
-                let sorted = layer[p * experts..<(p + 1) * experts].sorted(by: >)
-                return sorted[active - 1] - sorted[active]
-            } }
-            return Trace(hidden: hidden, states: layerInputs + [[Float](repeating: .nan, count: t * hidden)], margins: margins,
-                         experts: topkExperts, logits: logits.flatMap { $0 })
+            let margins = routerLogits.map { layer in
+                (0..<t).map { p -> Float in
+                    let sorted = layer[p * experts..<(p + 1) * experts].sorted(by: >)
+                    return sorted[active - 1] - sorted[active]
+                }
+            }
+            return Trace(
+                hidden: hidden, states: layerInputs + [[Float](repeating: .nan, count: t * hidden)], margins: margins,
+                experts: topkExperts, logits: logits.flatMap { $0 })
         }
     }
 
@@ -87,10 +90,12 @@ struct Reference {
 
     static func cube(_ any: Any?) -> [[[Float]]] {
         let (values, shape) = floats(any)
-        return (0..<shape[0]).map { a in (0..<shape[1]).map { b in
-            let start = (a * shape[1] + b) * shape[2]
-            return Array(values[start..<start + shape[2]])
-        } }
+        return (0..<shape[0]).map { a in
+            (0..<shape[1]).map { b in
+                let start = (a * shape[1] + b) * shape[2]
+                return Array(values[start..<start + shape[2]])
+            }
+        }
     }
 }
 
@@ -126,7 +131,8 @@ enum Packages {
             lock.unlock()
             let float = try path(model, .f32)
             lock.lock()
-            let plan = try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, groupedLayouts: !plainRows))
+            let plan = try Quantizer.plan(
+                source: try PackageReader(path: float), policy: QuantizationPolicy(type: dtype, groupedLayouts: !plainRows))
             try Quantizer.write(plan, to: output, overwrite: true, threads: 2)
         } else {
             let plan = try Converter.plan(checkpoint: try Checkpoint(directory: Reference.directory(model)), dtype: dtype)
@@ -147,11 +153,13 @@ func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
     let source = try PackageReader(path: path)
     let bundleOf = source.manifest.bundleOfTensor
     let planned = source.manifest.tensors.map {
-        PlannedTensor(name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout.orientation,
-                      bundle: bundleOf[$0.name].map { ($0.layer, $0.expert) })
+        PlannedTensor(
+            name: $0.name, sourceName: $0.sourceName, dtype: .f32, shape: $0.shape, layout: $0.layout.orientation,
+            bundle: bundleOf[$0.name].map { ($0.layer, $0.expert) })
     }
-    let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned,
-                                                        files: source.manifest.files.map { ($0.name, $0.length) }, provenance: JSONObject())
+    let (manifest, dataOffset) = try PackageLayout.plan(
+        config: source.manifest.config, tensors: planned,
+        files: source.manifest.files.map { ($0.name, $0.length) }, provenance: JSONObject())
     let output = scratch.file("dequantized.stpk")
     let writer = try PackageWriter(destination: output, manifest: manifest, dataOffset: dataOffset, overwrite: false)
     for t in manifest.tensors {

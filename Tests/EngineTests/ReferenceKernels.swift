@@ -10,7 +10,9 @@ enum ReferenceKernels {
         return sum
     }
 
-    static func dotQuantized(_ row: UnsafeRawPointer, dtype: TensorDType, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int) -> Float {
+    static func dotQuantized(
+        _ row: UnsafeRawPointer, dtype: TensorDType, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ blocks: Int
+    ) -> Float {
         var sum: Float = 0
         for b in 0..<blocks {
             let block = row + b * dtype.blockBytes

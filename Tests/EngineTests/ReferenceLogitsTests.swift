@@ -14,8 +14,8 @@ import Testing
     /// token: what it adds to the residual stream is theirs to float rounding (measured: at
     /// most 2e-6 relative on the random fixtures, 4.6e-6 on the trained one), so are the last
     /// layer's normed output and the logits made from it. Router choices within 1e-3 of a tie are
-    /// skipped; at most 1% of them may be (the trained fixture has 2 of 700). A wrong layer (RoPE on a NoPE layer, a window off by one, softmax for
-    /// sigmoid) is off by more than 1e-2.
+    /// skipped; at most 1% of them may be (the trained fixture has 2 of 700). A wrong layer (RoPE
+    /// on a NoPE layer, a window off by one, softmax for sigmoid) is off by more than 1e-2.
     @Test(arguments: Reference.models, tiers)
     func everyLayerMatchesTheReference(model name: String, tier: DotKernels.InstructionSet) throws {
         for dtype in [TensorDType.f32, .bf16] {
@@ -26,12 +26,14 @@ import Testing
                 let expected = reference.trace(hidden: c.hiddenSize, active: c.activeExperts)
                 for batched in [true, false] {
                     let label = "\(dtype.rawValue) \(sequence) \(batched ? "prompt" : "token by token") on \(tier.name)"
-                    let forced = try TeacherForcing.run(model, kernels: tier, tokens: reference.inputIDs, batched: batched,
-                                                        forcing: expected, forcedLayers: layers)
+                    let forced = try TeacherForcing.run(
+                        model, kernels: tier, tokens: reference.inputIDs, batched: batched,
+                        forcing: expected, forcedLayers: layers)
                     let d = TeacherForcing.compare(expected, forced, layers: 0..<layers - 1)
                     let decisions = (layers - 1) * reference.inputIDs.count
-                    #expect(d.worst < 1e-4 && d.routingMismatches.isEmpty && d.compared >= decisions - max(1, decisions / 100),
-                            "\(label): \(d)")
+                    #expect(
+                        d.worst < 1e-4 && d.routingMismatches.isEmpty && d.compared >= decisions - max(1, decisions / 100),
+                        "\(label): \(d)")
                     var worstNorm: Float = 0
                     var normed = [Float](repeating: 0, count: c.hiddenSize)
                     for p in 0..<reference.inputIDs.count {
@@ -54,7 +56,9 @@ import Testing
     /// at least 7e-4, far above float rounding, so no choice can tip and the logits stay within
     /// 1e-3 on every tier.
     @Test(arguments: cases, tiers)
-    func incrementalLogitsMatchTheReference(case: (model: String, sequence: String, dtype: TensorDType), tier: DotKernels.InstructionSet) throws {
+    func incrementalLogitsMatchTheReference(
+        case: (model: String, sequence: String, dtype: TensorDType), tier: DotKernels.InstructionSet
+    ) throws {
         let (model, sequence, dtype) = `case`
         let reference = try #require(try Reference.load(model).sequences[sequence])
         let session = try Session(model: try Model(path: try Packages.path(model, dtype == .bf16 ? nil : dtype)), threads: 2, kernels: tier)
@@ -105,7 +109,8 @@ import Testing
             let expectedWeights = reference.topkWeights[d.layer][d.position]
             // Float noise reaches 1.3e-4 in tiny-21b-like's last layers (its residual grows to
             // |x| ≈ 45); a wrong routing function (softmax vs sigmoid, unnormalised) is off by > 1e-2.
-            #expect(zip(d.weights, expectedWeights).allSatisfy { abs($0 - $1) < 1e-3 }, "weights at layer \(d.layer) position \(d.position)")
+            #expect(
+                zip(d.weights, expectedWeights).allSatisfy { abs($0 - $1) < 1e-3 }, "weights at layer \(d.layer) position \(d.position)")
         }
     }
 
@@ -118,7 +123,9 @@ import Testing
             let chosen = logits.indices.max { logits[$0] < logits[$1] }!
             if chosen != expected {
                 // Only a near-tie may flip, and then the continuation legitimately differs.
-                #expect(reference.greedyMargins[step] < 1e-3, "step \(step): chose \(chosen), reference \(expected), margin \(reference.greedyMargins[step])")
+                #expect(
+                    reference.greedyMargins[step] < 1e-3,
+                    "step \(step): chose \(chosen), reference \(expected), margin \(reference.greedyMargins[step])")
                 return
             }
             #expect(maxAbsDifference(logits[0..<logits.count], reference.greedyStepLogits[step]) < 1e-3, "step \(step)")
@@ -134,7 +141,9 @@ import Testing
         #expect(throws: EngineError.contextFull(limit: 5)) { try session.evaluate([6]) }
         session.reset()
         _ = try session.evaluate([1, 2, 3, 4, 5])
-        #expect(throws: EngineError.invalidToken(id: 512, vocabularySize: 512)) { try Session(model: session.model, threads: 1).evaluate([512]) }
+        #expect(throws: EngineError.invalidToken(id: 512, vocabularySize: 512)) {
+            try Session(model: session.model, threads: 1).evaluate([512])
+        }
         #expect(throws: EngineError.self) { try Session(model: session.model, contextLength: 100_000) }
     }
 }

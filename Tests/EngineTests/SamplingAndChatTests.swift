@@ -4,7 +4,9 @@ import Testing
 
 /// Each sampler stage against its definition, and the chat template.
 @Suite struct SamplerTests {
-    func parameters(temperature: Float, topK: Int = 0, topP: Float = 1, minP: Float = 0, penalty: Float = 1, seed: UInt64 = 1) -> SamplingParameters {
+    func parameters(
+        temperature: Float, topK: Int = 0, topP: Float = 1, minP: Float = 0, penalty: Float = 1, seed: UInt64 = 1
+    ) -> SamplingParameters {
         var p = SamplingParameters()
         p.temperature = temperature
         p.topK = topK
@@ -103,10 +105,13 @@ import Testing
 
 @Suite struct ChatTests {
     @Test func chatMLPromptText() {
-        #expect(ChatTemplate.prompt(user: "Hi") == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        #expect(
+            ChatTemplate.prompt(user: "Hi")
+                == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
         #expect(ChatTemplate.prompt(user: "Hi", system: nil) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
         #expect(ChatTemplate.prompt(user: "x", system: "Be brief.").hasPrefix("<|im_start|>system\nBe brief.<|im_end|>\n"))
-        let history = ChatTemplate.render([.init(role: "user", content: "a"), .init(role: "assistant", content: "b")], addGenerationPrompt: false)
+        let history = ChatTemplate.render(
+            [.init(role: "user", content: "a"), .init(role: "assistant", content: "b")], addGenerationPrompt: false)
         #expect(history == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n")
     }
 
@@ -114,7 +119,8 @@ import Testing
     static func generator(seed: UInt64 = 0, temperature: Float = 0) throws -> TextGenerator {
         let scratch = Scratch()
         let path = scratch.file("t.stpk")
-        let checkpoint = try Checkpoint(directory: Reference.root + "/tiny-4b-like", tokenizerDirectory: TokenizerFixture.root + "/tiny-tokenizer")
+        let checkpoint = try Checkpoint(
+            directory: Reference.root + "/tiny-4b-like", tokenizerDirectory: TokenizerFixture.root + "/tiny-tokenizer")
         try Converter.write(try Converter.plan(checkpoint: checkpoint, dtype: nil), to: path, overwrite: false)
         let model = try Model(path: path)
         let tokenizer = try Tokenizer(json: model.package.fileContents("tokenizer.json")!, path: "tokenizer.json")

@@ -16,14 +16,14 @@ import Foundation
 /// then logits = W_output · (rmsnorm(x) ⊙ output_norm), W_output the embedding when tied.
 struct ScalarForward {
     let c: ModelConfig
-    let embedding: [Float], outputNorm: [Float], output: [Float]     // (vocab, hidden), (hidden), (vocab, hidden)
+    let embedding: [Float], outputNorm: [Float], output: [Float]  // (vocab, hidden), (hidden), (vocab, hidden)
     struct Layer {
-        let attentionNorm: [Float], ffnNorm: [Float]                  // (hidden)
-        let query: [Float], key: [Float], value: [Float]              // (q width | kv width, hidden)
-        let attentionOutput: [Float]                                  // (hidden, q width)
-        let router: [Float]                                           // (experts, hidden)
-        let gate: [[Float]], up: [[Float]]                            // experts × (ffn, hidden)
-        let down: [[Float]]                                           // experts × (ffn, hidden): neuron-major, as stored
+        let attentionNorm: [Float], ffnNorm: [Float]  // (hidden)
+        let query: [Float], key: [Float], value: [Float]  // (q width | kv width, hidden)
+        let attentionOutput: [Float]  // (hidden, q width)
+        let router: [Float]  // (experts, hidden)
+        let gate: [[Float]], up: [[Float]]  // experts × (ffn, hidden)
+        let down: [[Float]]  // experts × (ffn, hidden): neuron-major, as stored
     }
     let layers: [Layer]
 
@@ -40,12 +40,13 @@ struct ScalarForward {
         outputNorm = load(TensorNames.outputNorm)
         output = c.tieWordEmbeddings ? embedding : load(TensorNames.output)
         layers = (0..<c.layerCount).map { n in
-            Layer(attentionNorm: load(TensorNames.attentionNorm(n)), ffnNorm: load(TensorNames.ffnNorm(n)),
-                  query: load(TensorNames.query(n)), key: load(TensorNames.key(n)), value: load(TensorNames.value(n)),
-                  attentionOutput: load(TensorNames.attentionOutput(n)), router: load(TensorNames.router(n)),
-                  gate: (0..<c.expertCount).map { load(TensorNames.expertGate(n, $0)) },
-                  up: (0..<c.expertCount).map { load(TensorNames.expertUp(n, $0)) },
-                  down: (0..<c.expertCount).map { load(TensorNames.expertDown(n, $0)) })
+            Layer(
+                attentionNorm: load(TensorNames.attentionNorm(n)), ffnNorm: load(TensorNames.ffnNorm(n)),
+                query: load(TensorNames.query(n)), key: load(TensorNames.key(n)), value: load(TensorNames.value(n)),
+                attentionOutput: load(TensorNames.attentionOutput(n)), router: load(TensorNames.router(n)),
+                gate: (0..<c.expertCount).map { load(TensorNames.expertGate(n, $0)) },
+                up: (0..<c.expertCount).map { load(TensorNames.expertUp(n, $0)) },
+                down: (0..<c.expertCount).map { load(TensorNames.expertDown(n, $0)) })
         }
     }
 
@@ -80,8 +81,9 @@ struct ScalarForward {
     /// residual stream entering each layer and leaving the last, router margins and choices, logits.
     func run(_ tokens: [Int]) -> Trace {
         let hidden = c.hiddenSize, d = c.headDim, k = c.activeExperts
-        var trace = Trace(hidden: hidden, states: Array(repeating: [], count: c.layerCount + 1),
-                          margins: Array(repeating: [], count: c.layerCount), experts: Array(repeating: [], count: c.layerCount), logits: [])
+        var trace = Trace(
+            hidden: hidden, states: Array(repeating: [], count: c.layerCount + 1),
+            margins: Array(repeating: [], count: c.layerCount), experts: Array(repeating: [], count: c.layerCount), logits: [])
         var keys = Array(repeating: [[Double]](), count: c.layerCount), values = keys  // layer × position × kv width
         for (p, token) in tokens.enumerated() {
             var x = (0..<hidden).map { Double(embedding[token * hidden + $0]) }
@@ -89,7 +91,12 @@ struct ScalarForward {
                 trace.states[n] += x.map(Float.init)
                 let logits = matmul(layer.router, x, rows: c.expertCount)
                 var chosen: [Int] = []
-                for _ in 0..<k { chosen.append((0..<c.expertCount).filter { !chosen.contains($0) }.max { logits[$0] < logits[$1] || (logits[$0] == logits[$1] && $0 > $1) }!) }
+                for _ in 0..<k {
+                    chosen.append(
+                        (0..<c.expertCount).filter { !chosen.contains($0) }.max {
+                            logits[$0] < logits[$1] || (logits[$0] == logits[$1] && $0 > $1)
+                        }!)
+                }
                 let runnerUp = (0..<c.expertCount).filter { !chosen.contains($0) }.map { logits[$0] }.max() ?? -.infinity
                 trace.margins[n].append(Float(logits[chosen[k - 1]] - runnerUp))
                 trace.experts[n].append(chosen)
@@ -108,7 +115,9 @@ struct ScalarForward {
                 var attended = [Double](repeating: 0, count: c.queryWidth)
                 for head in 0..<c.attentionHeads {
                     let kv = head / c.groupSize
-                    let scores = (first...p).map { j in (0..<d).reduce(0.0) { $0 + q[head * d + $1] * keys[n][j][kv * d + $1] } / Double(d).squareRoot() }
+                    let scores = (first...p).map { j in
+                        (0..<d).reduce(0.0) { $0 + q[head * d + $1] * keys[n][j][kv * d + $1] } / Double(d).squareRoot()
+                    }
                     let top = scores.max()!, e = scores.map { exp($0 - top) }, total = e.reduce(0, +)
                     for (i, j) in (first...p).enumerated() {
                         for t in 0..<d { attended[head * d + t] += e[i] / total * values[n][j][kv * d + t] }

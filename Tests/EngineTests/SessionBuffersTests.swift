@@ -14,14 +14,17 @@ import Testing
             let arena = session.arena
             var starts: [UnsafeMutableRawPointer] = [], batches = 0
             for child in Mirror(reflecting: session).children {
-                let pointer: UnsafeMutableRawPointer? = switch child.value {
-                case let p as UnsafeMutablePointer<Float>: UnsafeMutableRawPointer(p)
-                case let p as UnsafeMutablePointer<Int32>: UnsafeMutableRawPointer(p)
-                case let p as UnsafeMutablePointer<Int>: UnsafeMutableRawPointer(p)
-                default: nil
-                }
+                let pointer: UnsafeMutableRawPointer? =
+                    switch child.value {
+                    case let p as UnsafeMutablePointer<Float>: UnsafeMutableRawPointer(p)
+                    case let p as UnsafeMutablePointer<Int32>: UnsafeMutableRawPointer(p)
+                    case let p as UnsafeMutablePointer<Int>: UnsafeMutableRawPointer(p)
+                    default: nil
+                    }
                 if let pointer {
-                    #expect(pointer >= arena.base && pointer < arena.base + arena.bytes, "\(child.label ?? "?") is allocated outside the listed buffers")
+                    #expect(
+                        pointer >= arena.base && pointer < arena.base + arena.bytes,
+                        "\(child.label ?? "?") is allocated outside the listed buffers")
                     starts.append(pointer)
                 }
                 if let batch = child.value as? ActivationBatch { batches += batch.allocatedBytes }
@@ -29,7 +32,9 @@ import Testing
                     batches += ExpertAssignments.bytes(experts: routing.experts, active: routing.active, batch: routing.batch)
                 }
             }
-            #expect(Set(starts).count == SessionBuffer.allCases.count, "\(starts.count) pointers for \(SessionBuffer.allCases.count) listed buffers")
+            #expect(
+                Set(starts).count == SessionBuffer.allCases.count,
+                "\(starts.count) pointers for \(SessionBuffer.allCases.count) listed buffers")
             let plan = MemoryPlan(model: model, contextLength: 64, threads: threads)
             #expect(plan.bufferBytes == arena.bytes + batches + 4 * 3 * model.config.vocabSize)
         }

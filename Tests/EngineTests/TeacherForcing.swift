@@ -38,14 +38,17 @@ enum TeacherForcing {
     /// (`batched`) or one token per call (decoding), and records its trace. With `inputs`, each
     /// layer l < `forcedLayers` (default: every layer and the final stream) gets
     /// `inputs.states[l]` as its input.
-    static func run(_ model: Model, kernels: DotKernels.InstructionSet, tokens: [Int], batched: Bool, forcing inputs: Trace? = nil,
-                    forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil) throws -> Trace {
+    static func run(
+        _ model: Model, kernels: DotKernels.InstructionSet, tokens: [Int], batched: Bool, forcing inputs: Trace? = nil,
+        forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil
+    ) throws -> Trace {
         let c = model.config, hidden = c.hiddenSize, n = tokens.count
         let session = try Session(model: model, contextLength: max(n, 64), threads: threads, memoryBudget: memoryBudget, kernels: kernels)
         defer { session.expertCache?.shutdown() }
-        var trace = Trace(hidden: hidden, states: Array(repeating: [Float](repeating: .nan, count: n * hidden), count: c.layerCount + 1),
-                          margins: Array(repeating: [Float](repeating: .nan, count: n), count: c.layerCount),
-                          experts: Array(repeating: Array(repeating: [], count: n), count: c.layerCount), logits: [])
+        var trace = Trace(
+            hidden: hidden, states: Array(repeating: [Float](repeating: .nan, count: n * hidden), count: c.layerCount + 1),
+            margins: Array(repeating: [Float](repeating: .nan, count: n), count: c.layerCount),
+            experts: Array(repeating: Array(repeating: [], count: n), count: c.layerCount), logits: [])
         let forced = forcedLayers ?? c.layerCount + 1
         session.routingObserver = { d in
             trace.margins[d.layer][d.position] = d.margin
@@ -81,7 +84,8 @@ enum TeacherForcing {
         var skipped = 0
         var routingMismatches: [(layer: Int, position: Int)] = []
         var description: String {
-            "worst relative difference \(worst) (mean \(mean)) at layer \(worstAt.layer) position \(worstAt.position); \(compared) compared, \(skipped) near router ties skipped"
+            "worst relative difference \(worst) (mean \(mean)) at layer \(worstAt.layer) position \(worstAt.position); \(compared) "
+                + "compared, \(skipped) near router ties skipped"
                 + (routingMismatches.isEmpty ? "" : "; different experts despite clear margins at \(routingMismatches.prefix(5))")
         }
     }
@@ -112,13 +116,18 @@ enum TeacherForcing {
     /// token by token as asked. Returns the per-layer difference and the logits' comparison
     /// (both made from the same final residual stream).
     /// `otherKernels`: the second computation's tier, when it is not `kernels`.
-    static func layerByLayer(base: Model, other: Model, tokens: [Int], kernels: DotKernels.InstructionSet, batched: Bool,
-                             baseBatched: Bool? = nil, tie: Float = 1e-3, memoryBudget: Int? = nil,
-                             otherKernels: DotKernels.InstructionSet? = nil) throws -> (layers: Difference, logits: LogitComparison) {
+    static func layerByLayer(
+        base: Model, other: Model, tokens: [Int], kernels: DotKernels.InstructionSet, batched: Bool,
+        baseBatched: Bool? = nil, tie: Float = 1e-3, memoryBudget: Int? = nil,
+        otherKernels: DotKernels.InstructionSet? = nil
+    ) throws -> (layers: Difference, logits: LogitComparison) {
         let expected = try run(base, kernels: kernels, tokens: tokens, batched: baseBatched ?? batched)
-        let forced = try run(other, kernels: otherKernels ?? kernels, tokens: tokens, batched: batched, forcing: expected, memoryBudget: memoryBudget)
-        return (compare(expected, forced, tie: tie),
-                LogitComparison(base: expected.logits, other: forced.logits, vocab: base.config.vocabSize, tokens: tokens))
+        let forced = try run(
+            other, kernels: otherKernels ?? kernels, tokens: tokens, batched: batched, forcing: expected, memoryBudget: memoryBudget)
+        return (
+            compare(expected, forced, tie: tie),
+            LogitComparison(base: expected.logits, other: forced.logits, vocab: base.config.vocabSize, tokens: tokens)
+        )
     }
 
     /// The largest |a − b| over positions' logits, relative to the position's largest |logit|

@@ -3,7 +3,9 @@ import Testing
 @testable import Engine
 
 enum TokenizerFixture {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures").path
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(
+        "Fixtures"
+    ).path
     static let qwenPath = root + "/qwen-tokenizer/tokenizer.json"
     /// Loaded once per test process (11 MB of JSON).
     static let qwen: Tokenizer = try! Tokenizer(path: qwenPath)
@@ -41,7 +43,8 @@ enum TokenizerFixture {
         var text = ""
         for id in c.ids {
             let piece = try stream.add(id)
-            #expect(!piece.unicodeScalars.contains("\u{FFFD}") || c.text.unicodeScalars.contains("\u{FFFD}"), "no broken characters mid-stream")
+            #expect(
+                !piece.unicodeScalars.contains("\u{FFFD}") || c.text.unicodeScalars.contains("\u{FFFD}"), "no broken characters mid-stream")
             text += piece
         }
         text += stream.flush()
@@ -72,7 +75,9 @@ enum TokenizerFixture {
         #expect(throws: TokenizerError.self) { try load("{") }
         #expect { try load("[]") } throws: { ($0 as? TokenizerError).map { "\($0)".contains("not a valid tokenizer.json") } ?? false }
         #expect { try load(#"{"normalizer": {"type": "NFKC"}}"#) } throws: { "\($0)".contains("unsupported tokenizer: normalizer") }
-        #expect { try load(#"{"normalizer": null, "pre_tokenizer": {"type": "Whitespace"}}"#) } throws: { "\($0)".contains("pre-tokenizer is not Qwen2's") }
+        #expect { try load(#"{"normalizer": null, "pre_tokenizer": {"type": "Whitespace"}}"#) } throws: {
+            "\($0)".contains("pre-tokenizer is not Qwen2's")
+        }
         // A real file with its model switched to WordPiece.
         var json = try String(contentsOfFile: TokenizerFixture.qwenPath, encoding: .utf8)
         json = json.replacingOccurrences(of: "\"type\": \"BPE\"", with: "\"type\": \"WordPiece\"")

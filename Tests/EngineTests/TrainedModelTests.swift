@@ -25,7 +25,8 @@ import Testing
         let check = try Self.json["routing_check"] as! [String: Any]
         let ids = check["input_ids"] as! [Int], window = check["window"] as! Int
         let expected = check["layers"] as! [[String: Any]]
-        let session = try Session(model: try Model(path: try Packages.path(Self.model, .f32)), contextLength: window, threads: 2, kernels: tier)
+        let session = try Session(
+            model: try Model(path: try Packages.path(Self.model, .f32)), contextLength: window, threads: 2, kernels: tier)
         let statistics = RoutingStatistics(session: session)
         try statistics.feed(ids)
         let report = statistics.report
@@ -39,8 +40,11 @@ import Testing
             #expect(ours.unusedExperts == theirs["unused_experts"] as! Int || moved > 0, "layer \(ours.layer)")
             #expect(abs(ours.idleNeuronFraction - (theirs["idle_neuron_fraction"] as! Double)) <= 0.002, "layer \(ours.layer)")
             if let recall = theirs["predicted_recall"] as? Double {
-                #expect(abs(ours.predictedRecall! - recall) <= 0.01, "layer \(ours.layer): recall \(ours.predictedRecall!) against \(recall)")
-                for (a, b) in zip(ours.predictedByRank!, theirs["predicted_by_rank"] as! [Double]) { #expect(abs(a - b) <= 0.02, "layer \(ours.layer)") }
+                #expect(
+                    abs(ours.predictedRecall! - recall) <= 0.01, "layer \(ours.layer): recall \(ours.predictedRecall!) against \(recall)")
+                for (a, b) in zip(ours.predictedByRank!, theirs["predicted_by_rank"] as! [Double]) {
+                    #expect(abs(a - b) <= 0.02, "layer \(ours.layer)")
+                }
             } else {
                 #expect(ours.predictedRecall == nil)
             }
@@ -60,9 +64,11 @@ import Testing
         let model = try Model(path: try Packages.path(Self.model, type))
         for tier in DotKernels.InstructionSet.supported where tier != .portable {
             for batched in [true, false] {
-                QuantizedModelTests.expect(try TeacherForcing.layerByLayer(base: model, other: model, tokens: tokens, kernels: .portable,
-                                                                           batched: batched, otherKernels: tier),
-                                           within: QuantizedModelTests.reordered, "\(type.rawValue) on \(tier.name), \(batched ? "prompt" : "token by token")")
+                QuantizedModelTests.expect(
+                    try TeacherForcing.layerByLayer(
+                        base: model, other: model, tokens: tokens, kernels: .portable,
+                        batched: batched, otherKernels: tier),
+                    within: QuantizedModelTests.reordered, "\(type.rawValue) on \(tier.name), \(batched ? "prompt" : "token by token")")
             }
             let a = try Session(model: model, threads: 2, kernels: .portable).evaluate(tokens, allLogits: true)
             let b = try Session(model: model, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)

@@ -19,19 +19,27 @@ enum WideModel {
             "head_dim": headDim, "moe_num_primary_experts": experts, "moe_num_active_primary_experts": active,
             "moe_ffn_hidden_size": ffn, "rope_layout": [1, 0], "rope_theta": 10000.0, "sliding_window_layout": [0, 1],
             "sliding_window_size": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "vocab_size": vocab,
-            "bos_token_id": 1, "eos_token_id": [2], "max_position_embeddings": 256, "torch_dtype": "float32",
+            "bos_token_id": 1, "eos_token_id": [2], "max_position_embeddings": 256, "torch_dtype": "float32"
         ]
         try JSONSerialization.data(withJSONObject: config, options: [.sortedKeys]).write(to: URL(fileURLWithPath: path + "/config.json"))
-        var tensors: [(name: String, shape: [Int], scale: Float?)] = [("model.embed_tokens.weight", [vocab, hidden], 1), ("model.norm.weight", [hidden], nil)]
+        var tensors: [(name: String, shape: [Int], scale: Float?)] = [
+            ("model.embed_tokens.weight", [vocab, hidden], 1), ("model.norm.weight", [hidden], nil)
+        ]
         for n in 0..<layers {
             let p = "model.layers.\(n)."
-            tensors += [(p + "input_layernorm.weight", [hidden], nil), (p + "post_attention_layernorm.weight", [hidden], nil),
-                        (p + "self_attn.q_proj.weight", [heads * headDim, hidden], 2), (p + "self_attn.k_proj.weight", [kvHeads * headDim, hidden], 2),
-                        (p + "self_attn.v_proj.weight", [kvHeads * headDim, hidden], 2), (p + "self_attn.o_proj.weight", [hidden, heads * headDim], 2),
-                        (p + "block_sparse_moe.primary_router.weight", [experts, hidden], 2)]
+            tensors += [
+                (p + "input_layernorm.weight", [hidden], nil), (p + "post_attention_layernorm.weight", [hidden], nil),
+                (p + "self_attn.q_proj.weight", [heads * headDim, hidden], 2),
+                (p + "self_attn.k_proj.weight", [kvHeads * headDim, hidden], 2),
+                (p + "self_attn.v_proj.weight", [kvHeads * headDim, hidden], 2),
+                (p + "self_attn.o_proj.weight", [hidden, heads * headDim], 2),
+                (p + "block_sparse_moe.primary_router.weight", [experts, hidden], 2)
+            ]
             for e in 0..<experts {
                 let q = p + "block_sparse_moe.experts.\(e)."
-                tensors += [(q + "gate.weight", [ffn, hidden], 2), (q + "up.weight", [ffn, hidden], 2), (q + "down.weight", [hidden, ffn], 2)]
+                tensors += [
+                    (q + "gate.weight", [ffn, hidden], 2), (q + "up.weight", [ffn, hidden], 2), (q + "down.weight", [hidden, ffn], 2)
+                ]
             }
         }
         // Weights uniform with standard deviation ~ scale/√fan-in; norm weights near 1.
@@ -39,7 +47,9 @@ enum WideModel {
         var header: [String: Any] = [:], data = Data()
         for t in tensors {
             let count = t.shape.reduce(1, *)
-            let values: [Float] = (0..<count).map { _ in t.scale.map { $0 * g.next() / Float(t.shape.last!).squareRoot() * 1.7 } ?? 1 + 0.1 * g.next() }
+            let values: [Float] = (0..<count).map { _ in
+                t.scale.map { $0 * g.next() / Float(t.shape.last!).squareRoot() * 1.7 } ?? 1 + 0.1 * g.next()
+            }
             header[t.name] = ["dtype": "F32", "shape": t.shape, "data_offsets": [data.count, data.count + 4 * count]]
             values.withUnsafeBytes { data.append(contentsOf: $0) }
         }
@@ -55,16 +65,21 @@ enum WideModel {
 
     /// The float32 package, the default Q4_0 package and a `--plain-rows` one (with `overrides`,
     /// as `--tensor-type`, applied to both).
-    static func packages(in scratch: Scratch, overrides: [(pattern: String, type: TensorDType)] = []) throws -> (f32: String, q4_0: String, plain: String) {
+    static func packages(
+        in scratch: Scratch, overrides: [(pattern: String, type: TensorDType)] = []
+    ) throws -> (f32: String, q4_0: String, plain: String) {
         let f32 = scratch.file("wide-f32.stpk")
         if !FileManager.default.fileExists(atPath: f32) {
-            try Converter.write(try Converter.plan(checkpoint: try Checkpoint(directory: try checkpoint(in: scratch.path)), dtype: .f32), to: f32, overwrite: true)
+            try Converter.write(
+                try Converter.plan(checkpoint: try Checkpoint(directory: try checkpoint(in: scratch.path)), dtype: .f32), to: f32,
+                overwrite: true)
         }
         var out: [String] = []
         for grouped in [true, false] {
             let path = scratch.file("wide-q4_0\(overrides.isEmpty ? "" : "-override")\(grouped ? "" : "-plain").stpk")
             let policy = QuantizationPolicy(type: .q4_0, overrides: overrides, groupedLayouts: grouped)
-            try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: f32), policy: policy), to: path, overwrite: true, threads: 2)
+            try Quantizer.write(
+                try Quantizer.plan(source: try PackageReader(path: f32), policy: policy), to: path, overwrite: true, threads: 2)
             out.append(path)
         }
         return (f32, out[0], out[1])
@@ -94,11 +109,15 @@ enum WideModel {
         // stquant on a Q4_0 package rearranges the same blocks both ways, byte for byte.
         for (source, grouped, target) in [(paths.q4_0, false, plainPackage), (paths.plain, true, stored)] {
             let path = scratch.file("again-\(grouped).stpk")
-            try Quantizer.write(try Quantizer.plan(source: try PackageReader(path: source), policy: QuantizationPolicy(type: .q4_0, groupedLayouts: grouped)),
-                                to: path, overwrite: true, threads: 2)
+            try Quantizer.write(
+                try Quantizer.plan(
+                    source: try PackageReader(path: source), policy: QuantizationPolicy(type: .q4_0, groupedLayouts: grouped)),
+                to: path, overwrite: true, threads: 2)
             let again = try PackageReader(path: path)
             for t in target.manifest.tensors {
-                #expect(again.tensor(t.name)!.layout == t.layout && again.bytes(of: again.tensor(t.name)!).elementsEqual(target.bytes(of: t)), "\(t.name)")
+                #expect(
+                    again.tensor(t.name)!.layout == t.layout && again.bytes(of: again.tensor(t.name)!).elementsEqual(target.bytes(of: t)),
+                    "\(t.name)")
             }
         }
         let hidden = WideModel.hidden
@@ -127,13 +146,15 @@ enum WideModel {
         }
         let tokens = WideModel.tokens(40)
         for batched in [true, false] {
-            QuantizedModelTests.expect(try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
-                                       within: QuantizedModelTests.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
+            QuantizedModelTests.expect(
+                try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
+                within: QuantizedModelTests.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
         }
         let streamed = try Model(path: paths.q4_0, arrangeExperts: false)
         let expected = try Session(model: streamed, contextLength: 64, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)
-        let session = try Session(model: streamed, contextLength: 64, threads: 2,
-                                  memoryBudget: ExpertStreamingTests.budget(streamed, slots: WideModel.active + 1, context: 64), kernels: tier)
+        let session = try Session(
+            model: streamed, contextLength: 64, threads: 2,
+            memoryBudget: ExpertStreamingTests.budget(streamed, slots: WideModel.active + 1, context: 64), kernels: tier)
         #expect(session.expertCache != nil)
         #expect(try session.evaluate(tokens, allLogits: true) == expected, "streaming the experts changes the logits")
     }
@@ -152,8 +173,9 @@ enum WideModel {
         #expect((overridden == "down" ? expert.down.dtype : expert.gate.dtype) == .q8_0)
         let tokens = WideModel.tokens(24)
         for batched in [true, false] {
-            QuantizedModelTests.expect(try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
-                                       within: QuantizedModelTests.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
+            QuantizedModelTests.expect(
+                try TeacherForcing.layerByLayer(base: plain, other: grouped, tokens: tokens, kernels: tier, batched: batched),
+                within: QuantizedModelTests.reordered, "\(batched ? "prompt" : "token by token") on \(tier.name)")
         }
     }
 }

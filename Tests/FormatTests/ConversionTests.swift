@@ -41,8 +41,10 @@ import Testing
                 src.withUnsafeBytes { s in
                     stored.withUnsafeBytes { d in
                         for r in 0..<rows {
-                            for c in 0..<cols where s.loadUnaligned(fromByteOffset: (r * cols + c) * 2, as: UInt16.self)
-                                != d.loadUnaligned(fromByteOffset: (c * rows + r) * 2, as: UInt16.self) {
+                            for c in 0..<cols
+                            where s.loadUnaligned(fromByteOffset: (r * cols + c) * 2, as: UInt16.self)
+                                != d.loadUnaligned(fromByteOffset: (c * rows + r) * 2, as: UInt16.self)
+                            {
                                 mismatches += 1
                             }
                         }

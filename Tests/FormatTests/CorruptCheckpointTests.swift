@@ -65,7 +65,8 @@ import Testing
         Case(name: "file shorter than the length prefix", model: "tiny-4b-like", expected: .safetensors(.truncated)) { dir in
             try Data([1, 2, 3]).write(to: URL(fileURLWithPath: dir + weights))
         },
-        Case(name: "header length past the end of the file", model: "tiny-4b-like", expected: .safetensors(.headerLengthOutOfRange)) { dir in
+        Case(name: "header length past the end of the file", model: "tiny-4b-like", expected: .safetensors(.headerLengthOutOfRange)) {
+            dir in
             var bytes = try Data(contentsOf: URL(fileURLWithPath: dir + weights))
             bytes.replaceSubrange(0..<8, with: withUnsafeBytes(of: UInt64(bytes.count).littleEndian) { Data($0) })
             try bytes.write(to: URL(fileURLWithPath: dir + weights))
@@ -193,10 +194,12 @@ import Testing
             let three = try RawSafetensors(path: path3)
             var one = try RawSafetensors(path: path1)
             let bytes = three.bytes("lm_head.weight")
-            one.header["lm_head.weight"] = ["dtype": "BF16", "shape": [512, 64], "data_offsets": [one.data.count, one.data.count + bytes.count]]
+            one.header["lm_head.weight"] = [
+                "dtype": "BF16", "shape": [512, 64], "data_offsets": [one.data.count, one.data.count + bytes.count]
+            ]
             one.data.append(bytes)
             try one.write(to: path1)
-        },
+        }
     ]
 
     @Test(arguments: cases)

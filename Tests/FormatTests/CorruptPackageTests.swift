@@ -63,7 +63,9 @@ import Testing
         Case(name: "shorter than a header", defect: .truncated, needsVerify: false) { data in data = data.prefix(40) },
         Case(name: "wrong magic", defect: .notAPackage, needsVerify: false) { data in data[0] = 0x47 },
         Case(name: "header checksum", defect: .headerChecksum, needsVerify: false) { data in data[33] ^= 1 },
-        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 8, UInt16(PackageFormat.majorVersion + 1)) },
+        Case(name: "newer major version", defect: .unsupportedVersion, needsVerify: false) { data in
+            setHeader(&data, 8, UInt16(PackageFormat.majorVersion + 1))
+        },
         Case(name: "unknown flags", defect: .unsupportedVersion, needsVerify: false) { data in setHeader(&data, 12, UInt32(4)) },
         Case(name: "file truncated", defect: .truncated, needsVerify: false) { data in data = data.prefix(data.count - 4096) },
         Case(name: "manifest length past the data offset", defect: .rangeOutOfBounds, needsVerify: false) { data in
@@ -114,10 +116,12 @@ import Testing
             try editTensor(&data, "output_norm") { $0["offset"] = ($0["offset"] as! Int) + 2 }
         },
         Case(name: "a required tensor is missing", defect: .invalidManifest, needsVerify: false) { data in
-            try editManifest(&data) { m in m["tensors"] = (m["tensors"] as! [[String: Any]]).filter { $0["name"] as? String != "layers.2.ffn_norm" } }
+            try editManifest(&data) { m in
+                m["tensors"] = (m["tensors"] as! [[String: Any]]).filter { $0["name"] as? String != "layers.2.ffn_norm" }
+            }
         },
         Case(name: "wrong shape for the config", defect: .invalidManifest, needsVerify: false) { data in
-            try editTensor(&data, "layers.0.router") { $0["shape"] = [64, 8]; }
+            try editTensor(&data, "layers.0.router") { $0["shape"] = [64, 8];  }
         },
         Case(name: "bundles out of order", defect: .invalidManifest, needsVerify: false) { data in
             try editManifest(&data) { m in
@@ -161,7 +165,7 @@ import Testing
         },
         Case(name: "padding after the manifest is not zero", defect: .nonZeroPadding, needsVerify: true) { data in
             data[u64(data, 32) - 1] = 0xFF
-        },
+        }
     ]
 
     /// Format 3 readers still read format 1 files (2.0 and 3.0 only added layouts).

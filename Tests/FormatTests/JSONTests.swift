@@ -26,7 +26,8 @@ import Testing
     }
 
     @Test func writerRoundTripsStringsAndKeepsKeyOrder() throws {
-        let value = JSONValue.object(JSONObject([("z", .string("tab\t \"quote\" \u{1F600} \u{07}")), ("a", .double(1e-6)), ("m", .double(1500000))]))
+        let value = JSONValue.object(
+            JSONObject([("z", .string("tab\t \"quote\" \u{1F600} \u{07}")), ("a", .double(1e-6)), ("m", .double(1500000))]))
         let text = JSONWriter.serialize(value)
         #expect(text.hasPrefix("{\"z\":"))
         #expect(try JSONParser.parse(text) == value)

@@ -12,8 +12,9 @@ struct PackageWriterTests {
         let original = try convertFixture("tiny-4b-like", in: scratch)
         let source = try PackageReader(path: original)
         let output = scratch.file("rewritten.stpk")
-        let writer = try PackageWriter(destination: output, manifest: source.manifest, dataOffset: source.header.dataOffset,
-                                       overwrite: false, bufferCapacity: capacity)
+        let writer = try PackageWriter(
+            destination: output, manifest: source.manifest, dataOffset: source.header.dataOffset,
+            overwrite: false, bufferCapacity: capacity)
         for t in source.manifest.tensors {
             // In uneven pieces, so appends straddle the buffer boundaries.
             let bytes = source.bytes(of: t)

@@ -33,13 +33,17 @@ import Testing
 
     func dequantize(_ bytes: [UInt8], _ dtype: TensorDType, count: Int) -> [Float] {
         var out = [Float](repeating: .nan, count: count)
-        bytes.withUnsafeBytes { b in out.withUnsafeMutableBufferPointer { TensorCodec.decode(b.baseAddress!, dtype: dtype, count: count, into: $0.baseAddress!) } }
+        bytes.withUnsafeBytes { b in
+            out.withUnsafeMutableBufferPointer { TensorCodec.decode(b.baseAddress!, dtype: dtype, count: count, into: $0.baseAddress!) }
+        }
         return out
     }
 
     /// First differing byte, for a readable failure.
     func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> String {
-        guard let i = zip(a, b).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else { return "lengths \(a.count) vs \(b.count)" }
+        guard let i = zip(a, b).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else {
+            return "lengths \(a.count) vs \(b.count)"
+        }
         return "byte \(i): \(a[i]) vs expected \(b[i])"
     }
 
@@ -63,9 +67,11 @@ import Testing
 
     @Test func goldenSetCoversTheHardCases() {
         let names = Set(Self.golden.map(\.name))
-        for needed in ["all zero", "tie, positive first", "tie, negative first", "negative maximum",
-                       "huge, scale overflows float16", "tiny, scale subnormal in float16", "float32 subnormals",
-                       "exact halves (q8_0 rounding)"] {
+        for needed in [
+            "all zero", "tie, positive first", "tie, negative first", "negative maximum",
+            "huge, scale overflows float16", "tiny, scale subnormal in float16", "float32 subnormals",
+            "exact halves (q8_0 rounding)"
+        ] {
             #expect(names.contains(needed))
         }
     }
@@ -131,7 +137,9 @@ import Testing
             #expect(error.maxAbsoluteError == worst)
             for (ours, expected) in [(error.sumSquaredError, sumSquaredError), (error.sumSquaredValue, sumSquaredValue)] {
                 // NaN or infinite (a scale that overflows float16) in both, or equal up to rounding.
-                #expect(ours.isNaN == expected.isNaN && (ours.isNaN || ours == expected || abs(ours - expected) <= 1e-12 * abs(expected)), "\(ours) vs \(expected)")
+                #expect(
+                    ours.isNaN == expected.isNaN && (ours.isNaN || ours == expected || abs(ours - expected) <= 1e-12 * abs(expected)),
+                    "\(ours) vs \(expected)")
             }
         }
     }

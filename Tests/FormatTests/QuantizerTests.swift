@@ -4,7 +4,9 @@ import Testing
 
 /// stquant's library: policy, layout, error bounds against the float package, requantisation.
 @Suite struct QuantizerTests {
-    func quantize(_ package: String, _ policy: QuantizationPolicy, in scratch: ScratchDirectory, name: String) throws -> (PackageReader, QuantizationReport) {
+    func quantize(
+        _ package: String, _ policy: QuantizationPolicy, in scratch: ScratchDirectory, name: String
+    ) throws -> (PackageReader, QuantizationReport) {
         let output = scratch.file(name)
         let plan = try Quantizer.plan(source: try PackageReader(path: package), policy: policy)
         let report = try Quantizer.write(plan, to: output, overwrite: false, threads: 2)
@@ -35,7 +37,7 @@ import Testing
             let role = TensorNames.role(of: t.name)
             let a = floats(float, original), b = floats(quantised, t)
             #expect(t.shape == original.shape && t.layout.orientation == original.layout)
-            // Q4_0 matrices in source orientation are regrouped in eights; neuron-major down is not.
+            // Q4_0 matrices in source orientation are arranged in row groups of eight; neuron-major down is not.
             let grouped = type == .q4_0 && t.dtype == .q4_0 && original.layout == .rowMajor && t.shape.count == 2
             #expect((t.layout == .rowMajorX8) == grouped, "\(t.name): \(t.layout.rawValue)")
             switch role {
@@ -55,26 +57,31 @@ import Testing
         }
         // The report agrees with what we measure: relative RMS error of the quantised kinds.
         for group in report.byRole() where group.role == .expert || group.role == .attention {
-            if type == .q4_0 { #expect((0.05...0.12).contains(group.error.relativeRMSE), "\(group.role): \(group.error.relativeRMSE)") }
-            else { #expect(group.error.relativeRMSE < 0.008, "\(group.role): \(group.error.relativeRMSE)") }
+            if type == .q4_0 {
+                #expect((0.05...0.12).contains(group.error.relativeRMSE), "\(group.role): \(group.error.relativeRMSE)")
+            } else {
+                #expect(group.error.relativeRMSE < 0.008, "\(group.role): \(group.error.relativeRMSE)")
+            }
         }
-        let quantisedBits = Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.bytesAfter } * 8)
+        let quantisedBits =
+            Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.bytesAfter } * 8)
             / Double(report.tensors.filter { $0.to == type }.reduce(0) { $0 + $1.elements })
         #expect(quantisedBits == (type == .q4_0 ? 4.5 : 8.5))
         #expect(report.sizeAfter == quantised.header.fileLength && report.sizeBefore == float.header.fileLength)
     }
 
     /// `--plain-rows` stores the same Q4_0 blocks in ggml's row order; quantising either package
-    /// to q4_0 again regroups or ungroups the rows without touching a block, so the round trip
+    /// to q4_0 again arranges the rows in groups or back without touching a block, so the round trip
     /// gives the first package back byte for byte, and both decode to the same values.
     @Test func plainAndGroupedRowsHoldTheSameBlocks() throws {
         let scratch = ScratchDirectory()
         let float = try convertFixture("tiny-21b-like", in: scratch)
         let (grouped, _) = try quantize(float, QuantizationPolicy(type: .q4_0), in: scratch, name: "x8.stpk")
         let (plain, _) = try quantize(float, QuantizationPolicy(type: .q4_0, groupedLayouts: false), in: scratch, name: "plain.stpk")
-        let (regrouped, _) = try quantize(plain.path, QuantizationPolicy(type: .q4_0), in: scratch, name: "again.stpk")
-        let (ungrouped, _) = try quantize(grouped.path, QuantizationPolicy(type: .q4_0, groupedLayouts: false), in: scratch, name: "back.stpk")
-        try regrouped.verify()
+        let (rearranged, _) = try quantize(plain.path, QuantizationPolicy(type: .q4_0), in: scratch, name: "again.stpk")
+        let (ungrouped, _) = try quantize(
+            grouped.path, QuantizationPolicy(type: .q4_0, groupedLayouts: false), in: scratch, name: "back.stpk")
+        try rearranged.verify()
         try ungrouped.verify()
         #expect(plain.manifest.tensors.allSatisfy { $0.layout != .rowMajorX8 })
         #expect(plain.manifest.provenance["quantization"]?.objectValue?["q4_0_rows"]?.stringValue == "row_major")
@@ -83,10 +90,10 @@ import Testing
             let p = plain.tensor(t.name)!
             if t.layout == .rowMajorX8 {
                 grouped2D += 1
-                #expect(!grouped.bytes(of: t).elementsEqual(plain.bytes(of: p)), "\(t.name) is regrouped")
+                #expect(!grouped.bytes(of: t).elementsEqual(plain.bytes(of: p)), "\(t.name) is rearranged")
             }
             #expect(floats(grouped, t) == floats(plain, p), "\(t.name) decodes to the same values")
-            #expect(regrouped.bytes(of: regrouped.tensor(t.name)!).elementsEqual(grouped.bytes(of: t)), "\(t.name): plain → grouped")
+            #expect(rearranged.bytes(of: rearranged.tensor(t.name)!).elementsEqual(grouped.bytes(of: t)), "\(t.name): plain → grouped")
             #expect(ungrouped.bytes(of: ungrouped.tensor(t.name)!).elementsEqual(plain.bytes(of: p)), "\(t.name): grouped → plain")
         }
         #expect(grouped2D > 0)
@@ -106,7 +113,9 @@ import Testing
         #expect(policy.layout(name: gate, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajorX8)
         #expect(policy.layout(name: "layers.3.attn_q", dtype: .q4_0, shape: [1536, 1536], orientation: .rowMajor) == .rowMajorX8)
         #expect(policy.layout(name: "layers.3.experts.5.down", dtype: .q4_0, shape: [768, 1536], orientation: .transposed) == .transposed)
-        #expect(QuantizationPolicy(type: .q4_0, groupedLayouts: false).layout(name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
+        #expect(
+            QuantizationPolicy(type: .q4_0, groupedLayouts: false).layout(
+                name: up, dtype: .q4_0, shape: [768, 1536], orientation: .rowMajor) == .rowMajor)
     }
 
     /// Both grouped layouts hold a matrix's bytes in place of its rows and give them back.
@@ -116,13 +125,21 @@ import Testing
         let plain = (0..<rows * rowBytes).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 7) }
         var packed = [UInt8](repeating: 0, count: plain.count), back = packed
         #expect(layout.fits(dtype: .q4_0, rows: rows, rowBytes: rowBytes) && !layout.fits(dtype: .q8_0, rows: rows, rowBytes: rowBytes))
-        plain.withUnsafeBytes { p in packed.withUnsafeMutableBytes { layout.arrange(plain: p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
-        packed.withUnsafeBytes { p in back.withUnsafeMutableBytes { layout.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) } }
+        plain.withUnsafeBytes { p in
+            packed.withUnsafeMutableBytes {
+                layout.arrange(plain: p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+            }
+        }
+        packed.withUnsafeBytes { p in
+            back.withUnsafeMutableBytes { layout.plainRows(p.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: rows) }
+        }
         #expect(packed != plain && packed.sorted() == plain.sorted())
         #expect(back == plain)
         if layout == .rowMajorB8 {
             // Rows stay where they were: each row's bytes are a permutation of its own.
-            for r in 0..<rows { #expect(packed[r * rowBytes..<(r + 1) * rowBytes].sorted() == plain[r * rowBytes..<(r + 1) * rowBytes].sorted()) }
+            for r in 0..<rows {
+                #expect(packed[r * rowBytes..<(r + 1) * rowBytes].sorted() == plain[r * rowBytes..<(r + 1) * rowBytes].sorted())
+            }
         }
     }
 
@@ -147,8 +164,9 @@ import Testing
     @Test func overridesChooseTypesPerTensorAndForTheEmbedding() throws {
         let scratch = ScratchDirectory()
         let float = try convertFixture("tiny-untied", in: scratch)
-        let policy = QuantizationPolicy(type: .q4_0, embeddingType: .q8_0, outputType: .f16,
-                                        overrides: [("layers.*.attn_v", .q8_0), ("layers.2.experts.*", .f32)])
+        let policy = QuantizationPolicy(
+            type: .q4_0, embeddingType: .q8_0, outputType: .f16,
+            overrides: [("layers.*.attn_v", .q8_0), ("layers.2.experts.*", .f32)])
         let (q, _) = try quantize(float, policy, in: scratch, name: "q.stpk")
         #expect(q.tensor("token_embd")!.dtype == .q8_0)
         #expect(q.tensor("output")!.dtype == .f16)
@@ -170,9 +188,11 @@ import Testing
         #expect(policy.decide(even) == .init(dtype: .q4_0, reason: "default", fellBack: false))
     }
 
-    @Test(arguments: [("layers.*.attn_v", "layers.12.attn_v", true), ("layers.*.attn_v", "layers.12.attn_v2", false),
-                      ("*", "token_embd", true), ("token_embd", "token_embd", true), ("layers.1.*", "layers.12.attn_q", false),
-                      ("*experts*down", "layers.3.experts.7.down", true), ("a*b*c", "abbbc", true), ("a*b*c", "acb", false)])
+    @Test(arguments: [
+        ("layers.*.attn_v", "layers.12.attn_v", true), ("layers.*.attn_v", "layers.12.attn_v2", false),
+        ("*", "token_embd", true), ("token_embd", "token_embd", true), ("layers.1.*", "layers.12.attn_q", false),
+        ("*experts*down", "layers.3.experts.7.down", true), ("a*b*c", "abbbc", true), ("a*b*c", "acb", false)
+    ])
     func globMatchesWholeNames(pattern: String, name: String, matches: Bool) {
         #expect(QuantizationPolicy.glob(pattern, matches: name) == matches)
     }
@@ -189,6 +209,8 @@ import Testing
         let plan = try Quantizer.plan(source: float, policy: QuantizationPolicy(type: .q4_0))
         try Quantizer.write(plan, to: scratch.file("one.stpk"), overwrite: false, threads: 1)
         try Quantizer.write(plan, to: scratch.file("three.stpk"), overwrite: false, threads: 3)
-        #expect(try Data(contentsOf: URL(fileURLWithPath: scratch.file("one.stpk"))) == Data(contentsOf: URL(fileURLWithPath: scratch.file("three.stpk"))))
+        #expect(
+            try Data(contentsOf: URL(fileURLWithPath: scratch.file("one.stpk")))
+                == Data(contentsOf: URL(fileURLWithPath: scratch.file("three.stpk"))))
     }
 }

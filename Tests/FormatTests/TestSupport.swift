@@ -64,8 +64,14 @@ struct RawSafetensors {
         let e = entry(name)
         let raw = bytes(name)
         switch e.dtype {
-        case "BF16": return raw.withUnsafeBytes { p in (0..<raw.count / 2).map { Float(bitPattern: UInt32(p.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) << 16) } }
-        case "F16": return raw.withUnsafeBytes { p in (0..<raw.count / 2).map { Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self))) } }
+        case "BF16":
+            return raw.withUnsafeBytes { p in
+                (0..<raw.count / 2).map { Float(bitPattern: UInt32(p.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self)) << 16) }
+            }
+        case "F16":
+            return raw.withUnsafeBytes { p in
+                (0..<raw.count / 2).map { Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self))) }
+            }
         default: return raw.withUnsafeBytes { p in (0..<raw.count / 4).map { p.loadUnaligned(fromByteOffset: $0 * 4, as: Float.self) } }
         }
     }
@@ -116,14 +122,20 @@ func checkStorageLayout(_ reader: PackageReader, sourceLocation: SourceLocation 
     for (i, b) in m.bundles.enumerated() {
         #expect(b.layer == i / c.expertCount && b.expert == i % c.expertCount, sourceLocation: sourceLocation)
         #expect(b.offset % 4096 == 0 && b.length % 4096 == 0, sourceLocation: sourceLocation)
-        if i > 0 { #expect(b.offset == m.bundles[i - 1].offset + m.bundles[i - 1].length, "bundles are adjacent", sourceLocation: sourceLocation) }
+        if i > 0 {
+            #expect(b.offset == m.bundles[i - 1].offset + m.bundles[i - 1].length, "bundles are adjacent", sourceLocation: sourceLocation)
+        }
         #expect(b.tensors == ["gate", "up", "down"].map { "layers.\(b.layer).experts.\(b.expert).\($0)" }, sourceLocation: sourceLocation)
         let ts = b.tensors.map { m.tensor(named: $0)! }
         #expect(ts[0].offset == b.offset, "the bundle starts with gate", sourceLocation: sourceLocation)
         #expect(ts.allSatisfy { $0.shape == [c.expertFFNSize, c.hiddenSize] }, "all three neuron-major", sourceLocation: sourceLocation)
-        #expect(ts[2].layout == .transposed && ts[0].layout.orientation == .rowMajor && ts[1].layout.orientation == .rowMajor, sourceLocation: sourceLocation)
+        #expect(
+            ts[2].layout == .transposed && ts[0].layout.orientation == .rowMajor && ts[1].layout.orientation == .rowMajor,
+            sourceLocation: sourceLocation)
         for (a, next) in zip(ts, ts.dropFirst()) {
-            #expect(next.offset >= a.offset + a.length && next.offset - (a.offset + a.length) < 64, "back to back", sourceLocation: sourceLocation)
+            #expect(
+                next.offset >= a.offset + a.length && next.offset - (a.offset + a.length) < 64, "back to back",
+                sourceLocation: sourceLocation)
         }
         #expect(b.offset + b.length - (ts[2].offset + ts[2].length) < 4096, "padding less than one page", sourceLocation: sourceLocation)
     }

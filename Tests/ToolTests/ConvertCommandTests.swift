@@ -55,7 +55,9 @@ import Testing
         let scratch = ToolScratch()
         let output = scratch.file("model.stpk")
         #expect(try Tools.run("stconvert", [Tools.fixtures + "/tiny-4b-like", "-o", output, "--quiet"]).status == 0)
-        let json = try JSONSerialization.jsonObject(with: Data(try Tools.run("strun", ["inspect", "--json", output]).stdout.utf8)) as! [String: Any]
+        let json =
+            try JSONSerialization.jsonObject(with: Data(try Tools.run("strun", ["inspect", "--json", output]).stdout.utf8))
+            as! [String: Any]
         let target = (json["tensors"] as! [[String: Any]]).first { $0["name"] as? String == "layers.2.experts.3.up" }!
         let offset = target["offset"] as! Int
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: output))

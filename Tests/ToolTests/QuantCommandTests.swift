@@ -42,7 +42,8 @@ import Testing
     @Test func dryRunShowsThePolicyAndWritesNothing() throws {
         let scratch = ToolScratch()
         let float = try floatPackage(scratch)
-        let result = try Tools.run("stquant", [float, "-o", scratch.file("x.stpk"), "--type", "q4_0", "--dry-run", "--tensor-type", "layers.*.attn_v=q8_0"])
+        let result = try Tools.run(
+            "stquant", [float, "-o", scratch.file("x.stpk"), "--type", "q4_0", "--dry-run", "--tensor-type", "layers.*.attn_v=q8_0"])
         #expect(result.status == 0, "\(result.stderr)")
         #expect(result.stdout.contains("layers.3.attn_v              bf16  -> q8_0  override layers.*.attn_v=q8_0"))
         #expect(result.stdout.contains("layers.3.router              bf16  -> f32   router: kept in f32"))
@@ -62,7 +63,8 @@ import Testing
         #expect(exists.status == 1 && exists.stderr.contains("--force"))
         let requant = try Tools.run("stquant", [scratch.file("q.stpk"), "-o", scratch.file("q8.stpk"), "--type", "q8_0"])
         #expect(requant.status == 1 && requant.stderr.contains("--allow-requantize"))
-        let notPackage = try Tools.run("stquant", [Tools.fixtures + "/tiny-4b-like/model.safetensors", "-o", scratch.file("y.stpk"), "--type", "q4_0"])
+        let notPackage = try Tools.run(
+            "stquant", [Tools.fixtures + "/tiny-4b-like/model.safetensors", "-o", scratch.file("y.stpk"), "--type", "q4_0"])
         #expect(notPackage.status == 1 && notPackage.stderr.contains("not a .stpk package"))
         #expect(scratch.entries == ["float.stpk", "q.stpk"])
     }

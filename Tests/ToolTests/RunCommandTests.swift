@@ -7,7 +7,7 @@ import Testing
     struct Sequence {
         let inputIDs: [Int]
         let greedy: [Int]
-        let logits: [Float]   // [T, vocab]
+        let logits: [Float]  // [T, vocab]
     }
 
     static func reference(_ model: String, _ sequence: String = "short") throws -> Sequence {
@@ -15,8 +15,9 @@ import Testing
         let json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
         let s = (json["sequences"] as! [String: [String: Any]])[sequence]!
         let logits = Data(base64Encoded: (s["logits"] as! [String: Any])["b64"] as! String)!
-        return Sequence(inputIDs: s["input_ids"] as! [Int], greedy: s["greedy_tokens"] as! [Int],
-                        logits: logits.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
+        return Sequence(
+            inputIDs: s["input_ids"] as! [Int], greedy: s["greedy_tokens"] as! [Int],
+            logits: logits.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
     }
 
     func package(_ scratch: ToolScratch, _ model: String, _ extra: [String] = []) throws -> String {
@@ -31,7 +32,8 @@ import Testing
         let path = try package(scratch, "tiny-untied", ["--dtype", "f32"])
         let reference = try Self.reference("tiny-untied")
         let output = scratch.file("logits.f32")
-        let result = try Tools.run("strun", ["logits", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","), "--output", output])
+        let result = try Tools.run(
+            "strun", ["logits", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","), "--output", output])
         #expect(result.status == 0, "\(result.stderr)")
         let logits = try Data(contentsOf: URL(fileURLWithPath: output)).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
         #expect(logits.count == reference.inputIDs.count * 512)
@@ -43,8 +45,12 @@ import Testing
         let scratch = ToolScratch()
         let path = try package(scratch, model)
         let reference = try Self.reference(model, "long")
-        let result = try Tools.run("strun", ["generate", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","),
-                                             "-n", "16", "--temperature", "0", "--ids"])
+        let result = try Tools.run(
+            "strun",
+            [
+                "generate", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","),
+                "-n", "16", "--temperature", "0", "--ids"
+            ])
         #expect(result.status == 0, "\(result.stderr)")
         #expect(result.stdout == reference.greedy.map(String.init).joined(separator: " ") + "\n")
     }
@@ -56,7 +62,8 @@ import Testing
         let first = try Tools.run("strun", args), second = try Tools.run("strun", args)
         #expect(first.status == 0 && first.stdout == second.stdout)
         #expect(first.stdout.split(separator: " ").count == 12)
-        let other = try Tools.run("strun", ["generate", path, "--tokens", "5,6,7", "-n", "12", "--temperature", "1.0", "--seed", "43", "--ids"])
+        let other = try Tools.run(
+            "strun", ["generate", path, "--tokens", "5,6,7", "-n", "12", "--temperature", "1.0", "--seed", "43", "--ids"])
         #expect(other.stdout != first.stdout, "another seed, another draw")
     }
 
@@ -86,12 +93,12 @@ import Testing
     }
 
     /// stquant stores Q4_0 rows grouped by default and strun runs such a package silently; a
-    /// `--plain-rows` package runs to the same greedy tokens, with a note on how to regroup it,
-    /// and regrouping it with stquant gives the default package byte for byte.
-    @Test func plainRowPackagesRunWithANoteAndRegroup() throws {
+    /// `--plain-rows` package runs to the same greedy tokens, with a note on how to arrange it,
+    /// and arranging it with stquant gives the default package byte for byte.
+    @Test func plainRowPackagesRunWithANoteAndRearrange() throws {
         let scratch = ToolScratch()
         let float = try package(scratch, "tiny-4b-like", ["--dtype", "f32"])
-        let (grouped, plain, regrouped) = (scratch.file("g.stpk"), scratch.file("p.stpk"), scratch.file("r.stpk"))
+        let (grouped, plain, rearranged) = (scratch.file("g.stpk"), scratch.file("p.stpk"), scratch.file("r.stpk"))
         #expect(try Tools.run("stquant", [float, "-o", grouped, "--type", "q4_0", "-q"]).status == 0)
         #expect(try Tools.run("stquant", [float, "-o", plain, "--type", "q4_0", "--plain-rows", "-q"]).status == 0)
         let inspect = try Tools.run("strun", ["inspect", plain])
@@ -101,12 +108,12 @@ import Testing
         #expect(a.status == 0 && b.status == 0 && a.stdout == b.stdout && !a.stdout.isEmpty)
         #expect(a.stderr.isEmpty, "\(a.stderr)")
         #expect(b.stderr.contains("plain rows") && b.stderr.contains("stquant \(plain) -o"), "\(b.stderr)")
-        #expect(try Tools.run("stquant", [plain, "-o", regrouped, "--type", "q4_0", "-q"]).status == 0)
-        let fresh = try Data(contentsOf: URL(fileURLWithPath: grouped)), again = try Data(contentsOf: URL(fileURLWithPath: regrouped))
+        #expect(try Tools.run("stquant", [plain, "-o", rearranged, "--type", "q4_0", "-q"]).status == 0)
+        let fresh = try Data(contentsOf: URL(fileURLWithPath: grouped)), again = try Data(contentsOf: URL(fileURLWithPath: rearranged))
         // Same tensors byte for byte; only the provenance (source package name and size) differs.
-        let groupedReader = try PackageReader(path: grouped), regroupedReader = try PackageReader(path: regrouped)
+        let groupedReader = try PackageReader(path: grouped), rearrangedReader = try PackageReader(path: rearranged)
         for t in groupedReader.manifest.tensors {
-            let u = regroupedReader.tensor(t.name)!
+            let u = rearrangedReader.tensor(t.name)!
             #expect(fresh[t.offset..<t.offset + t.length] == again[u.offset..<u.offset + u.length], "\(t.name)")
         }
     }
@@ -138,7 +145,8 @@ import Testing
         #expect(detected.stdout.contains("kernels: ") && detected.stdout.contains("the best this CPU has"), "\(detected.stdout)")
         var supported: [String] = []
         for tier in ["portable", "avx2", "avx512"] {
-            let bench = try Tools.run("strun", ["bench", path, "-p", "4", "-n", "4", "-r", "1", "--json"], environment: ["STRUN_KERNELS": tier])
+            let bench = try Tools.run(
+                "strun", ["bench", path, "-p", "4", "-n", "4", "-r", "1", "--json"], environment: ["STRUN_KERNELS": tier])
             if bench.status == 0 {
                 let report = try JSONSerialization.jsonObject(with: Data(bench.stdout.utf8)) as! [String: Any]
                 #expect(report["kernels"] as? String == tier && report["kernels_forced"] as? Bool == true)
@@ -148,13 +156,21 @@ import Testing
                 #expect(version.stdout.contains("kernels: \(tier) (forced by STRUN_KERNELS"))
                 supported.append(tier)
             } else {
-                #expect(bench.status == 1 && bench.stderr.hasPrefix("strun: error: STRUN_KERNELS=\(tier) asks for the \(tier) kernels, which need"), "\(bench.stderr)")
+                #expect(
+                    bench.status == 1
+                        && bench.stderr.hasPrefix("strun: error: STRUN_KERNELS=\(tier) asks for the \(tier) kernels, which need"),
+                    "\(bench.stderr)")
                 #expect(bench.stderr.split(separator: "\n").count == 1)
             }
         }
         #expect(supported.first == "portable")
         let bad = try Tools.run("strun", ["generate", path, "--tokens", "1,2", "-n", "2", "--ids"], environment: ["STRUN_KERNELS": "sse9"])
-        #expect(bad.status == 1 && bad.stderr == "strun: error: STRUN_KERNELS=sse9 names no kernel tier; use one of portable, avx2, avx512, or unset it for the best this CPU has (\(supported.last!))\n", "\(bad.stderr)")
+        #expect(
+            bad.status == 1
+                && bad.stderr
+                    == "strun: error: STRUN_KERNELS=sse9 names no kernel tier; use one of portable, avx2, avx512, or unset it for the "
+                    + "best this CPU has (\(supported.last!))\n",
+            "\(bad.stderr)")
     }
 }
 
@@ -179,6 +195,8 @@ import Testing
         let tooSmall = try Tools.run("strun", args + ["--memory-budget", "1MB"])
         #expect(tooSmall.status == 1 && tooSmall.stderr.contains("cannot hold the dense part"))
         let badUnit = try Tools.run("strun", args + ["--memory-budget", "lots"])
-        #expect(badUnit.status != 0 && badUnit.stderr.contains("'lots' is invalid for '--memory-budget") && badUnit.stderr.contains("such as 1GiB"))
+        #expect(
+            badUnit.status != 0 && badUnit.stderr.contains("'lots' is invalid for '--memory-budget")
+                && badUnit.stderr.contains("such as 1GiB"))
     }
 }

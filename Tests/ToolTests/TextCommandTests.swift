@@ -3,8 +3,11 @@ import Testing
 
 /// Text in, text out through the built strun, driven through pipes.
 @Suite struct TextCommandTests {
-    static let tinyTokenizer = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("tiny-tokenizer").path
-    static let qwenTokenizer = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("qwen-tokenizer/tokenizer.json").path
+    static let tinyTokenizer = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("tiny-tokenizer")
+        .path
+    static let qwenTokenizer = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent(
+        "qwen-tokenizer/tokenizer.json"
+    ).path
 
     func package(_ scratch: ToolScratch) throws -> String {
         let path = scratch.file("chat.stpk")
@@ -18,7 +21,8 @@ import Testing
         let path = try package(scratch)
         let text = try Tools.run("strun", ["generate", path, "-p", "Hello, how are", "-n", "10", "--temperature", "0", "--ignore-eos"])
         #expect(text.status == 0, "\(text.stderr)")
-        let ids = try Tools.run("strun", ["generate", path, "-p", "Hello, how are", "-n", "10", "--temperature", "0", "--ignore-eos", "--ids"])
+        let ids = try Tools.run(
+            "strun", ["generate", path, "-p", "Hello, how are", "-n", "10", "--temperature", "0", "--ignore-eos", "--ids"])
         #expect(ids.status == 0)
         let idList = ids.stdout.trimmingCharacters(in: .whitespacesAndNewlines).replacingOccurrences(of: " ", with: ",")
         let decoded = try Tools.run("strun", ["detokenize", path, "--ids", idList, "--skip-special-tokens"])
@@ -43,7 +47,9 @@ import Testing
     @Test func chatReportsAFullContext() throws {
         let scratch = ToolScratch()
         let path = try package(scratch)
-        let result = try Tools.run("strun", ["chat", path, "-n", "4", "--temperature", "0", "--context", "40"], stdin: "Hello there\nAnd again, a longer message\nand more\n")
+        let result = try Tools.run(
+            "strun", ["chat", path, "-n", "4", "--temperature", "0", "--context", "40"],
+            stdin: "Hello there\nAnd again, a longer message\nand more\n")
         #expect(result.status == 0, "\(result.stderr)")
         #expect(result.stdout.contains("the context is full: 40 tokens; /reset to start over"))
     }
@@ -64,7 +70,12 @@ import Testing
 
     @Test func tokenizerProblemsAreClearErrors() throws {
         let scratch = ToolScratch()
-        let mismatch = try Tools.run("stconvert", [Tools.fixtures + "/tiny-4b-like", "--tokenizer", URL(fileURLWithPath: Self.qwenTokenizer).deletingLastPathComponent().path, "-o", scratch.file("x.stpk")])
+        let mismatch = try Tools.run(
+            "stconvert",
+            [
+                Tools.fixtures + "/tiny-4b-like", "--tokenizer", URL(fileURLWithPath: Self.qwenTokenizer).deletingLastPathComponent().path,
+                "-o", scratch.file("x.stpk")
+            ])
         #expect(mismatch.status == 1 && mismatch.stderr.contains("tokenizer does not fit the model"))
         let plain = scratch.file("plain.stpk")
         #expect(try Tools.run("stconvert", [Tools.fixtures + "/tiny-4b-like", "-o", plain, "-q"]).status == 0)

@@ -49,8 +49,9 @@ enum Tools {
         try err.close()
         let outData = try Data(contentsOf: URL(fileURLWithPath: base + ".out"))
         let errData = try Data(contentsOf: URL(fileURLWithPath: base + ".err"))
-        return Result(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                      stderr: String(decoding: errData, as: UTF8.self))
+        return Result(
+            status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+            stderr: String(decoding: errData, as: UTF8.self))
     }
 }
 

@@ -71,8 +71,12 @@ extension TrainedModelCommandTests {
         let data = try Data(contentsOf: URL(fileURLWithPath: Self.directory + "/reference.json"))
         let check = (try JSONSerialization.jsonObject(with: data) as! [String: Any])["routing_check"] as! [String: Any]
         let ids = check["input_ids"] as! [Int]
-        result = try Tools.run("strun", ["stats", package, "--tokens", ids.map(String.init).joined(separator: ","),
-                                         "--context", String(check["window"] as! Int), "--json"])
+        result = try Tools.run(
+            "strun",
+            [
+                "stats", package, "--tokens", ids.map(String.init).joined(separator: ","),
+                "--context", String(check["window"] as! Int), "--json"
+            ])
         #expect(result.status == 0, "\(result.stderr)")
         let json = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
         #expect(json["tokens"] as? Int == ids.count)
@@ -111,8 +115,12 @@ extension TrainedModelCommandTests {
         var hitRates: [String: Double] = [:]
         for mode in ["off", "on"] {
             // 512 positions: 73.2 MiB leaves 96 of the 128 bundles (of 56 KiB each).
-            result = try Tools.run("strun", ["bench", quantised, "-p", "16", "-n", "496", "-r", "1", "--memory-budget", "73.2MiB",
-                                             "--text-file", text, "--cross-layer-prefetch", mode, "--json"])
+            result = try Tools.run(
+                "strun",
+                [
+                    "bench", quantised, "-p", "16", "-n", "496", "-r", "1", "--memory-budget", "73.2MiB",
+                    "--text-file", text, "--cross-layer-prefetch", mode, "--json"
+                ])
             #expect(result.status == 0, "\(result.stderr)")
             let r = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
             let hits = r["expert_hits"] as! Int, misses = r["expert_misses"] as! Int, bundle = r["expert_bundle_bytes"] as! Int
@@ -120,8 +128,11 @@ extension TrainedModelCommandTests {
             #expect(hits + misses == 496 * 8 * 4, "one pick per chosen expert")
             #expect(read >= misses * bundle * 9 / 10 && read <= (misses + speculative) * bundle, "\(r)")
             #expect(r["cross_layer_prefetch"] as? String == mode)
-            if mode == "off" { #expect(speculative == 0 && r["speculative_used"] as? Int == 0) }
-            else { #expect((r["speculative_used"] as! Int) > (r["speculative_wasted"] as! Int), "\(r)") }
+            if mode == "off" {
+                #expect(speculative == 0 && r["speculative_used"] as? Int == 0)
+            } else {
+                #expect((r["speculative_used"] as! Int) > (r["speculative_wasted"] as! Int), "\(r)")
+            }
             hitRates[mode] = r["expert_hit_rate"] as? Double
         }
         #expect(hitRates["on"]! > hitRates["off"]! + 0.03, "\(hitRates)")

@@ -29,7 +29,8 @@ public final class Conversation {
         let tokenizer = generator.tokenizer
         var prefix = ""
         if session.position == 0, let system { prefix = ChatTemplate.turn(ChatMessage(role: "system", content: system)) }
-        let prompt = pending + tokenizer.encode(prefix + ChatTemplate.turn(ChatMessage(role: "user", content: text)) + ChatTemplate.assistantPrompt)
+        let prompt =
+            pending + tokenizer.encode(prefix + ChatTemplate.turn(ChatMessage(role: "user", content: text)) + ChatTemplate.assistantPrompt)
         var reply = ""
         let (ids, reason) = try generator.run(prompt: prompt, history: history, maximumTokens: maximumTokens) { piece in
             reply += piece

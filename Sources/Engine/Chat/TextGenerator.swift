@@ -28,8 +28,10 @@ public struct TokenGenerator {
     /// penalty), then generates up to `maximumTokens`. `next` sees each generated id that is not
     /// a stop token and returns a reason to stop there, or nil to go on. Returns the generated
     /// ids (the stop token included when one ended it) and why it stopped.
-    public mutating func run(prompt: [Int], history: [Int] = [], maximumTokens: Int,
-                             next: (Int) throws(EngineError) -> StopReason?) throws(EngineError) -> (ids: [Int], reason: StopReason) {
+    public mutating func run(
+        prompt: [Int], history: [Int] = [], maximumTokens: Int,
+        next: (Int) throws(EngineError) -> StopReason?
+    ) throws(EngineError) -> (ids: [Int], reason: StopReason) {
         guard session.position + prompt.count < session.contextLength else { throw .contextFull(limit: session.contextLength) }
         var logits = try session.evaluate(prompt)
         var generated: [Int] = []
@@ -79,10 +81,12 @@ public struct TextGenerator {
 
     /// Feeds `prompt` (ids not yet evaluated), then generates up to `maximumTokens`, calling
     /// `emit` with text as it becomes final. Returns the generated ids and why it stopped.
-    public mutating func run(prompt: [Int], history: [Int] = [], maximumTokens: Int,
-                             emit: (String) -> Void) throws(EngineError) -> (ids: [Int], reason: StopReason) {
+    public mutating func run(
+        prompt: [Int], history: [Int] = [], maximumTokens: Int,
+        emit: (String) -> Void
+    ) throws(EngineError) -> (ids: [Int], reason: StopReason) {
         var decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
-        var text = ""       // decoded, not yet emitted (may be the start of a stop string)
+        var text = ""  // decoded, not yet emitted (may be the start of a stop string)
         let holdBack = (stopStrings.map(\.count).max() ?? 1) - 1
         func release(final: Bool) {
             let keep = final ? 0 : holdBack
@@ -93,13 +97,16 @@ public struct TextGenerator {
             }
         }
         let stopStrings = self.stopStrings
-        let result = try tokens.run(prompt: prompt, history: history, maximumTokens: maximumTokens) { (token) throws(EngineError) -> StopReason? in
+        let result = try tokens.run(prompt: prompt, history: history, maximumTokens: maximumTokens) {
+            (token) throws(EngineError) -> StopReason? in
             do {
                 text += try decoder.add(token)
             } catch {
                 throw .undecodableToken(id: token, detail: "\(error)")
             }
-            if let stop = stopStrings.compactMap({ s in text.firstRange(of: s).map { (s, $0) } }).min(by: { $0.1.lowerBound < $1.1.lowerBound }) {
+            if let stop = stopStrings.compactMap({ s in text.firstRange(of: s).map { (s, $0) } }).min(by: {
+                $0.1.lowerBound < $1.1.lowerBound
+            }) {
                 text = String(text[..<stop.1.lowerBound])
                 return .stopString
             }

@@ -86,18 +86,18 @@ public final class ExpertCache: @unchecked Sendable {
     private let bundles: [BundleEntry]
     private let memory: UnsafeMutableRawPointer
     // Slot state, guarded by `mutex`.
-    private var slotBundle: [Int]          // bundle index held (or being loaded), -1 if free
+    private var slotBundle: [Int]  // bundle index held (or being loaded), -1 if free
     private var slotReady: [Bool]
     private var slotError: [EngineError?]
-    private var slotPinned: [Bool]    // in use by the current layer: not evictable
+    private var slotPinned: [Bool]  // in use by the current layer: not evictable
     private var slotLastUse: [UInt64]
     private var slotSpeculative: [Bool]  // read by `speculate` and not yet used by a real choice
-    private var slotUses: [Int]            // uses, halved every `usesHalvingPeriod` layer steps
+    private var slotUses: [Int]  // uses, halved every `usesHalvingPeriod` layer steps
     /// Layer steps (`prefetch` calls) between halvings of the use counts: of the periods
     /// measured (128–2048 steps, halving or dividing by 4 to 256), halving every 128 gave the
     /// best hit rates on the trained fixture and matched LRU on the 4B-shaped skewed package.
     static let usesHalvingPeriod: UInt64 = 128
-    private var bundleSlot: [Int]          // bundle index → slot, -1 if absent
+    private var bundleSlot: [Int]  // bundle index → slot, -1 if absent
     private var clock: UInt64 = 0
     private var queue: [(bundle: Int, slot: Int)] = []
     private var speculativeQueue: [(bundle: Int, slot: Int)] = []
@@ -125,7 +125,9 @@ public final class ExpertCache: @unchecked Sendable {
         if fd < 0 {
             direct = false
             fd = open(package.path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw .io(path: package.path, detail: "cannot open for reading experts: \(String(cString: strerror(errno)))") }
+            guard fd >= 0 else {
+                throw .io(path: package.path, detail: "cannot open for reading experts: \(String(cString: strerror(errno)))")
+            }
         }
         descriptor = fd
         directIO = direct
@@ -156,11 +158,13 @@ public final class ExpertCache: @unchecked Sendable {
         for _ in 0..<max(1, ioThreads) {
             var thread = pthread_t()
             let context = Unmanaged.passRetained(self).toOpaque()
-            pthread_create(&thread, nil, { raw in
-                let cache = Unmanaged<ExpertCache>.fromOpaque(raw!).takeRetainedValue()
-                cache.ioLoop()
-                return nil
-            }, context)
+            pthread_create(
+                &thread, nil,
+                { raw in
+                    let cache = Unmanaged<ExpertCache>.fromOpaque(raw!).takeRetainedValue()
+                    cache.ioLoop()
+                    return nil
+                }, context)
             threads.append(thread)
         }
     }
@@ -397,7 +401,12 @@ public final class ExpertCache: @unchecked Sendable {
                 if n < 0 && errno == EINTR { continue }
                 if n <= 0 {
                     let reason = n == 0 ? "unexpected end of file" : String(cString: strerror(errno))
-                    error = .io(path: path, detail: "cannot read the expert bundle of layer \(entry.layer), expert \(entry.expert) at byte \(entry.offset + done): \(reason)")
+                    error = .io(
+                        path: path,
+                        detail:
+                            "cannot read the expert bundle of layer \(entry.layer), expert \(entry.expert) at byte "
+                            + "\(entry.offset + done): \(reason)"
+                    )
                     break
                 }
                 done += n

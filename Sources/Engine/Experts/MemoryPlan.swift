@@ -13,7 +13,8 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
     public init(model: Model, contextLength: Int, threads: Int) {
         let c = model.config
         let manifest = model.package.manifest
-        denseBytes = manifest.denseTensors.reduce(0) { $0 + $1.length }
+        denseBytes =
+            manifest.denseTensors.reduce(0) { $0 + $1.length }
             + manifest.files.reduce(0) { $0 + $1.length } + model.package.header.dataOffset
         kvCacheBytes = model.layers.reduce(0) { total, layer in
             total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)
@@ -24,7 +25,8 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
     }
 
     public var description: String {
-        "dense tensors (\(PackageSummary.bytes(denseBytes))), KV cache (\(PackageSummary.bytes(kvCacheBytes))), buffers (\(PackageSummary.bytes(bufferBytes))) and the process (\(PackageSummary.bytes(MemoryPlan.processAllowance)))"
+        "dense tensors (\(PackageSummary.bytes(denseBytes))), KV cache (\(PackageSummary.bytes(kvCacheBytes))), buffers "
+            + "(\(PackageSummary.bytes(bufferBytes))) and the process (\(PackageSummary.bytes(MemoryPlan.processAllowance)))"
     }
 }
 

@@ -29,19 +29,25 @@ public enum DotKernels {
     }
 
     @inline(__always)
-    public static func q4_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int) -> Float {
+    public static func q4_0(
+        _ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int
+    ) -> Float {
         st_dot_q4_0(row, scales, values, sums, Int32(blocks))
     }
 
     @inline(__always)
-    public static func q8_0(_ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int) -> Float {
+    public static func q8_0(
+        _ row: UnsafeRawPointer, _ scales: UnsafePointer<Float>, _ values: UnsafePointer<Int8>, _ sums: UnsafePointer<Int32>, _ blocks: Int
+    ) -> Float {
         st_dot_q8_0(row, scales, values, sums, Int32(blocks))
     }
 
     /// One quantised row against `tokens` activation vectors; results to out[t * outStride].
     @inline(__always)
-    public static func quantizedTokens(_ row: UnsafeRawPointer, dtype: TensorDType, _ a: QuantizedActivations, first: Int = 0, tokens: Int,
-                                       into out: UnsafeMutablePointer<Float>, outStride: Int) {
+    public static func quantizedTokens(
+        _ row: UnsafeRawPointer, dtype: TensorDType, _ a: QuantizedActivations, first: Int = 0, tokens: Int,
+        into out: UnsafeMutablePointer<Float>, outStride: Int
+    ) {
         let blocks = a.columns / 32
         let s = a.scales + first * blocks, v = a.values + first * a.columns, m = a.sums + first * blocks
         if dtype == .q4_0 {
@@ -54,7 +60,9 @@ public enum DotKernels {
     /// y += a · row, for a row of any dtype (the neuron-major down matrices: each active neuron
     /// adds its row, scaled by its activation, to the output).
     @inline(__always)
-    public static func addScaledRow(_ row: UnsafeRawPointer, dtype: TensorDType, scale a: Float, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+    public static func addScaledRow(
+        _ row: UnsafeRawPointer, dtype: TensorDType, scale a: Float, into y: UnsafeMutablePointer<Float>, _ n: Int
+    ) {
         switch dtype {
         case .f32: st_axpy_f32(row.assumingMemoryBound(to: Float.self), a, y, Int32(n))
         case .bf16: st_axpy_bf16(row.assumingMemoryBound(to: UInt16.self), a, y, Int32(n))
@@ -72,8 +80,10 @@ public enum DotKernels {
 
     /// Q8_0 activations: d = amax / 127 per block (float32), q = round-half-away(x / d).
     @inline(__always)
-    public static func quantizeActivations(_ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>,
-                                           sums: UnsafeMutablePointer<Int32>, _ n: Int) {
+    public static func quantizeActivations(
+        _ x: UnsafePointer<Float>, scales: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Int8>,
+        sums: UnsafeMutablePointer<Int32>, _ n: Int
+    ) {
         st_quantize_q8_0(x, scales, values, sums, Int32(n))
     }
 }

@@ -16,8 +16,9 @@ extension QuantizedActivations {
     /// The vectors from `token` on.
     func rows(from token: Int) -> QuantizedRows {
         let blocks = columns / 32
-        return QuantizedRows(scales: scales + token * blocks, values: values + token * columns,
-                             interleaved: interleaved.map { UnsafePointer($0 + token * columns) }, sums: sums + token * blocks, blocks: blocks)
+        return QuantizedRows(
+            scales: scales + token * blocks, values: values + token * columns,
+            interleaved: interleaved.map { UnsafePointer($0 + token * columns) }, sums: sums + token * blocks, blocks: blocks)
     }
 }
 
@@ -35,8 +36,9 @@ extension WeightMatrix {
     /// row rows.lowerBound + i of token t to out[t · stride + i].
     @inline(__always)
     func dotBlockGrouped(rows: Range<Int>, _ x: QuantizedRows, tokens: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
-        st_matmul_q4_0_b8(base + rows.lowerBound * rowBytes, Int32(rowBytes), 0, Int32(rows.count), x.scales, x.interleaved!, x.sums,
-                          Int32(x.blocks), Int32(tokens), out, Int32(stride))
+        st_matmul_q4_0_b8(
+            base + rows.lowerBound * rowBytes, Int32(rowBytes), 0, Int32(rows.count), x.scales, x.interleaved!, x.sums,
+            Int32(x.blocks), Int32(tokens), out, Int32(stride))
     }
 
     /// y += Σ coefficients[a] · row rows[a], for `count` rows of this Q4_0 matrix (plain rows).
@@ -48,11 +50,14 @@ extension WeightMatrix {
     /// Two tokens' row lists (each ascending) at once: y0 += Σ c0 · rows0 and y1 += Σ c1 · rows1,
     /// each row both use unpacked once. `scratch` holds the merged list: 2 · ffn rows, 4 · ffn floats.
     @inline(__always)
-    func addRows(_ rows0: UnsafePointer<Int32>, coefficients c0: UnsafePointer<Float>, count n0: Int, into y0: UnsafeMutablePointer<Float>,
-                 and rows1: UnsafePointer<Int32>, coefficients c1: UnsafePointer<Float>, count n1: Int, into y1: UnsafeMutablePointer<Float>,
-                 scratch: (rows: UnsafeMutablePointer<Int32>, coefficients: UnsafeMutablePointer<Float>)) {
-        st_axpy_rows_q4_0_pair(base, Int32(rowBytes), rows0, c0, Int32(n0), rows1, c1, Int32(n1), y0, y1, Int32(columns),
-                               scratch.rows, scratch.coefficients, scratch.coefficients + n0 + n1)
+    func addRows(
+        _ rows0: UnsafePointer<Int32>, coefficients c0: UnsafePointer<Float>, count n0: Int, into y0: UnsafeMutablePointer<Float>,
+        and rows1: UnsafePointer<Int32>, coefficients c1: UnsafePointer<Float>, count n1: Int, into y1: UnsafeMutablePointer<Float>,
+        scratch: (rows: UnsafeMutablePointer<Int32>, coefficients: UnsafeMutablePointer<Float>)
+    ) {
+        st_axpy_rows_q4_0_pair(
+            base, Int32(rowBytes), rows0, c0, Int32(n0), rows1, c1, Int32(n1), y0, y1, Int32(columns),
+            scratch.rows, scratch.coefficients, scratch.coefficients + n0 + n1)
     }
 }
 
@@ -62,16 +67,20 @@ extension ExpertWeights {
     /// in whole groups of eight) fetch `next` into L2 while the down rows are added; `scratch`
     /// holds 2 · neurons.count floats.
     @inline(__always)
-    func fusedReGLU(neurons: Range<Int>, token x: QuantizedRows, weight: Float, into out: UnsafeMutablePointer<Float>,
-                    scratch: UnsafeMutablePointer<Float>, prefetching next: UnsafeRawBufferPointer? = nil) {
+    func fusedReGLU(
+        neurons: Range<Int>, token x: QuantizedRows, weight: Float, into out: UnsafeMutablePointer<Float>,
+        scratch: UnsafeMutablePointer<Float>, prefetching next: UnsafeRawBufferPointer? = nil
+    ) {
         switch tokenPath {
         case .groupedQ4_0:
-            st_expert_q4_0_x8(gate.base, up.base, down.base, Int32(gate.rowBytes), Int32(neurons.lowerBound), Int32(neurons.upperBound),
-                              x.scales, x.values, up.layout == .rowMajorB8 ? x.interleaved : nil, x.sums, Int32(x.blocks), weight, out,
-                              scratch, next?.baseAddress, Int32(next?.count ?? 0))
+            st_expert_q4_0_x8(
+                gate.base, up.base, down.base, Int32(gate.rowBytes), Int32(neurons.lowerBound), Int32(neurons.upperBound),
+                x.scales, x.values, up.layout == .rowMajorB8 ? x.interleaved : nil, x.sums, Int32(x.blocks), weight, out,
+                scratch, next?.baseAddress, Int32(next?.count ?? 0))
         case .rowsQ4_0:
-            st_expert_q4_0(gate.base, up.base, down.base, Int32(gate.rowBytes), Int32(neurons.lowerBound), Int32(neurons.upperBound),
-                           x.scales, x.values, x.sums, Int32(x.blocks), weight, out, scratch)
+            st_expert_q4_0(
+                gate.base, up.base, down.base, Int32(gate.rowBytes), Int32(neurons.lowerBound), Int32(neurons.upperBound),
+                x.scales, x.values, x.sums, Int32(x.blocks), weight, out, scratch)
         case .groupedOtherDown, .generic:
             preconditionFailure("\(gate.name): no fused kernel for this expert's types and layouts")
         }

@@ -67,7 +67,10 @@ extension DotKernels {
         guard let request else { return detected }
         let names = InstructionSet.allCases.map(\.name).joined(separator: ", ")
         guard let tier = InstructionSet(name: request) else {
-            throw .kernelTier("\(environmentVariable)=\(request) names no kernel tier; use one of \(names), or unset it for the best this CPU has (\(detected.name))")
+            throw .kernelTier(
+                "\(environmentVariable)=\(request) names no kernel tier; use one of \(names), or unset it for the best this CPU has "
+                    + "(\(detected.name))"
+            )
         }
         try require(tier, source: "\(environmentVariable)=\(request)")
         return tier
@@ -77,7 +80,10 @@ extension DotKernels {
     static func require(_ tier: InstructionSet, source: String) throws(EngineError) {
         guard tier.isSupported else {
             let cpu = cpuModel.map { " (\($0))" } ?? ""
-            throw .kernelTier("\(source) asks for the \(tier.name) kernels, which need \(tier.requirement); this CPU\(cpu) has \(InstructionSet.supported.map(\.name).joined(separator: ", "))")
+            throw .kernelTier(
+                "\(source) asks for the \(tier.name) kernels, which need \(tier.requirement); this CPU\(cpu) has "
+                    + "\(InstructionSet.supported.map(\.name).joined(separator: ", "))"
+            )
         }
     }
 
@@ -99,7 +105,9 @@ extension DotKernels {
     /// One line for reports: the tier in use and why, the CPU and what it supports.
     public static func describe(_ tier: InstructionSet) -> String {
         let why = forcedByEnvironment ? "forced by \(environmentVariable)" : tier == detected ? "the best this CPU has" : "chosen"
-        return "\(tier.name) (\(why); this CPU\(cpuModel.map { ", \($0)," } ?? "") has \(InstructionSet.supported.map(\.name).joined(separator: ", ")))"
+        return
+            "\(tier.name) (\(why); this CPU\(cpuModel.map { ", \($0)," } ?? "") has "
+            + "\(InstructionSet.supported.map(\.name).joined(separator: ", ")))"
     }
 
     /// `describe(configured())`, or why there is no configured tier.

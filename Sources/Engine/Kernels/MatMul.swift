@@ -81,7 +81,9 @@ public enum MatMul {
     /// y[t][r] = W[r] · x[t] for every activation row t and weight row r; `y` has rows of
     /// `outputStride` floats. Float weights use float activations; Q4_0/Q8_0 weights use the
     /// Q8_0 form and integer block dot products.
-    public static func multiply(_ w: WeightMatrix, _ x: ActivationBatch, into y: UnsafeMutablePointer<Float>, outputStride: Int, threads: Int) {
+    public static func multiply(
+        _ w: WeightMatrix, _ x: ActivationBatch, into y: UnsafeMutablePointer<Float>, outputStride: Int, threads: Int
+    ) {
         withUnsafeTemporaryAllocation(of: Product.self, capacity: 1) { products in
             products.initialize(repeating: Product(weights: w, output: y, stride: outputStride))
             multiply(UnsafeBufferPointer(products), x, threads: threads)
@@ -121,7 +123,9 @@ public enum MatMul {
             quantized = quantized || p.weights.dtype.isQuantized
         }
         let q = quantized ? x.quantizedForm() : nil
-        for p in products { precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)") }
+        for p in products {
+            precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)")
+        }
         let slices = work >= parallelThreshold ? max(1, threads) : 1
         let shared = Unchecked((products, x, q))
         parallelForOnThisTier(slices) { slice in
@@ -130,19 +134,22 @@ public enum MatMul {
                 let w = p.weights, y = p.output, outputStride = p.stride
                 if w.layout == .rowMajorX8, let q {
                     let groups = w.rows / 8
-                    st_matmul_q4_0_x8(w.base, Int32(w.columns / 32), Int32(groups * slice / slices), Int32(groups * (slice + 1) / slices),
-                                      q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
+                    st_matmul_q4_0_x8(
+                        w.base, Int32(w.columns / 32), Int32(groups * slice / slices), Int32(groups * (slice + 1) / slices),
+                        q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
                     continue
                 }
                 let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
                 if w.layout == .rowMajorB8, let q {
-                    st_matmul_q4_0_b8(w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
-                                      Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+                    st_matmul_q4_0_b8(
+                        w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
+                        Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
                     continue
                 }
                 if let q, w.dtype.isQuantized {
-                    st_matmul_quantized(w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
-                                        q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+                    st_matmul_quantized(
+                        w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
+                        q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
                     continue
                 }
                 for r in first..<last {
@@ -157,8 +164,10 @@ public enum MatMul {
 
     /// One row · one activation vector, for any weight dtype (quantised weights use the Q8_0 form).
     @inline(__always)
-    static func dot(_ row: UnsafeRawPointer, _ dtype: TensorDType, _ x: UnsafePointer<Float>,
-                    _ scales: UnsafePointer<Float>?, _ values: UnsafePointer<Int8>?, _ sums: UnsafePointer<Int32>?, _ n: Int) -> Float {
+    static func dot(
+        _ row: UnsafeRawPointer, _ dtype: TensorDType, _ x: UnsafePointer<Float>,
+        _ scales: UnsafePointer<Float>?, _ values: UnsafePointer<Int8>?, _ sums: UnsafePointer<Int32>?, _ n: Int
+    ) -> Float {
         switch dtype {
         case .f32: return DotKernels.f32(row, x, n)
         case .bf16: return DotKernels.bf16(row, x, n)

@@ -36,7 +36,9 @@ public struct WeightMatrix: @unchecked Sendable {
 
     /// Whether this matrix is in plain rows that can be arranged in `.rowMajorX8` for the
     /// eight-row kernels.
-    public var canArrangeInRowGroups: Bool { layout == .rowMajor && TensorLayout.rowMajorX8.fits(dtype: dtype, rows: rows, rowBytes: rowBytes) && rows > 0 }
+    public var canArrangeInRowGroups: Bool {
+        layout == .rowMajor && TensorLayout.rowMajorX8.fits(dtype: dtype, rows: rows, rowBytes: rowBytes) && rows > 0
+    }
 
     /// Row `index` of a matrix in the `.rowMajor` or `.rowMajorB8` layout.
     @inline(__always)
@@ -66,16 +68,19 @@ public struct WeightMatrix: @unchecked Sendable {
         let blocks = columns / 32
         if layout == .rowMajorB8, let q {
             var v: Float = 0
-            st_matmul_q4_0_b8(row(index), Int32(rowBytes), 0, 1, q.scales + t * blocks, q.interleaved! + t * columns,
-                              q.sums + t * blocks, Int32(blocks), 1, &v, 1)
+            st_matmul_q4_0_b8(
+                row(index), Int32(rowBytes), 0, 1, q.scales + t * blocks, q.interleaved! + t * columns,
+                q.sums + t * blocks, Int32(blocks), 1, &v, 1)
             return v
         }
-        return MatMul.dot(row(index), dtype, x, q.map { $0.scales + t * blocks }, q.map { $0.values + t * columns }, q.map { $0.sums + t * blocks }, columns)
+        return MatMul.dot(
+            row(index), dtype, x, q.map { $0.scales + t * blocks }, q.map { $0.values + t * columns }, q.map { $0.sums + t * blocks },
+            columns)
     }
 }
 
 /// Page-aligned anonymous memory that asks for transparent huge pages (fewer TLB misses when a
-/// kernel streams through hundreds of megabytes), for weights regrouped at load.
+/// kernel streams through hundreds of megabytes), for weights copied at load.
 final class WeightStorage: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let count: Int
@@ -137,7 +142,8 @@ public struct QuantizedActivations {
     /// rounding half away from zero, as ggml's quantize_row_q8_0.
     public func quantize(_ x: UnsafePointer<Float>, at index: Int) {
         let blocks = columns / 32
-        DotKernels.quantizeActivations(x, scales: scales + index * blocks, values: values + index * columns, sums: sums + index * blocks, columns)
+        DotKernels.quantizeActivations(
+            x, scales: scales + index * blocks, values: values + index * columns, sums: sums + index * blocks, columns)
         if let interleaved { st_interleave_q8_0_b8(values + index * columns, interleaved + index * columns, Int32(blocks)) }
     }
 }

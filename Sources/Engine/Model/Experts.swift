@@ -71,7 +71,8 @@ extension Session {
             // The paths the experts take: as stored when streamed, else as loaded.
             let loaded = expertCache == nil ? layer.experts : model.mappedExperts[index]
             if n == 1, workers > 1, group.count <= c.activeExperts, let token = input.quantized,
-               group.allSatisfy({ loaded[$0].tokenPath == .groupedQ4_0 }) {
+                group.allSatisfy({ loaded[$0].tokenPath == .groupedQ4_0 })
+            {
                 try decode(group, layer: layer, index: index, token: token.rows(from: 0), workers: workers)
             } else {
                 for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
@@ -85,7 +86,8 @@ extension Session {
             expertCache?.release(layer: index, experts: group)
         }
         mixture.update(from: partials, count: n * hidden)
-        st_add_rows(mixture, partials + Session.maximumBatch * hidden, Int32(workers - 1), Int32(Session.maximumBatch * hidden), Int32(n * hidden))
+        st_add_rows(
+            mixture, partials + Session.maximumBatch * hidden, Int32(workers - 1), Int32(Session.maximumBatch * hidden), Int32(n * hidden))
         st_add_rows(residual.floats, mixture, 1, 0, Int32(n * hidden))
         residual.setCount(n)
     }
@@ -114,7 +116,9 @@ extension Session {
     /// experts already in memory are computed while the reads of the others finish. Each slice has
     /// its own sum and the sums are added in the same order whatever ran first, so the result is
     /// the unbudgeted one bit for bit.
-    private func decode(_ group: UnsafeBufferPointer<Int>, layer: LayerWeights, index: Int, token: QuantizedRows, workers: Int) throws(EngineError) {
+    private func decode(
+        _ group: UnsafeBufferPointer<Int>, layer: LayerWeights, index: Int, token: QuantizedRows, workers: Int
+    ) throws(EngineError) {
         let resident = expertCache.map { cache in group.map { cache.isReady(layer: index, expert: $0) } } ?? group.map { _ in true }
         for phase in [true, false] where resident.contains(phase) {
             for (i, e) in group.enumerated() where resident[i] == phase {
@@ -156,13 +160,15 @@ extension Session {
                 out.update(repeating: 0, count: hidden)
                 var next: UnsafeRawBufferPointer? = nil
                 if following < todo.count {
-                    let gate = session.currentExperts[group[todo[following] / perExpert]]!.gate, range = neurons(todo[following] % perExpert)
+                    let gate = session.currentExperts[group[todo[following] / perExpert]]!.gate,
+                        range = neurons(todo[following] % perExpert)
                     next = UnsafeRawBufferPointer(start: gate.base + range.lowerBound * gate.rowBytes, count: range.count * gate.rowBytes)
                 }
                 // The token's weight for this expert (one token: the first entry).
-                session.currentExperts[e]!.fusedReGLU(neurons: neurons(todo[slice] % perExpert), token: x,
-                                                      weight: session.assignments.weights[e * Session.maximumBatch],
-                                                      into: out, scratch: scratch, prefetching: next)
+                session.currentExperts[e]!.fusedReGLU(
+                    neurons: neurons(todo[slice] % perExpert), token: x,
+                    weight: session.assignments.weights[e * Session.maximumBatch],
+                    into: out, scratch: scratch, prefetching: next)
                 slice = following < todo.count ? following : session.nextSlice.add(1, ordering: .relaxed).oldValue
             }
         }
@@ -176,7 +182,8 @@ extension Session {
         let slot = try expertCache.acquire(layer: index, expert: e)
         let bundleStart = model.package.mapping.bytes.baseAddress! + bundle.offset
         func moved(_ w: WeightMatrix) -> WeightMatrix {
-            WeightMatrix(name: w.name, base: slot + (w.base - bundleStart), dtype: w.dtype, rows: w.rows, columns: w.columns, layout: w.layout)
+            WeightMatrix(
+                name: w.name, base: slot + (w.base - bundleStart), dtype: w.dtype, rows: w.rows, columns: w.columns, layout: w.layout)
         }
         return ExpertWeights(gate: moved(mapped.gate), up: moved(mapped.up), down: moved(mapped.down))
     }
@@ -189,9 +196,9 @@ extension Session {
 /// neuron through (ReGLU sparsity: a neuron with gate ≤ 0 contributes exactly nothing).
 struct ExpertWork: @unchecked Sendable {
     struct Input {
-        let floats: UnsafePointer<Float>            // (batch, hidden): h
-        let quantized: QuantizedActivations?        // h in Q8_0, when an expert reads it
-        let gathered: QuantizedActivations?         // (batch · active, hidden): a batch's h by expert
+        let floats: UnsafePointer<Float>  // (batch, hidden): h
+        let quantized: QuantizedActivations?  // h in Q8_0, when an expert reads it
+        let gathered: QuantizedActivations?  // (batch · active, hidden): a batch's h by expert
     }
 
     let input: Input
@@ -229,7 +236,8 @@ struct ExpertWork: @unchecked Sendable {
             let t = tokens[i], y = out + t * hidden
             switch expert.tokenPath {
             case .groupedQ4_0, .rowsQ4_0:
-                expert.fusedReGLU(neurons: neurons, token: input.quantized!.rows(from: t), weight: weights[i], into: y, scratch: scratch.activations)
+                expert.fusedReGLU(
+                    neurons: neurons, token: input.quantized!.rows(from: t), weight: weights[i], into: y, scratch: scratch.activations)
             case .groupedOtherDown:
                 groupedToken(expert, neurons, t, weight: weights[i], into: y, scratch)
             case .generic:
@@ -241,11 +249,11 @@ struct ExpertWork: @unchecked Sendable {
     /// A worker's scratch buffers (Session's, at the worker's offset).
     struct Scratch {
         let activations: UnsafeMutablePointer<Float>  // gate, then gate·up (max(2·ffn, 16·batch))
-        let active: UnsafeMutablePointer<Int32>       // active neurons, or per token their count
-        let downRows: UnsafeMutablePointer<Int32>     // (batch, ffn): per token, its down rows
-        let downScales: UnsafeMutablePointer<Float>   // (batch, ffn): and their coefficients
-        let pairRows: UnsafeMutablePointer<Int32>     // (2·ffn): two tokens' rows merged
-        let pairCoefficients: UnsafeMutablePointer<Float> // (4·ffn)
+        let active: UnsafeMutablePointer<Int32>  // active neurons, or per token their count
+        let downRows: UnsafeMutablePointer<Int32>  // (batch, ffn): per token, its down rows
+        let downScales: UnsafeMutablePointer<Float>  // (batch, ffn): and their coefficients
+        let pairRows: UnsafeMutablePointer<Int32>  // (2·ffn): two tokens' rows merged
+        let pairCoefficients: UnsafeMutablePointer<Float>  // (4·ffn)
 
         init(session s: Session, worker: Int, ffn: Int) {
             let b = Session.maximumBatch
@@ -261,8 +269,10 @@ struct ExpertWork: @unchecked Sendable {
     /// `.grouped` batch: eight neurons at a time, gate and up for all of the expert's tokens, then
     /// down for each (token, neuron) the ReLU lets through. Q4_0 down rows are listed per token and
     /// added in one pass of the many-row kernel, two tokens at a time; other types one by one.
-    private func groupedBatch(_ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
-                              tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch) {
+    private func groupedBatch(
+        _ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
+        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch
+    ) {
         let gates = s.activations, ups = s.activations + 8 * count
         let listDown = expert.down.dtype == .q4_0
         let listed = UnsafeMutableBufferPointer(start: s.active, count: count)
@@ -284,7 +294,8 @@ struct ExpertWork: @unchecked Sendable {
                         s.downScales[at] = scale
                         listed[i] += 1
                     } else {
-                        DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype, scale: scale, into: out + tokens[i] * hidden, hidden)
+                        DotKernels.addScaledRow(
+                            expert.down.row(j + r), dtype: expert.down.dtype, scale: scale, into: out + tokens[i] * hidden, hidden)
                     }
                 }
             }
@@ -292,20 +303,24 @@ struct ExpertWork: @unchecked Sendable {
         guard listDown else { return }
         var i = 0
         while i + 1 < count {
-            expert.down.addRows(s.downRows + i * ffn, coefficients: s.downScales + i * ffn, count: Int(listed[i]), into: out + tokens[i] * hidden,
-                                and: s.downRows + (i + 1) * ffn, coefficients: s.downScales + (i + 1) * ffn, count: Int(listed[i + 1]),
-                                into: out + tokens[i + 1] * hidden, scratch: (s.pairRows, s.pairCoefficients))
+            expert.down.addRows(
+                s.downRows + i * ffn, coefficients: s.downScales + i * ffn, count: Int(listed[i]), into: out + tokens[i] * hidden,
+                and: s.downRows + (i + 1) * ffn, coefficients: s.downScales + (i + 1) * ffn, count: Int(listed[i + 1]),
+                into: out + tokens[i + 1] * hidden, scratch: (s.pairRows, s.pairCoefficients))
             i += 2
         }
         if i < count {
-            expert.down.addRows(s.downRows + i * ffn, coefficients: s.downScales + i * ffn, count: Int(listed[i]), into: out + tokens[i] * hidden)
+            expert.down.addRows(
+                s.downRows + i * ffn, coefficients: s.downScales + i * ffn, count: Int(listed[i]), into: out + tokens[i] * hidden)
         }
     }
 
     /// `.quantizedRows` batch: row by row, gate for all of the expert's tokens at once, then up
     /// and down for the tokens that activate the neuron, while its rows are in cache.
-    private func rowsBatch(_ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
-                           tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch) {
+    private func rowsBatch(
+        _ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
+        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch
+    ) {
         let gates = s.activations
         for j in neurons {
             if expert.gate.dtype == .q4_0 {
@@ -316,41 +331,51 @@ struct ExpertWork: @unchecked Sendable {
             for i in 0..<count where gates[i] > 0 {
                 let t = tokens[i]
                 let up = expert.up.dot(row: j, input.floats + t * hidden, input.quantized, token: t)
-                DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * gates[i] * up,
-                                        into: out + t * hidden, hidden)
+                DotKernels.addScaledRow(
+                    expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * gates[i] * up,
+                    into: out + t * hidden, hidden)
             }
         }
     }
 
     /// `.groupedOtherDown`, one token: groups for gate and up, then the down rows one by one in
     /// their own type.
-    private func groupedToken(_ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
-                              _ s: Scratch) {
+    private func groupedToken(
+        _ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
+        _ s: Scratch
+    ) {
         let x = input.quantized!.rows(from: t)
         let gates = s.activations, ups = s.activations + 8
         for j in stride(from: neurons.lowerBound, to: neurons.upperBound, by: 8) {
             expert.gate.dotGroup(at: j, x, tokens: 1, into: gates, stride: 1)
             guard (0..<8).contains(where: { gates[$0] > 0 }) else { continue }
             if expert.up.layout == .rowMajorB8 {
-                for r in 0..<8 where gates[r] > 0 { ups[r] = expert.up.dot(row: j + r, input.floats + t * hidden, input.quantized, token: t) }
+                for r in 0..<8 where gates[r] > 0 {
+                    ups[r] = expert.up.dot(row: j + r, input.floats + t * hidden, input.quantized, token: t)
+                }
             } else {
                 expert.up.dotGroup(at: j, x, tokens: 1, into: ups, stride: 1)
             }
             for r in 0..<8 where gates[r] > 0 {
-                DotKernels.addScaledRow(expert.down.row(j + r), dtype: expert.down.dtype, scale: weight * (gates[r] * ups[r]), into: y, hidden)
+                DotKernels.addScaledRow(
+                    expert.down.row(j + r), dtype: expert.down.dtype, scale: weight * (gates[r] * ups[r]), into: y, hidden)
             }
         }
     }
 
     /// `.generic`, one token: three passes over the worker's rows, each streaming through one
     /// matrix: gate for every neuron, up where the gate is positive, then down.
-    private func genericToken(_ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
-                              _ s: Scratch) {
+    private func genericToken(
+        _ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
+        _ s: Scratch
+    ) {
         let x = input.floats + t * hidden
         let activations = s.activations
         if expert.gate.layout == .rowMajorX8 {
             let q = input.quantized!.rows(from: t)
-            for j in stride(from: neurons.lowerBound, to: neurons.upperBound, by: 8) { expert.gate.dotGroup(at: j, q, tokens: 1, into: activations + j, stride: 1) }
+            for j in stride(from: neurons.lowerBound, to: neurons.upperBound, by: 8) {
+                expert.gate.dotGroup(at: j, q, tokens: 1, into: activations + j, stride: 1)
+            }
         } else {
             for j in neurons { activations[j] = expert.gate.dot(row: j, x, input.quantized, token: t) }
         }

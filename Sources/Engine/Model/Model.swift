@@ -43,9 +43,13 @@ public enum EngineError: ReportableError, Equatable {
         case .inputTooLong(let tokens, let context):
             return "\(tokens) tokens do not fit the context of \(context); give a shorter text or a larger --context"
         case .budgetBelowDensePart(let budget, let needed, let parts):
-            return "a memory budget of \(PackageSummary.bytes(budget)) cannot hold the dense part: \(parts) need \(PackageSummary.bytes(needed)) before any expert"
+            return
+                "a memory budget of \(PackageSummary.bytes(budget)) cannot hold the dense part: \(parts) need "
+                + "\(PackageSummary.bytes(needed)) before any expert"
         case .budgetBelowOneLayer(let slots, let slotBytes, let needed):
-            return "the memory budget leaves room for \(slots) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs \(needed) (raise --memory-budget)"
+            return
+                "the memory budget leaves room for \(slots) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs "
+                + "\(needed) (raise --memory-budget)"
         case .cacheExhausted:
             return "every expert cache slot is in use by the current layer; raise --memory-budget"
         case .outOfMemory(let bytes, let purpose):
@@ -63,13 +67,13 @@ public enum EngineError: ReportableError, Equatable {
 }
 
 struct LayerWeights: @unchecked Sendable {
-    let attentionNorm: [Float]   // (hidden)
-    let query: WeightMatrix      // (heads·head_dim, hidden)
-    let key: WeightMatrix        // (kv_heads·head_dim, hidden)
-    let value: WeightMatrix      // (kv_heads·head_dim, hidden)
-    let output: WeightMatrix     // (hidden, heads·head_dim)
-    let ffnNorm: [Float]         // (hidden)
-    let router: WeightMatrix     // (experts, hidden)
+    let attentionNorm: [Float]  // (hidden)
+    let query: WeightMatrix  // (heads·head_dim, hidden)
+    let key: WeightMatrix  // (kv_heads·head_dim, hidden)
+    let value: WeightMatrix  // (kv_heads·head_dim, hidden)
+    let output: WeightMatrix  // (hidden, heads·head_dim)
+    let ffnNorm: [Float]  // (hidden)
+    let router: WeightMatrix  // (experts, hidden)
     let experts: [ExpertWeights]
     let rope: Bool
     /// Keys visible to a query, itself included; nil for global layers.
@@ -87,10 +91,10 @@ struct LayerWeights: @unchecked Sendable {
 public final class Model: @unchecked Sendable {
     public let package: PackageReader
     public let config: ModelConfig
-    let embedding: WeightMatrix      // (vocab, hidden)
+    let embedding: WeightMatrix  // (vocab, hidden)
     let layers: [LayerWeights]
-    let outputNorm: [Float]          // (hidden)
-    let output: WeightMatrix         // (vocab, hidden); the embedding when tied
+    let outputNorm: [Float]  // (hidden)
+    let output: WeightMatrix  // (vocab, hidden); the embedding when tied
     /// Every expert as views into the mapping (what the expert cache reads and moves into its
     /// slots), whether or not `layers` holds arranged copies of gate and up.
     let mappedExperts: [[ExpertWeights]]
@@ -113,18 +117,23 @@ public final class Model: @unchecked Sendable {
         func mapped(_ name: String) -> WeightMatrix {
             // The reader has checked presence, shape and range of every tensor the config needs.
             let t = package.tensor(name)!
-            return WeightMatrix(name: name, base: package.bytes(of: t).baseAddress!, dtype: t.dtype, rows: t.shape[0], columns: t.shape[1],
-                                layout: t.layout)
+            return WeightMatrix(
+                name: name, base: package.bytes(of: t).baseAddress!, dtype: t.dtype, rows: t.shape[0], columns: t.shape[1],
+                layout: t.layout)
         }
         func vector(_ name: String) -> [Float] {
             let t = package.tensor(name)!
             var out = [Float](repeating: 0, count: t.elementCount)
-            out.withUnsafeMutableBufferPointer { TensorCodec.decode(package.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!) }
+            out.withUnsafeMutableBufferPointer {
+                TensorCodec.decode(package.bytes(of: t).baseAddress!, dtype: t.dtype, count: t.elementCount, into: $0.baseAddress!)
+            }
             return out
         }
         let experts = (0..<c.layerCount).map { n in
             (0..<c.expertCount).map { e in
-                ExpertWeights(gate: mapped(TensorNames.expertGate(n, e)), up: mapped(TensorNames.expertUp(n, e)), down: mapped(TensorNames.expertDown(n, e)))
+                ExpertWeights(
+                    gate: mapped(TensorNames.expertGate(n, e)), up: mapped(TensorNames.expertUp(n, e)),
+                    down: mapped(TensorNames.expertDown(n, e)))
             }
         }
         mappedExperts = experts
@@ -135,7 +144,8 @@ public final class Model: @unchecked Sendable {
         for n in 0..<c.layerCount {
             hot += [TensorNames.query(n), TensorNames.key(n), TensorNames.value(n), TensorNames.attentionOutput(n), TensorNames.router(n)]
         }
-        let arrangeExperts = arrangeExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canArrangeInRowGroups && $0.up.canArrangeInRowGroups } }
+        let arrangeExperts =
+            arrangeExperts && experts.allSatisfy { $0.allSatisfy { $0.gate.canArrangeInRowGroups && $0.up.canArrangeInRowGroups } }
         if arrangeExperts { hot += experts.joined().flatMap { [$0.gate.name, $0.up.name] } }
         if copyHotMatrices {
             // The hot matrices are about to be copied to huge pages of their own; what stays in the
@@ -170,10 +180,13 @@ public final class Model: @unchecked Sendable {
     /// anonymous allocation on transparent huge pages, in parallel and in chunks, releasing their
     /// mapped pages as it goes; returns the copies by name. nil when there is nothing to copy or
     /// no memory for it. The dense matrices are copied even when stored
-    /// regrouped: read whole for every token, they stream measurably faster from huge pages
+    /// in row groups: read whole for every token, they stream measurably faster from huge pages
     /// (prompt processing ~10-15% on the 4B here) than from the page cache's 4 KiB pages.
-    private static func copy(_ matrices: [WeightMatrix], keepingLayout asIs: Set<String>, mapping: MappedFile)
-        -> (storage: WeightStorage, matrices: [String: WeightMatrix])? {
+    private static func copy(
+        _ matrices: [WeightMatrix], keepingLayout asIs: Set<String>, mapping: MappedFile
+    )
+        -> (storage: WeightStorage, matrices: [String: WeightMatrix])?
+    {
         var offsets: [Int?] = []
         var total = 0
         for m in matrices {
@@ -192,8 +205,11 @@ public final class Model: @unchecked Sendable {
             var first = 0
             while first < m.rows {
                 let rows = min(4096, m.rows - first)
-                jobs.append((m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows,
-                             m.layout == .rowMajor && !asIs.contains(m.name)))
+                jobs.append(
+                    (
+                        m.base + first * m.rowBytes, storage.base + offset + first * m.rowBytes, m.rowBytes, rows,
+                        m.layout == .rowMajor && !asIs.contains(m.name)
+                    ))
                 first += rows
             }
         }
@@ -215,8 +231,9 @@ public final class Model: @unchecked Sendable {
         var result: [String: WeightMatrix] = [:]
         for (m, offset) in zip(matrices, offsets) {
             guard let offset else { continue }
-            result[m.name] = WeightMatrix(name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns,
-                                          layout: asIs.contains(m.name) ? m.layout : .rowMajorX8)
+            result[m.name] = WeightMatrix(
+                name: m.name, base: storage.base + offset, dtype: m.dtype, rows: m.rows, columns: m.columns,
+                layout: asIs.contains(m.name) ? m.layout : .rowMajorX8)
         }
         return (storage, result)
     }

@@ -13,14 +13,14 @@ final class ExpertAssignments: @unchecked Sendable {
     let experts: Int
     let active: Int
     let batch: Int
-    let counts: UnsafeMutablePointer<Int>      // (experts)
-    let tokens: UnsafeMutablePointer<Int>      // (experts, batch)
-    let weights: UnsafeMutablePointer<Float>   // (experts, batch)
-    let firstRow: UnsafeMutablePointer<Int>    // (experts): where an expert's tokens start in the gathered batch
-    let chosen: UnsafeMutablePointer<Int>      // (active): one token's choice, best first
-    let used: UnsafeMutablePointer<Int>        // (experts): the experts any token of the batch chose
+    let counts: UnsafeMutablePointer<Int>  // (experts)
+    let tokens: UnsafeMutablePointer<Int>  // (experts, batch)
+    let weights: UnsafeMutablePointer<Float>  // (experts, batch)
+    let firstRow: UnsafeMutablePointer<Int>  // (experts): where an expert's tokens start in the gathered batch
+    let chosen: UnsafeMutablePointer<Int>  // (active): one token's choice, best first
+    let used: UnsafeMutablePointer<Int>  // (experts): the experts any token of the batch chose
     var usedCount = 0
-    let chosenWeights: UnsafeMutablePointer<Float> // (active)
+    let chosenWeights: UnsafeMutablePointer<Float>  // (active)
 
     /// What `init(experts:active:batch:)` allocates.
     static func bytes(experts: Int, active: Int, batch: Int) -> Int {
@@ -91,9 +91,11 @@ extension Session {
                 let logits = routerLogits + t * c.expertCount
                 let chosen = (0..<c.activeExperts).map { routing.chosen[$0] }
                 let runnerUp = (0..<c.expertCount).filter { !chosen.contains($0) }.map { logits[$0] }.max() ?? -.infinity
-                routingObserver(RoutingDecision(layer: index, position: position + t, experts: chosen,
-                                                weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] },
-                                                margin: logits[chosen[c.activeExperts - 1]] - runnerUp))
+                routingObserver(
+                    RoutingDecision(
+                        layer: index, position: position + t, experts: chosen,
+                        weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] },
+                        margin: logits[chosen[c.activeExperts - 1]] - runnerUp))
             }
         }
         routing.usedCount = 0

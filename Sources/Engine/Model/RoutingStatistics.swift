@@ -96,11 +96,12 @@ public final class RoutingStatistics {
             let total = counts[l].reduce(0, +)
             let top = counts[l].sorted(by: >).prefix(quarter).reduce(0, +)
             let n = predicted[l]
-            return Layer(layer: l, expertCounts: counts[l], topQuarterShare: total > 0 ? Double(top) / Double(total) : 0,
-                         unusedExperts: counts[l].filter { $0 == 0 }.count,
-                         idleNeuronFraction: neurons[l] > 0 ? Double(idle[l]) / Double(neurons[l]) : 0,
-                         predictedRecall: n > 0 ? Double(found[l]) / Double(n * c.activeExperts) : nil,
-                         predictedByRank: n > 0 ? foundByRank[l].map { Double($0) / Double(n) } : nil)
+            return Layer(
+                layer: l, expertCounts: counts[l], topQuarterShare: total > 0 ? Double(top) / Double(total) : 0,
+                unusedExperts: counts[l].filter { $0 == 0 }.count,
+                idleNeuronFraction: neurons[l] > 0 ? Double(idle[l]) / Double(neurons[l]) : 0,
+                predictedRecall: n > 0 ? Double(found[l]) / Double(n * c.activeExperts) : nil,
+                predictedByRank: n > 0 ? foundByRank[l].map { Double($0) / Double(n) } : nil)
         }
         return Report(tokens: tokens, experts: c.expertCount, active: c.activeExperts, layers: layers)
     }
@@ -149,12 +150,16 @@ public final class RoutingStatistics {
             guard let chosen = choices[firstPosition + t] else { continue }
             routers[l].withUnsafeBufferPointer { w in
                 previousInput.withUnsafeBufferPointer { x in
-                    for e in 0..<c.expertCount { logits[e] = DotKernels.f32(w.baseAddress! + e * hidden, x.baseAddress! + t * hidden, hidden) }
+                    for e in 0..<c.expertCount {
+                        logits[e] = DotKernels.f32(w.baseAddress! + e * hidden, x.baseAddress! + t * hidden, hidden)
+                    }
                 }
             }
             var guess = [Int](repeating: 0, count: k)
             logits.withUnsafeBufferPointer { l in
-                guess.withUnsafeMutableBufferPointer { ExpertAssignments.topK(l.baseAddress!, count: c.expertCount, k: k, into: $0.baseAddress!) }
+                guess.withUnsafeMutableBufferPointer {
+                    ExpertAssignments.topK(l.baseAddress!, count: c.expertCount, k: k, into: $0.baseAddress!)
+                }
             }
             predicted[l] += 1
             for (rank, e) in chosen.enumerated() where guess.contains(e) {

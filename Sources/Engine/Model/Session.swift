@@ -48,18 +48,18 @@ public final class Session: @unchecked Sendable {
     let caches: [KVCache]
     /// Owns the buffers below that are not activation batches (`SessionBuffer` lists them).
     let arena: SessionArena
-    let residual: ActivationBatch      // (batch, hidden): the residual stream, also the router input
-    let normed: ActivationBatch        // (batch, hidden)
-    let queries: UnsafeMutablePointer<Float>     // (batch, heads·head_dim)
-    let keys: UnsafeMutablePointer<Float>        // (batch, kv_heads·head_dim)
-    let values: UnsafeMutablePointer<Float>      // (batch, kv_heads·head_dim)
-    let attention: ActivationBatch     // (batch, heads·head_dim)
-    let projected: UnsafeMutablePointer<Float>   // (batch, hidden)
-    let routerLogits: UnsafeMutablePointer<Float> // (batch, experts)
-    let predictedLogits: UnsafeMutablePointer<Float> // (experts): decoding, the next layer's router on this layer's input
+    let residual: ActivationBatch  // (batch, hidden): the residual stream, also the router input
+    let normed: ActivationBatch  // (batch, hidden)
+    let queries: UnsafeMutablePointer<Float>  // (batch, heads·head_dim)
+    let keys: UnsafeMutablePointer<Float>  // (batch, kv_heads·head_dim)
+    let values: UnsafeMutablePointer<Float>  // (batch, kv_heads·head_dim)
+    let attention: ActivationBatch  // (batch, heads·head_dim)
+    let projected: UnsafeMutablePointer<Float>  // (batch, hidden)
+    let routerLogits: UnsafeMutablePointer<Float>  // (batch, experts)
+    let predictedLogits: UnsafeMutablePointer<Float>  // (experts): decoding, the next layer's router on this layer's input
     let predictedExperts: UnsafeMutablePointer<Int>  // (active experts): its top k
-    let mixture: UnsafeMutablePointer<Float>     // (batch, hidden)
-    let partials: UnsafeMutablePointer<Float>    // (threads, batch, hidden): per-worker expert sums
+    let mixture: UnsafeMutablePointer<Float>  // (batch, hidden)
+    let partials: UnsafeMutablePointer<Float>  // (threads, batch, hidden): per-worker expert sums
     /// (active experts · decodeSlices, hidden): one token's expert sums per slice of an expert's
     /// neurons, handed out to whichever worker is free (`nextSlice`) and summed in slice order,
     /// so the result does not depend on which worker took which slice.
@@ -70,7 +70,7 @@ public final class Session: @unchecked Sendable {
     /// and up values for each of up to `maximumBatch` tokens).
     let gateBuffers: UnsafeMutablePointer<Float>
     static func gateBufferStride(ffn: Int) -> Int { max(2 * ffn, 16 * maximumBatch) }
-    let activeIndices: UnsafeMutablePointer<Int32> // (threads, ffn): per-worker active neuron list
+    let activeIndices: UnsafeMutablePointer<Int32>  // (threads, ffn): per-worker active neuron list
     /// (threads, batch, ffn): per worker and token, the down rows a batch's token adds and their
     /// scales (so each token's rows go through the many-row kernel at once).
     let downRows: UnsafeMutablePointer<Int32>
@@ -94,8 +94,10 @@ public final class Session: @unchecked Sendable {
     ///   a cache of expert bundles streamed from the package. nil: the whole package is mapped.
     /// - Parameter kernels: the kernel tier (nil: `DotKernels.configured()`, the environment's
     ///   `STRUN_KERNELS` or the best this CPU has); one this CPU lacks is an error.
-    public init(model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-                memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil) throws(EngineError) {
+    public init(
+        model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil
+    ) throws(EngineError) {
         if let kernels {
             try DotKernels.require(kernels, source: "the session")
             self.kernels = kernels
@@ -111,7 +113,9 @@ public final class Session: @unchecked Sendable {
         self.contextLength = context
         self.threads = max(1, threads)
         let b = Session.maximumBatch
-        caches = model.layers.map { KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), heads: c.kvHeads, headDim: c.headDim, window: $0.window) }
+        caches = model.layers.map {
+            KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), heads: c.kvHeads, headDim: c.headDim, window: $0.window)
+        }
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
         let arena = SessionArena(c, threads: max(1, threads))
@@ -235,9 +239,10 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
-        MatMul.multiply(.init(weights: layer.query, output: queries, stride: c.queryWidth),
-                        .init(weights: layer.key, output: keys, stride: c.kvWidth),
-                        .init(weights: layer.value, output: values, stride: c.kvWidth), normed, threads: threads)
+        MatMul.multiply(
+            .init(weights: layer.query, output: queries, stride: c.queryWidth),
+            .init(weights: layer.key, output: keys, stride: c.kvWidth),
+            .init(weights: layer.value, output: values, stride: c.kvWidth), normed, threads: threads)
         attention.setCount(n)
         // Rotate and store every key and value of the batch first; a window's ring holds
         // window + maximumBatch positions, so this never overwrites a key a query of the batch
@@ -269,9 +274,10 @@ public final class Session: @unchecked Sendable {
                 let heads = kvHead * c.groupSize + c.groupSize * (chunk + 1) / chunks - firstHead
                 let p = session.position + t
                 let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
-                st_attend(session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
-                          cache.keys(head: kvHead), cache.values(head: kvHead), Int32(cache.capacity), Int32(c.headDim),
-                          Int32(first), Int32(p), Int32(c.headDim), scale, session.attention.row(t) + firstHead * c.headDim)
+                st_attend(
+                    session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
+                    cache.keys(head: kvHead), cache.values(head: kvHead), Int32(cache.capacity), Int32(c.headDim),
+                    Int32(first), Int32(p), Int32(c.headDim), scale, session.attention.row(t) + firstHead * c.headDim)
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)

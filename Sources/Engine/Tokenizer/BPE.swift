@@ -7,7 +7,9 @@ struct BPEModel {
     /// Token id of each byte's byte-level character.
     let byteTokens: [Int32]
 
-    @inline(__always) static func key(_ a: Int32, _ b: Int32) -> UInt64 { UInt64(UInt32(bitPattern: a)) << 32 | UInt64(UInt32(bitPattern: b)) }
+    @inline(__always) static func key(_ a: Int32, _ b: Int32) -> UInt64 {
+        UInt64(UInt32(bitPattern: a)) << 32 | UInt64(UInt32(bitPattern: b))
+    }
 
     /// Ids for one pre-tokenised piece, given as UTF-8 bytes.
     func encode(_ bytes: some Collection<UInt8>) -> [Int32] {

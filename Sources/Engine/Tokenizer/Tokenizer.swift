@@ -61,15 +61,18 @@ public final class Tokenizer: @unchecked Sendable {
             normalizeNFC = true
         }
         // Pre-tokeniser: the Qwen2 split pattern, then byte-level without its own regex.
-        let expectedPattern = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+        let expectedPattern =
+            "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+            + "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
         let steps = root["pre_tokenizer"]?.objectValue?["pretokenizers"]?.arrayValue ?? []
         let split = steps.first?.objectValue
         guard root["pre_tokenizer"]?.objectValue?["type"]?.stringValue == "Sequence", steps.count == 2,
-              split?["type"]?.stringValue == "Split",
-              split?["pattern"]?.objectValue?["Regex"]?.stringValue == expectedPattern,
-              split?["behavior"]?.stringValue == "Isolated", split?["invert"]?.boolValue == false,
-              steps[1].objectValue?["type"]?.stringValue == "ByteLevel", steps[1].objectValue?["use_regex"]?.boolValue == false,
-              steps[1].objectValue?["add_prefix_space"]?.boolValue != true else {
+            split?["type"]?.stringValue == "Split",
+            split?["pattern"]?.objectValue?["Regex"]?.stringValue == expectedPattern,
+            split?["behavior"]?.stringValue == "Isolated", split?["invert"]?.boolValue == false,
+            steps[1].objectValue?["type"]?.stringValue == "ByteLevel", steps[1].objectValue?["use_regex"]?.boolValue == false,
+            steps[1].objectValue?["add_prefix_space"]?.boolValue != true
+        else {
             throw unsupported("the pre-tokenizer is not Qwen2's (Split on its pattern, then ByteLevel without regex)")
         }
         guard root["decoder"]?.objectValue?["type"]?.stringValue == "ByteLevel" else {
@@ -81,7 +84,8 @@ public final class Tokenizer: @unchecked Sendable {
         if modelObject["byte_fallback"]?.boolValue == true || modelObject["ignore_merges"]?.boolValue == true
             || !(modelObject["continuing_subword_prefix"]?.stringValue ?? "").isEmpty
             || !(modelObject["end_of_word_suffix"]?.stringValue ?? "").isEmpty
-            || !(modelObject["dropout"]?.isNull ?? true) {
+            || !(modelObject["dropout"]?.isNull ?? true)
+        {
             throw unsupported("BPE options byte_fallback / ignore_merges / subword prefix or suffix / dropout are not used by Qwen2")
         }
         guard let vocabObject = modelObject["vocab"]?.objectValue, let mergeList = modelObject["merges"]?.arrayValue else {
@@ -91,7 +95,9 @@ public final class Tokenizer: @unchecked Sendable {
         vocabulary.reserveCapacity(vocabObject.count)
         var maxID = -1
         for (token, value) in vocabObject.entries {
-            guard let id = value.intValue, id >= 0, id < 1 << 24 else { throw malformed("vocab entry \(token) has id \(JSONWriter.serialize(value))") }
+            guard let id = value.intValue, id >= 0, id < 1 << 24 else {
+                throw malformed("vocab entry \(token) has id \(JSONWriter.serialize(value))")
+            }
             vocabulary[token] = id
             maxID = max(maxID, id)
         }
@@ -99,7 +105,8 @@ public final class Tokenizer: @unchecked Sendable {
         var special = Set<Int>()
         for entry in root["added_tokens"]?.arrayValue ?? [] {
             guard let object = entry.objectValue, let id = object["id"]?.intValue, id >= 0, id < 1 << 24,
-                  let content = object["content"]?.stringValue, !content.isEmpty else {
+                let content = object["content"]?.stringValue, !content.isEmpty
+            else {
                 throw malformed("an added_tokens entry lacks id or content")
             }
             if object["lstrip"]?.boolValue == true || object["rstrip"]?.boolValue == true || object["single_word"]?.boolValue == true {
@@ -161,7 +168,10 @@ public final class Tokenizer: @unchecked Sendable {
         var i = 0
         while i < scalars.count {
             if let candidates = addedByFirstScalar[scalars[i]],
-               let hit = candidates.first(where: { i + $0.content.count <= scalars.count && Array(scalars[i..<i + $0.content.count]) == $0.content }) {
+                let hit = candidates.first(where: {
+                    i + $0.content.count <= scalars.count && Array(scalars[i..<i + $0.content.count]) == $0.content
+                })
+            {
                 encodeOrdinary(scalars[segmentStart..<i], into: &ids)
                 ids.append(hit.id)
                 i += hit.content.count
@@ -256,12 +266,13 @@ public struct StreamingDecoder {
         while k >= 0 && k >= n - 4 {
             let b = bytes[k]
             if b & 0xC0 != 0x80 {  // a lead byte (or ASCII)
-                let length = switch b {
-                case 0xC2...0xDF: 2
-                case 0xE0...0xEF: 3
-                case 0xF0...0xF4: 4
-                default: 1  // ASCII, or a byte that can never start a sequence
-                }
+                let length =
+                    switch b {
+                    case 0xC2...0xDF: 2
+                    case 0xE0...0xEF: 3
+                    case 0xF0...0xF4: 4
+                    default: 1  // ASCII, or a byte that can never start a sequence
+                    }
                 return n - k < length ? k : n
             }
             k -= 1

@@ -27,7 +27,8 @@ public final class Checkpoint: @unchecked Sendable {
     public init(directory: String, tokenizerDirectory: String? = nil) throws(FormatError) {
         self.directory = directory
         guard FileSystem.isDirectory(directory) else {
-            throw .invalidCheckpoint(path: directory, defect: .missingFile, detail: "not a directory; expected a Hugging Face checkpoint folder")
+            throw .invalidCheckpoint(
+                path: directory, defect: .missingFile, detail: "not a directory; expected a Hugging Face checkpoint folder")
         }
         let configPath = FileSystem.join(directory, Checkpoint.configFile)
         guard FileSystem.exists(configPath) else {
@@ -56,8 +57,9 @@ public final class Checkpoint: @unchecked Sendable {
         } else if FileSystem.exists(singlePath) {
             shardNames = [Checkpoint.singleWeightsFile]
         } else {
-            throw .invalidCheckpoint(path: directory, defect: .missingFile,
-                                     detail: "no model.safetensors and no model.safetensors.index.json in the checkpoint folder")
+            throw .invalidCheckpoint(
+                path: directory, defect: .missingFile,
+                detail: "no model.safetensors and no model.safetensors.index.json in the checkpoint folder")
         }
 
         var shards: [String: SafetensorsFile] = [:]
@@ -65,15 +67,17 @@ public final class Checkpoint: @unchecked Sendable {
         for name in shardNames {
             let path = FileSystem.join(directory, name)
             guard FileSystem.exists(path) else {
-                throw .invalidCheckpoint(path: indexPath, defect: .missingShard, detail: "the index names shard \(name), which is not in the folder")
+                throw .invalidCheckpoint(
+                    path: indexPath, defect: .missingShard, detail: "the index names shard \(name), which is not in the folder")
             }
             let shard = try SafetensorsFile(path: path)
             shards[path] = shard
             sources.append((name, shard.fileSize))
             for tensor in shard.tensors {
                 if let other = tensors[tensor.name] {
-                    throw .invalidCheckpoint(path: path, defect: .duplicateTensor,
-                                             detail: "\(tensor.name) is in both \(Checkpoint.baseName(other.path)) and \(name)")
+                    throw .invalidCheckpoint(
+                        path: path, defect: .duplicateTensor,
+                        detail: "\(tensor.name) is in both \(Checkpoint.baseName(other.path)) and \(name)")
                 }
                 tensors[tensor.name] = tensor
             }
@@ -88,8 +92,9 @@ public final class Checkpoint: @unchecked Sendable {
             }
         }
         if let shardOf, let (name, shard) = shardOf.sorted(by: { $0.key < $1.key }).first(where: { tensors[$0.key] == nil }) {
-            throw .invalidCheckpoint(path: FileSystem.join(directory, shard), defect: .missingTensor,
-                                     detail: "the index puts \(name) in \(shard), but that shard does not contain it")
+            throw .invalidCheckpoint(
+                path: FileSystem.join(directory, shard), defect: .missingTensor,
+                detail: "the index puts \(name) in \(shard), but that shard does not contain it")
         }
         self.tensors = tensors
         self.shards = shards
@@ -138,7 +143,10 @@ public final class Checkpoint: @unchecked Sendable {
             }
         }
         guard maximum.id < config.vocabSize else {
-            throw mismatch("token \(maximum.token) has id \(maximum.id), but the model has \(config.vocabSize) embedding rows (vocab_size); this tokenizer belongs to another model")
+            throw mismatch(
+                "token \(maximum.token) has id \(maximum.id), but the model has \(config.vocabSize) embedding rows (vocab_size); this "
+                    + "tokenizer belongs to another model"
+            )
         }
     }
 
@@ -176,17 +184,21 @@ public final class Checkpoint: @unchecked Sendable {
             guard let found = tensors[e.sourceName] else {
                 let missing = expected.filter { tensors[$0.sourceName] == nil }
                 let more = missing.count > 1 ? " (and \(missing.count - 1) more)" : ""
-                throw .invalidCheckpoint(path: directory, defect: .missingTensor, detail: "\(e.sourceName) is not in any weight file\(more)")
+                throw .invalidCheckpoint(
+                    path: directory, defect: .missingTensor, detail: "\(e.sourceName) is not in any weight file\(more)")
             }
             guard found.shape == e.sourceShape else {
-                throw .invalidCheckpoint(path: found.path, defect: .wrongShape,
-                                         detail: "\(e.sourceName) has shape \(found.shape); the config calls for \(e.sourceShape)")
+                throw .invalidCheckpoint(
+                    path: found.path, defect: .wrongShape,
+                    detail: "\(e.sourceName) has shape \(found.shape); the config calls for \(e.sourceShape)")
             }
         }
         if let extra = tensors.keys.sorted().first(where: { !expectedNames.contains($0) }) {
             let path = tensors[extra]!.path
-            let hint = extra == "lm_head.weight" ? " (tie_word_embeddings is true, so the config says there is no separate output head)" : ""
-            throw .invalidCheckpoint(path: path, defect: .unexpectedTensor, detail: "\(extra) is not part of the model the config describes\(hint)")
+            let hint =
+                extra == "lm_head.weight" ? " (tie_word_embeddings is true, so the config says there is no separate output head)" : ""
+            throw .invalidCheckpoint(
+                path: path, defect: .unexpectedTensor, detail: "\(extra) is not part of the model the config describes\(hint)")
         }
     }
 

@@ -33,8 +33,10 @@ public enum Converter {
         func add(_ e: ExpectedTensor) {
             let source = checkpoint.tensors[e.sourceName]!
             sources[e.name] = source
-            planned.append(PlannedTensor(name: e.name, sourceName: e.sourceName, dtype: dtype ?? source.dtype,
-                                         shape: e.storedShape, layout: e.layout, bundle: e.expert))
+            planned.append(
+                PlannedTensor(
+                    name: e.name, sourceName: e.sourceName, dtype: dtype ?? source.dtype,
+                    shape: e.storedShape, layout: e.layout, bundle: e.expert))
         }
         for e in TensorNames.all(c) { add(e) }
 
@@ -48,17 +50,20 @@ public enum Converter {
         }
         var provenance = JSONObject()
         provenance["converter"] = .string("stconvert \(PackageFormat.converterVersion)")
-        provenance["source_files"] = .array(checkpoint.sourceFiles.map {
-            .object(JSONObject([("name", .string($0.name)), ("size", .int($0.size))]))
-        })
+        provenance["source_files"] = .array(
+            checkpoint.sourceFiles.map {
+                .object(JSONObject([("name", .string($0.name)), ("size", .int($0.size))]))
+            })
         provenance["source_dtypes"] = .array(Set(checkpoint.tensors.values.map { $0.dtype.rawValue }).sorted().map { .string($0) })
         let (manifest, dataOffset) = try PackageLayout.plan(config: c, tensors: planned, files: files, provenance: provenance)
         return ConversionPlan(checkpoint: checkpoint, manifest: manifest, dataOffset: dataOffset, sources: sources)
     }
 
     /// Writes the planned package to `destination` (atomically: temporary file, then rename).
-    public static func write(_ plan: ConversionPlan, to destination: String, overwrite: Bool,
-                             progress: (WriteProgress) -> Void = { _ in }) throws(FormatError) {
+    public static func write(
+        _ plan: ConversionPlan, to destination: String, overwrite: Bool,
+        progress: (WriteProgress) -> Void = { _ in }
+    ) throws(FormatError) {
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
         let transposed = plan.manifest.tensors.filter { $0.layout == .transposed }.map(\.elementCount).max() ?? 0
         let buffers = Buffers(elements: max(chunkElements, transposed))
@@ -87,10 +92,10 @@ public enum Converter {
     /// whatever the allocator does with thousands of buffers allocated and freed in turn.
     private final class Buffers {
         let elements: Int
-        let input: UnsafeMutableRawBufferPointer       // (elements) source values
+        let input: UnsafeMutableRawBufferPointer  // (elements) source values
         let transposed: UnsafeMutableRawBufferPointer  // (elements) source values, transposed
-        let floats: UnsafeMutablePointer<Float>        // (elements)
-        let output: UnsafeMutableRawBufferPointer      // (elements) stored values
+        let floats: UnsafeMutablePointer<Float>  // (elements)
+        let output: UnsafeMutableRawBufferPointer  // (elements) stored values
 
         init(elements: Int) {
             self.elements = elements
@@ -106,8 +111,10 @@ public enum Converter {
     }
 
     /// Row-major copy with dtype conversion, in chunks.
-    private static func writeConverted(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
-                                       into sink: inout ByteSink) throws(FormatError) {
+    private static func writeConverted(
+        _ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
+        into sink: inout ByteSink
+    ) throws(FormatError) {
         let count = entry.elementCount
         let sourceSize = source.dtype.blockBytes
         let chunk = min(count, chunkElements)
@@ -120,7 +127,12 @@ public enum Converter {
             if needsConversion {
                 FloatCodecs.decode(inBytes.baseAddress!, dtype: source.dtype, count: n, into: buffers.floats)
                 if let overflow = FloatCodecs.encode(buffers.floats, count: n, as: entry.dtype, into: buffers.output.baseAddress!) {
-                    throw .unrepresentable(tensor: entry.sourceName, detail: "value \(buffers.floats[overflow]) at element \(done + overflow) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
+                    throw .unrepresentable(
+                        tensor: entry.sourceName,
+                        detail:
+                            "value \(buffers.floats[overflow]) at element \(done + overflow) overflows \(entry.dtype.rawValue); keep the "
+                            + "source dtype or use f32"
+                    )
                 }
                 try sink.append(UnsafeRawBufferPointer(rebasing: buffers.output[..<(n * entry.dtype.blockBytes)]))
             } else {
@@ -131,8 +143,10 @@ public enum Converter {
     }
 
     /// A [rows, cols] source stored as its [cols, rows] transpose (expert down matrices, a few MB).
-    private static func writeTransposed(_ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
-                                        into sink: inout ByteSink) throws(FormatError) {
+    private static func writeTransposed(
+        _ source: SafetensorsTensor, shard: SafetensorsFile, as entry: TensorEntry, buffers: Buffers,
+        into sink: inout ByteSink
+    ) throws(FormatError) {
         let rows = source.shape[0], cols = source.shape[1]
         let count = rows * cols
         precondition(count <= buffers.elements, "conversion buffers planned too small for \(entry.name)")
@@ -143,7 +157,8 @@ public enum Converter {
         // Move elements as raw bytes, so a same-dtype transpose is exact bit for bit.
         for r in 0..<rows {
             for c in 0..<cols {
-                (transposed.baseAddress! + (c * rows + r) * size).copyMemory(from: raw.baseAddress! + (r * cols + c) * size, byteCount: size)
+                (transposed.baseAddress! + (c * rows + r) * size).copyMemory(
+                    from: raw.baseAddress! + (r * cols + c) * size, byteCount: size)
             }
         }
         if source.dtype == entry.dtype {
@@ -152,7 +167,9 @@ public enum Converter {
         }
         FloatCodecs.decode(transposed.baseAddress!, dtype: source.dtype, count: count, into: buffers.floats)
         if let overflow = FloatCodecs.encode(buffers.floats, count: count, as: entry.dtype, into: buffers.output.baseAddress!) {
-            throw .unrepresentable(tensor: entry.sourceName, detail: "value \(buffers.floats[overflow]) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
+            throw .unrepresentable(
+                tensor: entry.sourceName,
+                detail: "value \(buffers.floats[overflow]) overflows \(entry.dtype.rawValue); keep the source dtype or use f32")
         }
         try sink.append(UnsafeRawBufferPointer(rebasing: buffers.output[..<(count * entry.dtype.blockBytes)]))
     }

@@ -4,43 +4,47 @@
 /// code's defaults) and written into packages in normalised form under the same key names, so a
 /// package's config never depends on a default.
 public struct ModelConfig: Sendable, Equatable {
-    public var layerCount: Int              // num_hidden_layers
-    public var hiddenSize: Int              // hidden_size
-    public var attentionHeads: Int          // num_attention_heads
-    public var kvHeads: Int                 // num_key_value_heads
-    public var headDim: Int                 // head_dim
-    public var expertCount: Int             // moe_num_primary_experts
-    public var activeExperts: Int           // moe_num_active_primary_experts
-    public var expertFFNSize: Int           // moe_ffn_hidden_size
+    public var layerCount: Int  // num_hidden_layers
+    public var hiddenSize: Int  // hidden_size
+    public var attentionHeads: Int  // num_attention_heads
+    public var kvHeads: Int  // num_key_value_heads
+    public var headDim: Int  // head_dim
+    public var expertCount: Int  // moe_num_primary_experts
+    public var activeExperts: Int  // moe_num_active_primary_experts
+    public var expertFFNSize: Int  // moe_ffn_hidden_size
     /// Router weights over the chosen experts: softmax of their logits when true, otherwise
     /// sigmoid(logit) normalised over the chosen. A missing key means false (sigmoid).
-    public var routerSoftmax: Bool          // moe_primary_router_apply_softmax
+    public var routerSoftmax: Bool  // moe_primary_router_apply_softmax
     /// Per layer: true rotates q and k with RoPE, false is NoPE.
-    public var ropeLayout: [Bool]           // rope_layout
-    public var ropeTheta: Double            // rope_theta
+    public var ropeLayout: [Bool]  // rope_layout
+    public var ropeTheta: Double  // rope_theta
     /// Per layer: true restricts attention to the last `slidingWindowSize` positions.
     public var slidingWindowLayout: [Bool]  // sliding_window_layout
     /// Keys a sliding-window query sees, itself included; 0 when no layer uses a window.
-    public var slidingWindowSize: Int       // sliding_window_size
-    public var rmsNormEps: Double           // rms_norm_eps
-    public var tieWordEmbeddings: Bool      // tie_word_embeddings
-    public var vocabSize: Int               // vocab_size
-    public var bosTokenID: Int?             // bos_token_id
-    public var eosTokenIDs: [Int]           // eos_token_id (an int or a list in config.json)
-    public var maxPositionEmbeddings: Int   // max_position_embeddings
+    public var slidingWindowSize: Int  // sliding_window_size
+    public var rmsNormEps: Double  // rms_norm_eps
+    public var tieWordEmbeddings: Bool  // tie_word_embeddings
+    public var vocabSize: Int  // vocab_size
+    public var bosTokenID: Int?  // bos_token_id
+    public var eosTokenIDs: [Int]  // eos_token_id (an int or a list in config.json)
+    public var maxPositionEmbeddings: Int  // max_position_embeddings
     /// The checkpoint's declared dtype, informational.
-    public var torchDtype: String?          // torch_dtype
+    public var torchDtype: String?  // torch_dtype
 
     /// Sanity limits: far above any real model, low enough that a corrupt value cannot make us
     /// allocate absurd amounts.
-    public static let limits = (layers: 1024, hidden: 1 << 16, heads: 1024, headDim: 1024, experts: 4096,
-                                ffn: 1 << 18, vocab: 1 << 22, positions: 1 << 24)
+    public static let limits = (
+        layers: 1024, hidden: 1 << 16, heads: 1024, headDim: 1024, experts: 4096,
+        ffn: 1 << 18, vocab: 1 << 22, positions: 1 << 24
+    )
 
-    public init(layerCount: Int, hiddenSize: Int, attentionHeads: Int, kvHeads: Int, headDim: Int,
-                expertCount: Int, activeExperts: Int, expertFFNSize: Int, routerSoftmax: Bool,
-                ropeLayout: [Bool], ropeTheta: Double, slidingWindowLayout: [Bool], slidingWindowSize: Int,
-                rmsNormEps: Double, tieWordEmbeddings: Bool, vocabSize: Int, bosTokenID: Int?,
-                eosTokenIDs: [Int], maxPositionEmbeddings: Int, torchDtype: String? = nil) {
+    public init(
+        layerCount: Int, hiddenSize: Int, attentionHeads: Int, kvHeads: Int, headDim: Int,
+        expertCount: Int, activeExperts: Int, expertFFNSize: Int, routerSoftmax: Bool,
+        ropeLayout: [Bool], ropeTheta: Double, slidingWindowLayout: [Bool], slidingWindowSize: Int,
+        rmsNormEps: Double, tieWordEmbeddings: Bool, vocabSize: Int, bosTokenID: Int?,
+        eosTokenIDs: [Int], maxPositionEmbeddings: Int, torchDtype: String? = nil
+    ) {
         self.layerCount = layerCount
         self.hiddenSize = hiddenSize
         self.attentionHeads = attentionHeads
@@ -68,8 +72,9 @@ public struct ModelConfig: Sendable, Equatable {
         func invalid(_ detail: String) -> FormatError { .invalidCheckpoint(path: source, defect: .invalidConfig, detail: detail) }
         guard let object = json.objectValue else { throw invalid("the config is not a JSON object") }
         if let modelType = object["model_type"], modelType.stringValue != "smallthinker" {
-            throw .invalidCheckpoint(path: source, defect: .wrongModelType,
-                                     detail: "model_type is \(JSONWriter.serialize(modelType)); expected \"smallthinker\"")
+            throw .invalidCheckpoint(
+                path: source, defect: .wrongModelType,
+                detail: "model_type is \(JSONWriter.serialize(modelType)); expected \"smallthinker\"")
         } else if object["model_type"] == nil {
             throw .invalidCheckpoint(path: source, defect: .wrongModelType, detail: "model_type is missing; expected \"smallthinker\"")
         }
@@ -136,7 +141,9 @@ public struct ModelConfig: Sendable, Equatable {
         }
 
         if let bos = object["bos_token_id"], !bos.isNull {
-            guard let id = bos.intValue, (0..<vocabSize).contains(id) else { throw invalid("bos_token_id is \(JSONWriter.serialize(bos)); expected a token id below vocab_size \(vocabSize)") }
+            guard let id = bos.intValue, (0..<vocabSize).contains(id) else {
+                throw invalid("bos_token_id is \(JSONWriter.serialize(bos)); expected a token id below vocab_size \(vocabSize)")
+            }
             bosTokenID = id
         } else {
             bosTokenID = nil

@@ -57,7 +57,7 @@ public enum TensorNames {
                 t(value(n), p + "self_attn.v_proj.weight", [c.kvWidth, c.hiddenSize], .attention),
                 t(attentionOutput(n), p + "self_attn.o_proj.weight", [c.hiddenSize, c.queryWidth], .attention),
                 t(ffnNorm(n), p + "post_attention_layernorm.weight", [c.hiddenSize], .norm),
-                t(router(n), p + "block_sparse_moe.primary_router.weight", [c.expertCount, c.hiddenSize], .router),
+                t(router(n), p + "block_sparse_moe.primary_router.weight", [c.expertCount, c.hiddenSize], .router)
             ]
         }
         list.append(t(outputNorm, "model.norm.weight", [c.hiddenSize], .norm))
@@ -73,12 +73,15 @@ public enum TensorNames {
         let p = "model.layers.\(layer).block_sparse_moe.experts.\(expert)."
         let pair = (layer: layer, expert: expert)
         return [
-            ExpectedTensor(name: expertGate(layer, expert), sourceName: p + "gate.weight",
-                           sourceShape: [c.expertFFNSize, c.hiddenSize], layout: .rowMajor, role: .expert, expert: pair),
-            ExpectedTensor(name: expertUp(layer, expert), sourceName: p + "up.weight",
-                           sourceShape: [c.expertFFNSize, c.hiddenSize], layout: .rowMajor, role: .expert, expert: pair),
-            ExpectedTensor(name: expertDown(layer, expert), sourceName: p + "down.weight",
-                           sourceShape: [c.hiddenSize, c.expertFFNSize], layout: .transposed, role: .expert, expert: pair),
+            ExpectedTensor(
+                name: expertGate(layer, expert), sourceName: p + "gate.weight",
+                sourceShape: [c.expertFFNSize, c.hiddenSize], layout: .rowMajor, role: .expert, expert: pair),
+            ExpectedTensor(
+                name: expertUp(layer, expert), sourceName: p + "up.weight",
+                sourceShape: [c.expertFFNSize, c.hiddenSize], layout: .rowMajor, role: .expert, expert: pair),
+            ExpectedTensor(
+                name: expertDown(layer, expert), sourceName: p + "down.weight",
+                sourceShape: [c.hiddenSize, c.expertFFNSize], layout: .transposed, role: .expert, expert: pair)
         ]
     }
 

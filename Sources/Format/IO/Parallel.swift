@@ -44,11 +44,13 @@ public final class WorkerPool: @unchecked Sendable {
         for index in 0..<workers {
             let context = Unmanaged.passRetained(WorkerContext(pool: self, index: index + 1)).toOpaque()
             var thread = pthread_t()
-            pthread_create(&thread, nil, { raw in
-                let context = Unmanaged<WorkerContext>.fromOpaque(raw!).takeRetainedValue()
-                context.pool.workerLoop(context.index)
-                return nil
-            }, context)
+            pthread_create(
+                &thread, nil,
+                { raw in
+                    let context = Unmanaged<WorkerContext>.fromOpaque(raw!).takeRetainedValue()
+                    context.pool.workerLoop(context.index)
+                    return nil
+                }, context)
             pthread_detach(thread)
         }
     }

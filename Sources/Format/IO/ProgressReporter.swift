@@ -23,7 +23,10 @@ public struct ProgressReporter {
         lastDraw = now
         let rate = Double(done) / max(now - start, 1e-6)
         let percent = total > 0 ? Int(Double(done) * 100 / Double(total)) : 100
-        sink("\r\u{1B}[K\(label)  \(percent)%  \(PackageSummary.bytes(done)) / \(PackageSummary.bytes(total))  \(PackageSummary.bytes(Int(rate)))/s")
+        sink(
+            "\r\u{1B}[K\(label)  \(percent)%  \(PackageSummary.bytes(done)) / \(PackageSummary.bytes(total))  "
+                + "\(PackageSummary.bytes(Int(rate)))/s"
+        )
     }
 
     /// Clears the status line.

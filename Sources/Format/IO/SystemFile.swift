@@ -50,7 +50,9 @@ public final class SystemFile: @unchecked Sendable {
                 if errno == EINTR { continue }
                 throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset)", code: errno)
             }
-            if n == 0 { throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset) (unexpected end of file)", code: EIO) }
+            if n == 0 {
+                throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset) (unexpected end of file)", code: EIO)
+            }
             done += n
         }
     }
@@ -198,8 +200,9 @@ public final class MappedFile: @unchecked Sendable {
     private static func map(_ descriptor: Int32, size: Int, path: String) throws(FormatError) -> UnsafeRawPointer {
         #if os(Linux)
         if size >= hugePage,
-           let reserved = mmap(nil, size + hugePage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-           reserved != MAP_FAILED {
+            let reserved = mmap(nil, size + hugePage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+            reserved != MAP_FAILED
+        {
             let start = UInt(bitPattern: reserved)
             let aligned = (start + UInt(hugePage) - 1) / UInt(hugePage) * UInt(hugePage)
             let page = UInt(sysconf(Int32(_SC_PAGESIZE)))
@@ -263,7 +266,8 @@ func withBytes<R>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws(Form
 }
 
 @inline(__always)
-func withMutableBytes<R>(_ bytes: inout [UInt8], _ body: (UnsafeMutableRawBufferPointer) throws(FormatError) -> R) throws(FormatError) -> R {
+func withMutableBytes<R>(_ bytes: inout [UInt8], _ body: (UnsafeMutableRawBufferPointer) throws(FormatError) -> R) throws(FormatError) -> R
+{
     let result: Result<R, FormatError> = bytes.withUnsafeMutableBytes { raw in
         do throws(FormatError) { return .success(try body(raw)) } catch { return .failure(error) }
     }

@@ -96,7 +96,12 @@ public struct PackageHeader: Sendable, Equatable {
         majorVersion = Int(read(8, UInt16.self))
         minorVersion = Int(read(10, UInt16.self))
         guard PackageFormat.readableMajorVersions.contains(majorVersion) else {
-            throw defect(.unsupportedVersion, "format version \(majorVersion).\(minorVersion); this build reads versions \(PackageFormat.readableMajorVersions.lowerBound).x to \(PackageFormat.majorVersion).x (update the tools or reconvert)")
+            throw defect(
+                .unsupportedVersion,
+                "format version \(majorVersion).\(minorVersion); this build reads versions "
+                    + "\(PackageFormat.readableMajorVersions.lowerBound).x to \(PackageFormat.majorVersion).x "
+                    + "(update the tools or reconvert)"
+            )
         }
         flags = read(12, UInt32.self)
         guard flags == 0 else { throw defect(.unsupportedVersion, "unknown header flags 0x\(String(flags, radix: 16)) at byte 12") }
@@ -120,7 +125,11 @@ public struct PackageHeader: Sendable, Equatable {
             throw defect(.rangeOutOfBounds, "manifest length \(manifestLength) exceeds the limit \(PackageFormat.maximumManifestLength)")
         }
         guard manifestOffset + manifestLength <= dataOffset, dataOffset <= fileLength, dataOffset % PackageFormat.dataAlignment == 0 else {
-            throw defect(.rangeOutOfBounds, "manifest [\(manifestOffset), \(manifestOffset + manifestLength)) and data offset \(dataOffset) do not fit a file of \(fileLength) bytes with the data on a \(PackageFormat.dataAlignment)-byte boundary")
+            throw defect(
+                .rangeOutOfBounds,
+                "manifest [\(manifestOffset), \(manifestOffset + manifestLength)) and data offset \(dataOffset) do not fit a file of "
+                    + "\(fileLength) bytes with the data on a \(PackageFormat.dataAlignment)-byte boundary"
+            )
         }
     }
 }

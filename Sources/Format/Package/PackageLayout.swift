@@ -8,7 +8,9 @@ public struct PlannedTensor: Sendable {
     /// Set for expert tensors; nil for dense ones.
     public var bundle: (layer: Int, expert: Int)?
 
-    public init(name: String, sourceName: String, dtype: TensorDType, shape: [Int], layout: TensorLayout, bundle: (layer: Int, expert: Int)?) {
+    public init(
+        name: String, sourceName: String, dtype: TensorDType, shape: [Int], layout: TensorLayout, bundle: (layer: Int, expert: Int)?
+    ) {
         self.name = name
         self.sourceName = sourceName
         self.dtype = dtype
@@ -26,8 +28,10 @@ public enum PackageLayout {
     /// Returns a manifest with every offset and length filled in and zero checksums, and the
     /// data offset. The manifest's serialised length does not change when the checksums are
     /// filled in (they are fixed-width hex), so it can be written after the data.
-    public static func plan(config: ModelConfig, tensors: [PlannedTensor], files: [(name: String, length: Int)],
-                            provenance: JSONObject) throws(FormatError) -> (manifest: PackageManifest, dataOffset: Int) {
+    public static func plan(
+        config: ModelConfig, tensors: [PlannedTensor], files: [(name: String, length: Int)],
+        provenance: JSONObject
+    ) throws(FormatError) -> (manifest: PackageManifest, dataOffset: Int) {
         var dataOffset = PackageFormat.dataAlignment
         while true {
             let manifest = try place(config: config, tensors: tensors, files: files, provenance: provenance, dataOffset: dataOffset)
@@ -38,18 +42,24 @@ public enum PackageLayout {
         }
     }
 
-    private static func place(config: ModelConfig, tensors: [PlannedTensor], files: [(name: String, length: Int)],
-                              provenance: JSONObject, dataOffset: Int) throws(FormatError) -> PackageManifest {
+    private static func place(
+        config: ModelConfig, tensors: [PlannedTensor], files: [(name: String, length: Int)],
+        provenance: JSONObject, dataOffset: Int
+    ) throws(FormatError) -> PackageManifest {
         var position = dataOffset
         var entries: [TensorEntry] = []
         func entry(_ t: PlannedTensor) throws(FormatError) -> TensorEntry {
             guard let length = t.dtype.byteLength(shape: t.shape) else {
-                throw .invalidRequest("tensor \(t.name): shape \(t.shape) cannot be stored as \(t.dtype.rawValue) (rows must split into blocks of \(t.dtype.blockSize))")
+                throw .invalidRequest(
+                    "tensor \(t.name): shape \(t.shape) cannot be stored as \(t.dtype.rawValue) (rows must split into blocks of "
+                        + "\(t.dtype.blockSize))"
+                )
             }
             position = PackageFormat.align(position, to: PackageFormat.tensorAlignment)
             defer { position += length }
-            return TensorEntry(name: t.name, sourceName: t.sourceName, dtype: t.dtype, shape: t.shape, layout: t.layout,
-                               offset: position, length: length)
+            return TensorEntry(
+                name: t.name, sourceName: t.sourceName, dtype: t.dtype, shape: t.shape, layout: t.layout,
+                offset: position, length: length)
         }
         for t in tensors where t.bundle == nil { entries.append(try entry(t)) }
 
@@ -68,8 +78,10 @@ public enum PackageLayout {
             let start = position
             for t in group { entries.append(try entry(t)) }
             position = PackageFormat.align(position, to: PackageFormat.bundleAlignment)
-            bundles.append(BundleEntry(layer: group[0].bundle!.layer, expert: group[0].bundle!.expert,
-                                       offset: start, length: position - start, crc32: 0, tensors: group.map(\.name)))
+            bundles.append(
+                BundleEntry(
+                    layer: group[0].bundle!.layer, expert: group[0].bundle!.expert,
+                    offset: start, length: position - start, crc32: 0, tensors: group.map(\.name)))
         }
         var fileEntries: [FileEntry] = []
         for file in files {
@@ -82,7 +94,8 @@ public enum PackageLayout {
 
     /// The end of the last byte range: the package's file length.
     public static func fileLength(of manifest: PackageManifest, dataOffset: Int) -> Int {
-        let ends = manifest.tensors.map { $0.offset + $0.length } + manifest.bundles.map { $0.offset + $0.length }
+        let ends =
+            manifest.tensors.map { $0.offset + $0.length } + manifest.bundles.map { $0.offset + $0.length }
             + manifest.files.map { $0.offset + $0.length }
         return max(dataOffset, ends.max() ?? dataOffset)
     }

@@ -13,8 +13,10 @@ public struct TensorEntry: Sendable, Equatable {
     public var length: Int
     public var crc32: UInt32
 
-    public init(name: String, sourceName: String, dtype: TensorDType, shape: [Int], layout: TensorLayout,
-                offset: Int = 0, length: Int = 0, crc32: UInt32 = 0) {
+    public init(
+        name: String, sourceName: String, dtype: TensorDType, shape: [Int], layout: TensorLayout,
+        offset: Int = 0, length: Int = 0, crc32: UInt32 = 0
+    ) {
         self.name = name
         self.sourceName = sourceName
         self.dtype = dtype
@@ -107,27 +109,38 @@ public struct PackageManifest: Sendable, Equatable {
         var root = JSONObject()
         root["format"] = .string(PackageFormat.name)
         root["format_version"] = .string("\(PackageFormat.majorVersion).\(PackageFormat.minorVersion)")
-        root["alignment"] = .object(JSONObject([("tensor", .int(PackageFormat.tensorAlignment)),
-                                                ("bundle", .int(PackageFormat.bundleAlignment))]))
+        root["alignment"] = .object(
+            JSONObject([
+                ("tensor", .int(PackageFormat.tensorAlignment)),
+                ("bundle", .int(PackageFormat.bundleAlignment))
+            ]))
         root["config"] = config.json
-        root["tensors"] = .array(tensors.map { t in
-            .object(JSONObject([
-                ("name", .string(t.name)), ("source_name", .string(t.sourceName)), ("dtype", .string(t.dtype.rawValue)),
-                ("shape", .array(t.shape.map { .int($0) })), ("layout", .string(t.layout.rawValue)),
-                ("offset", .int(t.offset)), ("length", .int(t.length)), ("crc32", .string(CRC32.hex(t.crc32))),
-            ]))
-        })
-        root["expert_bundles"] = .array(bundles.map { b in
-            .object(JSONObject([
-                ("layer", .int(b.layer)), ("expert", .int(b.expert)), ("offset", .int(b.offset)),
-                ("length", .int(b.length)), ("crc32", .string(CRC32.hex(b.crc32))),
-                ("tensors", .array(b.tensors.map { .string($0) })),
-            ]))
-        })
-        root["files"] = .array(files.map { f in
-            .object(JSONObject([("name", .string(f.name)), ("offset", .int(f.offset)), ("length", .int(f.length)),
-                                ("crc32", .string(CRC32.hex(f.crc32)))]))
-        })
+        root["tensors"] = .array(
+            tensors.map { t in
+                .object(
+                    JSONObject([
+                        ("name", .string(t.name)), ("source_name", .string(t.sourceName)), ("dtype", .string(t.dtype.rawValue)),
+                        ("shape", .array(t.shape.map { .int($0) })), ("layout", .string(t.layout.rawValue)),
+                        ("offset", .int(t.offset)), ("length", .int(t.length)), ("crc32", .string(CRC32.hex(t.crc32)))
+                    ]))
+            })
+        root["expert_bundles"] = .array(
+            bundles.map { b in
+                .object(
+                    JSONObject([
+                        ("layer", .int(b.layer)), ("expert", .int(b.expert)), ("offset", .int(b.offset)),
+                        ("length", .int(b.length)), ("crc32", .string(CRC32.hex(b.crc32))),
+                        ("tensors", .array(b.tensors.map { .string($0) }))
+                    ]))
+            })
+        root["files"] = .array(
+            files.map { f in
+                .object(
+                    JSONObject([
+                        ("name", .string(f.name)), ("offset", .int(f.offset)), ("length", .int(f.length)),
+                        ("crc32", .string(CRC32.hex(f.crc32)))
+                    ]))
+            })
         root["provenance"] = .object(provenance)
         return .object(root)
     }
@@ -176,18 +189,23 @@ public struct PackageManifest: Sendable, Equatable {
             let shapeValues: [JSONValue] = try field(object, "shape", where_) { $0.arrayValue }
             let shape = shapeValues.compactMap { $0.intValue }
             guard shape.count == shapeValues.count, (1...PackageFormat.maximumRank).contains(shape.count),
-                  shape.allSatisfy({ (1...PackageFormat.maximumDimension).contains($0) }) else {
-                throw invalid("\(where_): shape \(JSONWriter.serialize(.array(shapeValues))) must be 1 to \(PackageFormat.maximumRank) positive integers")
+                shape.allSatisfy({ (1...PackageFormat.maximumDimension).contains($0) })
+            else {
+                throw invalid(
+                    "\(where_): shape \(JSONWriter.serialize(.array(shapeValues))) must be 1 to \(PackageFormat.maximumRank) positive "
+                        + "integers"
+                )
             }
-            tensors.append(TensorEntry(
-                name: name,
-                sourceName: try field(object, "source_name", where_) { $0.stringValue },
-                dtype: dtype,
-                shape: shape,
-                layout: try field(object, "layout", where_) { $0.stringValue.flatMap(TensorLayout.init(rawValue:)) },
-                offset: try offset(object, "offset", where_),
-                length: try offset(object, "length", where_),
-                crc32: try crc(object, where_)))
+            tensors.append(
+                TensorEntry(
+                    name: name,
+                    sourceName: try field(object, "source_name", where_) { $0.stringValue },
+                    dtype: dtype,
+                    shape: shape,
+                    layout: try field(object, "layout", where_) { $0.stringValue.flatMap(TensorLayout.init(rawValue:)) },
+                    offset: try offset(object, "offset", where_),
+                    length: try offset(object, "length", where_),
+                    crc32: try crc(object, where_)))
         }
         bundles = []
         for (i, object) in try objects("expert_bundles").enumerated() {
@@ -195,18 +213,20 @@ public struct PackageManifest: Sendable, Equatable {
             let names: [JSONValue] = try field(object, "tensors", where_) { $0.arrayValue }
             let tensorNames = names.compactMap { $0.stringValue }
             guard tensorNames.count == names.count else { throw invalid("\(where_): \"tensors\" must be a list of names") }
-            bundles.append(BundleEntry(
-                layer: try offset(object, "layer", where_), expert: try offset(object, "expert", where_),
-                offset: try offset(object, "offset", where_), length: try offset(object, "length", where_),
-                crc32: try crc(object, where_), tensors: tensorNames))
+            bundles.append(
+                BundleEntry(
+                    layer: try offset(object, "layer", where_), expert: try offset(object, "expert", where_),
+                    offset: try offset(object, "offset", where_), length: try offset(object, "length", where_),
+                    crc32: try crc(object, where_), tensors: tensorNames))
         }
         files = []
         for (i, object) in try objects("files").enumerated() {
             let where_ = "files[\(i)]"
-            files.append(FileEntry(
-                name: try field(object, "name", where_) { $0.stringValue },
-                offset: try offset(object, "offset", where_), length: try offset(object, "length", where_),
-                crc32: try crc(object, where_)))
+            files.append(
+                FileEntry(
+                    name: try field(object, "name", where_) { $0.stringValue },
+                    offset: try offset(object, "offset", where_), length: try offset(object, "length", where_),
+                    crc32: try crc(object, where_)))
         }
         provenance = root["provenance"]?.objectValue ?? JSONObject()
     }

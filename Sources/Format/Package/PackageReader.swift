@@ -22,7 +22,11 @@ public final class PackageReader: @unchecked Sendable {
         let manifestBytes = UnsafeRawBufferPointer(rebasing: bytes[header.manifestOffset..<header.manifestOffset + header.manifestLength])
         let actualCRC = CRC32.checksum(manifestBytes)
         guard actualCRC == header.manifestCRC32 else {
-            throw defect(.manifestChecksum, "manifest at byte \(header.manifestOffset) has CRC-32 \(CRC32.hex(actualCRC)); the header records \(CRC32.hex(header.manifestCRC32))")
+            throw defect(
+                .manifestChecksum,
+                "manifest at byte \(header.manifestOffset) has CRC-32 \(CRC32.hex(actualCRC)); the header records "
+                    + "\(CRC32.hex(header.manifestCRC32))"
+            )
         }
         let json: JSONValue
         do {
@@ -38,14 +42,20 @@ public final class PackageReader: @unchecked Sendable {
     static func checkStructure(_ m: PackageManifest, header: PackageHeader, path: String) throws(FormatError) -> [String: Int] {
         func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
         guard m.tensors.count <= PackageFormat.maximumTensorCount, m.files.count <= PackageFormat.maximumFileCount else {
-            throw defect(.invalidManifest, "\(m.tensors.count) tensors and \(m.files.count) files exceed the limits \(PackageFormat.maximumTensorCount) and \(PackageFormat.maximumFileCount)")
+            throw defect(
+                .invalidManifest,
+                "\(m.tensors.count) tensors and \(m.files.count) files exceed the limits \(PackageFormat.maximumTensorCount) and "
+                    + "\(PackageFormat.maximumFileCount)"
+            )
         }
         // Ranges: inside the data region, not overlapping, aligned.
         var ranges: [(start: Int, end: Int, what: String)] = []
         func checkRange(_ offset: Int, _ length: Int, _ what: String) throws(FormatError) {
             let (end, overflow) = offset.addingReportingOverflow(length)
             guard !overflow, offset >= header.dataOffset, end <= header.fileLength else {
-                throw defect(.rangeOutOfBounds, "\(what) at [\(offset), \(offset &+ length)) lies outside the data region [\(header.dataOffset), \(header.fileLength))")
+                throw defect(
+                    .rangeOutOfBounds,
+                    "\(what) at [\(offset), \(offset &+ length)) lies outside the data region [\(header.dataOffset), \(header.fileLength))")
             }
             ranges.append((offset, end, what))
         }
@@ -53,20 +63,32 @@ public final class PackageReader: @unchecked Sendable {
         for (i, t) in m.tensors.enumerated() {
             guard index.updateValue(i, forKey: t.name) == nil else { throw defect(.invalidManifest, "tensor \(t.name) is listed twice") }
             guard let length = t.dtype.byteLength(shape: t.shape), length == t.length else {
-                throw defect(.invalidManifest, "tensor \(t.name): \(t.dtype.rawValue) \(t.shape) needs \(t.dtype.byteLength(shape: t.shape).map(String.init) ?? "an impossible number of") bytes, but its length is \(t.length)")
+                throw defect(
+                    .invalidManifest,
+                    "tensor \(t.name): \(t.dtype.rawValue) \(t.shape) needs "
+                        + "\(t.dtype.byteLength(shape: t.shape).map(String.init) ?? "an impossible number of") bytes, but its length is "
+                        + "\(t.length)"
+                )
             }
             guard t.offset % PackageFormat.tensorAlignment == 0 else {
                 throw defect(.misaligned, "tensor \(t.name) at byte \(t.offset) is not \(PackageFormat.tensorAlignment)-byte aligned")
             }
-            guard t.layout == .rowMajor || t.shape.count == 2 else { throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue) but not 2-D") }
+            guard t.layout == .rowMajor || t.shape.count == 2 else {
+                throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue) but not 2-D")
+            }
             if t.layout.isGrouped {
                 let since = t.layout == .rowMajorX8 ? 2 : 3
                 guard header.majorVersion >= since else {
-                    throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue), which format \(header.majorVersion).\(header.minorVersion) does not have")
+                    throw defect(
+                        .invalidManifest,
+                        "tensor \(t.name) is \(t.layout.rawValue), which format \(header.majorVersion).\(header.minorVersion) does not have"
+                    )
                 }
                 guard t.layout.fits(dtype: t.dtype, rows: t.shape[0], rowBytes: t.length / max(1, t.shape[0])) else {
                     let needs = t.layout == .rowMajorX8 ? "a multiple of 8 rows" : "rows of a multiple of 256 values"
-                    throw defect(.invalidManifest, "tensor \(t.name) is \(t.layout.rawValue), which needs q4_0 and \(needs) (it is \(t.dtype.rawValue) \(t.shape))")
+                    throw defect(
+                        .invalidManifest,
+                        "tensor \(t.name) is \(t.layout.rawValue), which needs q4_0 and \(needs) (it is \(t.dtype.rawValue) \(t.shape))")
                 }
             }
             try checkRange(t.offset, t.length, "tensor \(t.name)")
@@ -88,7 +110,11 @@ public final class PackageReader: @unchecked Sendable {
             guard let i = index[expected.name] else { throw defect(.invalidManifest, "tensor \(expected.name) is missing") }
             let t = m.tensors[i]
             guard t.shape == expected.storedShape, t.layout.orientation == expected.layout else {
-                throw defect(.invalidManifest, "tensor \(t.name) is \(t.shape) \(t.layout.rawValue); the config calls for \(expected.storedShape) \(expected.layout.rawValue)")
+                throw defect(
+                    .invalidManifest,
+                    "tensor \(t.name) is \(t.shape) \(t.layout.rawValue); the config calls for \(expected.storedShape) "
+                        + "\(expected.layout.rawValue)"
+                )
             }
             seen.insert(t.name)
             return t
@@ -107,11 +133,13 @@ public final class PackageReader: @unchecked Sendable {
                 throw defect(.invalidManifest, "\(where_) is out of order; bundles are layer-major, expert-minor")
             }
             guard b.offset % PackageFormat.bundleAlignment == 0, b.length % PackageFormat.bundleAlignment == 0, b.length > 0 else {
-                throw defect(.misaligned, "\(where_) with length \(b.length) is not \(PackageFormat.bundleAlignment)-byte aligned and padded")
+                throw defect(
+                    .misaligned, "\(where_) with length \(b.length) is not \(PackageFormat.bundleAlignment)-byte aligned and padded")
             }
             let (end, overflow) = b.offset.addingReportingOverflow(b.length)
             guard !overflow, b.offset >= header.dataOffset, end <= header.fileLength, b.offset >= previousEnd else {
-                throw defect(.rangeOutOfBounds, "\(where_) with length \(b.length) is outside the data region or overlaps the previous bundle")
+                throw defect(
+                    .rangeOutOfBounds, "\(where_) with length \(b.length) is outside the data region or overlaps the previous bundle")
             }
             previousEnd = end
             let expected = TensorNames.expertTensors(c, layer: b.layer, expert: b.expert)
@@ -122,12 +150,15 @@ public final class PackageReader: @unchecked Sendable {
             for e in expected {
                 let t = try require(e)
                 guard t.offset >= cursor, t.offset + t.length <= end, t.offset - cursor < PackageFormat.tensorAlignment else {
-                    throw defect(.rangeOutOfBounds, "tensor \(t.name) at [\(t.offset), \(t.offset + t.length)) is not packed inside \(where_)")
+                    throw defect(
+                        .rangeOutOfBounds, "tensor \(t.name) at [\(t.offset), \(t.offset + t.length)) is not packed inside \(where_)")
                 }
                 cursor = t.offset + t.length
             }
             guard end - cursor < PackageFormat.bundleAlignment else {
-                throw defect(.invalidManifest, "\(where_) has \(end - cursor) bytes of padding; at most \(PackageFormat.bundleAlignment - 1) are allowed")
+                throw defect(
+                    .invalidManifest,
+                    "\(where_) has \(end - cursor) bytes of padding; at most \(PackageFormat.bundleAlignment - 1) are allowed")
             }
         }
         if let extra = m.tensors.first(where: { !seen.contains($0.name) }) {
@@ -183,17 +214,23 @@ public final class PackageReader: @unchecked Sendable {
     public func verify(progress: (Int, Int) -> Void = { _, _ in }) throws(FormatError) {
         func defect(_ kind: PackageDefect, _ detail: String) -> FormatError { .malformedPackage(path: path, defect: kind, detail: detail) }
         enum Owner { case tensor(TensorEntry), file(FileEntry) }
-        let spans: [(start: Int, end: Int, owner: Owner)] = (manifest.tensors.map { ($0.offset, $0.offset + $0.length, Owner.tensor($0)) }
+        let spans: [(start: Int, end: Int, owner: Owner)] =
+            (manifest.tensors.map { ($0.offset, $0.offset + $0.length, Owner.tensor($0)) }
             + manifest.files.map { ($0.offset, $0.offset + $0.length, Owner.file($0)) }).sorted { $0.0 < $1.0 }
         let bundleOf = manifest.bundleOfTensor
 
         func finishSpan(_ span: (start: Int, end: Int, owner: Owner), _ crc: UInt32) throws(FormatError) {
             switch span.owner {
             case .tensor(let t) where crc != t.crc32:
-                let inBundle = bundleOf[t.name].map { " (in the expert bundle of layer \($0.layer), expert \($0.expert) at byte \($0.offset))" } ?? ""
-                throw defect(.tensorChecksum, "tensor \(t.name) at byte \(t.offset)\(inBundle): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(t.crc32))")
+                let inBundle =
+                    bundleOf[t.name].map { " (in the expert bundle of layer \($0.layer), expert \($0.expert) at byte \($0.offset))" } ?? ""
+                throw defect(
+                    .tensorChecksum,
+                    "tensor \(t.name) at byte \(t.offset)\(inBundle): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(t.crc32))")
             case .file(let f) where crc != f.crc32:
-                throw defect(.tensorChecksum, "embedded file \(f.name) at byte \(f.offset): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(f.crc32))")
+                throw defect(
+                    .tensorChecksum,
+                    "embedded file \(f.name) at byte \(f.offset): CRC-32 is \(CRC32.hex(crc)), expected \(CRC32.hex(f.crc32))")
             default: break
             }
         }
@@ -244,7 +281,11 @@ public final class PackageReader: @unchecked Sendable {
                 b = end
                 if b == bundle.offset + bundle.length {
                     guard bundleCRC.value == bundle.crc32 else {
-                        throw defect(.bundleChecksum, "expert bundle of layer \(bundle.layer), expert \(bundle.expert) at byte \(bundle.offset): CRC-32 is \(CRC32.hex(bundleCRC.value)), expected \(CRC32.hex(bundle.crc32))")
+                        throw defect(
+                            .bundleChecksum,
+                            "expert bundle of layer \(bundle.layer), expert \(bundle.expert) at byte \(bundle.offset): CRC-32 is "
+                                + "\(CRC32.hex(bundleCRC.value)), expected \(CRC32.hex(bundle.crc32))"
+                        )
                     }
                     bundleCRC = CRC32()
                     bundleIndex += 1

@@ -42,8 +42,10 @@ public final class PackageWriter {
     ///   - overwrite: replace an existing destination (only once the new one is complete).
     ///   - bufferCapacity: bytes per buffer (two are kept); writes start at its multiples in the
     ///     file. Smaller only in tests, to exercise many background writes.
-    public init(destination: String, manifest: PackageManifest, dataOffset: Int, overwrite: Bool,
-                bufferCapacity: Int = 8 << 20) throws(FormatError) {
+    public init(
+        destination: String, manifest: PackageManifest, dataOffset: Int, overwrite: Bool,
+        bufferCapacity: Int = 8 << 20
+    ) throws(FormatError) {
         precondition(bufferCapacity > 0)
         self.bufferCapacity = bufferCapacity
         if FileSystem.exists(destination) && !overwrite { throw .outputExists(path: destination) }
@@ -60,7 +62,8 @@ public final class PackageWriter {
         bufferStart = dataOffset
         buffer = .allocate(byteCount: bufferCapacity, alignment: 4096)
         spare = .allocate(byteCount: bufferCapacity, alignment: 4096)
-        let ordered = manifest.tensors.indices.map { (manifest.tensors[$0].offset, Item.tensor($0)) }
+        let ordered =
+            manifest.tensors.indices.map { (manifest.tensors[$0].offset, Item.tensor($0)) }
             + manifest.files.indices.map { (manifest.files[$0].offset, Item.file($0)) }
         items = ordered.sorted { $0.0 < $1.0 }.map(\.1)
     }
@@ -77,10 +80,12 @@ public final class PackageWriter {
     /// How far the write has come: bytes, tensors, and the layer whose expert bundle is being
     /// written (nil in the dense part and the files).
     public var progress: WriteProgress {
-        let layer = bundleCursor < manifest.bundles.count && position > manifest.bundles[bundleCursor].offset
+        let layer =
+            bundleCursor < manifest.bundles.count && position > manifest.bundles[bundleCursor].offset
             ? manifest.bundles[bundleCursor].layer : nil
-        return WriteProgress(bytesWritten: finished ? fileLength : position, totalBytes: fileLength, tensorsWritten: tensorsWritten,
-                             layer: layer)
+        return WriteProgress(
+            bytesWritten: finished ? fileLength : position, totalBytes: fileLength, tensorsWritten: tensorsWritten,
+            layer: layer)
     }
 
     /// The tensor that must be written next, or nil when only files (or nothing) remain.
@@ -127,8 +132,9 @@ public final class PackageWriter {
         precondition(bundleCursor == manifest.bundles.count)
         let manifestBytes = Array(JSONWriter.serialize(manifest.json).utf8)
         precondition(PackageFormat.headerLength + manifestBytes.count <= dataOffset, "manifest grew after planning")
-        let header = PackageHeader(manifestLength: manifestBytes.count, dataOffset: dataOffset, fileLength: fileLength,
-                                   manifestCRC32: CRC32.checksum(manifestBytes))
+        let header = PackageHeader(
+            manifestLength: manifestBytes.count, dataOffset: dataOffset, fileLength: fileLength,
+            manifestCRC32: CRC32.checksum(manifestBytes))
         // The region between the manifest's end and the data offset stays zero (sparse).
         try withBytes(header.encoded() + manifestBytes) { (raw) throws(FormatError) in try file.write(raw, at: 0) }
         try file.truncate(to: fileLength)
@@ -157,12 +163,14 @@ public final class PackageWriter {
                     bundleCRC.update(UnsafeRawBufferPointer(rebasing: rest[..<take]))
                 }
             }
-            UnsafeMutableRawBufferPointer(rebasing: buffer[filled..<(filled + take)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: rest[..<take]))
+            UnsafeMutableRawBufferPointer(rebasing: buffer[filled..<(filled + take)]).copyMemory(
+                from: UnsafeRawBufferPointer(rebasing: rest[..<take]))
             filled += take
             position += take
             rest = UnsafeRawBufferPointer(rebasing: rest[take...])
             if bundleCursor < manifest.bundles.count,
-               position == manifest.bundles[bundleCursor].offset + manifest.bundles[bundleCursor].length {
+                position == manifest.bundles[bundleCursor].offset + manifest.bundles[bundleCursor].length
+            {
                 manifest.bundles[bundleCursor].crc32 = bundleCRC.value
                 bundleCRC = CRC32()
                 bundleCursor += 1

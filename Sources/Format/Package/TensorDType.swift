@@ -63,7 +63,7 @@ public enum TensorLayout: String, Sendable {
     /// them, yet eight blocks feed one vector. Format 3 and later.
     case rowMajorB8 = "row_major_b8"
 
-    /// The orientation relative to the source (regrouping rows or blocks does not transpose).
+    /// The orientation relative to the source (arranging rows or blocks in groups does not transpose).
     public var orientation: TensorLayout { self == .transposed ? .transposed : .rowMajor }
 
     /// Whether the blocks of a Q4_0 matrix are rearranged (row_major_x8 or row_major_b8).

@@ -20,8 +20,10 @@ public enum Q4_0 {
 
     /// `quantize`, and the round-trip error of the blocks written (what decoding them and
     /// comparing would give, up to the order of the sums, without a second pass).
-    public static func quantize(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer,
-                                error: inout QuantizationError) {
+    public static func quantize(
+        _ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutableRawPointer,
+        error: inout QuantizationError
+    ) {
         precondition(count % blockSize == 0)
         var sse = 0.0, ssv = 0.0
         var worst: Float = 0
@@ -111,7 +113,8 @@ public enum TensorCodec {
     /// Encodes `count` values; returns the index of the first finite value that overflowed a
     /// float type (quantised types store an infinite scale instead, as ggml does).
     @discardableResult
-    public static func encode(_ values: UnsafePointer<Float>, count: Int, as dtype: TensorDType, into out: UnsafeMutableRawPointer) -> Int? {
+    public static func encode(_ values: UnsafePointer<Float>, count: Int, as dtype: TensorDType, into out: UnsafeMutableRawPointer) -> Int?
+    {
         switch dtype {
         case .f32, .f16, .bf16: return FloatCodecs.encode(values, count: count, as: dtype, into: out)
         case .q4_0: Q4_0.quantize(values, count: count, into: out); return nil

@@ -43,7 +43,9 @@ public enum FloatCodecs {
     /// Encodes float32 values as `dtype`. Returns the index of the first finite value that
     /// overflowed to infinity, if any (the caller decides whether that is an error).
     @discardableResult
-    public static func encode(_ source: UnsafePointer<Float>, count: Int, as dtype: TensorDType, into destination: UnsafeMutableRawPointer) -> Int? {
+    public static func encode(
+        _ source: UnsafePointer<Float>, count: Int, as dtype: TensorDType, into destination: UnsafeMutableRawPointer
+    ) -> Int? {
         var firstOverflow: Int?
         switch dtype {
         case .f32:

@@ -20,8 +20,10 @@ public struct QuantizationPolicy: Sendable {
     public var allowRequantize: Bool
     public var groupedLayouts: Bool
 
-    public init(type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,
-                overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false, groupedLayouts: Bool = true) {
+    public init(
+        type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,
+        overrides: [(pattern: String, type: TensorDType)] = [], allowRequantize: Bool = false, groupedLayouts: Bool = true
+    ) {
         self.groupedLayouts = groupedLayouts
         self.type = type
         self.embeddingType = embeddingType
@@ -33,9 +35,12 @@ public struct QuantizationPolicy: Sendable {
     /// The stored layout for tensor `name` of `shape`, in `orientation` relative to its source,
     /// given the dtype it gets.
     public func layout(name: String, dtype: TensorDType, shape: [Int], orientation: TensorLayout) -> TensorLayout {
-        guard groupedLayouts, orientation == .rowMajor, shape.count == 2, let rowBytes = dtype.byteLength(shape: [shape[1]]) else { return orientation }
+        guard groupedLayouts, orientation == .rowMajor, shape.count == 2, let rowBytes = dtype.byteLength(shape: [shape[1]]) else {
+            return orientation
+        }
         let upRows = name.hasSuffix(".up") && TensorNames.role(of: name) == .expert
-        for layout in upRows ? [TensorLayout.rowMajorB8, .rowMajorX8] : [.rowMajorX8] where layout.fits(dtype: dtype, rows: shape[0], rowBytes: rowBytes) {
+        for layout in upRows ? [TensorLayout.rowMajorB8, .rowMajorX8] : [.rowMajorX8]
+        where layout.fits(dtype: dtype, rows: shape[0], rowBytes: rowBytes) {
             return layout
         }
         return orientation
@@ -45,7 +50,10 @@ public struct QuantizationPolicy: Sendable {
     public static func parseOverride(_ text: String) throws(FormatError) -> (pattern: String, type: TensorDType) {
         let parts = text.split(separator: "=", maxSplits: 1).map(String.init)
         guard parts.count == 2, !parts[0].isEmpty, let type = TensorDType(rawValue: parts[1].lowercased()) else {
-            throw .invalidRequest("--tensor-type takes PATTERN=TYPE with TYPE one of \(TensorDType.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(text)')")
+            throw .invalidRequest(
+                "--tensor-type takes PATTERN=TYPE with TYPE one of \(TensorDType.allCases.map(\.rawValue).joined(separator: ", ")) (got "
+                    + "'\(text)')"
+            )
         }
         return (parts[0], type)
     }
@@ -81,7 +89,10 @@ public struct QuantizationPolicy: Sendable {
             }
         }
         if wanted.isQuantized && (tensor.shape.count < 2 || tensor.rowLength % wanted.blockSize != 0) {
-            return Decision(dtype: .f16, reason: "rows of \(tensor.rowLength) do not split into blocks of \(wanted.blockSize); f16 instead of \(wanted.rawValue)", fellBack: true)
+            return Decision(
+                dtype: .f16,
+                reason: "rows of \(tensor.rowLength) do not split into blocks of \(wanted.blockSize); f16 instead of \(wanted.rawValue)",
+                fellBack: true)
         }
         return Decision(dtype: wanted, reason: reason, fellBack: false)
     }

@@ -75,12 +75,17 @@ public enum Quantizer {
         for t in source.manifest.tensors {
             let decision = policy.decide(t)
             if t.dtype.isQuantized && decision.dtype != t.dtype && !policy.allowRequantize {
-                throw .invalidRequest("tensor \(t.name) is already \(t.dtype.rawValue); quantising it again to \(decision.dtype.rawValue) compounds the error. Quantise the float package instead, or pass --allow-requantize")
+                throw .invalidRequest(
+                    "tensor \(t.name) is already \(t.dtype.rawValue); quantising it again to \(decision.dtype.rawValue) compounds the "
+                        + "error. Quantise the float package instead, or pass --allow-requantize"
+                )
             }
             decisions[t.name] = decision
             let layout = policy.layout(name: t.name, dtype: decision.dtype, shape: t.shape, orientation: t.layout.orientation)
-            planned.append(PlannedTensor(name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
-                                         layout: layout, bundle: bundleOf[t.name].map { ($0.layer, $0.expert) }))
+            planned.append(
+                PlannedTensor(
+                    name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
+                    layout: layout, bundle: bundleOf[t.name].map { ($0.layer, $0.expert) }))
         }
         var provenance = source.manifest.provenance
         var quantization = JSONObject()
@@ -88,15 +93,19 @@ public enum Quantizer {
         quantization["type"] = .string(policy.type.rawValue)
         if let e = policy.embeddingType { quantization["embedding_type"] = .string(e.rawValue) }
         if let o = policy.outputType { quantization["output_type"] = .string(o.rawValue) }
-        quantization["q4_0_rows"] = .string(policy.groupedLayouts ? "row_major_x8; expert up row_major_b8 where rows are a multiple of 256 values" : "row_major")
+        quantization["q4_0_rows"] = .string(
+            policy.groupedLayouts ? "row_major_x8; expert up row_major_b8 where rows are a multiple of 256 values" : "row_major")
         if !policy.overrides.isEmpty {
             quantization["tensor_types"] = .array(policy.overrides.map { .string("\($0.pattern)=\($0.type.rawValue)") })
         }
-        quantization["source_package"] = .object(JSONObject([
-            ("name", .string(Checkpoint.baseName(source.path))), ("size", .int(source.header.fileLength))]))
+        quantization["source_package"] = .object(
+            JSONObject([
+                ("name", .string(Checkpoint.baseName(source.path))), ("size", .int(source.header.fileLength))
+            ]))
         provenance["quantization"] = .object(quantization)
         let files = source.manifest.files.map { (name: $0.name, length: $0.length) }
-        let (manifest, dataOffset) = try PackageLayout.plan(config: source.manifest.config, tensors: planned, files: files, provenance: provenance)
+        let (manifest, dataOffset) = try PackageLayout.plan(
+            config: source.manifest.config, tensors: planned, files: files, provenance: provenance)
         return QuantizationPlan(source: source, manifest: manifest, dataOffset: dataOffset, decisions: decisions, policy: policy)
     }
 
@@ -104,8 +113,10 @@ public enum Quantizer {
     static let chunkElements = 1 << 22
 
     @discardableResult
-    public static func write(_ plan: QuantizationPlan, to destination: String, overwrite: Bool, threads: Int,
-                             progress: (WriteProgress) -> Void = { _ in }) throws(FormatError) -> QuantizationReport {
+    public static func write(
+        _ plan: QuantizationPlan, to destination: String, overwrite: Bool, threads: Int,
+        progress: (WriteProgress) -> Void = { _ in }
+    ) throws(FormatError) -> QuantizationReport {
         let start = ProgressReporter.monotonicSeconds()
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
         let source = plan.source
@@ -120,9 +131,9 @@ public enum Quantizer {
         defer { output.deallocate() }
         let roundTrip = UnsafeMutablePointer<Float>.allocate(capacity: chunkElements)
         defer { roundTrip.deallocate() }
-        // Rows regrouped to or from a grouped layout pass through here.
-        let regrouped = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkElements * 4, alignment: 64)
-        defer { regrouped.deallocate() }
+        // Rows rearranged to or from a grouped layout pass through here.
+        let rearranged = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkElements * 4, alignment: 64)
+        defer { rearranged.deallocate() }
 
         for entry in plan.manifest.tensors {
             let from = source.tensor(entry.name)!
@@ -139,8 +150,8 @@ public enum Quantizer {
                         let rows = min(rowsPerChunk, from.rows - row)
                         let chunk = UnsafeMutableRawBufferPointer(rebasing: input[..<(rows * rowBytes)])
                         try source.read(from, from: row * rowBytes, into: chunk)
-                        from.layout.plainRows(chunk.baseAddress!, into: regrouped.baseAddress!, rowBytes: rowBytes, rowCount: rows)
-                        entry.layout.arrange(plain: regrouped.baseAddress!, into: chunk.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                        from.layout.plainRows(chunk.baseAddress!, into: rearranged.baseAddress!, rowBytes: rowBytes, rowCount: rows)
+                        entry.layout.arrange(plain: rearranged.baseAddress!, into: chunk.baseAddress!, rowBytes: rowBytes, rowCount: rows)
                         try sink.append(UnsafeRawBufferPointer(chunk))
                         row += rows
                     }
@@ -173,16 +184,19 @@ public enum Quantizer {
                     // Grouped source rows are decoded from their plain form.
                     var plainInput = UnsafeRawPointer(inBytes.baseAddress!)
                     if from.layout.isGrouped {
-                        from.layout.plainRows(plainInput, into: regrouped.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
-                        plainInput = UnsafeRawPointer(regrouped.baseAddress!)
+                        from.layout.plainRows(plainInput, into: rearranged.baseAddress!, rowBytes: inRowBytes, rowCount: rows)
+                        plainInput = UnsafeRawPointer(rearranged.baseAddress!)
                     }
                     let slices = min(workers, rows)
                     let partial = UnsafeMutableBufferPointer<QuantizationError>.allocate(capacity: slices)
                     defer { partial.deallocate() }
                     let overflow = UnsafeMutableBufferPointer<Int>.allocate(capacity: slices)
                     defer { overflow.deallocate() }
-                    let buffers = Unchecked((input: plainInput, output: output.baseAddress!, floats: floats,
-                                             back: roundTrip, partial: partial, overflow: overflow))
+                    let buffers = Unchecked(
+                        (
+                            input: plainInput, output: output.baseAddress!, floats: floats,
+                            back: roundTrip, partial: partial, overflow: overflow
+                        ))
                     let fromType = from.dtype, toType = entry.dtype
                     parallelFor(slices) { slice in
                         let b = buffers.value
@@ -199,7 +213,8 @@ public enum Quantizer {
                             b.partial[slice] = e
                             return
                         }
-                        b.overflow[slice] = TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
+                        b.overflow[slice] =
+                            TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
                         let back = b.back + first * rowLength
                         TensorCodec.decode(encoded, dtype: toType, count: count, into: back)
                         var e = QuantizationError()
@@ -214,7 +229,12 @@ public enum Quantizer {
                     }
                     for slice in 0..<slices {
                         if overflow[slice] >= 0 {
-                            throw .unrepresentable(tensor: entry.name, detail: "value \(floats[overflow[slice]]) overflows \(entry.dtype.rawValue); choose f32 for it with --tensor-type")
+                            throw .unrepresentable(
+                                tensor: entry.name,
+                                detail:
+                                    "value \(floats[overflow[slice]]) overflows \(entry.dtype.rawValue); choose f32 for it with "
+                                    + "--tensor-type"
+                            )
                         }
                         error.merge(partial[slice])
                     }
@@ -222,19 +242,26 @@ public enum Quantizer {
                         throw .unrepresentable(tensor: entry.name, detail: "contains NaN or infinite values; the source package is damaged")
                     }
                     guard error.sumSquaredError.isFinite else {
-                        throw .unrepresentable(tensor: entry.name, detail: "values too large for a \(entry.dtype.rawValue) block scale (float16); choose f32 for it with --tensor-type")
+                        throw .unrepresentable(
+                            tensor: entry.name,
+                            detail:
+                                "values too large for a \(entry.dtype.rawValue) block scale (float16); choose f32 for it with --tensor-type"
+                        )
                     }
                     if entry.layout.isGrouped {
-                        entry.layout.arrange(plain: output.baseAddress!, into: regrouped.baseAddress!, rowBytes: outRowBytes, rowCount: rows)
-                        try sink.append(UnsafeRawBufferPointer(rebasing: regrouped[..<(rows * outRowBytes)]))
+                        entry.layout.arrange(
+                            plain: output.baseAddress!, into: rearranged.baseAddress!, rowBytes: outRowBytes, rowCount: rows)
+                        try sink.append(UnsafeRawBufferPointer(rebasing: rearranged[..<(rows * outRowBytes)]))
                     } else {
                         try sink.append(UnsafeRawBufferPointer(rebasing: output[..<(rows * outRowBytes)]))
                     }
                     row += rows
                 }
             }
-            reports.append(.init(name: entry.name, role: TensorNames.role(of: entry.name), from: from.dtype, to: entry.dtype,
-                                 elements: entry.elementCount, bytesBefore: from.length, bytesAfter: entry.length, error: error))
+            reports.append(
+                .init(
+                    name: entry.name, role: TensorNames.role(of: entry.name), from: from.dtype, to: entry.dtype,
+                    elements: entry.elementCount, bytesBefore: from.length, bytesAfter: entry.length, error: error))
             progress(writer.progress)
         }
         for file in plan.manifest.files {
@@ -242,7 +269,8 @@ public enum Quantizer {
         }
         try writer.finish()
         progress(writer.progress)
-        return QuantizationReport(sizeBefore: source.header.fileLength, sizeAfter: plan.outputSize, tensors: reports,
-                                  seconds: ProgressReporter.monotonicSeconds() - start)
+        return QuantizationReport(
+            sizeBefore: source.header.fileLength, sizeAfter: plan.outputSize, tensors: reports,
+            seconds: ProgressReporter.monotonicSeconds() - start)
     }
 }

@@ -40,8 +40,11 @@ public final class SafetensorsFile: @unchecked Sendable {
         let prefix = try file.read(count: 8, at: 0)
         let headerLength = prefix.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
         guard headerLength >= 2, headerLength <= UInt64(SafetensorsFile.maximumHeaderLength), Int(headerLength) <= fileSize - 8 else {
-            throw defect(.headerLengthOutOfRange,
-                         "header length \(headerLength) at byte 0, but the file has \(fileSize - 8) bytes after it (limit \(SafetensorsFile.maximumHeaderLength))")
+            throw defect(
+                .headerLengthOutOfRange,
+                "header length \(headerLength) at byte 0, but the file has \(fileSize - 8) bytes after it (limit "
+                    + "\(SafetensorsFile.maximumHeaderLength))"
+            )
         }
         let headerBytes = try file.read(count: Int(headerLength), at: 8)
         let header: JSONValue
@@ -58,9 +61,10 @@ public final class SafetensorsFile: @unchecked Sendable {
         var tensors: [SafetensorsTensor] = []
         for (name, value) in object.entries where name != "__metadata__" {
             guard let entry = value.objectValue,
-                  let dtypeName = entry["dtype"]?.stringValue,
-                  let shapeValues = entry["shape"]?.arrayValue,
-                  let offsets = entry["data_offsets"]?.arrayValue else {
+                let dtypeName = entry["dtype"]?.stringValue,
+                let shapeValues = entry["shape"]?.arrayValue,
+                let offsets = entry["data_offsets"]?.arrayValue
+            else {
                 throw defect(.malformedEntry, "tensor \(name) needs \"dtype\", \"shape\" and \"data_offsets\"")
             }
             guard let dtype = TensorDType(safetensorsName: dtypeName) else {
@@ -68,19 +72,28 @@ public final class SafetensorsFile: @unchecked Sendable {
             }
             let shape = shapeValues.compactMap { $0.intValue }
             guard shape.count == shapeValues.count, shape.allSatisfy({ $0 >= 0 }), shape.count <= SafetensorsFile.maximumRank else {
-                throw defect(.malformedEntry, "tensor \(name) has shape \(JSONWriter.serialize(.array(shapeValues))); expected up to \(SafetensorsFile.maximumRank) non-negative integers")
+                throw defect(
+                    .malformedEntry,
+                    "tensor \(name) has shape \(JSONWriter.serialize(.array(shapeValues))); expected up to "
+                        + "\(SafetensorsFile.maximumRank) non-negative integers"
+                )
             }
             guard offsets.count == 2, let begin = offsets[0].intValue, let end = offsets[1].intValue else {
-                throw defect(.malformedEntry, "tensor \(name) has data_offsets \(JSONWriter.serialize(.array(offsets))); expected [begin, end]")
+                throw defect(
+                    .malformedEntry, "tensor \(name) has data_offsets \(JSONWriter.serialize(.array(offsets))); expected [begin, end]")
             }
             guard begin >= 0, begin <= end, end <= dataLength else {
-                throw defect(.offsetsOutOfRange, "tensor \(name) has data_offsets [\(begin), \(end)], but the data section has \(dataLength) bytes")
+                throw defect(
+                    .offsetsOutOfRange, "tensor \(name) has data_offsets [\(begin), \(end)], but the data section has \(dataLength) bytes")
             }
             guard let expected = dtype.byteLength(shape: shape), expected == end - begin else {
                 let expectedText = dtype.byteLength(shape: shape).map(String.init) ?? "more than fits"
-                throw defect(.byteLengthMismatch, "tensor \(name) (\(dtypeName) \(shape)) needs \(expectedText) bytes, but its data_offsets span \(end - begin)")
+                throw defect(
+                    .byteLengthMismatch,
+                    "tensor \(name) (\(dtypeName) \(shape)) needs \(expectedText) bytes, but its data_offsets span \(end - begin)")
             }
-            tensors.append(SafetensorsTensor(name: name, dtype: dtype, shape: shape, offset: dataStart + begin, length: end - begin, path: path))
+            tensors.append(
+                SafetensorsTensor(name: name, dtype: dtype, shape: shape, offset: dataStart + begin, length: end - begin, path: path))
         }
         let byOffset = tensors.filter { $0.length > 0 }.sorted { $0.offset < $1.offset }
         for (previous, next) in zip(byOffset, byOffset.dropFirst()) where next.offset < previous.offset + previous.length {
