@@ -12,6 +12,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
     case invalidCheckpoint(path: String, defect: CheckpointDefect, detail: String)
     /// A .stpk package is not well formed, or fails a checksum.
     case malformedPackage(path: String, defect: PackageDefect, detail: String)
+    /// A GGUF file is not well formed, or not a SmallThinker model we can import.
+    case malformedGGUF(path: String, defect: GGUFDefect, detail: String)
     /// The output exists and the caller did not ask to overwrite it.
     case outputExists(path: String)
     /// A value cannot be represented in the requested type (for example a bf16 weight past
@@ -29,6 +31,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
         case .invalidCheckpoint(let path, let defect, let detail):
             return "\(path): \(defect.rawValue): \(detail)"
         case .malformedPackage(let path, let defect, let detail):
+            return "\(path): \(defect.rawValue): \(detail)"
+        case .malformedGGUF(let path, let defect, let detail):
             return "\(path): \(defect.rawValue): \(detail)"
         case .outputExists(let path):
             return "\(path) already exists; pass --force to overwrite it"
@@ -49,6 +53,28 @@ public enum SafetensorsDefect: String, Sendable {
     case offsetsOutOfRange = "data offsets out of range"
     case overlappingTensors = "overlapping tensor data"
     case byteLengthMismatch = "byte length disagrees with dtype and shape"
+}
+
+public enum GGUFDefect: String, Sendable {
+    case notGGUF = "not a GGUF file"
+    case unsupportedVersion = "unsupported GGUF version"
+    case truncated = "GGUF file truncated"
+    case absurdCount = "count out of range"
+    case stringPastEnd = "string runs past the end"
+    case unknownValueType = "unknown metadata value type"
+    case invalidValue = "invalid metadata value"
+    case duplicate = "defined twice"
+    case badDimensions = "bad tensor dimensions"
+    case unsupportedTensorType = "unsupported tensor type"
+    case misaligned = "misaligned tensor data"
+    case tensorPastEnd = "tensor data past the end"
+    case overlapping = "overlapping tensor data"
+    case wrongArchitecture = "not a SmallThinker GGUF"
+    case missingKey = "missing metadata key"
+    case missingTensor = "missing tensor"
+    case unexpectedTensor = "unexpected tensor"
+    case wrongShape = "wrong tensor shape"
+    case unsupportedLayout = "layout llama.cpp cannot represent"
 }
 
 public enum CheckpointDefect: String, Sendable {

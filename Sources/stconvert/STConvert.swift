@@ -13,24 +13,39 @@ extension TensorDType: ExpressibleByArgument {
 struct STConvert: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stconvert",
-        abstract: "Convert a Hugging Face SmallThinker checkpoint into a .stpk package.",
+        abstract: "Convert a SmallThinker model: Hugging Face checkpoint or GGUF to .stpk, or .stpk to GGUF.",
         discussion: """
-            Reads config.json and model.safetensors (or model-*-of-*.safetensors with \
-            model.safetensors.index.json), checks every tensor against the config, and writes one \
+            A checkpoint folder: reads config.json and model.safetensors (or model-*-of-*.safetensors \
+            with model.safetensors.index.json), checks every tensor against the config, and writes one \
             package file: dense tensors first, then one 4096-byte-aligned bundle per expert \
             (gate, up, down, all neuron-major), then the tokenizer and generation config files.
+
+            A .gguf file (llama.cpp's smallthinker architecture; f32, f16, bf16, q8_0 or q4_0 \
+            tensors): imported into a package, blocks copied where the orientation allows; the \
+            expert down matrices, hidden-major in GGUF, are requantised when quantised (said in the \
+            output and the package's provenance).
+
+            A .stpk package with -o NAME.gguf: exported for llama.cpp (its names, shapes and \
+            metadata, tensors aligned to 4096 bytes); --dtype q4_0 or q8_0 quantises as \
+            `llama-quantize --pure` would (norms and routers stay f32).
             """,
         version: PackageFormat.converterVersion
     )
 
-    @Argument(help: "The Hugging Face checkpoint folder.")
+    @Argument(help: "The Hugging Face checkpoint folder, a .gguf file, or a .stpk package to export.")
     var checkpoint: String
 
-    @Option(name: .shortAndLong, help: "The package file to write.")
+    @Option(name: .shortAndLong, help: "The file to write: a .stpk package, or a .gguf when the input is a package.")
     var output: String?
 
-    @Option(help: "Stored dtype of every tensor: f32, f16 or bf16 (default: keep the source dtype, lossless).")
+    @Option(
+        help: ArgumentHelp(
+            "Stored dtype of every tensor: f32, f16 or bf16 (default: keep the source dtype, lossless); exporting to GGUF, also "
+                + "q4_0 or q8_0."))
     var dtype: TensorDType?
+
+    @Flag(help: "Export to GGUF even when llama.cpp's port cannot represent the model's per-layer layouts (it will compute another model).")
+    var forceLayout = false
 
     @Option(help: "Take tokenizer.json and tokenizer_config.json from this folder instead of the checkpoint.")
     var tokenizer: String?
@@ -44,17 +59,44 @@ struct STConvert: ParsableCommand {
     @Flag(help: "Print the plan (tensors, layout, output size) and write nothing.")
     var dryRun = false
 
+    /// What the input is.
+    enum Input { case checkpoint, gguf, package }
+
+    var input: Input {
+        guard !FileSystem.isDirectory(checkpoint), let head = try? FileSystem.readPrefix(checkpoint, count: 4) else { return .checkpoint }
+        if head == GGUFFile.magic { return .gguf }
+        if head == Array(PackageFormat.magic.prefix(4)) { return .package }
+        return checkpoint.hasSuffix(".gguf") ? .gguf : .checkpoint
+    }
+
     func validate() throws {
-        if let dtype, dtype.isQuantized {
-            throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
-        }
         if output == nil && !dryRun {
-            throw ValidationError("missing -o/--output: the package file to write")
+            throw ValidationError("missing -o/--output: the file to write")
         }
+        switch input {
+        case .package:
+            guard dryRun || output!.hasSuffix(".gguf") else {
+                throw ValidationError(
+                    "the input is a .stpk package: give -o NAME.gguf to export it (stquant converts packages between types)")
+            }
+        case .gguf:
+            if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: its tensors keep their types") }
+            if tokenizer != nil { throw ValidationError("--tokenizer does not apply to a GGUF import: the tokenizer comes from the file") }
+        case .checkpoint:
+            if let dtype, dtype.isQuantized {
+                throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
+            }
+        }
+        if forceLayout && input != .package { throw ValidationError("--force-layout applies to exporting a package to GGUF") }
     }
 
     func run() throws {
         try reportingErrors(tool: "stconvert", exit: { ExitCode($0) }) {
+            switch input {
+            case .gguf: return try importGGUF()
+            case .package: return try exportGGUF()
+            case .checkpoint: break
+            }
             let source = try Checkpoint(directory: checkpoint, tokenizerDirectory: tokenizer)
             let plan = try Converter.plan(checkpoint: source, dtype: dtype)
             if dryRun {
@@ -75,6 +117,48 @@ struct STConvert: ParsableCommand {
                         + "\(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)"
                 )
             }
+        }
+    }
+
+    func importGGUF() throws {
+        let plan = try GGUFImport.plan(try GGUFFile(path: checkpoint))
+        if dryRun {
+            print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
+            for note in plan.notes { print("note: \(note)") }
+            print("\nwould write \(plan.outputSize) bytes\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
+            return
+        }
+        let output = output!
+        var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
+        try GGUFImport.write(plan, to: output, overwrite: force) { progress in
+            let layer = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
+            meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
+        }
+        meter.finish()
+        if !quiet {
+            for note in plan.notes { writeStandardError("stconvert: note: \(note)\n") }
+            print(
+                "wrote \(output) from GGUF: \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, "
+                    + "\(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)")
+        }
+    }
+
+    func exportGGUF() throws {
+        let package = try PackageReader(path: checkpoint)
+        let plan = try GGUFExport.plan(package: package, dtype: dtype, forceLayout: forceLayout)
+        if dryRun {
+            for t in plan.tensors { print("\(t.name)  \(t.type)  \(t.dimensions)") }
+            for note in plan.notes { print("note: \(note)") }
+            print("\nwould write \(plan.tensors.count) tensors\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
+            return
+        }
+        let output = output!
+        var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
+        try GGUFExport.write(plan, to: output, overwrite: force) { done, total in meter.update(done: done, total: total, label: "tensors") }
+        meter.finish()
+        if !quiet {
+            for note in plan.notes { writeStandardError("stconvert: note: \(note)\n") }
+            print("wrote \(output): GGUF for llama.cpp, \(plan.tensors.count) tensors in \(meter.elapsedText)")
         }
     }
 }

@@ -126,6 +126,12 @@ public enum FileSystem {
         return Int(info.st_size)
     }
 
+    /// The first `count` bytes of a file (fewer when it is shorter).
+    public static func readPrefix(_ path: String, count: Int) throws(FormatError) -> [UInt8] {
+        let file = try SystemFile.openForReading(path)
+        return try file.read(count: min(count, try file.size()), at: 0)
+    }
+
     public static func readAll(_ path: String, limit: Int) throws(FormatError) -> [UInt8] {
         let file = try SystemFile.openForReading(path)
         let size = try file.size()
