@@ -61,6 +61,27 @@ import Testing
         }
     }
 
+    /// A GGUF whose down matrices are neuron-major already ([hidden, ffn, experts], as the
+    /// authors' PowerInfer converter can write them) is imported without requantising: a Q4_0
+    /// package comes back bit for bit, down matrices included.
+    @Test func neuronMajorDownMatricesAreCopied() throws {
+        let scratch = ScratchDirectory()
+        let float = try convertFixture("tiny-4b-like", in: scratch, dtype: .f32)
+        let quantized = scratch.file("q.stpk"), gguf = scratch.file("p.gguf"), back = scratch.file("back.stpk")
+        try Quantizer.write(
+            try Quantizer.plan(source: try PackageReader(path: float), policy: QuantizationPolicy(type: .q4_0)), to: quantized,
+            overwrite: false,
+            threads: 2)
+        let a = try PackageReader(path: quantized)
+        try GGUFExport.write(
+            try GGUFExport.plan(package: a, dtype: nil, forceLayout: false, neuronMajorDown: true), to: gguf, overwrite: false)
+        let plan = try GGUFImport.plan(try GGUFFile(path: gguf))
+        #expect(plan.notes.contains { $0.contains("neuron-major already") } && !plan.notes.contains { $0.contains("requantised") })
+        try GGUFImport.write(plan, to: back, overwrite: false)
+        let b = try PackageReader(path: back)
+        for t in a.manifest.tensors { #expect(a.bytes(of: t).elementsEqual(b.bytes(of: b.tensor(t.name)!)), "\(t.name)") }
+    }
+
     /// A float package exported as Q4_0 holds, for every matrix llama-quantize quantises, ggml's
     /// blocks of the values in llama.cpp's orientation (the down matrices transposed first).
     @Test func exportQuantisesWhatLlamaQuantizeQuantises() throws {

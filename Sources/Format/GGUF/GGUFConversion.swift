@@ -15,7 +15,11 @@ public enum GGUFExport {
         public let requantized: [String]
     }
 
-    public static func plan(package: PackageReader, dtype: TensorDType?, forceLayout: Bool) throws(FormatError) -> Plan {
+    /// - Parameter neuronMajorDown: store the down matrices as the package does, [hidden, ffn,
+    ///   experts] (what the authors' PowerInfer converter can write; llama.cpp cannot run it): for tests.
+    public static func plan(
+        package: PackageReader, dtype: TensorDType?, forceLayout: Bool, neuronMajorDown: Bool = false
+    ) throws(FormatError) -> Plan {
         let c = package.manifest.config
         if let reason = GGUFModel.unsupportedLayout(c), !forceLayout {
             throw .invalidRequest(
@@ -78,6 +82,15 @@ public enum GGUFExport {
             }
             let down = entry(TensorNames.expertDown(n, 0)), name = GGUFModel.stackedName("down", layer: n)
             var type = target(down)
+            if neuronMajorDown {
+                tensors.append(
+                    GGUFWriter.Tensor(name: name, dimensions: [h, f, experts], type: GGMLType(type)) { (sink) throws(FormatError) in
+                        for e in 0..<experts {
+                            try sink.append(bytes: GGUFExport.plain(package, entry(TensorNames.expertDown(n, e)), as: type))
+                        }
+                    })
+                continue
+            }
             if f % type.blockSize != 0 {
                 // llama.cpp's rows of this matrix are `ffn` values, not whole blocks: f16, as
                 // llama-quantize falls back to.
