@@ -5,14 +5,14 @@
 #
 # 1. The trained fixture (Tests/Fixtures/trained; its NoPE layers 0 and 4 are llama.cpp's rule,
 #    and 32 tokens of held-out text stay inside its window of 32, so llama.cpp's forced window of
-#    4096 changes nothing): our bf16 and Q4_0 packages exported to GGUF, llama.cpp's logits on
-#    them against strun's on the packages (KL, top-1).
-# 2. A 4B-shaped synthetic checkpoint (Benchmarks/make_checkpoint.py, Qwen's tokenizer, which
-#    llama.cpp's converter recognises): llama.cpp's own conversion (bf16) and
-#    `llama-quantize --pure` Q4_0, against our export of the same checkpoint with --dtype q4_0:
-#    every tensor's data compared by SHA-256 (llama.cpp's gguf reader on both files); then
-#    llama.cpp's GGUF imported with stconvert and strun's logits on it against llama.cpp's on the
-#    file.
+#    4096 changes nothing): our f32, bf16 and Q4_0 packages exported to GGUF, llama.cpp's logits
+#    on them against strun's on the packages (KL, top-1); and `llama-quantize --pure` of our bf16
+#    export against our own `--dtype q4_0` export, tensor data compared by SHA-256.
+# 2. When torch is installed (llama.cpp's converter needs it), a 4B-shaped synthetic checkpoint
+#    (Benchmarks/make_checkpoint.py, Qwen's tokenizer, which that converter recognises):
+#    llama.cpp's own conversion (bf16) and `llama-quantize --pure` Q4_0 against our export of the
+#    same checkpoint with --dtype q4_0; then llama.cpp's GGUF imported with stconvert and strun's
+#    logits on it against llama.cpp's on the file.
 # llama.cpp comes from the llama-cpp-python sdist (version pinned as in compare_llama.sh),
 # built here with cmake; its converter needs torch and transformers (pip).
 set -euo pipefail
@@ -59,19 +59,43 @@ print(f"{label}: {len(kl)} positions, mean KL {kl.mean():.3g}, max KL {kl.max():
 PY
 }
 
+same_tensors() {  # label theirs.gguf ours.gguf
+    PYTHONPATH="$llama/gguf-py" python3 - "$@" <<'PY'
+import hashlib, sys, gguf
+def tensors(path):
+    return {t.name: (t.tensor_type.name, [int(d) for d in t.shape], hashlib.sha256(bytes(t.data.tobytes())).hexdigest())
+            for t in gguf.GGUFReader(path).tensors}
+label, theirs, ours = sys.argv[1], tensors(sys.argv[2]), tensors(sys.argv[3])
+same = [n for n in theirs if ours.get(n) == theirs[n]]
+differ = sorted(set(theirs) ^ set(ours)) + [n for n in theirs if n in ours and ours[n] != theirs[n]]
+print(f"{label}: {len(same)} of {len(theirs)} tensors byte-identical" + (f"; differing: {differ[:8]}" if differ else ""))
+PY
+}
+
 # 1. The trained fixture.
 fixture=Tests/Fixtures/trained/trained-21b-like
 $B/stconvert $fixture -o "$work/trained-bf16.stpk" --force -q
+$B/stconvert $fixture -o "$work/trained-f32.stpk" --dtype f32 --force -q
 $B/stquant "$work/trained-bf16.stpk" -o "$work/trained-q4_0.stpk" --type q4_0 --force -q
 ids=$($B/strun tokenize "$work/trained-bf16.stpk" --file Tests/Fixtures/trained/held-out-sample.txt | tr -d '[]' | cut -d, -f1-32)
-for type in bf16 q4_0; do
+$B/stconvert "$work/trained-bf16.stpk" -o "$work/trained-bf16-a32.gguf" --force-layout --alignment 32 --force -q
+"$build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/trained-bf16-a32.gguf" \
+    "$work/llama-trained-q4_0.gguf" q4_0 "$threads" >/dev/null 2>&1
+$B/stconvert "$work/trained-bf16.stpk" -o "$work/ours-trained-q4_0.gguf" --dtype q4_0 --force-layout --force -q
+same_tensors "trained Q4_0: our --dtype q4_0 export vs llama-quantize --pure of our bf16 export" \
+    "$work/llama-trained-q4_0.gguf" "$work/ours-trained-q4_0.gguf"
+for type in f32 bf16 q4_0; do
     $B/stconvert "$work/trained-$type.stpk" -o "$work/trained-$type.gguf" --force-layout --force -q
     $B/strun logits "$work/trained-$type.stpk" --tokens "$ids" -o "$work/ours.f32" -t "$threads"
     "$work/llama_logits" "$work/trained-$type.gguf" "$threads" "$ids" "$work/theirs.f32" 2>"$work/llama.err"
     compare "trained $type: strun on the package vs llama.cpp on its export" "$work/ours.f32" "$work/theirs.f32" 4096
 done
 
-# 2. The 4B shape.
+# 2. The 4B shape, through llama.cpp's own converter.
+if ! python3 -c "import torch, transformers" 2>/dev/null; then
+    echo "4B shape through llama.cpp's converter: skipped (it needs torch and transformers: pip install torch transformers)"
+    exit 0
+fi
 ckpt="$work/checkpoint-4b"
 [ -f "$ckpt/config.json" ] || python3 Benchmarks/make_checkpoint.py "$ckpt" --shape 4b --tokenizer Tests/Fixtures/qwen-tokenizer
 PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$ckpt" --outtype bf16 --outfile "$work/llama-bf16.gguf" >/dev/null 2>&1
@@ -80,19 +104,7 @@ PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$ckpt" --out
 rm -f "$work/llama-bf16.gguf"
 $B/stconvert "$ckpt" -o "$work/ours-bf16.stpk" --force -q
 $B/stconvert "$work/ours-bf16.stpk" -o "$work/ours-q4_0.gguf" --dtype q4_0 --force -q
-PYTHONPATH="$llama/gguf-py" python3 - "$work/llama-q4_0.gguf" "$work/ours-q4_0.gguf" <<'PY'
-import hashlib, sys, gguf
-def tensors(path):
-    return {t.name: (t.tensor_type.name, [int(d) for d in t.shape], hashlib.sha256(bytes(t.data.tobytes())).hexdigest(), int(t.data_offset))
-            for t in gguf.GGUFReader(path).tensors}
-theirs, ours = tensors(sys.argv[1]), tensors(sys.argv[2])
-same = [n for n in theirs if n in ours and theirs[n][:3] == ours[n][:3]]
-differ = [n for n in theirs if n in ours and theirs[n][:3] != ours[n][:3]]
-print(f"4B Q4_0, our export vs llama-quantize --pure of llama.cpp's conversion: {len(same)} of {len(theirs)} tensors byte-identical"
-      + (f"; differing: {differ[:8]}" if differ else "") + (f"; names only theirs: {sorted(set(theirs) - set(ours))[:8]}" if set(theirs) - set(ours) else ""))
-page = [n for n in ours if ours[n][3] % 4096]
-print(f"our export: {len(ours) - len(page)} of {len(ours)} tensors start on a 4096-byte page")
-PY
+same_tensors "4B Q4_0: our --dtype q4_0 export vs llama-quantize --pure of llama.cpp's conversion" "$work/llama-q4_0.gguf" "$work/ours-q4_0.gguf"
 $B/stconvert "$work/llama-q4_0.gguf" -o "$work/imported-q4_0.stpk" --force 2>"$work/import.notes" >/dev/null
 sed 's/^/  /' "$work/import.notes"
 ids=$(python3 -c "import random; random.seed(7); print(','.join(str(random.randrange(151643)) for _ in range(32)))")

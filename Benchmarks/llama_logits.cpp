@@ -27,6 +27,9 @@ int main(int argc, char **argv) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t)tokens.size() + 16;
     cp.n_threads = cp.n_threads_batch = atoi(argv[2]);
+    // Keys and values in float32, as strun keeps them (llama.cpp's default is f16).
+    cp.type_k = GGML_TYPE_F32;
+    cp.type_v = GGML_TYPE_F32;
     llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot make a context\n"); return 1; }
     const int vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));

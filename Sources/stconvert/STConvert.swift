@@ -44,6 +44,12 @@ struct STConvert: ParsableCommand {
                 + "q4_0 or q8_0."))
     var dtype: TensorDType?
 
+    @Option(
+        help: ArgumentHelp(
+            "Exporting to GGUF: align tensor data to this many bytes (a power of two, at least 32; default 4096, a page). "
+                + "llama-quantize rewrites files at 32 but keeps the general.alignment key it read, so give it a file made with 32."))
+    var alignment: Int = 4096
+
     @Flag(help: "Export to GGUF even when llama.cpp's port cannot represent the model's per-layer layouts (it will compute another model).")
     var forceLayout = false
 
@@ -88,6 +94,10 @@ struct STConvert: ParsableCommand {
             }
         }
         if forceLayout && input != .package { throw ValidationError("--force-layout applies to exporting a package to GGUF") }
+        if alignment < 32 || alignment & (alignment - 1) != 0 || alignment > 1 << 16 {
+            throw ValidationError("--alignment must be a power of two from 32 to 65536 (got \(alignment))")
+        }
+        if alignment != 4096 && input != .package { throw ValidationError("--alignment applies to exporting a package to GGUF") }
     }
 
     func run() throws {
@@ -145,7 +155,7 @@ struct STConvert: ParsableCommand {
 
     func exportGGUF() throws {
         let package = try PackageReader(path: checkpoint)
-        let plan = try GGUFExport.plan(package: package, dtype: dtype, forceLayout: forceLayout)
+        let plan = try GGUFExport.plan(package: package, dtype: dtype, forceLayout: forceLayout, alignment: alignment)
         if dryRun {
             for t in plan.tensors { print("\(t.name)  \(t.type)  \(t.dimensions)") }
             for note in plan.notes { print("note: \(note)") }

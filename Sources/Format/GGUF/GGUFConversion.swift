@@ -13,12 +13,15 @@ public enum GGUFExport {
         public let notes: [String]
         /// Names of the GGUF tensors whose blocks were made by quantising dequantised values again.
         public let requantized: [String]
+        /// Of the tensor data; `general.alignment` says it unless it is GGUF's default 32.
+        public let alignment: Int
     }
 
     /// - Parameter neuronMajorDown: store the down matrices as the package does, [hidden, ffn,
     ///   experts] (what the authors' PowerInfer converter can write; llama.cpp cannot run it): for tests.
     public static func plan(
-        package: PackageReader, dtype: TensorDType?, forceLayout: Bool, neuronMajorDown: Bool = false
+        package: PackageReader, dtype: TensorDType?, forceLayout: Bool, neuronMajorDown: Bool = false,
+        alignment: Int = GGUFModel.exportAlignment
     ) throws(FormatError) -> Plan {
         let c = package.manifest.config
         if let reason = GGUFModel.unsupportedLayout(c), !forceLayout {
@@ -27,6 +30,7 @@ public enum GGUFExport {
         }
         func entry(_ name: String) -> TensorEntry { package.tensor(name)! }
         let majority = dtype ?? entry(TensorNames.query(0)).dtype
+        precondition(alignment >= 32 && alignment & (alignment - 1) == 0)
         var metadata = GGUFModel.metadata(
             c, fileType: GGUFModel.fileType(majority), name: String(package.path.split(separator: "/").last ?? "model"))
         var tensors: [GGUFWriter.Tensor] = [], notes: [String] = [], requantized: [String] = []
@@ -35,9 +39,9 @@ public enum GGUFExport {
                 tokenizerJSON: tokenizer, config: package.fileContents("tokenizer_config.json"), vocabulary: c.vocabSize, path: package.path
             )
         } else {
-            notes.append(
-                "the package has no tokenizer, so neither has the GGUF: llama.cpp will not load it (convert with stconvert --tokenizer DIR)"
-            )
+            // llama.cpp's way of saying "no vocabulary": it loads the model and runs token ids.
+            metadata += [("tokenizer.ggml.model", .string("none")), ("\(GGUFModel.architecture).vocab_size", .uint32(UInt32(c.vocabSize)))]
+            notes.append("the package has no tokenizer, so neither has the GGUF: llama.cpp runs it on token ids only")
         }
         if let bos = c.bosTokenID, !metadata.contains(where: { $0.0 == "tokenizer.ggml.bos_token_id" }) {
             metadata.append(("tokenizer.ggml.bos_token_id", .uint32(UInt32(bos))))
@@ -115,14 +119,19 @@ public enum GGUFExport {
                     + "this package and along the expert width in llama.cpp, so they were dequantised, transposed and quantised again "
                     + "(every other block is copied)")
         }
-        return Plan(metadata: metadata, tensors: tensors, notes: notes, requantized: requantized)
+        if alignment == 32 {
+            metadata.removeAll { $0.0 == "general.alignment" }
+        } else {
+            metadata = metadata.map { $0.0 == "general.alignment" ? ($0.0, .uint32(UInt32(alignment))) : $0 }
+        }
+        return Plan(metadata: metadata, tensors: tensors, notes: notes, requantized: requantized, alignment: alignment)
     }
 
     public static func write(
         _ plan: Plan, to destination: String, overwrite: Bool, progress: (Int, Int) -> Void = { _, _ in }
     ) throws(FormatError) {
         try GGUFWriter.write(
-            metadata: plan.metadata, tensors: plan.tensors, alignment: GGUFModel.exportAlignment, to: destination, overwrite: overwrite,
+            metadata: plan.metadata, tensors: plan.tensors, alignment: plan.alignment, to: destination, overwrite: overwrite,
             progress: progress)
     }
 

@@ -174,7 +174,7 @@ public enum GGUFImport {
                     + "along the hidden size in the package, so they were dequantised, transposed and quantised again")
         }
         var files: [(name: String, bytes: [UInt8])] = []
-        if m["tokenizer.ggml.model"] != nil {
+        if let model = m["tokenizer.ggml.model"]?.string, model != "none", model != "no_vocab" {
             let tokenizer = try GGUFTokenizer.files(gguf)
             files = [(name: "tokenizer.json", bytes: tokenizer.tokenizer), (name: "tokenizer_config.json", bytes: tokenizer.config)]
         } else {
