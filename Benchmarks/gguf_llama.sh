@@ -105,9 +105,13 @@ rm -f "$work/llama-bf16.gguf"
 $B/stconvert "$ckpt" -o "$work/ours-bf16.stpk" --force -q
 $B/stconvert "$work/ours-bf16.stpk" -o "$work/ours-q4_0.gguf" --dtype q4_0 --force -q
 same_tensors "4B Q4_0: our --dtype q4_0 export vs llama-quantize --pure of llama.cpp's conversion" "$work/llama-q4_0.gguf" "$work/ours-q4_0.gguf"
+ids=$(python3 -c "import random; random.seed(7); print(','.join(str(random.randrange(151643)) for _ in range(32)))")
+$B/stquant "$work/ours-bf16.stpk" -o "$work/ours-q4_0.stpk" --type q4_0 --force -q
+$B/strun logits "$work/ours-q4_0.stpk" --tokens "$ids" -o "$work/ours.f32" -t "$threads" --context 64
+"$work/llama_logits" "$work/ours-q4_0.gguf" "$threads" "$ids" "$work/theirs.f32" 2>"$work/llama.err"
+compare "4B Q4_0: strun on our package vs llama.cpp on our export" "$work/ours.f32" "$work/theirs.f32" 151936
 $B/stconvert "$work/llama-q4_0.gguf" -o "$work/imported-q4_0.stpk" --force 2>"$work/import.notes" >/dev/null
 sed 's/^/  /' "$work/import.notes"
-ids=$(python3 -c "import random; random.seed(7); print(','.join(str(random.randrange(151643)) for _ in range(32)))")
 $B/strun logits "$work/imported-q4_0.stpk" --tokens "$ids" -o "$work/ours.f32" -t "$threads" --context 64
 "$work/llama_logits" "$work/llama-q4_0.gguf" "$threads" "$ids" "$work/theirs.f32" 2>"$work/llama.err"
 compare "4B Q4_0: strun on the package imported from llama.cpp's GGUF vs llama.cpp on that GGUF" "$work/ours.f32" "$work/theirs.f32" 151936
