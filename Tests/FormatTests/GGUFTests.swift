@@ -19,7 +19,7 @@ import Testing
         return (source, imported, plan)
     }
 
-    @Test(arguments: Fixtures.models, [TensorDType.f32, .bf16])
+    @Test(arguments: Fixtures.models, [TensorDType.f32, .f16, .bf16])
     func floatPackagesComeBackBitForBit(model: String, dtype: TensorDType) throws {
         let scratch = ScratchDirectory()
         let (a, b, _) = try Self.roundTrip(try convertFixture(model, in: scratch, dtype: dtype == .bf16 ? nil : dtype), in: scratch)
