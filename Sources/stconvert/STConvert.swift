@@ -46,6 +46,23 @@ struct STConvert: ParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Converting a checkpoint: quantise on the way to q4_0 or q8_0, as stconvert then stquant would, with no float "
+                + "package in between (stquant's policy; --embedding-type, --output-type and --tensor-type as in stquant)."))
+    var type: TensorDType?
+
+    @Option(help: "With --type: type for the token embeddings.")
+    var embeddingType: TensorDType?
+
+    @Option(help: "With --type: type for the untied output head.")
+    var outputType: TensorDType?
+
+    @Option(
+        name: .customLong("tensor-type"),
+        help: ArgumentHelp("With --type: PATTERN=TYPE, as in stquant (repeatable).", valueName: "PATTERN=TYPE"))
+    var tensorTypes: [String] = []
+
+    @Option(
+        help: ArgumentHelp(
             "Exporting to GGUF: align tensor data to this many bytes (a power of two, at least 32; default 4096, a page). "
                 + "llama-quantize rewrites files at 32 but keeps the general.alignment key it read, so give it a file made with 32."))
     var alignment: Int = 4096
@@ -89,6 +106,14 @@ struct STConvert: ParsableCommand {
             if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: its tensors keep their types") }
             if tokenizer != nil { throw ValidationError("--tokenizer does not apply to a GGUF import: the tokenizer comes from the file") }
         case .checkpoint:
+            if let type {
+                guard type.isQuantized else {
+                    throw ValidationError("--type must be q4_0 or q8_0 (got '\(type.rawValue)'); --dtype writes float types")
+                }
+                if dtype != nil { throw ValidationError("--type quantises from the checkpoint's own dtype; leave out --dtype") }
+            } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty {
+                throw ValidationError("--embedding-type, --output-type and --tensor-type go with --type")
+            }
             if let dtype, dtype.isQuantized {
                 throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
             }
@@ -109,6 +134,7 @@ struct STConvert: ParsableCommand {
             }
             let source = try Checkpoint(directory: checkpoint, tokenizerDirectory: tokenizer)
             let plan = try Converter.plan(checkpoint: source, dtype: dtype)
+            if type != nil { return try convertAndQuantize(plan) }
             if dryRun {
                 print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
                 print("\nwould write \(plan.outputSize) bytes\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
@@ -170,5 +196,26 @@ struct STConvert: ParsableCommand {
             for note in plan.notes { writeStandardError("stconvert: note: \(note)\n") }
             print("wrote \(output): GGUF for llama.cpp, \(plan.tensors.count) tensors in \(meter.elapsedText)")
         }
+    }
+
+    /// The checkpoint straight to a quantised package: the quantiser reads the planned conversion.
+    func convertAndQuantize(_ conversion: ConversionPlan) throws {
+        var overrides: [(pattern: String, type: TensorDType)] = []
+        for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
+        let policy = QuantizationPolicy(type: type!, embeddingType: embeddingType, outputType: outputType, overrides: overrides)
+        let plan = try Quantizer.plan(source: try ConversionSource(conversion), policy: policy)
+        if dryRun {
+            print(QuantizationSummary.plan(plan))
+            return
+        }
+        let output = output!
+        var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
+        let report = try Quantizer.write(plan, to: output, overwrite: force, threads: Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) {
+            progress in
+            let label = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
+            meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: label)
+        }
+        meter.finish()
+        if !quiet { print(QuantizationSummary.text(report, input: checkpoint, output: output, type: policy.type)) }
     }
 }

@@ -27,7 +27,7 @@ public enum QuantizationSummary {
         if !fallbacks.isEmpty { lines.append("falls back to f16: \(fallbacks)") }
         lines.append("")
         lines.append(
-            "size: \(PackageSummary.bytes(plan.source.header.fileLength)) -> \(PackageSummary.bytes(plan.outputSize)); "
+            "size: \(PackageSummary.bytes(plan.source.sourceBytes)) -> \(PackageSummary.bytes(plan.outputSize)); "
                 + "\(plan.manifest.bundles.count) expert bundles of \(PackageSummary.bytes(plan.manifest.bundles.first?.length ?? 0)), "
                 + "4096-aligned"
         )

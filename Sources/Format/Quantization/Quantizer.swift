@@ -21,7 +21,7 @@ public struct QuantizationError: Sendable {
 
 /// A quantisation, planned: what `stquant --dry-run` shows and `Quantizer.write` executes.
 public struct QuantizationPlan: Sendable {
-    public let source: PackageReader
+    public let source: any TensorSource
     public let manifest: PackageManifest
     public let dataOffset: Int
     /// Output tensor name → decision.
@@ -63,9 +63,10 @@ public struct QuantizationReport: Sendable {
     }
 }
 
-/// Float package → quantised package, keeping the storage-optimised layout.
+/// Float package (or a planned checkpoint conversion) → quantised package, keeping the
+/// storage-optimised layout.
 public enum Quantizer {
-    public static func plan(source: PackageReader, policy: QuantizationPolicy) throws(FormatError) -> QuantizationPlan {
+    public static func plan(source: any TensorSource, policy: QuantizationPolicy) throws(FormatError) -> QuantizationPlan {
         guard policy.type.isQuantized else {
             throw .invalidRequest("--type must be q4_0 or q8_0 (got \(policy.type.rawValue)); stconvert --dtype writes float types")
         }
@@ -98,9 +99,9 @@ public enum Quantizer {
         if !policy.overrides.isEmpty {
             quantization["tensor_types"] = .array(policy.overrides.map { .string("\($0.pattern)=\($0.type.rawValue)") })
         }
-        quantization["source_package"] = .object(
+        quantization[source is ConversionSource ? "source_checkpoint" : "source_package"] = .object(
             JSONObject([
-                ("name", .string(Checkpoint.baseName(source.path))), ("size", .int(source.header.fileLength))
+                ("name", .string(Checkpoint.baseName(source.path))), ("size", .int(source.sourceBytes))
             ]))
         provenance["quantization"] = .object(quantization)
         let files = source.manifest.files.map { (name: $0.name, length: $0.length) }
@@ -258,6 +259,7 @@ public enum Quantizer {
                     row += rows
                 }
             }
+            source.doneReading(from)
             reports.append(
                 .init(
                     name: entry.name, role: TensorNames.role(of: entry.name), from: from.dtype, to: entry.dtype,
@@ -265,12 +267,13 @@ public enum Quantizer {
             progress(writer.progress)
         }
         for file in plan.manifest.files {
-            try writer.writeFile(file.name, contents: source.fileContents(file.name)!)
+            guard let contents = try source.fileContents(file.name) else { preconditionFailure("\(file.name) was planned from the source") }
+            try writer.writeFile(file.name, contents: contents)
         }
         try writer.finish()
         progress(writer.progress)
         return QuantizationReport(
-            sizeBefore: source.header.fileLength, sizeAfter: plan.outputSize, tensors: reports,
+            sizeBefore: source.sourceBytes, sizeAfter: plan.outputSize, tensors: reports,
             seconds: ProgressReporter.monotonicSeconds() - start)
     }
 }
