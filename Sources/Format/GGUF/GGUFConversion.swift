@@ -139,6 +139,9 @@ public enum GGUFExport {
     /// dequantised and encoded (ggml's quantisers, bit for bit).
     static func plain(_ package: PackageReader, _ e: TensorEntry, as type: TensorDType) throws(FormatError) -> [UInt8] {
         let raw = package.bytes(of: e)
+        // Read once: its mapped pages leave the resident set when done (an export of a 21B
+        // package otherwise ends with the whole package resident).
+        defer { package.mapping.release(raw) }
         if type == e.dtype {
             guard e.layout.isGrouped else { return Array(raw) }
             var out = [UInt8](repeating: 0, count: e.length)
@@ -154,6 +157,7 @@ public enum GGUFExport {
 
     /// A neuron-major [ffn, hidden] down matrix as llama.cpp's [hidden, ffn] rows of `type`.
     static func hiddenMajor(_ package: PackageReader, _ e: TensorEntry, as type: TensorDType) throws(FormatError) -> [UInt8] {
+        defer { package.mapping.release(package.bytes(of: e)) }
         let f = e.shape[0], h = e.shape[1]
         if !e.dtype.isQuantized && !type.isQuantized && type == e.dtype {
             // Float elements moved as bytes: the transpose is exact.
