@@ -93,6 +93,7 @@ struct STConvert: ParsableCommand {
     }
 
     func validate() throws {
+        let input = self.input  // reads the file's first bytes once
         if output == nil && !dryRun {
             throw ValidationError("missing -o/--output: the file to write")
         }
@@ -143,8 +144,8 @@ struct STConvert: ParsableCommand {
             let output = output!
             var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
             try Converter.write(plan, to: output, overwrite: force) { progress in
-                let layer = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
-                meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
+                meter.update(
+                    done: progress.bytesWritten, total: progress.totalBytes, label: progress.label(layers: plan.manifest.config.layerCount))
             }
             meter.finish()
             if !quiet {
@@ -167,8 +168,8 @@ struct STConvert: ParsableCommand {
         let output = output!
         var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
         try GGUFImport.write(plan, to: output, overwrite: force) { progress in
-            let layer = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
-            meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: layer)
+            meter.update(
+                done: progress.bytesWritten, total: progress.totalBytes, label: progress.label(layers: plan.manifest.config.layerCount))
         }
         meter.finish()
         if !quiet {
@@ -212,8 +213,8 @@ struct STConvert: ParsableCommand {
         var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
         let report = try Quantizer.write(plan, to: output, overwrite: force, threads: Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) {
             progress in
-            let label = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
-            meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: label)
+            meter.update(
+                done: progress.bytesWritten, total: progress.totalBytes, label: progress.label(layers: plan.manifest.config.layerCount))
         }
         meter.finish()
         if !quiet { print(QuantizationSummary.text(report, input: checkpoint, output: output, type: policy.type)) }

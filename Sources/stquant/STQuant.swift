@@ -105,8 +105,8 @@ struct STQuant: ParsableCommand {
                 plan, to: output, overwrite: force,
                 threads: threads ?? Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
             ) { progress in
-                let label = progress.layer.map { "experts of layer \($0 + 1)/\(plan.manifest.config.layerCount)" } ?? "dense tensors"
-                meter.update(done: progress.bytesWritten, total: progress.totalBytes, label: label)
+                meter.update(
+                    done: progress.bytesWritten, total: progress.totalBytes, label: progress.label(layers: plan.manifest.config.layerCount))
             }
             meter.finish()
             if json {

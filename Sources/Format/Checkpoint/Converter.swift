@@ -5,6 +5,9 @@ public struct WriteProgress: Sendable {
     public var tensorsWritten: Int
     /// The layer whose experts are being written; nil while writing dense tensors or files.
     public var layer: Int?
+
+    /// What is being written, for a progress line: "experts of layer 3/52" or "dense tensors".
+    public func label(layers: Int) -> String { layer.map { "experts of layer \($0 + 1)/\(layers)" } ?? "dense tensors" }
 }
 
 /// A conversion, planned: what `stconvert --dry-run` shows and `Converter.write` executes.
@@ -153,14 +156,8 @@ public enum Converter {
         let raw = UnsafeMutableRawBufferPointer(rebasing: buffers.input[..<source.length])
         try shard.read(source, into: raw)
         let transposed = UnsafeMutableRawBufferPointer(rebasing: buffers.transposed[..<source.length])
-        let size = source.dtype.blockBytes
-        // Move elements as raw bytes, so a same-dtype transpose is exact bit for bit.
-        for r in 0..<rows {
-            for c in 0..<cols {
-                (transposed.baseAddress! + (c * rows + r) * size).copyMemory(
-                    from: raw.baseAddress! + (r * cols + c) * size, byteCount: size)
-            }
-        }
+        // Elements moved as raw bytes, so a same-dtype transpose is exact bit for bit.
+        Transpose.elements(raw.baseAddress!, rows: rows, columns: cols, elementSize: source.dtype.blockBytes, into: transposed.baseAddress!)
         if source.dtype == entry.dtype {
             try sink.append(UnsafeRawBufferPointer(transposed))
             return

@@ -152,41 +152,13 @@ public enum GGUFExport {
         }
         var floats = [Float](repeating: 0, count: e.elementCount)
         floats.withUnsafeMutableBufferPointer { package.decode(e, into: $0.baseAddress!) }
-        return try encode(floats, as: type, tensor: e.name)
+        return try TensorCodec.encoded(floats, as: type, tensor: e.name)
     }
 
     /// A neuron-major [ffn, hidden] down matrix as llama.cpp's [hidden, ffn] rows of `type`.
     static func hiddenMajor(_ package: PackageReader, _ e: TensorEntry, as type: TensorDType) throws(FormatError) -> [UInt8] {
         defer { package.mapping.release(package.bytes(of: e)) }
-        let f = e.shape[0], h = e.shape[1]
-        if !e.dtype.isQuantized && !type.isQuantized && type == e.dtype {
-            // Float elements moved as bytes: the transpose is exact.
-            let raw = package.bytes(of: e), size = e.dtype.blockBytes
-            var out = [UInt8](repeating: 0, count: e.length)
-            out.withUnsafeMutableBytes { o in
-                for j in 0..<f {
-                    for i in 0..<h {
-                        (o.baseAddress! + (i * f + j) * size).copyMemory(from: raw.baseAddress! + (j * h + i) * size, byteCount: size)
-                    }
-                }
-            }
-            return out
-        }
-        var floats = [Float](repeating: 0, count: e.elementCount)
-        floats.withUnsafeMutableBufferPointer { package.decode(e, into: $0.baseAddress!) }
-        var transposed = [Float](repeating: 0, count: e.elementCount)
-        for j in 0..<f { for i in 0..<h { transposed[i * f + j] = floats[j * h + i] } }
-        return try encode(transposed, as: type, tensor: e.name)
-    }
-
-    static func encode(_ values: [Float], as type: TensorDType, tensor: String) throws(FormatError) -> [UInt8] {
-        let bytes = type.byteLength(shape: [values.count]) ?? 0
-        var out = [UInt8](repeating: 0, count: bytes)
-        let overflow = values.withUnsafeBufferPointer { v in
-            out.withUnsafeMutableBytes { TensorCodec.encode(v.baseAddress!, count: values.count, as: type, into: $0.baseAddress!) }
-        }
-        if let overflow { throw .unrepresentable(tensor: tensor, detail: "value \(values[overflow]) overflows \(type.rawValue)") }
-        return out
+        return try Transpose.matrix(package.bytes(of: e), dtype: e.dtype, rows: e.shape[0], columns: e.shape[1], as: type, tensor: e.name)
     }
 }
 

@@ -213,9 +213,11 @@ public enum GGUFImport {
                 floats.withUnsafeMutableBufferPointer {
                     TensorCodec.decode(bytes.baseAddress!, dtype: tensor.type.dtype, count: entry.elementCount, into: $0.baseAddress!)
                 }
-                data = try GGUFExport.encode(floats, as: entry.dtype, tensor: entry.name)
+                data = try TensorCodec.encoded(floats, as: entry.dtype, tensor: entry.name)
             } else if entry.layout == .transposed && plan.hiddenMajorDown {
-                data = try neuronMajor(bytes, dtype: entry.dtype, hidden: entry.shape[1], ffn: entry.shape[0], name: entry.name)
+                // One expert's [hidden, ffn] rows as the package's [ffn, hidden].
+                data = try Transpose.matrix(
+                    bytes, dtype: entry.dtype, rows: entry.shape[1], columns: entry.shape[0], as: entry.dtype, tensor: entry.name)
             } else if entry.layout.isGrouped {
                 var out = [UInt8](repeating: 0, count: entry.length)
                 out.withUnsafeMutableBytes {
@@ -253,30 +255,5 @@ public enum GGUFImport {
             narrow.withUnsafeBytes { TensorCodec.decode($0.baseAddress!, dtype: dtype, count: count, into: b.baseAddress!) }
         }
         return zip(floats, back).allSatisfy { $0.bitPattern == $1.bitPattern }
-    }
-
-    /// One expert's [hidden, ffn] down rows as the package's [ffn, hidden].
-    static func neuronMajor(
-        _ bytes: UnsafeRawBufferPointer, dtype: TensorDType, hidden: Int, ffn: Int, name: String
-    ) throws(FormatError) -> [UInt8] {
-        let count = hidden * ffn
-        if !dtype.isQuantized {
-            let size = dtype.blockBytes
-            var out = [UInt8](repeating: 0, count: count * size)
-            out.withUnsafeMutableBytes { o in
-                for i in 0..<hidden {
-                    for j in 0..<ffn {
-                        (o.baseAddress! + (j * hidden + i) * size).copyMemory(
-                            from: bytes.baseAddress! + (i * ffn + j) * size, byteCount: size)
-                    }
-                }
-            }
-            return out
-        }
-        var floats = [Float](repeating: 0, count: count)
-        floats.withUnsafeMutableBufferPointer { TensorCodec.decode(bytes.baseAddress!, dtype: dtype, count: count, into: $0.baseAddress!) }
-        var transposed = [Float](repeating: 0, count: count)
-        for i in 0..<hidden { for j in 0..<ffn { transposed[j * hidden + i] = floats[i * ffn + j] } }
-        return try GGUFExport.encode(transposed, as: dtype, tensor: name)
     }
 }

@@ -53,13 +53,8 @@ public final class ConversionSource: TensorSource, @unchecked Sendable {
             }
             try result.get()
             raw.withUnsafeBytes { r in
-                out.withUnsafeMutableBytes { o in
-                    for i in 0..<rows {
-                        for j in 0..<cols {
-                            (o.baseAddress! + (j * rows + i) * size).copyMemory(
-                                from: r.baseAddress! + (i * cols + j) * size, byteCount: size)
-                        }
-                    }
+                out.withUnsafeMutableBytes {
+                    Transpose.elements(r.baseAddress!, rows: rows, columns: cols, elementSize: size, into: $0.baseAddress!)
                 }
             }
             transposed = (tensor.name, out)
