@@ -112,14 +112,7 @@ ST_AVX2 ST_AXPY_ROWS(st_axpy_rows_q4_0_avx2) {
             if (ahead < ahead_end) { st_prefetch_l2(ahead, tile == 4 ? 128 : 64); ahead += tile == 4 ? 128 : 64; }
             __m256 acc[4] = {_mm256_loadu_ps(o), _mm256_loadu_ps(o + 8), _mm256_loadu_ps(o + 16), _mm256_loadu_ps(o + 24)};
             float bias = 0;
-            if (tile == 4) {
-                axpy_block_avx2(w[0] + b, coefficients[a], acc, &bias);
-                axpy_block_avx2(w[1] + b, coefficients[a + 1], acc, &bias);
-                axpy_block_avx2(w[2] + b, coefficients[a + 2], acc, &bias);
-                axpy_block_avx2(w[3] + b, coefficients[a + 3], acc, &bias);
-            } else {
-                for (int k = 0; k < tile; k++) axpy_block_avx2(w[k] + b, coefficients[a + k], acc, &bias);
-            }
+            for (int k = 0; k < tile; k++) axpy_block_avx2(w[k] + b, coefficients[a + k], acc, &bias);
             const __m256 vb = _mm256_set1_ps(bias);
             for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + 8 * k, _mm256_add_ps(acc[k], vb));
         }
