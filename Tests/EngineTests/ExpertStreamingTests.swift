@@ -74,6 +74,23 @@ import Testing
         }
     }
 
+    /// A cache nobody shuts down is freed when its last owner lets go, reads in flight or not: its
+    /// I/O threads hold no reference to it, and its deinit stops and joins them before freeing
+    /// the slots they read into.
+    @Test func aReleasedCacheStopsItsThreadsAndIsFreed() throws {
+        let model = try Model(path: try Packages.path("tiny-21b-like", .q4_0), arrangeExperts: false)
+        let slot = model.package.manifest.bundles.map(\.length).max()!
+        for inFlight in [false, true] {
+            weak var released: ExpertCache?
+            do {
+                let cache = try ExpertCache(package: model.package, capacityBytes: 8 * slot, ioThreads: 4)
+                released = cache
+                if inFlight { try cache.prefetch(layer: 0, experts: Array(0..<8)) }
+            }
+            #expect(released == nil, "the cache outlived its owner (reads in flight: \(inFlight))")
+        }
+    }
+
     /// Eviction counts uses, not only recency: an expert used often survives a run of experts
     /// used once that would push it out of an LRU cache (LRU would evict it for the last of them).
     @Test func aFrequentlyUsedBundleOutlivesAScanOfNewOnes() throws {

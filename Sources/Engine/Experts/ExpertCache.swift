@@ -157,19 +157,22 @@ public final class ExpertCache: @unchecked Sendable {
         pthread_cond_init(&work, nil)
         for _ in 0..<max(1, ioThreads) {
             var thread = pthread_t()
-            let context = Unmanaged.passRetained(self).toOpaque()
-            pthread_create(
+            // The threads hold no reference: the cache's owner decides its lifetime, and
+            // deinit stops and joins them before anything they use is freed.
+            let context = Unmanaged.passUnretained(self).toOpaque()
+            let started = pthread_create(
                 &thread, nil,
                 { raw in
-                    let cache = Unmanaged<ExpertCache>.fromOpaque(raw!).takeRetainedValue()
-                    cache.ioLoop()
+                    Unmanaged<ExpertCache>.fromOpaque(raw!)._withUnsafeGuaranteedRef { $0.ioLoop() }
                     return nil
                 }, context)
+            // deinit (which runs when a fully initialised init throws) joins those started.
+            guard started == 0 else { throw .io(path: path, detail: "cannot start an I/O thread: \(String(cString: strerror(started)))") }
             threads.append(thread)
         }
     }
 
-    /// Stops the I/O threads (they hold references until then).
+    /// Stops the I/O threads, waiting for reads in flight (releasing the cache does it too).
     public func shutdown() {
         pthread_mutex_lock(&mutex)
         stopping = true
@@ -180,6 +183,7 @@ public final class ExpertCache: @unchecked Sendable {
     }
 
     deinit {
+        shutdown()
         free(memory)
         close(descriptor)
     }

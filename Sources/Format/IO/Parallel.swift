@@ -83,7 +83,8 @@ public final class WorkerPool: @unchecked Sendable {
             }
             var i = 0
             while i < count { escapable(i); i += participants }
-            while remaining.load(ordering: .acquiring) > 0 { spinPause() }
+            var spins = 0
+            while remaining.load(ordering: .acquiring) > 0 { spinPause(&spins) }
             job = nil
         }
     }
@@ -94,9 +95,8 @@ public final class WorkerPool: @unchecked Sendable {
             var spins = 0
             var current = generation.load(ordering: .acquiring)
             while current == seen {
-                spins += 1
                 if spins < 200_000 {
-                    spinPause()
+                    spinPause(&spins)
                 } else {
                     pthread_mutex_lock(&mutex)
                     sleepers.add(1, ordering: .sequentiallyConsistent)
@@ -119,14 +119,13 @@ public final class WorkerPool: @unchecked Sendable {
     }
 }
 
-/// A short busy wait; every 32768th call (some tens of microseconds) gives the core away, so a
-/// spinning thread cannot starve the one it waits for if another process takes a core. The pool
-/// never runs more threads than cores, so this is rare on purpose: a yield is a system call,
-/// and yielding every microsecond or so cost ~4% of decode time in the kernel's scheduler.
+/// A short busy wait counting in the waiter's own `spins`; every 32768th call (some tens of
+/// microseconds) gives the core away, so a spinning thread cannot starve the one it waits for if
+/// another process takes a core. The pool never runs more threads than cores, so this is rare on
+/// purpose: a yield is a system call, and yielding every microsecond or so cost ~4% of decode time
+/// in the kernel's scheduler. (The count is per waiter: one shared by every thread was a data race.)
 @inline(__always)
-func spinPause() {
-    spinCounter &+= 1
-    if spinCounter & 32767 == 0 { sched_yield() }
+func spinPause(_ spins: inout Int) {
+    spins &+= 1
+    if spins & 32767 == 0 { sched_yield() }
 }
-
-nonisolated(unsafe) private var spinCounter = 0
