@@ -99,11 +99,17 @@ struct Logits: ParsableCommand {
         let ids = try parseTokens(tokens, option: "--tokens")
         try reportingErrors {
             let session = try runtime.session(package)
-            var all: [Float] = []
-            all.reserveCapacity(ids.count * session.model.config.vocabSize)
-            for id in ids { all += try session.evaluate([id]) }
-            let bytes = all.withUnsafeBytes { Array($0) }
-            try FileSystem.writeAtomically(bytes, to: output)
+            // Each position's logits are written as they come: the file can be far larger than
+            // the model's working memory (a 4B vocabulary is 0.6 MB a position).
+            let file = try AtomicOutput(output)
+            for id in ids {
+                let logits = try session.evaluate([id])
+                let result: Result<Void, FormatError> = logits.withUnsafeBytes { raw in
+                    Result { () throws(FormatError) in try file.append(raw) }
+                }
+                try result.get()
+            }
+            try file.commit()
         }
     }
 }

@@ -21,10 +21,27 @@ enum Tools {
         let stderr: String
     }
 
+    /// A built tool's path; an absolute path is taken as it is.
+    static func path(_ tool: String) -> String {
+        tool.hasPrefix("/") ? tool : productsDirectory.appendingPathComponent(tool).path
+    }
+
+    /// Starts a tool with its output discarded, for a test that stops it.
+    static func start(_ tool: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path(tool))
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
     @discardableResult
     static func run(_ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:]) throws -> Result {
         let process = Process()
-        process.executableURL = productsDirectory.appendingPathComponent(tool)
+        process.executableURL = URL(fileURLWithPath: path(tool))
         process.arguments = arguments
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         // Output goes to files, so a large output can never block the child on a full pipe.

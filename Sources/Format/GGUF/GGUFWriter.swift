@@ -49,7 +49,7 @@ public final class GGUFWriter {
         let dataStart = (header.count + alignment - 1) / alignment * alignment
         header += [UInt8](repeating: 0, count: dataStart - header.count)
         let temporary = FileSystem.temporaryPath(beside: destination)
-        let file = try SystemFile.createExclusive(temporary)
+        let file = try SystemFile.createExclusive(temporary, becoming: destination)
         var done = false
         defer { if !done { FileSystem.remove(temporary) } }
         try GGUFWriter.write(header, to: file, at: 0)

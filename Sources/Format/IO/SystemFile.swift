@@ -9,10 +9,13 @@ import Darwin
 public final class SystemFile: @unchecked Sendable {
     public let path: String
     public let descriptor: Int32
+    /// What errors call the file: its path, or for a temporary the output it becomes.
+    let label: String
 
-    private init(path: String, descriptor: Int32) {
+    private init(path: String, descriptor: Int32, label: String? = nil) {
         self.path = path
         self.descriptor = descriptor
+        self.label = label ?? path
     }
 
     deinit { close(descriptor) }
@@ -29,15 +32,17 @@ public final class SystemFile: @unchecked Sendable {
     }
 
     /// Creates a new file; fails if it exists (so two writers never share a temporary name).
-    public static func createExclusive(_ path: String) throws(FormatError) -> SystemFile {
+    /// A temporary names its `destination`, so that errors speak of the output being written.
+    public static func createExclusive(_ path: String, becoming destination: String? = nil) throws(FormatError) -> SystemFile {
+        let label = destination.map { "\($0) (being written as \(path.split(separator: "/").last ?? ""))" } ?? path
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .io(path: path, operation: "create", code: errno) }
-        return SystemFile(path: path, descriptor: fd)
+        guard fd >= 0 else { throw .io(path: label, operation: "create", code: errno) }
+        return SystemFile(path: path, descriptor: fd, label: label)
     }
 
     public func size() throws(FormatError) -> Int {
         var info = stat()
-        guard fstat(descriptor, &info) == 0 else { throw .io(path: path, operation: "stat", code: errno) }
+        guard fstat(descriptor, &info) == 0 else { throw .io(path: label, operation: "stat", code: errno) }
         return Int(info.st_size)
     }
 
@@ -48,10 +53,10 @@ public final class SystemFile: @unchecked Sendable {
             let n = pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset)", code: errno)
+                throw .io(path: label, operation: "read \(buffer.count) bytes at offset \(offset)", code: errno)
             }
             if n == 0 {
-                throw .io(path: path, operation: "read \(buffer.count) bytes at offset \(offset) (unexpected end of file)", code: EIO)
+                throw .io(path: label, operation: "read \(buffer.count) bytes at offset \(offset) (unexpected end of file)", code: EIO)
             }
             done += n
         }
@@ -71,18 +76,18 @@ public final class SystemFile: @unchecked Sendable {
             let n = pwrite(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw .io(path: path, operation: "write \(buffer.count) bytes at offset \(offset)", code: errno)
+                throw .io(path: label, operation: "write \(buffer.count) bytes at offset \(offset)", code: errno)
             }
             done += n
         }
     }
 
     public func truncate(to length: Int) throws(FormatError) {
-        guard ftruncate(descriptor, off_t(length)) == 0 else { throw .io(path: path, operation: "set the file length", code: errno) }
+        guard ftruncate(descriptor, off_t(length)) == 0 else { throw .io(path: label, operation: "set the file length", code: errno) }
     }
 
     public func synchronize() throws(FormatError) {
-        guard fsync(descriptor) == 0 else { throw .io(path: path, operation: "flush to storage", code: errno) }
+        guard fsync(descriptor) == 0 else { throw .io(path: label, operation: "flush to storage", code: errno) }
     }
 
     /// Tells the kernel we will not reread `length` bytes at `offset` soon, so a conversion
@@ -147,16 +152,9 @@ public enum FileSystem {
 
     /// Writes `bytes` to a temporary file beside `path`, flushes it and renames it into place.
     public static func writeAtomically(_ bytes: [UInt8], to path: String) throws(FormatError) {
-        let temporary = temporaryPath(beside: path)
-        let file = try SystemFile.createExclusive(temporary)
-        do throws(FormatError) {
-            try withBytes(bytes) { (raw) throws(FormatError) in try file.write(raw, at: 0) }
-            try file.synchronize()
-            try rename(temporary, to: path)
-        } catch {
-            remove(temporary)
-            throw error
-        }
+        let output = try AtomicOutput(path)
+        try withBytes(bytes) { (raw) throws(FormatError) in try output.append(raw) }
+        try output.commit()
     }
 
     public static func remove(_ path: String) {
@@ -173,11 +171,71 @@ public enum FileSystem {
         directory.hasSuffix("/") ? directory + name : directory + "/" + name
     }
 
-    /// A unique temporary path beside `path`, so that the final rename stays on one file system.
+    /// A unique temporary path beside `path`, so that the final rename stays on one file system:
+    /// `.NAME.PID.RANDOM.tmp`. Temporaries of `path` that a killed run left (their process is
+    /// gone) are removed first, each reported on stderr.
     public static func temporaryPath(beside path: String) -> String {
+        for name in removeAbandonedTemporaries(beside: path) {
+            writeStandardError("note: removed \(name), left by an interrupted write of \(path)\n")
+        }
         let directory = directory(of: path)
-        let base = path.split(separator: "/").last.map(String.init) ?? "output"
-        return join(directory, ".\(base).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp")
+        return join(directory, ".\(baseName(of: path)).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp")
+    }
+
+    /// Removes the temporary files beside `path` whose writer no longer runs (a `kill -9`, a power
+    /// cut) and returns their paths. A temporary whose process id is alive is left alone: it may
+    /// be another writer's, still at work.
+    @discardableResult
+    public static func removeAbandonedTemporaries(beside path: String) -> [String] {
+        let directory = directory(of: path)
+        let prefix = ".\(baseName(of: path))."
+        guard let stream = opendir(directory) else { return [] }
+        defer { closedir(stream) }
+        var removed: [String] = []
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.hasPrefix(prefix), name.hasSuffix(".tmp") else { continue }
+            let middle = name.dropFirst(prefix.count).dropLast(4).split(separator: ".", omittingEmptySubsequences: false)
+            guard middle.count == 2, let pid = Int32(middle[0]), pid > 0, UInt32(middle[1]) != nil else { continue }
+            guard pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            let full = join(directory, name)
+            if unlink(full) == 0 { removed.append(full) }
+        }
+        return removed
+    }
+
+    private static func baseName(of path: String) -> String {
+        path.split(separator: "/").last.map(String.init) ?? "output"
+    }
+}
+
+/// An output written front to back into a temporary file beside its path, flushed and renamed
+/// into place by `commit()`; dropped uncommitted (an error, an interrupt), it removes the
+/// temporary, so the path holds the previous file or the whole new one, never a part.
+public final class AtomicOutput {
+    public let path: String
+    private let temporary: String
+    private let file: SystemFile
+    private var length = 0
+    private var committed = false
+
+    public init(_ path: String) throws(FormatError) {
+        self.path = path
+        temporary = FileSystem.temporaryPath(beside: path)
+        file = try SystemFile.createExclusive(temporary, becoming: path)
+    }
+
+    deinit { if !committed { FileSystem.remove(temporary) } }
+
+    public func append(_ bytes: UnsafeRawBufferPointer) throws(FormatError) {
+        try file.write(bytes, at: length)
+        length += bytes.count
+    }
+
+    public func commit() throws(FormatError) {
+        try file.synchronize()
+        try FileSystem.rename(temporary, to: path)
+        committed = true
     }
 }
 

@@ -57,7 +57,7 @@ public final class PackageWriter {
         self.dataOffset = dataOffset
         fileLength = PackageLayout.fileLength(of: manifest, dataOffset: dataOffset)
         temporaryPath = FileSystem.temporaryPath(beside: destination)
-        file = try SystemFile.createExclusive(temporaryPath)
+        file = try SystemFile.createExclusive(temporaryPath, becoming: destination)
         position = dataOffset
         bufferStart = dataOffset
         buffer = .allocate(byteCount: bufferCapacity, alignment: 4096)
