@@ -82,9 +82,7 @@ struct Bench: ParsableCommand {
             let cache = session.expertCache
             let perToken = Double(decodeTokens)
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
-            var usage = rusage()
-            getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
-            let peak = Int(usage.ru_maxrss) * 1024
+            let peak = peakResidentBytes()
             let threads = session.threads
             if json {
                 print(
@@ -101,6 +99,7 @@ struct Bench: ParsableCommand {
                                 ("time_to_first_token_seconds", .double(median(firstToken))),
                                 ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
                                 ("memory_budget_bytes", runtime.memoryBudget.map { .int($0.bytes) } ?? .null),
+                                ("minimum_memory_budget_bytes", .int(session.minimumMemoryBudget)),
                                 ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
                                 ("prefetch", cache.map { .bool($0.prefetchEnabled) } ?? .null),
                                 ("direct_io", cache.map { .bool($0.directIO) } ?? .null),
@@ -128,7 +127,7 @@ struct Bench: ParsableCommand {
                     prompt:  \(promptTokens) tokens at \(String(format2: median(promptRates))) tokens/s
                     decode:  \(decodeTokens) tokens at \(String(format2: median(decodeRates))) tokens/s
                     time to first token: \(String(format2: median(firstToken) * 1000)) ms (load \(String(format2: loadSeconds * 1000)) ms)
-                    peak RSS: \(PackageSummary.bytes(peak))
+                    peak RSS: \(PackageSummary.bytes(peak)) (smallest --memory-budget at this context: \(PackageSummary.bytes(session.minimumMemoryBudget)))
                     """)
                 if let cache {
                     print(

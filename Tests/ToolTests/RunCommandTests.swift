@@ -199,4 +199,29 @@ import Testing
             badUnit.status != 0 && badUnit.stderr.contains("'lots' is invalid for '--memory-budget")
                 && badUnit.stderr.contains("such as 1GiB"))
     }
+
+    /// The budget holds in fact: at the smallest budget strun accepts (which bench reports), and
+    /// one byte under it refused, the peak RSS the kernel measured (getrusage) stays inside it,
+    /// on the trained fixture, which then streams most of its experts.
+    @Test func thePeakResidentSetStaysInsideTheSmallestBudget() throws {
+        let scratch = ToolScratch()
+        let path = scratch.file("m.stpk")
+        let trained = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("trained/trained-21b-like")
+        #expect(try Tools.run("stconvert", [trained.path, "-o", path, "-q", "--type", "q4_0"]).status == 0)
+        let args = ["bench", path, "-p", "16", "-n", "32", "-r", "1", "--json"]
+        func report(_ extra: [String]) throws -> [String: Any] {
+            let run = try Tools.run("strun", args + extra)
+            #expect(run.status == 0, "\(run.stderr)")
+            return try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any] ?? [:]
+        }
+        let minimum = try #require(try report([])["minimum_memory_budget_bytes"] as? Int)
+        let package = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
+        let budgeted = try report(["--memory-budget", "\(minimum)"])
+        let peak = try #require(budgeted["peak_rss_bytes"] as? Int)
+        #expect(peak <= minimum, "peak RSS \(peak) over the budget \(minimum)")
+        #expect(budgeted["expert_cache_bytes"] as? Int ?? .max < package / 4, "the budget should stream most experts")
+        #expect((budgeted["expert_hit_rate"] as? Double ?? 1) < 1)
+        let under = try Tools.run("strun", args + ["--memory-budget", "\(minimum - 1)"])
+        #expect(under.status == 1 && under.stderr.contains("strun: error: "), "\(under.stderr)")
+    }
 }

@@ -25,6 +25,10 @@ public final class Session: @unchecked Sendable {
     public let model: Model
     /// Positions this session can hold; `evaluate` refuses to go past it.
     public let contextLength: Int
+    /// The smallest `memoryBudget` a session of this model, context and thread count accepts:
+    /// the dense part, the KV cache, the buffers and the process allowance, plus one layer's
+    /// top-k expert bundles.
+    public let minimumMemoryBudget: Int
     /// Tokens evaluated so far (the next token's position).
     public private(set) var position = 0
     /// Worker threads (fixed at creation: per-worker buffers are sized for it).
@@ -142,8 +146,10 @@ public final class Session: @unchecked Sendable {
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = arena.pointer(.ropeAngles, as: Float.self)
         currentExperts = Array(repeating: nil, count: c.expertCount)
+        let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
+        let largestBundle = model.package.manifest.bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
+        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * largestBundle
         if let memoryBudget {
-            let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
             let forExperts = memoryBudget - plan.fixedBytes
             guard forExperts > 0 else {
                 throw .budgetBelowDensePart(budget: memoryBudget, needed: plan.fixedBytes, parts: plan.description)

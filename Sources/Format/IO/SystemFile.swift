@@ -209,6 +209,26 @@ public enum FileSystem {
     }
 }
 
+/// This process's peak resident set, as the kernel measured it: VmHWM in /proc/self/status,
+/// the high-water mark of this program's own address space. (getrusage's ru_maxrss is not: Linux
+/// carries the parent's resident set at fork into it across exec, so a tool started by a large
+/// process reports the parent's size. macOS has no /proc; there ru_maxrss, in bytes, is used.)
+public func peakResidentBytes() -> Int {
+    if let status = try? FileSystem.readAll("/proc/self/status", limit: 1 << 20) {
+        for line in String(decoding: status, as: UTF8.self).split(separator: "\n") where line.hasPrefix("VmHWM:") {
+            if let kib = Int(line.dropFirst(6).filter(\.isNumber)) { return kib * 1024 }
+        }
+    }
+    var usage = rusage()
+    #if canImport(Glibc)
+    getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+    return Int(usage.ru_maxrss) * 1024
+    #else
+    getrusage(RUSAGE_SELF, &usage)
+    return Int(usage.ru_maxrss)
+    #endif
+}
+
 /// An output written front to back into a temporary file beside its path, flushed and renamed
 /// into place by `commit()`; dropped uncommitted (an error, an interrupt), it removes the
 /// temporary, so the path holds the previous file or the whole new one, never a part.
