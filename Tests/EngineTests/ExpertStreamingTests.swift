@@ -208,6 +208,33 @@ import Testing
         #expect("\(error)".contains("unexpected end of file"))
     }
 
+    /// A package cut at its first expert bundle after opening: every read fails, with one
+    /// layer's reads and the cross-layer guesses in flight on several I/O threads at once. Each
+    /// evaluation fails with the bundle named (never a hang), again on the next try, and the
+    /// cache stops cleanly.
+    @Test(.timeLimit(.minutes(1)), arguments: ["tiny-4b-like", "tiny-21b-like"])
+    func everyReadFailingWithSeveralInFlightIsAnErrorEachTime(model name: String) throws {
+        let scratch = Scratch()
+        let copy = scratch.file("model.stpk")
+        try FileManager.default.copyItem(atPath: try Packages.path(name), toPath: copy)
+        let model = try Model(path: copy)
+        let session = try Session(
+            model: model, contextLength: 64, threads: 2,
+            memoryBudget: Self.budget(model, slots: 2 * model.config.activeExperts, context: 64))
+        let cache = try #require(session.expertCache)
+        truncate(copy, off_t(model.package.manifest.bundles.map(\.offset).min()!))
+        for token in [5, 6, 7] {
+            #expect {
+                _ = try session.evaluate([token])
+            } throws: {
+                "\($0)".contains("cannot read the expert bundle of layer ") && "\($0)".contains(", expert ")
+                    && "\($0)".contains("unexpected end of file")
+            }
+        }
+        #expect(cache.statistics.bytesRead == 0)
+        cache.shutdown()
+    }
+
     @Test(arguments: [
         ("1073741824", 1_073_741_824), ("1GiB", 1 << 30), ("1.5GiB", 3 << 29), ("800MB", 800_000_000),
         ("512 MiB", 512 << 20), ("2G", 2 << 30), ("64k", 65536)
