@@ -209,7 +209,10 @@ import Testing
 
     /// Well-formed files that are not a SmallThinker we can import: each has its own error, and
     /// nothing is written.
-    @Test(arguments: ["wrong architecture", "missing key", "missing tensor", "wrong shape", "unexpected tensor", "bad gating"])
+    @Test(arguments: [
+        "wrong architecture", "missing key", "missing tensor", "wrong shape", "unexpected tensor", "bad gating",
+        "two billion layers"
+    ])
     func wrongModelsAreRejectedWithNoOutput(_ name: String) throws {
         let scratch = ScratchDirectory()
         let package = try PackageReader(path: try convertFixture("tiny-4b-like", in: scratch))
@@ -238,6 +241,12 @@ import Testing
                     try sink.append(bytes: [UInt8](repeating: 0, count: 32))
                 })
             defect = .unexpectedTensor
+        case "two billion layers":
+            // The fuzzer's find: the import built per-layer arrays before checking the count
+            // (a 2 GB allocation).
+            let i = metadata.firstIndex { $0.0 == "smallthinker.block_count" }!
+            metadata[i].1 = .uint32(2_046_820_385)
+            defect = .invalidValue
         default:
             let i = metadata.firstIndex { $0.0 == "smallthinker.expert_gating_func" }!
             metadata[i].1 = .uint32(3)
@@ -248,8 +257,8 @@ import Testing
         #expect {
             try GGUFImport.write(try GGUFImport.plan(try GGUFFile(path: path)), to: output, overwrite: false)
         } throws: { error in
-            guard case .malformedGGUF(_, let d, _) = error as? FormatError else { return false }
-            return d == defect
+            guard case .malformedGGUF(_, let d, let detail) = error as? FormatError else { return false }
+            return d == defect && (name != "two billion layers" || detail.contains("block_count is 2046820385"))
         }
         #expect(scratch.entries == ["bad.gguf", "tiny-4b-like-source.stpk"])
     }

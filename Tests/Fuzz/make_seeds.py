@@ -10,7 +10,9 @@ import numpy as np
 root = os.path.dirname(os.path.abspath(__file__))
 seeds = os.path.join(root, "Seeds")
 stconvert = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "../../.build/debug/stconvert")
-shutil.rmtree(seeds, ignore_errors=True)
+# Seeds/regressions (inputs that once failed, one folder per target) are kept.
+for part in ("micro-checkpoint", "corpus"):
+    shutil.rmtree(os.path.join(seeds, part), ignore_errors=True)
 ck = os.path.join(seeds, "micro-checkpoint")
 os.makedirs(ck)
 

@@ -52,6 +52,10 @@ public enum GGUFImport {
             throw bad(.missingTensor, "token_embd.weight is missing or not a matrix")
         }
         let layers = try int("block_count"), hidden = try int("embedding_length"), heads = try int("attention.head_count")
+        // Checked before anything is sized by it (the config's own checks come later).
+        guard layers <= ModelConfig.limits.layers else {
+            throw bad(.invalidValue, "\(arch).block_count is \(layers); at most \(ModelConfig.limits.layers) layers are supported")
+        }
         let kvHeads = try int("attention.head_count_kv", default: heads)
         let headDim = try int("attention.key_length", default: heads > 0 ? hidden / heads : 0)
         let experts = try int("expert_count"), active = try int("expert_used_count")
