@@ -231,3 +231,39 @@ void st_attend(const float *queries, int heads, const float *keys, const float *
                int head_dim, float scale, float *outs) {
     st_table()->attend(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
 }
+
+#ifdef ST_ARM
+// ---------------------------------------------------------------- NEON
+
+// The portable algorithm with the head-dimension loops four lanes wide (scores and exps stay
+// scalar: one per position).
+ST_ATTEND(st_attend_neon) {
+    if (head_dim % 4 != 0) {
+        st_attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+        return;
+    }
+    for (int h = 0; h < heads; h++) {
+        const float *q = queries + (size_t)h * head_dim;
+        float *out = outs + (size_t)h * head_dim;
+        for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vdupq_n_f32(0));
+        float max_score = -INFINITY, sum = 0;
+        for (int j = first; j <= last; j++) {
+            const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
+            float32x4_t dot = vdupq_n_f32(0);
+            for (int i = 0; i < head_dim; i += 4) dot = vfmaq_f32(dot, vld1q_f32(q + i), vld1q_f32(k + i));
+            const float s = vaddvq_f32(dot) * scale;
+            if (s > max_score) {
+                const float rescale = expf(max_score - s);
+                for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), rescale));
+                sum *= rescale;
+                max_score = s;
+            }
+            const float w = expf(s - max_score);
+            sum += w;
+            for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), vld1q_f32(v + i), w));
+        }
+        const float inverse = 1 / sum;
+        for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), inverse));
+    }
+}
+#endif

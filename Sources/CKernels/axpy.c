@@ -301,3 +301,60 @@ void st_add_rows(float *y, const float *rows, int count, int stride, int n) {
         for (int i = 0; i < n; i++) y[i] += r[i];
     }
 }
+
+#ifdef ST_ARM
+// ---------------------------------------------------------------- NEON
+
+// Sixteen signed bytes, widened to float32 and scaled, added to y[0..15].
+static inline void st_axpy16_neon(int8x16_t w, float s, float *y) {
+    const int16x8_t lo = vmovl_s8(vget_low_s8(w)), hi = vmovl_high_s8(w);
+    const float32x4_t f[4] = {vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_high_s16(lo)),
+                              vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_high_s16(hi))};
+    for (int k = 0; k < 4; k++) vst1q_f32(y + 4 * k, vfmaq_n_f32(vld1q_f32(y + 4 * k), f[k], s));
+}
+
+ST_AXPY(st_axpy_q4_0_neon, void) {
+    const st_block_q4_0 *w = row;
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        int8x16_t lo, hi;
+        st_q4_0_weights_neon(w, &lo, &hi);
+        const float s = a * st_fp16_to_fp32(w->d);
+        st_axpy16_neon(lo, s, y + b * ST_QK);
+        st_axpy16_neon(hi, s, y + b * ST_QK + 16);
+    }
+}
+
+ST_AXPY(st_axpy_q8_0_neon, void) {
+    const st_block_q8_0 *w = row;
+    for (int b = 0; b < n / ST_QK; b++, w++) {
+        const float s = a * st_fp16_to_fp32(w->d);
+        st_axpy16_neon(vld1q_s8(w->qs), s, y + b * ST_QK);
+        st_axpy16_neon(vld1q_s8(w->qs + 16), s, y + b * ST_QK + 16);
+    }
+}
+
+#define NEON_AXPY_F(name, T, LOAD4, SCALAR)                                                          \
+    ST_AXPY(name, T) {                                                                               \
+        int i = 0;                                                                                   \
+        for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), LOAD4(row + i), a)); \
+        for (; i < n; i++) y[i] += a * SCALAR(row[i]);                                               \
+    }
+static inline float32x4_t st_axpy_load_f32(const float *p) { return vld1q_f32(p); }
+static inline float32x4_t st_axpy_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline float32x4_t st_axpy_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+#define ST_AXPY_SCALAR_F32(v) (v)
+NEON_AXPY_F(st_axpy_f32_neon, float, st_axpy_load_f32, ST_AXPY_SCALAR_F32)
+NEON_AXPY_F(st_axpy_bf16_neon, uint16_t, st_axpy_load_bf16, st_bf16_to_fp32)
+NEON_AXPY_F(st_axpy_f16_neon, uint16_t, st_axpy_load_f16, st_fp16_to_fp32)
+
+ST_AXPY_ROWS(st_axpy_rows_q4_0_neon) {
+    const char *ahead = next;
+    const int per_row = next && count > 0 ? next_bytes / count : 0;
+    for (int a = 0; a < count; a++) {
+        st_prefetch_l2(ahead, per_row);
+        ahead += per_row;
+        st_axpy_q4_0_neon((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);
+    }
+}
+AXPY_ROWS2_VIA_AXPY(st_axpy_rows2_q4_0_neon, st_axpy_q4_0_neon)
+#endif

@@ -72,9 +72,69 @@ static const st_kernel_table avx512 = {
     .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_avx512,
 };
 #endif
-// An ARM NEON table would sit here, under `#if defined(__aarch64__)`, detected in
-// st_detect_isa (NEON always; the dot-product extension from getauxval(AT_HWCAP) & HWCAP_ASIMDDP
-// on Linux, sysctlbyname("hw.optional.arm.FEAT_DotProd") on macOS).
+#ifdef ST_ARM
+// NEON: every operation four lanes wide; the byte dot products through st_sdot_neon (SDOT's
+// arithmetic from widening multiplies). NEON with SDOT: the byte dot products with vdotq_s32,
+// the rest as NEON.
+static const st_kernel_table neon = {
+    .dot_q4_0 = st_dot_q4_0_neon,
+    .dot_q8_0 = st_dot_q8_0_neon,
+    .dot_q4_0_tokens = st_dot_q4_0_tokens_neon,
+    .dot_q8_0_tokens = st_dot_q8_0_tokens_neon,
+    .dot_f32 = st_dot_f32_neon,
+    .dot_bf16 = st_dot_bf16_neon,
+    .dot_f16 = st_dot_f16_neon,
+    .axpy_q4_0 = st_axpy_q4_0_neon,
+    .axpy_q8_0 = st_axpy_q8_0_neon,
+    .axpy_f32 = st_axpy_f32_neon,
+    .axpy_bf16 = st_axpy_bf16_neon,
+    .axpy_f16 = st_axpy_f16_neon,
+    .quantize_q8_0 = st_quantize_q8_0_neon,
+    .dot_q4_0_x8 = st_dot_q4_0_x8_neon,
+    .dot_q4_0_b8 = st_dot_q4_0_b8_neon,
+    .axpy_rows_q4_0 = st_axpy_rows_q4_0_neon,
+    .attend = st_attend_neon,
+    .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_neon,
+};
+
+static const st_kernel_table dotprod = {
+    .dot_q4_0 = st_dot_q4_0_dotprod,
+    .dot_q8_0 = st_dot_q8_0_dotprod,
+    .dot_q4_0_tokens = st_dot_q4_0_tokens_dotprod,
+    .dot_q8_0_tokens = st_dot_q8_0_tokens_dotprod,
+    .dot_f32 = st_dot_f32_neon,
+    .dot_bf16 = st_dot_bf16_neon,
+    .dot_f16 = st_dot_f16_neon,
+    .axpy_q4_0 = st_axpy_q4_0_neon,
+    .axpy_q8_0 = st_axpy_q8_0_neon,
+    .axpy_f32 = st_axpy_f32_neon,
+    .axpy_bf16 = st_axpy_bf16_neon,
+    .axpy_f16 = st_axpy_f16_neon,
+    .quantize_q8_0 = st_quantize_q8_0_neon,
+    .dot_q4_0_x8 = st_dot_q4_0_x8_dotprod,
+    .dot_q4_0_b8 = st_dot_q4_0_b8_dotprod,
+    .axpy_rows_q4_0 = st_axpy_rows_q4_0_neon,
+    .attend = st_attend_neon,
+    .axpy_rows2_q4_0 = st_axpy_rows2_q4_0_neon,
+};
+
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static int st_has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int st_has_dotprod(void) {
+    int value = 0;
+    size_t size = sizeof value;
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, 0, 0) == 0 && value != 0;
+}
+#else
+static int st_has_dotprod(void) { return 0; }
+#endif
+#endif
 
 static const st_kernel_table *active = &portable;
 static int active_isa = -1;
@@ -95,22 +155,28 @@ int st_detect_isa(void) {
         return ST_ISA_AVX2;
     }
 #endif
+#ifdef ST_ARM
+    return st_has_dotprod() ? ST_ISA_DOTPROD : ST_ISA_NEON;
+#endif
     return ST_ISA_PORTABLE;
 }
 
 const st_kernel_table *st_kernels_for(int isa) {
-    if (isa < 0 || isa > st_detect_isa()) return 0;
+    if (isa == ST_ISA_PORTABLE) return &portable;
 #ifdef ST_X86
-    if (isa == ST_ISA_AVX512) return &avx512;
-    if (isa == ST_ISA_AVX2) return &avx2;
+    const int best = st_detect_isa();
+    if (isa == ST_ISA_AVX512 && best >= ST_ISA_AVX512) return &avx512;
+    if (isa == ST_ISA_AVX2 && best >= ST_ISA_AVX2) return &avx2;
 #endif
-    return &portable;
+#ifdef ST_ARM
+    if (isa == ST_ISA_NEON) return &neon;
+    if (isa == ST_ISA_DOTPROD && st_has_dotprod()) return &dotprod;
+#endif
+    return 0;
 }
 
 int st_kernels_select(int isa) {
-    const int best = st_detect_isa();
-    if (isa > best) isa = best;
-    if (isa < 0) isa = 0;
+    if (!st_kernels_for(isa)) isa = st_detect_isa();
     active = st_kernels_for(isa);
     active_isa = isa;
     return isa;
@@ -122,7 +188,8 @@ static void select_default(void) {
     const char *name = getenv("STRUN_KERNELS");
     int isa = st_detect_isa();
     if (name && strcasecmp(name, "portable") == 0) isa = ST_ISA_PORTABLE;
-    if (name && strcasecmp(name, "avx2") == 0 && isa >= ST_ISA_AVX2) isa = ST_ISA_AVX2;
+    if (name && strcasecmp(name, "avx2") == 0 && st_kernels_for(ST_ISA_AVX2)) isa = ST_ISA_AVX2;
+    if (name && strcasecmp(name, "neon") == 0 && st_kernels_for(ST_ISA_NEON)) isa = ST_ISA_NEON;
     st_kernels_select(isa);
 }
 

@@ -270,3 +270,82 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
         }
     }
 }
+
+#ifdef ST_ARM
+// ---------------------------------------------------------------- NEON, and NEON with SDOT
+
+// Both layouts keep four weight bytes per row (x8) or per block (b8) together, SDOT's own
+// granularity: each 16-byte half of a chunk gives four lanes' integer sums at once.
+static inline void st_octet_half_neon(const uint8_t *q, int8x16_t *lo, int8x16_t *hi) {
+    const uint8x16_t v = vld1q_u8(q);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
+}
+
+#define NEON_DOT_X8(name, ATTR, SDOT)                                                                     \
+    ATTR ST_DOT_X8(name) {                                                                                \
+        (void)xsum;                                                                                       \
+        for (int t = 0; t < tokens; t++) {                                                                \
+            const st_octet_q4_0 *o = group;                                                               \
+            const float *s = xs + (size_t)t * blocks;                                                     \
+            const int8_t *x = xq + (size_t)t * blocks * ST_QK;                                            \
+            float32x4_t sum03 = vdupq_n_f32(0), sum47 = vdupq_n_f32(0);                                   \
+            for (int b = 0; b < blocks; b++, o++) {                                                       \
+                int32x4_t acc03 = vdupq_n_s32(0), acc47 = vdupq_n_s32(0);                                 \
+                for (int c = 0; c < 4; c++) {                                                             \
+                    int32_t low, high;                                                                    \
+                    memcpy(&low, x + b * ST_QK + 4 * c, 4);                                               \
+                    memcpy(&high, x + b * ST_QK + 16 + 4 * c, 4);                                         \
+                    const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(low));                          \
+                    const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(high));                         \
+                    int8x16_t lo, hi;                                                                     \
+                    st_octet_half_neon(o->qs[c], &lo, &hi);                                               \
+                    acc03 = SDOT(SDOT(acc03, lo, xl), hi, xh);                                            \
+                    st_octet_half_neon(o->qs[c] + 16, &lo, &hi);                                          \
+                    acc47 = SDOT(SDOT(acc47, lo, xl), hi, xh);                                            \
+                }                                                                                         \
+                float32x4_t d03, d47;                                                                     \
+                st_fp16x8_to_fp32(o->d, &d03, &d47);                                                      \
+                sum03 = vaddq_f32(sum03, vmulq_f32(vmulq_n_f32(d03, s[b]), vcvtq_f32_s32(acc03)));        \
+                sum47 = vaddq_f32(sum47, vmulq_f32(vmulq_n_f32(d47, s[b]), vcvtq_f32_s32(acc47)));        \
+            }                                                                                             \
+            float lanes[8];                                                                               \
+            vst1q_f32(lanes, sum03);                                                                      \
+            vst1q_f32(lanes + 4, sum47);                                                                  \
+            for (int i = 0; i < 8; i++) out[(size_t)t * out_stride + i] = lanes[i];                       \
+        }                                                                                                 \
+    }
+
+#define NEON_DOT_B8(name, ATTR, SDOT)                                                                     \
+    ATTR ST_DOT_B8(name) {                                                                                \
+        (void)xsum;                                                                                       \
+        for (int r = 0; r < rows; r++) {                                                                  \
+            for (int t = 0; t < tokens; t++) {                                                            \
+                const st_octet_q4_0 *o = (const void *)((const uint8_t *)row + (size_t)r * row_bytes);    \
+                const float *s = xs + (size_t)t * blocks;                                                 \
+                const int8_t *x = xr + (size_t)t * blocks * ST_QK;                                        \
+                float32x4_t sum = vdupq_n_f32(0);                                                         \
+                for (int g = 0; g < blocks / 8; g++, o++, x += 8 * ST_QK) {                               \
+                    int32x4_t acc03 = vdupq_n_s32(0), acc47 = vdupq_n_s32(0);                             \
+                    for (int c = 0; c < 4; c++) {                                                         \
+                        int8x16_t lo, hi;                                                                 \
+                        st_octet_half_neon(o->qs[c], &lo, &hi);                                           \
+                        acc03 = SDOT(SDOT(acc03, lo, vld1q_s8(x + 32 * c)), hi, vld1q_s8(x + 128 + 32 * c)); \
+                        st_octet_half_neon(o->qs[c] + 16, &lo, &hi);                                      \
+                        acc47 = SDOT(SDOT(acc47, lo, vld1q_s8(x + 32 * c + 16)), hi, vld1q_s8(x + 144 + 32 * c)); \
+                    }                                                                                     \
+                    float32x4_t d03, d47;                                                                 \
+                    st_fp16x8_to_fp32(o->d, &d03, &d47);                                                  \
+                    sum = vaddq_f32(sum, vmulq_f32(vmulq_f32(d03, vld1q_f32(s + 8 * g)), vcvtq_f32_s32(acc03))); \
+                    sum = vaddq_f32(sum, vmulq_f32(vmulq_f32(d47, vld1q_f32(s + 8 * g + 4)), vcvtq_f32_s32(acc47))); \
+                }                                                                                         \
+                out[(size_t)t * out_stride + r] = vaddvq_f32(sum);                                        \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+NEON_DOT_X8(st_dot_q4_0_x8_neon, ST_NEON, st_sdot_neon)
+NEON_DOT_X8(st_dot_q4_0_x8_dotprod, ST_DOTPROD, st_sdot_dotprod)
+NEON_DOT_B8(st_dot_q4_0_b8_neon, ST_NEON, st_sdot_neon)
+NEON_DOT_B8(st_dot_q4_0_b8_dotprod, ST_DOTPROD, st_sdot_dotprod)
+#endif

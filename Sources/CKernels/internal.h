@@ -18,9 +18,13 @@
 #define ST_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define ST_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
-// An ARM tier would go here: `#if defined(__aarch64__)` with its attribute (NEON is baseline on
-// aarch64; the dot-product extension is `target("dotprod")`), a section in each family file, and
-// a table in dispatch.c.
+#if defined(__aarch64__)
+#define ST_ARM 1
+#include <arm_neon.h>
+// NEON is baseline on aarch64; the dot-product extension (SDOT, vdotq_s32) is per function.
+#define ST_NEON
+#define ST_DOTPROD __attribute__((target("dotprod")))
+#endif
 
 // ---------------------------------------------------------------- blocks (ggml's layouts)
 
@@ -143,6 +147,32 @@ ST_AVX2 static inline __m256i st_unpack_nibbles(const st_block_q4_0 *b) {
 }
 #endif
 
+#ifdef ST_ARM
+/// A Q4_0 block's weights as signed bytes: lo holds weights 0..15 (the low nibbles), hi 16..31.
+static inline void st_q4_0_weights_neon(const st_block_q4_0 *b, int8x16_t *lo, int8x16_t *hi) {
+    const uint8x16_t q = vld1q_u8(b->qs);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
+}
+
+/// SDOT without the extension: lane k of acc gains Σ a_i · b_i over bytes 4k..4k+3, as
+/// vdotq_s32 computes (widening multiplies, then pairwise adds; no intermediate can overflow).
+static inline int32x4_t st_sdot_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    const int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    const int32x4_t hi = vpaddlq_s16(vmull_high_s8(a, b));
+    return vaddq_s32(acc, vpaddq_s32(lo, hi));
+}
+
+ST_DOTPROD static inline int32x4_t st_sdot_dotprod(int32x4_t acc, int8x16_t a, int8x16_t b) { return vdotq_s32(acc, a, b); }
+
+/// Eight float16 scales as two float32 vectors.
+static inline void st_fp16x8_to_fp32(const uint16_t *h, float32x4_t *lo, float32x4_t *hi) {
+    const float16x8_t v = vreinterpretq_f16_u16(vld1q_u16(h));
+    *lo = vcvt_f32_f16(vget_low_f16(v));
+    *hi = vcvt_high_f32_f16(v);
+}
+#endif
+
 // ---------------------------------------------------------------- each tier's functions
 // Signatures as the fields of st_kernel_table (ckernels.h), which documents them.
 
@@ -191,6 +221,10 @@ ST_TIER_FUNCTIONS(portable)
 #ifdef ST_X86
 ST_TIER_FUNCTIONS(avx2)
 ST_TIER_FUNCTIONS(avx512)
+#endif
+#ifdef ST_ARM
+ST_TIER_FUNCTIONS(neon)
+ST_TIER_FUNCTIONS(dotprod)
 #endif
 
 /// The kernels the calling thread uses (dispatch.c): its bound tier's, else the selected one's.

@@ -144,7 +144,7 @@ import Testing
         let detected = try Tools.run("strun", ["--version"], environment: ["STRUN_KERNELS": ""])  // empty: not set
         #expect(detected.stdout.contains("kernels: ") && detected.stdout.contains("the best this CPU has"), "\(detected.stdout)")
         var supported: [String] = []
-        for tier in ["portable", "avx2", "avx512"] {
+        for tier in ["portable", "avx2", "avx512", "neon", "neon-dotprod"] {
             let bench = try Tools.run(
                 "strun", ["bench", path, "-p", "4", "-n", "4", "-r", "1", "--json"], environment: ["STRUN_KERNELS": tier])
             if bench.status == 0 {
@@ -168,8 +168,8 @@ import Testing
         #expect(
             bad.status == 1
                 && bad.stderr
-                    == "strun: error: STRUN_KERNELS=sse9 names no kernel tier; use one of portable, avx2, avx512, or unset it for the "
-                    + "best this CPU has (\(supported.last!))\n",
+                    == "strun: error: STRUN_KERNELS=sse9 names no kernel tier; use one of portable, avx2, avx512, neon, neon-dotprod, "
+                    + "or unset it for the best this CPU has (\(supported.last!))\n",
             "\(bad.stderr)")
     }
 }

@@ -13,11 +13,13 @@ enum {
     ST_ISA_PORTABLE = 0,
     ST_ISA_AVX2 = 1,      // AVX2 + FMA + F16C
     ST_ISA_AVX512 = 2,    // AVX-512 F/BW/VL + VNNI
+    ST_ISA_NEON = 3,      // aarch64 Advanced SIMD (every aarch64 CPU)
+    ST_ISA_DOTPROD = 4,   // NEON with the dot-product extension (SDOT)
 };
 
 /// The best instruction set this CPU supports.
 int st_detect_isa(void);
-/// Selects the kernels for `isa` (clamped to what the CPU supports); returns the one selected.
+/// Selects the kernels for `isa` (the best this CPU has when it lacks `isa`); returns the one selected.
 int st_kernels_select(int isa);
 /// The instruction set this thread's kernel calls use: its bound one, else the selected one.
 int st_kernels_isa(void);

@@ -5,7 +5,7 @@ import CKernels
 /// through `st_kernels_for`). The tests' `ReferenceKernels` is their plain definition.
 public enum DotKernels {
     public enum InstructionSet: Int32, CaseIterable, Sendable {
-        case portable = 0, avx2 = 1, avx512 = 2
+        case portable = 0, avx2 = 1, avx512 = 2, neon = 3, neonDotProd = 4
     }
 
     /// The best instruction set this CPU has.

@@ -15,6 +15,8 @@ extension DotKernels.InstructionSet {
         case .portable: "portable"
         case .avx2: "avx2"
         case .avx512: "avx512"
+        case .neon: "neon"
+        case .neonDotProd: "neon-dotprod"
         }
     }
 
@@ -24,6 +26,8 @@ extension DotKernels.InstructionSet {
         case .portable: "nothing beyond C"
         case .avx2: "AVX2, FMA and F16C"
         case .avx512: "AVX-512 F, BW and VL with VNNI"
+        case .neon: "an aarch64 CPU (NEON)"
+        case .neonDotProd: "an aarch64 CPU with the dot-product extension (SDOT)"
         }
     }
 
@@ -40,7 +44,8 @@ extension DotKernels.InstructionSet {
 }
 
 extension DotKernels {
-    /// The environment variable that forces a tier: portable, avx2 or avx512.
+    /// The environment variable that forces a tier: portable, avx2 or avx512 on x86, portable,
+    /// neon or neon-dotprod on aarch64.
     public static let environmentVariable = "STRUN_KERNELS"
 
     /// The tier sessions use unless given one: `STRUN_KERNELS` when set, else the best this CPU
