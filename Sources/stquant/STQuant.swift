@@ -3,6 +3,8 @@ import Format
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 extension TensorDType: ExpressibleByArgument {

@@ -3,6 +3,8 @@ import Engine
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 struct Bench: ParsableCommand {

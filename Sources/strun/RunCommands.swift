@@ -9,6 +9,8 @@ extension ByteCount: ExpressibleByArgument {
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Options every command that runs the model shares.

@@ -1,5 +1,7 @@
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Expert bundles streamed from the package into a fixed set of memory slots shared by all
@@ -21,14 +23,6 @@ import Glibc
 ///   90.7% with 115), and matches LRU on the 4B-shaped skewed package at 1 GiB (98.5%).
 ///   Bundles in use by the current layer are pinned.
 public final class ExpertCache: @unchecked Sendable {
-    /// Linux's O_DIRECT (Glibc's Swift overlay does not export it; its value differs by architecture).
-    #if arch(x86_64)
-    static let directFlag: Int32 = 0o40000
-    #elseif arch(arm64)
-    static let directFlag: Int32 = 0o200000
-    #else
-    static let directFlag: Int32 = 0
-    #endif
 
     public struct Statistics: Sendable, Equatable {
         public var hits = 0
@@ -120,7 +114,7 @@ public final class ExpertCache: @unchecked Sendable {
         guard slotCount >= c.activeExperts else {
             throw .budgetBelowOneLayer(slots: slotCount, slotBytes: slotBytes, needed: c.activeExperts)
         }
-        var fd = allowDirectIO ? open(package.path, O_RDONLY | O_CLOEXEC | ExpertCache.directFlag) : -1
+        var fd = allowDirectIO ? FileSystem.openUncached(package.path) ?? -1 : -1
         var direct = true
         if fd < 0 {
             direct = false
@@ -136,9 +130,7 @@ public final class ExpertCache: @unchecked Sendable {
             close(fd)
             throw .outOfMemory(bytes: slotCount * slotBytes, purpose: "the expert cache")
         }
-        #if os(Linux)
-        _ = madvise(raw, slotCount * slotBytes, MADV_HUGEPAGE)  // fewer TLB misses in the expert kernels
-        #endif
+        FileSystem.adviseHugePages(raw, count: slotCount * slotBytes)  // fewer TLB misses in the expert kernels
         // Touch every slot now: the kernel zero-fills a page on its first use, and leaving that to
         // the first read into each slot put hundreds of megabytes of page clearing (a fifth of
         // the decode time of a short run, in a profile) in the way of the first tokens.
@@ -415,7 +407,7 @@ public final class ExpertCache: @unchecked Sendable {
                 }
                 done += n
             }
-            if !directIO { _ = posix_fadvise(descriptor, off_t(entry.offset), off_t(entry.length), POSIX_FADV_DONTNEED) }
+            if !directIO { FileSystem.dropCache(descriptor: descriptor, offset: entry.offset, length: entry.length) }
 
             pthread_mutex_lock(&mutex)
             slotError[job.slot] = error

@@ -2,6 +2,8 @@ import CKernels
 import Format
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Choosing the kernel tier. A session computes with one tier throughout: the one it was given,

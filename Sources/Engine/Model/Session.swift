@@ -2,6 +2,8 @@ import CKernels
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// What the router chose for one token in one layer (for tests and diagnostics).

@@ -93,8 +93,54 @@ public final class SystemFile: @unchecked Sendable {
     /// Tells the kernel we will not reread `length` bytes at `offset` soon, so a conversion
     /// of a 40 GB checkpoint does not push everything else out of the page cache.
     public func dropCache(offset: Int, length: Int) {
+        FileSystem.dropCache(descriptor: descriptor, offset: offset, length: length)
+    }
+}
+
+// The system calls that differ between Linux and macOS, for the runtime's expert reads.
+extension FileSystem {
+    /// A descriptor of `path` whose reads bypass the page cache, or nil where that cannot be had
+    /// (the caller reads through the cache instead). Linux: O_DIRECT, which needs offsets,
+    /// lengths and buffers aligned to the device's block size (bundles are 4096-aligned); Glibc's
+    /// Swift overlay does not export it and its value differs by architecture. macOS: an ordinary
+    /// descriptor with F_NOCACHE set, which has no alignment rule.
+    public static func openUncached(_ path: String) -> Int32? {
+        #if os(Linux)
+        #if arch(x86_64)
+        let direct: Int32 = 0o40000
+        #elseif arch(arm64)
+        let direct: Int32 = 0o200000
+        #else
+        return nil
+        #endif
+        let fd = open(path, O_RDONLY | O_CLOEXEC | direct)
+        return fd >= 0 ? fd : nil
+        #elseif canImport(Darwin)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        guard fcntl(fd, F_NOCACHE, 1) == 0 else {
+            close(fd)
+            return nil
+        }
+        return fd
+        #else
+        return nil
+        #endif
+    }
+
+    /// Drops `length` bytes at `offset` of an open file from the page cache (Linux's
+    /// POSIX_FADV_DONTNEED; macOS has no posix_fadvise, and F_NOCACHE descriptors keep nothing).
+    public static func dropCache(descriptor: Int32, offset: Int, length: Int) {
         #if os(Linux)
         _ = posix_fadvise(descriptor, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
+        #endif
+    }
+
+    /// Asks for transparent huge pages on anonymous memory (Linux's MADV_HUGEPAGE: fewer TLB
+    /// misses; macOS has no such advice and chooses page sizes itself).
+    public static func adviseHugePages(_ pointer: UnsafeMutableRawPointer, count: Int) {
+        #if os(Linux)
+        _ = madvise(pointer, count, MADV_HUGEPAGE)
         #endif
     }
 }
