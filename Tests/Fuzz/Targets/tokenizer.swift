@@ -5,7 +5,7 @@
 import Engine
 import Format
 
-nonisolated(unsafe) let qwen: Tokenizer = {
+let qwen: Tokenizer = {
     let file = #filePath
     let root = file[..<file.range(of: "/Tests/Fuzz/")!.lowerBound]
     do { return try Tokenizer(path: root + "/Tests/Fixtures/qwen-tokenizer/tokenizer.json") } catch { fatalError("\(error)") }
