@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The memory budget held in fact: converts the trained fixture to Q4_0, asks `strun bench` for the
 # smallest --memory-budget it accepts, runs there and compares the peak RSS the kernel measured
-# (VmHWM, and /usr/bin/time's maximum resident set when present) with the budget. Run alone, not
-# inside the parallel test suite (see RunCommandTests.theSmallestBudgetIsReportedAndHolds).
+# (VmHWM) with the budget, over three rounds, as a user would from a shell (the suite's
+# RunCommandTests.theSmallestBudgetIsReportedAndHolds does it once, from inside the test runner).
 #   bash Tests/budget_check.sh [BUILD_DIR]      (default .build/debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -200,11 +200,13 @@ import Testing
                 && badUnit.stderr.contains("such as 1GiB"))
     }
 
-    /// The smallest budget strun accepts, as bench reports it, runs and streams most experts;
-    /// one byte less is refused. (Tests/budget_check.sh compares the kernel's peak RSS with it,
-    /// run on its own: inside this parallel suite strun's peak was seen at 88–134 MB against 28 MB
-    /// alone, for reasons not yet found.)
-    @Test func theSmallestBudgetIsReportedAndHolds() throws {
+    /// The budget holds in fact: at the smallest budget strun accepts (which bench reports) the
+    /// peak RSS the kernel measured (VmHWM) stays inside it, most experts stream, and one byte
+    /// less is refused. Run from a test process holding 128 MiB more, it also guards the measurement: a read
+    /// of /proc/self/status by its reported size (0) fell back to ru_maxrss, which carries the
+    /// parent's resident set across exec (88–134 MB reported for a 28 MB strun).
+    @Test(.disabled(if: Tools.addressSanitized, "ASan's shadow memory and quarantine are resident too"))
+    func theSmallestBudgetIsReportedAndHolds() throws {
         let scratch = ToolScratch()
         let path = scratch.file("m.stpk")
         let trained = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("trained/trained-21b-like")
@@ -217,8 +219,12 @@ import Testing
         }
         let minimum = try #require(try report([])["minimum_memory_budget_bytes"] as? Int)
         let package = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
-        let budgeted = try report(["--memory-budget", "\(minimum)"])
+        // A parent larger than the budget, whatever else the test runner holds at the moment.
+        let ballast = [UInt8](repeating: 1, count: 128 << 20)
+        let budgeted = try withExtendedLifetime(ballast) { try report(["--memory-budget", "\(minimum)"]) }
         #expect(budgeted["memory_budget_bytes"] as? Int == minimum)
+        let peak = try #require(budgeted["peak_rss_bytes"] as? Int)
+        #expect(peak <= minimum, "peak RSS \(peak) over the budget \(minimum)")
         #expect(budgeted["expert_cache_bytes"] as? Int ?? .max < package / 4, "the budget should stream most experts")
         #expect((budgeted["expert_hit_rate"] as? Double ?? 1) < 1)
         let under = try Tools.run("strun", args + ["--memory-budget", "\(minimum - 1)"])

@@ -21,6 +21,10 @@ enum Tools {
         let stderr: String
     }
 
+    /// Whether the tools (built with the tests, with the same flags) run under the address
+    /// sanitiser: `swift test --sanitize=address`.
+    static let addressSanitized = dlsym(nil, "__asan_init") != nil
+
     /// A built tool's path; an absolute path is taken as it is.
     static func path(_ tool: String) -> String {
         tool.hasPrefix("/") ? tool : productsDirectory.appendingPathComponent(tool).path

@@ -260,7 +260,17 @@ public enum FileSystem {
 /// carries the parent's resident set at fork into it across exec, so a tool started by a large
 /// process reports the parent's size. macOS has no /proc; there ru_maxrss, in bytes, is used.)
 public func peakResidentBytes() -> Int {
-    if let status = try? FileSystem.readAll("/proc/self/status", limit: 1 << 20) {
+    // /proc files report a size of 0: read to the end rather than by size.
+    let fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
+    if fd >= 0 {
+        var status: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while status.count < 1 << 20 {
+            let n = read(fd, &chunk, chunk.count)
+            if n <= 0 { break }
+            status += chunk[0..<n]
+        }
+        close(fd)
         for line in String(decoding: status, as: UTF8.self).split(separator: "\n") where line.hasPrefix("VmHWM:") {
             if let kib = Int(line.dropFirst(6).filter(\.isNumber)) { return kib * 1024 }
         }
