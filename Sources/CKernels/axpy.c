@@ -39,15 +39,17 @@ ST_AXPY(st_axpy_f16_portable, uint16_t) {
 // This work is bound by arithmetic, not memory: the caller's next input, `next_bytes` at `next`
 // (may be NULL), is prefetched into L2 a little at a time alongside it, so the memory system
 // stays busy without a burst that would stall the core.
-ST_AXPY_ROWS(st_axpy_rows_q4_0_portable) {
-    const char *ahead = next;
-    const int per_row = next && count > 0 ? next_bytes / count : 0;
-    for (int a = 0; a < count; a++) {
-        st_prefetch_l2(ahead, per_row);
-        ahead += per_row;
-        st_axpy_q4_0_portable((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);
+#define AXPY_ROWS_VIA_AXPY(name, axpy)                                                                  \
+    ST_AXPY_ROWS(name) {                                                                                \
+        const char *ahead = next;                                                                       \
+        const int per_row = next && count > 0 ? next_bytes / count : 0;                                 \
+        for (int a = 0; a < count; a++) {                                                               \
+            st_prefetch_l2(ahead, per_row);                                                             \
+            ahead += per_row;                                                                           \
+            axpy((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);           \
+        }                                                                                               \
     }
-}
+AXPY_ROWS_VIA_AXPY(st_axpy_rows_q4_0_portable, st_axpy_q4_0_portable)
 
 // Tiers without a fused form add the rows for each output in turn (a zero coefficient adds
 // nothing).
@@ -317,7 +319,7 @@ ST_AXPY(st_axpy_q4_0_neon, void) {
     const st_block_q4_0 *w = row;
     for (int b = 0; b < n / ST_QK; b++, w++) {
         int8x16_t lo, hi;
-        st_q4_0_weights_neon(w, &lo, &hi);
+        st_nibbles_neon(w->qs, &lo, &hi);
         const float s = a * st_fp16_to_fp32(w->d);
         st_axpy16_neon(lo, s, y + b * ST_QK);
         st_axpy16_neon(hi, s, y + b * ST_QK + 16);
@@ -339,22 +341,10 @@ ST_AXPY(st_axpy_q8_0_neon, void) {
         for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), LOAD4(row + i), a)); \
         for (; i < n; i++) y[i] += a * SCALAR(row[i]);                                               \
     }
-static inline float32x4_t st_axpy_load_f32(const float *p) { return vld1q_f32(p); }
-static inline float32x4_t st_axpy_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-static inline float32x4_t st_axpy_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-#define ST_AXPY_SCALAR_F32(v) (v)
-NEON_AXPY_F(st_axpy_f32_neon, float, st_axpy_load_f32, ST_AXPY_SCALAR_F32)
-NEON_AXPY_F(st_axpy_bf16_neon, uint16_t, st_axpy_load_bf16, st_bf16_to_fp32)
-NEON_AXPY_F(st_axpy_f16_neon, uint16_t, st_axpy_load_f16, st_fp16_to_fp32)
+NEON_AXPY_F(st_axpy_f32_neon, float, st_load4_f32_neon, st_f32_identity)
+NEON_AXPY_F(st_axpy_bf16_neon, uint16_t, st_load4_bf16_neon, st_bf16_to_fp32)
+NEON_AXPY_F(st_axpy_f16_neon, uint16_t, st_load4_f16_neon, st_fp16_to_fp32)
 
-ST_AXPY_ROWS(st_axpy_rows_q4_0_neon) {
-    const char *ahead = next;
-    const int per_row = next && count > 0 ? next_bytes / count : 0;
-    for (int a = 0; a < count; a++) {
-        st_prefetch_l2(ahead, per_row);
-        ahead += per_row;
-        st_axpy_q4_0_neon((const uint8_t *)base + (size_t)rows[a] * row_bytes, coefficients[a], y, n);
-    }
-}
+AXPY_ROWS_VIA_AXPY(st_axpy_rows_q4_0_neon, st_axpy_q4_0_neon)
 AXPY_ROWS2_VIA_AXPY(st_axpy_rows2_q4_0_neon, st_axpy_q4_0_neon)
 #endif

@@ -260,7 +260,7 @@ void st_matmul_quantized(int q8, const void *rows, int row_bytes, int first, int
         float sum = 0;                                                                     \
         for (int b = 0; b < blocks; b++, w++) {                                            \
             int8x16_t lo, hi;                                                              \
-            st_q4_0_weights_neon(w, &lo, &hi);                                             \
+            st_nibbles_neon(w->qs, &lo, &hi);                                              \
             int32x4_t acc = SDOT(vdupq_n_s32(0), lo, vld1q_s8(xq + b * ST_QK));            \
             acc = SDOT(acc, hi, vld1q_s8(xq + b * ST_QK + 16));                            \
             sum += st_fp16_to_fp32(w->d) * xs[b] * (float)vaddvq_s32(acc);                 \
@@ -291,25 +291,17 @@ ST_DOTPROD TOKENS_VIA_DOT(st_dot_q4_0_tokens_dotprod, st_dot_q4_0_dotprod)
 ST_DOTPROD TOKENS_VIA_DOT(st_dot_q8_0_tokens_dotprod, st_dot_q8_0_dotprod)
 
 // Float rows: four accumulators of four lanes, then the tail in scalar code.
-#define NEON_DOT_F(name, T, LOAD4)                                                          \
+#define NEON_DOT_F(name, T, LOAD4, SCALAR)                                                  \
     ST_DOT_F(name, T) {                                                                     \
         float32x4_t acc[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)}; \
         int i = 0;                                                                          \
         for (; i + 16 <= n; i += 16)                                                        \
             for (int k = 0; k < 4; k++) acc[k] = vfmaq_f32(acc[k], LOAD4(row + i + 4 * k), vld1q_f32(x + i + 4 * k)); \
         float sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]))); \
-        for (; i < n; i++) sum += ST_SCALAR_##T(row[i]) * x[i];                             \
+        for (; i < n; i++) sum += SCALAR(row[i]) * x[i];                                    \
         return sum;                                                                         \
     }
-#define ST_SCALAR_float(v) (v)
-#define ST_SCALAR_bf16(v) st_bf16_to_fp32(v)
-#define ST_SCALAR_f16(v) st_fp16_to_fp32(v)
-static inline float32x4_t st_load_f32(const float *p) { return vld1q_f32(p); }
-static inline float32x4_t st_load_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-static inline float32x4_t st_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-typedef uint16_t bf16;
-typedef uint16_t f16;
-NEON_DOT_F(st_dot_f32_neon, float, st_load_f32)
-NEON_DOT_F(st_dot_bf16_neon, bf16, st_load_bf16)
-NEON_DOT_F(st_dot_f16_neon, f16, st_load_f16)
+NEON_DOT_F(st_dot_f32_neon, float, st_load4_f32_neon, st_f32_identity)
+NEON_DOT_F(st_dot_bf16_neon, uint16_t, st_load4_bf16_neon, st_bf16_to_fp32)
+NEON_DOT_F(st_dot_f16_neon, uint16_t, st_load4_f16_neon, st_fp16_to_fp32)
 #endif

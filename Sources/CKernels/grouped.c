@@ -276,12 +276,6 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
 
 // Both layouts keep four weight bytes per row (x8) or per block (b8) together, SDOT's own
 // granularity: each 16-byte half of a chunk gives four lanes' integer sums at once.
-static inline void st_octet_half_neon(const uint8_t *q, int8x16_t *lo, int8x16_t *hi) {
-    const uint8x16_t v = vld1q_u8(q);
-    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
-    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
-}
-
 #define NEON_DOT_X8(name, ATTR, SDOT)                                                                     \
     ATTR ST_DOT_X8(name) {                                                                                \
         (void)xsum;                                                                                       \
@@ -299,9 +293,9 @@ static inline void st_octet_half_neon(const uint8_t *q, int8x16_t *lo, int8x16_t
                     const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(low));                          \
                     const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(high));                         \
                     int8x16_t lo, hi;                                                                     \
-                    st_octet_half_neon(o->qs[c], &lo, &hi);                                               \
+                    st_nibbles_neon(o->qs[c], &lo, &hi);                                               \
                     acc03 = SDOT(SDOT(acc03, lo, xl), hi, xh);                                            \
-                    st_octet_half_neon(o->qs[c] + 16, &lo, &hi);                                          \
+                    st_nibbles_neon(o->qs[c] + 16, &lo, &hi);                                          \
                     acc47 = SDOT(SDOT(acc47, lo, xl), hi, xh);                                            \
                 }                                                                                         \
                 float32x4_t d03, d47;                                                                     \
@@ -329,9 +323,9 @@ static inline void st_octet_half_neon(const uint8_t *q, int8x16_t *lo, int8x16_t
                     int32x4_t acc03 = vdupq_n_s32(0), acc47 = vdupq_n_s32(0);                             \
                     for (int c = 0; c < 4; c++) {                                                         \
                         int8x16_t lo, hi;                                                                 \
-                        st_octet_half_neon(o->qs[c], &lo, &hi);                                           \
+                        st_nibbles_neon(o->qs[c], &lo, &hi);                                           \
                         acc03 = SDOT(SDOT(acc03, lo, vld1q_s8(x + 32 * c)), hi, vld1q_s8(x + 128 + 32 * c)); \
-                        st_octet_half_neon(o->qs[c] + 16, &lo, &hi);                                      \
+                        st_nibbles_neon(o->qs[c] + 16, &lo, &hi);                                      \
                         acc47 = SDOT(SDOT(acc47, lo, vld1q_s8(x + 32 * c + 16)), hi, vld1q_s8(x + 144 + 32 * c)); \
                     }                                                                                     \
                     float32x4_t d03, d47;                                                                 \

@@ -148,12 +148,20 @@ ST_AVX2 static inline __m256i st_unpack_nibbles(const st_block_q4_0 *b) {
 #endif
 
 #ifdef ST_ARM
-/// A Q4_0 block's weights as signed bytes: lo holds weights 0..15 (the low nibbles), hi 16..31.
-static inline void st_q4_0_weights_neon(const st_block_q4_0 *b, int8x16_t *lo, int8x16_t *hi) {
-    const uint8x16_t q = vld1q_u8(b->qs);
+/// Sixteen bytes of Q4_0 nibbles as signed weights: lo from the low nibbles, hi from the high
+/// ones, each minus 8. For a block's qs, lo holds weights 0..15 and hi 16..31; for half an octet
+/// chunk, four rows' (x8) or four blocks' (b8) four bytes each.
+static inline void st_nibbles_neon(const uint8_t *bytes, int8x16_t *lo, int8x16_t *hi) {
+    const uint8x16_t q = vld1q_u8(bytes);
     *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
     *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
 }
+
+/// Four float rows' values as float32, for the float dot products and axpys.
+static inline float32x4_t st_load4_f32_neon(const float *p) { return vld1q_f32(p); }
+static inline float32x4_t st_load4_bf16_neon(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline float32x4_t st_load4_f16_neon(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static inline float st_f32_identity(float v) { return v; }
 
 /// SDOT without the extension: lane k of acc gains Σ a_i · b_i over bytes 4k..4k+3, as
 /// vdotq_s32 computes (widening multiplies, then pairwise adds; no intermediate can overflow).

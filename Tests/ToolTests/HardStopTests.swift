@@ -15,6 +15,8 @@ import Testing
         /// Makes the inputs; returns the arguments that write `output`.
         let prepare: @Sendable (ToolScratch, String) throws -> [String]
         var testDescription: String { name }
+        /// The output's file name (the GGUF export goes by its extension).
+        var outputName: String { name.contains("GGUF") ? "out.gguf" : "out.bin" }
     }
 
     static func package(_ scratch: ToolScratch, type: String? = nil) throws -> String {
@@ -56,7 +58,7 @@ import Testing
     @Test(arguments: writers)
     func killNineLeavesThePreviousOutputOrTheWholeNewOne(writer: Writer) throws {
         let scratch = ToolScratch()
-        let output = scratch.file(writer.tool == "stconvert" && writer.name.contains("GGUF") ? "out.gguf" : "out.bin")
+        let output = scratch.file(writer.outputName)
         let arguments = try writer.prepare(scratch, output)
         let started = Date()
         let complete = try Tools.run(writer.tool, arguments)
@@ -100,7 +102,7 @@ import Testing
     @Test(arguments: writers)
     func aFileSizeLimitIsAClearErrorAndNoPartialOutput(writer: Writer) throws {
         let scratch = ToolScratch()
-        let output = scratch.file(writer.name.contains("GGUF") ? "out.gguf" : "out.bin")
+        let output = scratch.file(writer.outputName)
         let arguments = try writer.prepare(scratch, output)
         #expect(try Tools.run(writer.tool, arguments).status == 0)
         let size = try Data(contentsOf: URL(fileURLWithPath: output)).count

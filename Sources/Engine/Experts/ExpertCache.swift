@@ -102,6 +102,11 @@ public final class ExpertCache: @unchecked Sendable {
     private var work = pthread_cond_t()
     private var threads: [pthread_t] = []
 
+    /// The size of one slot: the package's largest bundle.
+    public static func slotBytes(of manifest: PackageManifest) -> Int {
+        manifest.bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
+    }
+
     /// - Parameters: the package, and how many bytes of slots to use (at least one layer's top-k).
     /// - Parameter allowDirectIO: false forces the buffered fallback (for tests and comparisons).
     public init(package: PackageReader, capacityBytes: Int, ioThreads: Int = 4, allowDirectIO: Bool = true) throws(EngineError) {
@@ -109,7 +114,7 @@ public final class ExpertCache: @unchecked Sendable {
         bundles = package.manifest.bundles
         experts = c.expertCount
         path = package.path
-        slotBytes = bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
+        slotBytes = ExpertCache.slotBytes(of: package.manifest)
         slotCount = capacityBytes / slotBytes
         guard slotCount >= c.activeExperts else {
             throw .budgetBelowOneLayer(slots: slotCount, slotBytes: slotBytes, needed: c.activeExperts)

@@ -149,8 +149,7 @@ public final class Session: @unchecked Sendable {
         ropeAngles = arena.pointer(.ropeAngles, as: Float.self)
         currentExperts = Array(repeating: nil, count: c.expertCount)
         let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
-        let largestBundle = model.package.manifest.bundles.map(\.length).max() ?? PackageFormat.bundleAlignment
-        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * largestBundle
+        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * ExpertCache.slotBytes(of: model.package.manifest)
         if let memoryBudget {
             let forExperts = memoryBudget - plan.fixedBytes
             guard forExperts > 0 else {

@@ -1,5 +1,7 @@
 // Shared by every fuzz target: a private scratch directory (in memory when /dev/shm exists) and
 // a way to put the input into a file there, since the parsers under test read files.
+import Format
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -27,19 +29,15 @@ enum Scratch {
         return path
     }
 
-    /// Copies a file into the scratch directory.
+    nonisolated(unsafe) private static var sources: [String: [UInt8]] = [:]
+
+    /// Copies a file into the scratch directory (the source read once per process).
     static func copy(_ source: String, to name: String) {
-        let fd = open(source, O_RDONLY)
-        guard fd >= 0 else { fatalError("cannot read \(source)") }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = read(fd, &chunk, chunk.count)
-            if n <= 0 { break }
-            bytes += chunk[0..<n]
+        if sources[source] == nil {
+            guard let bytes = try? FileSystem.readAll(source, limit: 1 << 30) else { fatalError("cannot read \(source)") }
+            sources[source] = bytes
         }
-        close(fd)
-        _ = bytes.withUnsafeBufferPointer { write($0.baseAddress, $0.count, to: name) }
+        _ = sources[source]!.withUnsafeBufferPointer { write($0.baseAddress, $0.count, to: name) }
     }
 }
 
