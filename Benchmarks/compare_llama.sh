@@ -25,16 +25,12 @@ shift $(( $# > 2 ? 2 : $# )) || true
 [ "${1:-}" = "--" ] && shift
 mkdir -p "$work"; work=$(cd "$work" && pwd)
 P=128; N=64
-LLAMA_CPP_PYTHON_VERSION=0.3.36   # pinned: the llama.cpp it vendors is the comparison
+source Benchmarks/llama_cpp.sh   # pinned version, fetch and build
 
 tier="${TIER:-}"
 if [ -n "$tier" ]; then export STRUN_KERNELS="$tier"; else unset STRUN_KERNELS; fi
 llama_build="${LLAMA_BUILD:-$([ "$tier" = avx2 ] && echo avx2 || echo native)}"
-case "$llama_build" in
-    native) llama_flags="-DGGML_NATIVE=ON" ;;
-    avx2) llama_flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF" ;;
-    *) echo "LLAMA_BUILD must be native or avx2 (got '$llama_build')" >&2; exit 2 ;;
-esac
+llama_flags=$(llama_cpp_flags "$llama_build")
 
 swift build -c release >/dev/null
 .build/release/strun --version >/dev/null  # a bad TIER fails here, before any work
@@ -42,26 +38,11 @@ if [ ! -f "$work/checkpoint/config.json" ]; then
     python3 Benchmarks/make_checkpoint.py "$work/checkpoint" --tokenizer Tests/Fixtures/qwen-tokenizer "$@"
 fi
 
-# llama.cpp from the llama-cpp-python sdist, fetched by pip (only that package from source:
-# `--no-binary :all:` would also build pip's build dependencies from source, cmake included).
 llama="${LLAMA_DIR:-$work/llama.cpp}"
-if [ ! -f "$llama/CMakeLists.txt" ]; then
-    sdist=$(mktemp -d)
-    python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist"
-    tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
-    mkdir -p "$(dirname "$llama")"
-    mv "$sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$llama"
-    echo "$LLAMA_CPP_PYTHON_VERSION" > "$llama/LLAMA_CPP_PYTHON_VERSION"
-    rm -rf "$sdist"
-fi
-build="$llama/build-$llama_build"
-if [ ! -x "$build/bin/llama-bench" ]; then
-    python3 -m pip install -q cmake torch transformers sentencepiece >/dev/null 2>&1 || true
-    # shellcheck disable=SC2086
-    cmake -S "$llama" -B "$build" $llama_flags -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$build" --target llama-bench llama-quantize -j"$(nproc)" >/dev/null
-fi
+llama_cpp_fetch "$llama"
+python3 -c "import torch, transformers, sentencepiece" 2>/dev/null \
+    || python3 -m pip install -q torch transformers sentencepiece >/dev/null 2>&1 || true   # its converter
+build=$(llama_cpp_build "$llama" "$llama_build" llama-bench llama-quantize)
 {
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     echo "ours: $(.build/release/strun --version | sed -n 's/^kernels: //p')"

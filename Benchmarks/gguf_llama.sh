@@ -20,22 +20,10 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 work="${1:-Benchmarks/work-gguf}"; threads="${2:-2}"
 mkdir -p "$work"; work=$(cd "$work" && pwd)
-LLAMA_CPP_PYTHON_VERSION=0.3.36
+source Benchmarks/llama_cpp.sh   # pinned version, fetch and build
 llama="${LLAMA_DIR:-$work/llama.cpp}"
-if [ ! -f "$llama/CMakeLists.txt" ]; then
-    sdist=$(mktemp -d)
-    python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist"
-    tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
-    mv "$sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$llama"
-    rm -rf "$sdist"
-fi
-build="$llama/build-native"
-if [ ! -x "$build/bin/llama-quantize" ]; then
-    python3 -m pip install -q cmake >/dev/null 2>&1 || true
-    cmake -S "$llama" -B "$build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-    cmake --build "$build" --target llama llama-quantize -j"$(nproc)" >/dev/null
-fi
+llama_cpp_fetch "$llama"
+build=$(llama_cpp_build "$llama" native llama llama-quantize)
 lib=$(dirname "$(find "$build" -name 'libllama.so' | head -1)")
 c++ -O2 -std=c++17 -I"$llama/include" -I"$llama/ggml/include" Benchmarks/llama_logits.cpp -L"$lib" -lllama \
     -Wl,-rpath,"$lib" -o "$work/llama_logits"

@@ -45,6 +45,13 @@ static long long parse_size(const char *text) {
     return (long long)(v * scale);
 }
 
+static void set_oom_score_adj(const char *value) {
+    FILE *f = fopen("/proc/self/oom_score_adj", "w");
+    if (!f) return;
+    fputs(value, f);
+    fclose(f);
+}
+
 int main(int argc, char **argv) {
     if (argc < 4 || strcmp(argv[2], "--") != 0) {
         fprintf(stderr, "usage: memcap CAP -- COMMAND [ARGS...]   (CAP like 8GiB, 6G, 4096MiB)\n");
@@ -73,12 +80,27 @@ int main(int argc, char **argv) {
         madvise(p, (size_t)n, MADV_DONTFORK);  // the command's fork does not copy the mapping
         locked += n;
     }
-    const long long after = available_bytes();
+    // Locking frees some memory the kernel can reclaim, so MemAvailable ends above the cap: top up
+    // in small steps until it is within 16 MiB of it.
+    long long after = available_bytes();
+    for (int round = 0; round < 64 && after > cap + (16LL << 20); round++) {
+        const long long n = after - cap < chunk ? after - cap : chunk;
+        void *p = mmap(NULL, (size_t)n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED || mlock(p, (size_t)n) != 0) break;
+        memset(p, 1, (size_t)n);
+        madvise(p, (size_t)n, MADV_DONTFORK);
+        locked += n;
+        after = available_bytes();
+    }
     fprintf(stderr, "memcap: locked %.2f GiB; MemAvailable %.2f GiB before, %.2f GiB left for the command (cap %.2f GiB)\n",
             locked / 1073741824.0, before / 1073741824.0, after / 1073741824.0, cap / 1073741824.0);
     fflush(stderr);
+    // The kernel's OOM killer, should the cap be too small, must pick the command, never this
+    // process: its death would free the locked memory and let the command run uncapped unseen.
+    set_oom_score_adj("-1000");
     const pid_t child = fork();
     if (child == 0) {
+        set_oom_score_adj("0");
         // The locked pages stay with this process (MADV_DONTFORK; locks are not inherited).
         execvp(argv[3], argv + 3);
         fprintf(stderr, "memcap: cannot run %s: %s\n", argv[3], strerror(errno));
