@@ -14,9 +14,12 @@
 # full model's non-expert bytes) times LAYERS/52, plus this model's non-expert bytes (printed).
 #
 # Each round runs, one after another: strun bench unbudgeted and llama-bench in memory (no cap),
-# then at each cap, under Benchmarks/memcap.c (which locks all memory but the cap, so the process
-# and the page cache together get about the cap, alike for both engines): strun with
-# --memory-budget CAP with prefetch and with --no-prefetch, and llama-bench with its default mmap.
+# and with --repack 0, then at each cap, under Benchmarks/memcap.c (which locks all memory but the
+# cap, so the process and the page cache together get about the cap, alike for both engines):
+# strun with --memory-budget CAP with prefetch and with --no-prefetch, and llama-bench with its
+# default mmap and --repack 0 (its default copies the Q4_0 weights into anonymous memory, all
+# 11.7 GB of them, and is killed under 8 GiB; LLAMA_CAPPED_DEFAULT=1 runs it anyway), one
+# repetition after its warmup, each at most LLAMA_TIMEOUT seconds (900).
 # The page cache is dropped before each capped run; before an in-memory run it holds that
 # engine's whole file. strun bench is `-p P -n N -r 3` (the median of three passes over one
 # expert cache: its steady state); llama-bench is `-p P -n 0` (prompt) and
@@ -141,26 +144,38 @@ ours() {  # name, [cap bytes], strun bench options...
     "${wrap[@]}" "$B/strun" bench "$stpk" -p "$P" -n "$N" -r 3 -t "$threads" --json "$@" \
         > "$work/r/$name.json" 2> "$work/r/$name.err" || { echo "capped_bench: $name failed:" >&2; tail -3 "$work/r/$name.err" >&2; }
 }
-theirs() {  # name, [cap bytes]
-    local name=$1 cap=$2
-    local wrap=(); [ -n "$cap" ] && wrap=("$work/memcap" "$cap" --)
-    prepare "$gguf" "$cap"
-    /usr/bin/time -f "%M" -o "$work/r/$name-pp.rss" "${wrap[@]}" "$build/bin/llama-bench" -m "$gguf" -p "$P" -n 0 \
-        -t "$threads" -r 2 -o json > "$work/r/$name-pp.json" 2> "$work/r/$name-pp.err" || true
-    prepare "$gguf" "$cap"
-    /usr/bin/time -f "%M" -o "$work/r/$name-tg.rss" "${wrap[@]}" "$build/bin/llama-bench" -m "$gguf" -p 0 -n "$N" -d "$P" \
-        -t "$threads" -r 2 -o json > "$work/r/$name-tg.json" 2> "$work/r/$name-tg.err" || true
+theirs() {  # name, [cap bytes], llama-bench options...
+    local name=$1 cap=$2; shift 2
+    local wrap=() reps=2
+    # Under a cap: memcap outside, a time limit, and /usr/bin/time inside (so the peak RSS is
+    # llama-bench's, not memcap's locked memory); one measured repetition after its warmup.
+    [ -n "$cap" ] && { wrap=("$work/memcap" "$cap" -- timeout "${LLAMA_TIMEOUT:-900}"); reps=1; }
+    for kind in pp tg; do
+        local test=(-p "$P" -n 0); [ $kind = tg ] && test=(-p 0 -n "$N" -d "$P")
+        prepare "$gguf" "$cap"
+        "${wrap[@]}" /usr/bin/time -f "%M" -o "$work/r/$name-$kind.rss" "$build/bin/llama-bench" -m "$gguf" "${test[@]}" \
+            -t "$threads" -r $reps -o json "$@" > "$work/r/$name-$kind.json" 2> "$work/r/$name-$kind.err" \
+            || echo "llama-bench $name $kind: exit $? ($(grep -h -o -E 'Killed|terminated by signal [0-9]+' "$work/r/$name-$kind.err" \
+                "$work/r/$name-$kind.rss" 2>/dev/null | head -1))" | tee "$work/r/$name-$kind.failed" >&2
+    done
 }
-mkdir -p "$work/r"; rm -f "$work"/r/*
-for r in $(seq "$rounds"); do
+# REPORT_ONLY=1 prints the report of the runs already in WORK/r.
+[ -n "${REPORT_ONLY:-}" ] && rounds_to_run=0 || { rounds_to_run=$rounds; mkdir -p "$work/r"; rm -f "$work"/r/*; }
+for r in $(seq "$rounds_to_run"); do
     echo "round $r of $rounds ..."
     ours "free-$r" ""
     theirs "llama-free-$r" ""
+    theirs "llama-norepack-free-$r" "" --repack 0
     for s in "${scaled[@]}"; do
         c=${s%%=*}; bytes=${s#*=}
         ours "$c-prefetch-$r" "$bytes" --memory-budget "$bytes"
         ours "$c-noprefetch-$r" "$bytes" --memory-budget "$bytes" --no-prefetch
-        theirs "llama-$c-$r" "$bytes"
+        # llama.cpp's default repacks its Q4_0 weights into anonymous memory (11.7 GB here), so
+        # under a cap it is killed (seen at 8 GiB); --repack 0 keeps them in the mapping.
+        # LLAMA_CAPPED_ROUNDS=K runs llama.cpp under caps in the first K rounds only (it is slow there).
+        [ "$r" -le "${LLAMA_CAPPED_ROUNDS:-$rounds}" ] || continue
+        [ -n "${LLAMA_CAPPED_DEFAULT:-}" ] && theirs "llama-$c-$r" "$bytes"
+        theirs "llama-norepack-$c-$r" "$bytes" --repack 0
     done
 done
 
@@ -217,19 +232,25 @@ def ours_row(label, runs, cap):
     dec = [x["decode_tokens_per_second"] if x else float("nan") for x in runs]
     vs_free = [a / b for a, b in zip(dec, free_dec) if a == a and b == b]
     print(f"{label:34} {med(x['prompt_tokens_per_second'] for x in runs_ok):10.2f} {med(x['decode_tokens_per_second'] for x in runs_ok):10.2f} "
-          f"{(med(vs_free) if vs_free else float('nan')):7.2f} {med(x.get('expert_hit_rate', 1.0) for x in runs_ok):6.1%} "
-          f"{med(x.get('expert_bytes_read_per_token', 0) for x in runs_ok) / 2**20:8.2f} "
-          f"{med(x.get('io_stall_seconds_per_token', 0) for x in runs_ok) * 1000:8.2f} "
-          f"{max(x['peak_rss_bytes'] for x in runs_ok) / 2**30:13.2f} {cap:>8}")
+          f"{(med(vs_free) if vs_free else float('nan')):7.2f} "
+          + (f"{med(x['expert_hit_rate'] for x in runs_ok):6.1%} {med(x['expert_bytes_read_per_token'] for x in runs_ok) / 2**20:8.2f} "
+             f"{med(x['io_stall_seconds_per_token'] for x in runs_ok) * 1000:8.2f} " if runs_ok[0].get("expert_hit_rate") is not None
+             else f"{'-':>6} {'-':>8} {'-':>8} ")
+          + f"{max(x['peak_rss_bytes'] for x in runs_ok) / 2**30:13.2f} {cap:>8}")
 def llama_row(label, name, cap):
+    if not any(os.path.exists(os.path.join(work, "r", f"{name}-{r}-{k}.json")) for r in R for k in ("pp", "tg")):
+        return None
     pp = [llama(f"{name}-{r}", "pp") for r in R]; tg = [llama(f"{name}-{r}", "tg") for r in R]
     rss = max(max(llama_rss(f"{name}-{r}", k) for k in ("pp", "tg")) for r in R)
     good = lambda v: [x for x in v if x == x]
+    failed = [open(os.path.join(work, "r", f)).read().strip() for f in sorted(os.listdir(os.path.join(work, "r")))
+              if f.startswith(name + "-") and f.endswith(".failed")]
     print(f"{label:34} {(med(good(pp)) if good(pp) else float('nan')):10.2f} {(med(good(tg)) if good(tg) else float('nan')):10.2f} "
-          f"{'':7} {'':6} {'':8} {'':8} {rss / 2**30:13.2f} {cap:>8}")
+          f"{'':7} {'':6} {'':8} {'':8} {rss / 2**30:13.2f} {cap:>8}" + ("  " + "; ".join(failed) if failed else ""))
     return pp, tg
 ours_row("ours, unbudgeted", free, "-")
 ll_free_pp, ll_free_tg = llama_row("llama.cpp, in memory", "llama-free", "-")
+llama_row("llama.cpp --repack 0, in memory", "llama-norepack-free", "-")
 rows = []
 for s in scaled:
     cap, bytes_ = s.split("=")
@@ -238,7 +259,8 @@ for s in scaled:
     nop = [load(f"{cap}-noprefetch-{r}") for r in R]
     ours_row(f"ours, {cap}, prefetch", pre, capg)
     ours_row(f"ours, {cap}, no prefetch", nop, capg)
-    pp, tg = llama_row(f"llama.cpp, {cap} (mmap)", f"llama-{cap}", capg)
+    llama_row(f"llama.cpp, {cap} (default)", f"llama-{cap}", capg)
+    pp, tg = llama_row(f"llama.cpp --repack 0, {cap} (mmap)", f"llama-norepack-{cap}", capg) or ([], [])
     rows.append((cap, pre, nop, pp, tg))
 print()
 d = lambda runs: [x["decode_tokens_per_second"] if x else float("nan") for x in runs]
@@ -248,8 +270,8 @@ print("  " + ratio_line("unbudgeted decode, ours / llama.cpp in memory", d(free)
 print("  " + ratio_line("unbudgeted prompt, ours / llama.cpp in memory", p(free), ll_free_pp))
 for cap, pre, nop, pp, tg in rows:
     print("  " + ratio_line(f"{cap}: decode, ours (prefetch) / ours unbudgeted", d(pre), free_dec))
-    print("  " + ratio_line(f"{cap}: decode, ours (prefetch) / llama.cpp under the same cap", d(pre), tg))
-    print("  " + ratio_line(f"{cap}: prompt, ours (prefetch) / llama.cpp under the same cap", p(pre), pp))
+    print("  " + ratio_line(f"{cap}: decode, ours (prefetch) / llama.cpp --repack 0 under the same cap", d(pre), tg))
+    print("  " + ratio_line(f"{cap}: prompt, ours (prefetch) / llama.cpp --repack 0 under the same cap", p(pre), pp))
     print("  " + ratio_line(f"{cap}: decode, prefetch / no prefetch", d(pre), d(nop)))
 print("what memcap left for each capped run (GiB, MemAvailable after locking): " + ", ".join(
     f"{s.split('=')[0]} {memcap_left(s.split('=')[0] + '-prefetch-1')}" for s in scaled))
