@@ -16,8 +16,10 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 out="${TMPDIR:-/tmp}/st-neon-check.$$"
 trap 'rm -f "$out"' EXIT
-clang --target=aarch64-linux-gnu -O2 -std=c11 -Wall -Werror -I Sources/CKernels/include Tests/NEON/check.c Sources/CKernels/*.c \
-    -lm -o "$out"
+# Linked with the toolchain's lld: the host's default linker (ld.gold here) cannot link aarch64,
+# and Debian's cross binutils are not needed then.
+clang --target=aarch64-linux-gnu -fuse-ld=lld -O2 -std=c11 -Wall -Werror -I Sources/CKernels/include Tests/NEON/check.c \
+    Sources/CKernels/*.c -lm -o "$out"
 echo "qemu-aarch64 -cpu max:"
 qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu "$out"
 echo "qemu-aarch64 -cpu cortex-a53 (no dot-product extension):"
