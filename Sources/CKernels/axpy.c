@@ -64,6 +64,15 @@ AXPY_ROWS_VIA_AXPY(st_axpy_rows_q4_0_portable, st_axpy_q4_0_portable)
 AXPY_ROWS2_VIA_AXPY(st_axpy_rows2_q4_0_portable, st_axpy_q4_0_portable)
 
 #ifdef ST_X86
+// The tile of up to four rows of the list that starts at entry a, into w; the next tile's rows
+// are prefetched into L2 while it is worked on. Returns the tile's size.
+static inline int row_tile(const uint8_t *m, int row_bytes, const int *rows, int a, int count, const st_block_q4_0 *w[4]) {
+    const int tile = count - a < 4 ? count - a : 4;
+    for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
+    for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+    return tile;
+}
+
 // ---------------------------------------------------------------- AVX2 (+FMA, F16C)
 
 ST_AVX2 ST_AXPY(st_axpy_q4_0_avx2, void) {
@@ -105,10 +114,8 @@ ST_AVX2 ST_AXPY_ROWS(st_axpy_rows_q4_0_avx2) {
     const char *ahead = next, *ahead_end = next ? (const char *)next + next_bytes : NULL;
     const int blocks = n / ST_QK;
     for (int a = 0; a < count; a += 4) {
-        const int tile = count - a < 4 ? count - a : 4;
         const st_block_q4_0 *w[4];
-        for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
-        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        const int tile = row_tile(m, row_bytes, rows, a, count, w);
         for (int b = 0; b < blocks; b++) {
             float *o = y + b * ST_QK;
             if (ahead < ahead_end) { st_prefetch_l2(ahead, tile == 4 ? 128 : 64); ahead += tile == 4 ? 128 : 64; }
@@ -129,10 +136,8 @@ ST_AVX2 ST_AXPY_ROWS2(st_axpy_rows2_q4_0_avx2) {
     const int blocks = n / ST_QK;
     const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int a = 0; a < count; a += 4) {
-        const int tile = count - a < 4 ? count - a : 4;
         const st_block_q4_0 *w[4];
-        for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
-        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        const int tile = row_tile(m, row_bytes, rows, a, count, w);
         for (int b = 0; b < blocks; b++) {
             float *o0 = y0 + b * ST_QK, *o1 = y1 + b * ST_QK;
             __m256 p[4], q[4];
@@ -216,13 +221,21 @@ ST_AVX512 ST_AXPY(st_axpy_q4_0_avx512, void) {
     }
 }
 
-// One block of a row into the 32-float tile (lo, hi): the nibbles become floats through a
-// 16-entry table (vpermps reads the low four bits of each lane).
+// One block's 32 values (nibble − 8) as floats, lo and hi: through a 16-entry table (vpermps
+// reads the low four bits of each lane).
+ST_AVX512 static inline void block_floats_avx512(const st_block_q4_0 *w, __m512 table, __m512 *lo, __m512 *hi) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w->qs));
+    *lo = _mm512_permutexvar_ps(q, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+}
+
+// One block of a row, times c, into the 32-float tile (lo, hi).
 ST_AVX512 static inline void axpy_block_avx512(const st_block_q4_0 *w, float c, __m512 table, __m512 *lo, __m512 *hi) {
     const __m512 s = _mm512_set1_ps(c * _cvtsh_ss(w->d));
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w->qs));
-    *lo = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(q, table), *lo);
-    *hi = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), *hi);
+    __m512 f_lo, f_hi;
+    block_floats_avx512(w, table, &f_lo, &f_hi);
+    *lo = _mm512_fmadd_ps(s, f_lo, *lo);
+    *hi = _mm512_fmadd_ps(s, f_hi, *hi);
 }
 
 // Four rows at a time, so each 32-float slice of y is loaded and stored once per four rows. Two
@@ -274,10 +287,8 @@ ST_AVX512 ST_AXPY_ROWS2(st_axpy_rows2_q4_0_avx512) {
     const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const int blocks = n / ST_QK;
     for (int a = 0; a < count; a += 4) {
-        const int tile = count - a < 4 ? count - a : 4;
         const st_block_q4_0 *w[4];
-        for (int k = 0; k < tile; k++) w[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + k] * row_bytes);
-        for (int k = 4; k < 8 && a + k < count; k++) st_prefetch_l2(m + (size_t)rows[a + k] * row_bytes, row_bytes);
+        const int tile = row_tile(m, row_bytes, rows, a, count, w);
         for (int b = 0; b < blocks; b++) {
             float *o0 = y0 + b * ST_QK, *o1 = y1 + b * ST_QK;
             __m512 p_lo = _mm512_loadu_ps(o0), p_hi = _mm512_loadu_ps(o0 + 16);
@@ -285,8 +296,8 @@ ST_AVX512 ST_AXPY_ROWS2(st_axpy_rows2_q4_0_avx512) {
             for (int k = 0; k < tile; k++) {
                 const st_block_q4_0 *wb = w[k] + b;
                 const float d = _cvtsh_ss(wb->d);
-                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb->qs));
-                const __m512 lo = _mm512_permutexvar_ps(q, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+                __m512 lo, hi;
+                block_floats_avx512(wb, table, &lo, &hi);
                 const __m512 s0 = _mm512_set1_ps(c0[a + k] * d), s1 = _mm512_set1_ps(c1[a + k] * d);
                 p_lo = _mm512_fmadd_ps(s0, lo, p_lo);
                 p_hi = _mm512_fmadd_ps(s0, hi, p_hi);
