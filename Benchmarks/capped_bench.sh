@@ -38,10 +38,13 @@ ckpt="$work/checkpoint-$layers"; stpk="$work/ours-$layers-q4_0.stpk"; gguf="$wor
 [ -f "$ckpt/model.safetensors.index.json" ] || rm -rf "$ckpt"   # written last: anything else is partial
 
 # Sizes from the shape (bytes): checkpoint (bf16), Q4_0 package and GGUF (18 bytes per 32 weights,
-# norms and routers f32), the non-expert part of the package; then what the remaining steps need.
-sizes=$(python3 - "$layers" <<'PY'
+# norms and routers f32), the non-expert part of the package, and the most layers whose
+# checkpoint and package fit side by side in the free space; then what the remaining steps need.
+margin=$((2 << 30))
+free=$(($(df -P -B1 "$work" | awk 'NR==2 {print $4}')))
+sizes=$(python3 - "$layers" "$free" "$margin" <<'PY'
 import sys
-L = int(sys.argv[1])
+L, free, margin = (int(a) for a in sys.argv[1:4])
 h, q, kv, e, f, v = 2560, 28 * 128, 4 * 128, 64, 768, 151936
 def sizes(L):
     dense = h * q * 2 + h * kv * 2
@@ -51,27 +54,21 @@ def sizes(L):
     nonexpert = q4(v * h) + L * (q4(dense) + 4 * (e * h + 2 * h)) + 4 * h
     return ckpt, nonexpert + L * q4(experts), nonexpert
 ck, pkg, nonexpert = sizes(L)
-full_ck, full_pkg, full_nonexpert = sizes(52)
-print(ck, pkg, nonexpert, full_nonexpert)
+full_nonexpert = sizes(52)[2]
+fit = max([n for n in range(1, 53) if sum(sizes(n)[:2]) + margin <= free], default=0)
+print(ck, pkg, nonexpert, full_nonexpert, fit)
 PY
 )
-read -r ckpt_bytes pkg_bytes nonexpert_bytes full_nonexpert_bytes <<< "$sizes"
+read -r ckpt_bytes pkg_bytes nonexpert_bytes full_nonexpert_bytes fit <<< "$sizes"
 need=0
 if [ ! -f "$gguf" ]; then
     if [ -f "$stpk" ]; then need=$pkg_bytes                          # the GGUF
     elif [ -d "$ckpt" ]; then need=$pkg_bytes                        # the package; the GGUF after the checkpoint goes
     else need=$((ckpt_bytes + pkg_bytes)); fi                        # checkpoint and package side by side
 fi
-margin=$((2 << 30))
-free=$(($(df -P -B1 "$work" | awk 'NR==2 {print $4}')))
 gb() { awk -v b="$1" 'BEGIN { printf "%.1f GB", b / 1e9 }'; }
 if [ "$need" -gt 0 ] && [ $((need + margin)) -gt "$free" ]; then
-    fit=$(python3 -c "
-per_ck = 2 * (2560*3584*2 + 2560*512*2 + 64*3*768*2560 + 64*2560 + 2*2560)
-per_pkg = (2560*3584*2 + 2560*512*2) // 32 * 18 + 64*3*768*2560 // 32 * 18 + 4 * (64*2560 + 2*2560)
-base = 2 * 151936 * 2560 + 151936 * 2560 // 32 * 18
-print(max(0, min(52, ($free - $margin - base) // (per_ck + per_pkg))))")
-    echo "capped_bench: $work has $(gb "$free") free; $layers layers need $(gb $((need + margin))) more" \
+    echo "capped_bench: $work has $(gb "$free") free; $layers layers need $(gb $((need + margin)))" \
         "(checkpoint $(gb "$ckpt_bytes") and Q4_0 package $(gb "$pkg_bytes") side by side, then the GGUF of" \
         "$(gb "$pkg_bytes") once the checkpoint is deleted, and 2 GiB to spare)." >&2
     echo "capped_bench: the largest model that fits has $fit layers: LAYERS=$fit bash $0 $*" \
