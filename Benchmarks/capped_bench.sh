@@ -37,29 +37,15 @@ source Benchmarks/llama_cpp.sh
 ckpt="$work/checkpoint-$layers"; stpk="$work/ours-$layers-q4_0.stpk"; gguf="$work/ours-$layers-q4_0.gguf"
 [ -f "$ckpt/model.safetensors.index.json" ] || rm -rf "$ckpt"   # written last: anything else is partial
 
-# Sizes from the shape (bytes): checkpoint (bf16), Q4_0 package and GGUF (18 bytes per 32 weights,
-# norms and routers f32), the non-expert part of the package, and the most layers whose
-# checkpoint and package fit side by side in the free space; then what the remaining steps need.
+# Sizes (bytes) from make_checkpoint.py's table: checkpoint (bf16), Q4_0 package and GGUF, and the
+# package's non-expert part; and the most layers whose checkpoint and package fit side by side in
+# the free space. Then what the remaining steps need.
 margin=$((2 << 30))
 free=$(($(df -P -B1 "$work" | awk 'NR==2 {print $4}')))
-sizes=$(python3 - "$layers" "$free" "$margin" <<'PY'
-import sys
-L, free, margin = (int(a) for a in sys.argv[1:4])
-h, q, kv, e, f, v = 2560, 28 * 128, 4 * 128, 64, 768, 151936
-def sizes(L):
-    dense = h * q * 2 + h * kv * 2
-    experts = e * 3 * f * h
-    ckpt = 2 * (v * h + L * (dense + experts + e * h + 2 * h) + h)
-    q4 = lambda n: n // 32 * 18
-    nonexpert = q4(v * h) + L * (q4(dense) + 4 * (e * h + 2 * h)) + 4 * h
-    return ckpt, nonexpert + L * q4(experts), nonexpert
-ck, pkg, nonexpert = sizes(L)
-full_nonexpert = sizes(52)[2]
-fit = max([n for n in range(1, 53) if sum(sizes(n)[:2]) + margin <= free], default=0)
-print(ck, pkg, nonexpert, full_nonexpert, fit)
-PY
-)
-read -r ckpt_bytes pkg_bytes nonexpert_bytes full_nonexpert_bytes fit <<< "$sizes"
+table=$(python3 Benchmarks/make_checkpoint.py --shape 21b --skewed --sizes --layers $((layers > 52 ? layers : 52)))
+read -r _ ckpt_bytes pkg_bytes nonexpert_bytes < <(awk -v l="$layers" '$1 == l' <<< "$table")
+read -r _ _ _ full_nonexpert_bytes < <(awk '$1 == 52' <<< "$table")
+fit=$(awk -v free="$free" -v m="$margin" '$1 <= 52 && $2 + $3 + m <= free {n = $1} END {print n + 0}' <<< "$table")
 need=0
 if [ ! -f "$gguf" ]; then
     if [ -f "$stpk" ]; then need=$pkg_bytes                          # the GGUF

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Side by side on one synthetic full-size checkpoint, same machine, same thread count:
-#   ours:      stconvert -> stquant q4_0 -> strun bench
+#   ours:      stconvert -> stquant q4_0 -> strun bench (and, timed, stconvert --type q4_0 in one step)
 #   llama.cpp: convert_hf_to_gguf.py (bf16) -> llama-quantize --pure q4_0 -> llama-bench
 # llama.cpp is built from the source that the llama-cpp-python sdist vendors (version pinned
-# below, fetched with pip). Its converter needs torch and transformers (pip). Run by hand, never
-# by the tests:
+# below, fetched with pip). Its converter needs torch and transformers: llama_cpp_converter in
+# llama_cpp.sh installs its pinned versions into VENV (default WORK_DIR/converter-venv) unless
+# python3 has them. Run by hand, never by the tests:
 #
 #   [TIER=avx2] [ROUNDS=5] bash Benchmarks/compare_llama.sh [WORK_DIR] [THREADS] [-- make_checkpoint.py options]
 #
@@ -40,8 +41,7 @@ fi
 
 llama="${LLAMA_DIR:-$work/llama.cpp}"
 llama_cpp_fetch "$llama"
-python3 -c "import torch, transformers, sentencepiece" 2>/dev/null \
-    || python3 -m pip install -q torch transformers sentencepiece >/dev/null 2>&1 || true   # its converter
+python=$(llama_cpp_converter "$llama" "${VENV:-$work/converter-venv}")   # for its converter
 build=$(llama_cpp_build "$llama" "$llama_build" llama-bench llama-quantize)
 {
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
@@ -59,7 +59,10 @@ sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 timed ours_convert .build/release/stconvert "$work/checkpoint" -o "$work/ours-bf16.stpk" --force --quiet
 timed ours_quantize .build/release/stquant "$work/ours-bf16.stpk" -o "$work/ours-q4_0.stpk" --type q4_0 --force --quiet
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-timed llama_convert env PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$work/checkpoint" --outtype bf16 --outfile "$work/llama-bf16.gguf"
+timed ours_onestep .build/release/stconvert "$work/checkpoint" -o "$work/ours-onestep-q4_0.stpk" --type q4_0 --force --quiet
+rm -f "$work/ours-onestep-q4_0.stpk"
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+timed llama_convert env PYTHONPATH="$llama/gguf-py" "$python" "$llama/convert_hf_to_gguf.py" "$work/checkpoint" --outtype bf16 --outfile "$work/llama-bf16.gguf"
 timed llama_quantize "$build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" "$work/llama-q4_0.gguf" q4_0 "$threads"
 
 # Both decode after a P-token context: strun bench decodes right after its prompt, so
@@ -122,9 +125,11 @@ row(f"decode tokens/s (after {ours['prompt_tokens']})", ours["decode_tokens_per_
 row("prompt tokens/s (p=128)", ours["prompt_tokens_per_second"], ll_pp)
 row("convert + quantise wall time (s)", conv_ours, conv_ll)
 row("  of which quantise (s)", times["ours_quantize"][0], times["llama_quantize"][0])
+row("  ours in one step (--type q4_0) (s)", times["ours_onestep"][0], conv_ll)
 row("convert/quantise peak RSS (MiB)", rss_ours, rss_ll)
-print("  peak RSS of each step (MiB): ours convert %.0f, quantise %.0f; llama.cpp convert %.0f, quantize %.0f" % (
-    times["ours_convert"][1] / 1024, times["ours_quantize"][1] / 1024, times["llama_convert"][1] / 1024, times["llama_quantize"][1] / 1024))
+print("  peak RSS of each step (MiB): ours convert %.0f, quantise %.0f, one step %.0f; llama.cpp convert %.0f, quantize %.0f" % (
+    times["ours_convert"][1] / 1024, times["ours_quantize"][1] / 1024, times["ours_onestep"][1] / 1024,
+    times["llama_convert"][1] / 1024, times["llama_quantize"][1] / 1024))
 row("Q4_0 model file (GiB)", size("ours-q4_0.stpk") / 2**30, size("llama-q4_0.gguf") / 2**30)
 median = lambda v: sorted(v)[len(v) // 2]
 for name, key, theirs in (("decode", "decode_tokens_per_second", ll_tgs), ("prompt", "prompt_tokens_per_second", ll_pps)):

@@ -8,13 +8,14 @@
 #    4096 changes nothing): our f32, bf16 and Q4_0 packages exported to GGUF, llama.cpp's logits
 #    on them against strun's on the packages (KL, top-1); and `llama-quantize --pure` of our bf16
 #    export against our own `--dtype q4_0` export, tensor data compared by SHA-256.
-# 2. When torch is installed (llama.cpp's converter needs it), a 4B-shaped synthetic checkpoint
+# 2. Unless SKIP_CONVERTER=1, a 4B-shaped synthetic checkpoint
 #    (Benchmarks/make_checkpoint.py, Qwen's tokenizer, which that converter recognises):
 #    llama.cpp's own conversion (bf16) and `llama-quantize --pure` Q4_0 against our export of the
 #    same checkpoint with --dtype q4_0; then llama.cpp's GGUF imported with stconvert and strun's
 #    logits on it against llama.cpp's on the file.
-# llama.cpp comes from the llama-cpp-python sdist (version pinned as in compare_llama.sh),
-# built here with cmake; its converter needs torch and transformers (pip).
+# llama.cpp comes from the llama-cpp-python sdist (version pinned in llama_cpp.sh), built here
+# with cmake; its converter's torch and transformers come from llama_cpp_converter (llama_cpp.sh:
+# python3's when it has them, else installed into VENV, default WORK_DIR/converter-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -80,13 +81,14 @@ for type in f32 bf16 q4_0; do
 done
 
 # 2. The 4B shape, through llama.cpp's own converter.
-if ! python3 -c "import torch, transformers" 2>/dev/null; then
-    echo "4B shape through llama.cpp's converter: skipped (it needs torch and transformers: pip install torch transformers)"
+if [ -n "${SKIP_CONVERTER:-}" ]; then
+    echo "4B shape through llama.cpp's converter: skipped (SKIP_CONVERTER)"
     exit 0
 fi
+python=$(llama_cpp_converter "$llama" "${VENV:-$work/converter-venv}")
 ckpt="$work/checkpoint-4b"
 [ -f "$ckpt/config.json" ] || python3 Benchmarks/make_checkpoint.py "$ckpt" --shape 4b --tokenizer Tests/Fixtures/qwen-tokenizer
-PYTHONPATH="$llama/gguf-py" python3 "$llama/convert_hf_to_gguf.py" "$ckpt" --outtype bf16 --outfile "$work/llama-bf16.gguf" >/dev/null 2>&1
+PYTHONPATH="$llama/gguf-py" "$python" "$llama/convert_hf_to_gguf.py" "$ckpt" --outtype bf16 --outfile "$work/llama-bf16.gguf" >/dev/null 2>&1
 "$build/bin/llama-quantize" --pure --token-embedding-type q4_0 --output-tensor-type q4_0 "$work/llama-bf16.gguf" \
     "$work/llama-q4_0.gguf" q4_0 "$threads" >/dev/null 2>&1
 rm -f "$work/llama-bf16.gguf"

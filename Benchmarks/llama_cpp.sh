@@ -6,6 +6,7 @@
 #   llama_cpp_fetch DIR                       source tree in DIR (kept if already there)
 #   llama_cpp_build DIR native|avx2 TARGETS   prints the build folder (DIR/build-NAME)
 #   llama_cpp_flags native|avx2               the cmake flags of that build
+#   llama_cpp_converter DIR VENV              prints a python that runs DIR/convert_hf_to_gguf.py
 LLAMA_CPP_PYTHON_VERSION=0.3.36   # pinned: the llama.cpp it vendors is the comparison
 
 llama_cpp_fetch() {
@@ -46,4 +47,24 @@ llama_cpp_build() {
             || { echo "llama.cpp build failed: $dir/build-$name.log" >&2; return 1; }
     fi
     echo "$build"
+}
+
+# The converter needs torch and transformers at the versions its requirements files pin. python3
+# is used when it has them; otherwise they go into the virtual environment VENV (made if absent),
+# installed by name: the files also name PyTorch's own package index, which is not used here, so
+# torch comes from PyPI (its Linux wheel brings the CUDA libraries, about 5 GB installed; it runs
+# on the CPU all the same).
+llama_cpp_converter() {
+    local dir=$1 venv=$2 probe="import torch, transformers, sentencepiece, safetensors"
+    if python3 -c "$probe" 2>/dev/null; then command -v python3; return 0; fi
+    if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
+        local reqs
+        reqs=$(cat "$dir"/requirements/requirements-convert_hf_to_gguf.txt \
+            "$dir"/requirements/requirements-convert_legacy_llama.txt | grep -v -E '^[[:space:]]*(-|#|$)' | grep -v '^gguf')
+        python3 -m venv "$venv"
+        # shellcheck disable=SC2086
+        "$venv/bin/python" -m pip install -q $reqs safetensors >"$venv.log" 2>&1 \
+            || { echo "installing llama.cpp's converter requirements failed: $venv.log" >&2; return 1; }
+    fi
+    echo "$venv/bin/python"
 }

@@ -8,6 +8,12 @@ trained model's; shards are written one tensor at a time, so memory stays small 
     python3 Benchmarks/make_checkpoint.py --shape 4b OUT_DIR
     python3 Benchmarks/make_checkpoint.py --shape 21b --layers 8 OUT_DIR   # 21B widths, fewer layers
     python3 Benchmarks/make_checkpoint.py --shape 4b --skewed OUT_DIR      # a few hot experts per layer
+    python3 Benchmarks/make_checkpoint.py --shape 21b --sizes              # bytes per layer count, no files
+
+--sizes prints, for every layer count from 1 to the shape's (or --layers), "layers checkpoint
+q4_0 q4_0_nonexpert" in bytes: the bf16 checkpoint, a Q4_0 package or GGUF of it (weight matrices
+18 bytes per 32 weights; norms and routers f32; headers and alignment not counted) and that
+package's non-expert part. The benchmark harnesses plan their disk with it.
 
 Needs numpy only.
 """
@@ -67,6 +73,19 @@ def tensor_list(c, skewed):
     return out
 
 
+def sizes(c, skewed):
+    """(checkpoint, q4_0, q4_0 non-expert) bytes of this configuration."""
+    checkpoint = q4_0 = nonexpert = 0
+    for name, shape, kind in tensor_list(c, skewed):
+        n = int(np.prod(shape))
+        checkpoint += 2 * n
+        quantized = len(shape) == 2 and "router" not in name and kind != "norm"
+        size = n // 32 * 18 if quantized else 4 * n
+        q4_0 += size
+        nonexpert += 0 if ".experts." in name else size
+    return checkpoint, q4_0, nonexpert
+
+
 def values(rng, shape, kind):
     if kind == "norm":
         return 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
@@ -83,14 +102,22 @@ def values(rng, shape, kind):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", help="output folder (created)")
+    ap.add_argument("out", nargs="?", help="output folder (created)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="4b")
     ap.add_argument("--layers", type=int, help="override the layer count (scaling runs)")
     ap.add_argument("--shard-bytes", type=int, default=2 << 30, help="target shard size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skewed", action="store_true", help="skewed routing: a few hot experts per layer")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json and tokenizer_config.json to copy")
+    ap.add_argument("--sizes", action="store_true", help="print the sizes table (above) and write nothing")
     args = ap.parse_args()
+    if args.sizes:
+        for layers in range(1, (args.layers or SHAPES[args.shape]["num_hidden_layers"]) + 1):
+            c = dict(SHAPES[args.shape], num_hidden_layers=layers)
+            print(layers, *sizes(c, args.skewed))
+        return
+    if not args.out:
+        ap.error("the output folder is required (unless --sizes)")
 
     c = dict(SHAPES[args.shape])
     if args.layers:
