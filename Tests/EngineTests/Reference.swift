@@ -167,7 +167,11 @@ func dequantizedCopy(of path: String, in scratch: Scratch) throws -> String {
         var values = [Float](repeating: 0, count: t.elementCount)
         values.withUnsafeMutableBufferPointer { source.decode(from, into: $0.baseAddress!) }
         try writer.writeTensor(t.name) { (sink) throws(FormatError) in
-            try values.withUnsafeBytes { raw in try? sink.append(raw) }
+            var failure: FormatError?
+            values.withUnsafeBytes { raw in
+                do throws(FormatError) { try sink.append(raw) } catch { failure = error }
+            }
+            if let failure { throw failure }
         }
     }
     for f in manifest.files { try writer.writeFile(f.name, contents: source.fileContents(f.name)!) }

@@ -130,6 +130,28 @@ enum TeacherForcing {
         )
     }
 
+    /// Two free-running runs' logits (no forcing), compared at the positions where every layer
+    /// chose the same experts in both. A different choice is allowed only at a router tie (margin
+    /// under `tie` in either run: free-running streams drift apart by rounding through the layers
+    /// before, so the tie is wider than a forced run's) and takes its position out of the
+    /// comparison; a different choice at a clear margin is reported. (KL and top-1 only: the kept
+    /// positions are not a sequence, so the perplexities mean nothing.)
+    static func freeRunning(
+        _ a: Trace, _ b: Trace, vocab: Int, tie: Float
+    ) -> (
+        logits: LogitComparison, skipped: [Int], clearMismatches: [(layer: Int, position: Int)]
+    ) {
+        var skipped: Set<Int> = [], clear: [(layer: Int, position: Int)] = []
+        for l in 0..<a.layers {
+            for p in 0..<a.positions where Set(a.experts[l][p]) != Set(b.experts[l][p]) {
+                if min(a.margins[l][p], b.margins[l][p]) < tie { skipped.insert(p) } else { clear.append((l, p)) }
+            }
+        }
+        let kept = (0..<a.positions).filter { !skipped.contains($0) }
+        let rows = { (x: [Float]) in kept.flatMap { x[$0 * vocab..<($0 + 1) * vocab] } }
+        return (LogitComparison(base: rows(a.logits), other: rows(b.logits), vocab: vocab, tokens: []), skipped.sorted(), clear)
+    }
+
     /// The largest |a − b| over positions' logits, relative to the position's largest |logit|
     /// (plus 1), for logits computed from the same final residual stream.
     static func logitDifference(_ a: [Float], _ b: [Float], vocab: Int) -> Float {

@@ -56,7 +56,12 @@ import Testing
     /// reordered sums (`QuantizedModelTests.reordered`), and free-running over the held-out
     /// passages (which a trained model allows: it is not chaotic) the logits' mean KL from the
     /// portable tier stays below 5e-5 (measured: 1e-12 in float32; 1.2e-6 to 8.2e-6 quantised,
-    /// where an activation's Q8_0 rounding can land one step apart).
+    /// where an activation's Q8_0 rounding can land one step apart) at the positions where both
+    /// chose the same experts. A different choice must be a router tie (margin under 0.02; the
+    /// logits drift by about 1.5e-3) and leaves its position out, at most one in twenty: in Q4_0
+    /// the last layer's margin at one position of 140 is 0.005-0.007, and whether that position
+    /// shares its experts' down passes with other tokens of a 32- or a 128-token batch decides
+    /// the tie (KL 0.057 there).
     @Test(arguments: [TensorDType.f32, .q8_0, .q4_0])
     func everyTierComputesWhatThePortableTierDoes(type: TensorDType) throws {
         let reference = try Reference.load(Self.model)
@@ -70,10 +75,13 @@ import Testing
                         batched: batched, otherKernels: tier),
                     within: QuantizedModelTests.reordered, "\(type.rawValue) on \(tier.name), \(batched ? "prompt" : "token by token")")
             }
-            let a = try Session(model: model, threads: 2, kernels: .portable).evaluate(tokens, allLogits: true)
-            let b = try Session(model: model, threads: 2, kernels: tier).evaluate(tokens, allLogits: true)
-            let kl = LogitComparison(base: a, other: b, vocab: model.config.vocabSize, tokens: tokens).meanKL
-            #expect(kl < 5e-5, "\(type.rawValue) on \(tier.name): free-running mean KL \(kl) from the portable tier")
+            let a = try TeacherForcing.run(model, kernels: .portable, tokens: tokens, batched: true)
+            let b = try TeacherForcing.run(model, kernels: tier, tokens: tokens, batched: true)
+            let free = TeacherForcing.freeRunning(a, b, vocab: model.config.vocabSize, tie: 0.02)
+            let name = "\(type.rawValue) on \(tier.name), free-running"
+            #expect(free.clearMismatches.isEmpty, "\(name): different experts at clear margins at \(free.clearMismatches.prefix(5))")
+            #expect(free.skipped.count * 20 <= tokens.count, "\(name): \(free.skipped.count) positions at router ties")
+            #expect(free.logits.meanKL < 5e-5, "\(name): mean KL \(free.logits.meanKL) from the portable tier")
         }
     }
 
