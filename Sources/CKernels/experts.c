@@ -35,7 +35,7 @@ void st_expert_q4_0(const void *gate, const void *up, const void *down, int row_
 static inline void up_b8_row(const st_kernel_table *k, const uint8_t *u, const uint8_t *d, int row_bytes, int j, const float *xs,
                              const int8_t *xr, const int32_t *xsum, int blocks, float *act) {
     float v;
-    k->dot_q4_0_b8(u + (size_t)j * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, 1, &v, 1);
+    k->dot_q4_0_b8(u + (size_t)j * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, 1, NULL, &v, 1);
     *act *= v;
     st_prefetch_l2(d + (size_t)j * row_bytes, row_bytes);
 }

@@ -6,6 +6,9 @@
 //   lanes and their scales apply as one vector (expert up rows, read only for active neurons).
 #include "internal.h"
 
+// The b8 kernels' token i: which[i] when they are given a list, else i.
+#define B8_TOKEN(i) (which ? (size_t)which[i] : (size_t)(i))
+
 // ---------------------------------------------------------------- portable
 
 ST_DOT_X8(st_dot_q4_0_x8_portable) {
@@ -35,12 +38,13 @@ ST_DOT_X8(st_dot_q4_0_x8_portable) {
 // One row_major_b8 row against interleaved activations: per octet g, eight 32-byte vectors, 0..3
 // for the low nibbles of chunks 0..3 and 4..7 for the high ones, lane k of each holding the four
 // values of block 8g+k that meet that lane's weight bytes.
-static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int8_t *xr, int blocks, int tokens, float *out,
-                                     int out_stride) {
-    for (int t = 0; t < tokens; t++) {
+static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int8_t *xr, int blocks, int tokens,
+                                     const int32_t *which, float *out, int out_stride) {
+    for (int i = 0; i < tokens; i++) {
+        const size_t t = B8_TOKEN(i);
         const st_octet_q4_0 *o = row;
-        const float *s = xs + (size_t)t * blocks;
-        const int8_t *x = xr + (size_t)t * blocks * ST_QK;
+        const float *s = xs + t * blocks;
+        const int8_t *x = xr + t * blocks * ST_QK;
         float sum = 0;
         for (int g = 0; g < blocks / 8; g++, o++, x += 8 * ST_QK) {
             for (int k = 0; k < 8; k++) {
@@ -55,14 +59,14 @@ static void dot_q4_0_b8_row_portable(const void *row, const float *xs, const int
                 sum += st_fp16_to_fp32(o->d[k]) * s[8 * g + k] * (float)acc;
             }
         }
-        out[(size_t)t * out_stride] = sum;
+        out[t * out_stride] = sum;
     }
 }
 
 ST_DOT_B8(st_dot_q4_0_b8_portable) {
     (void)xsum;
     for (int r = 0; r < rows; r++)
-        dot_q4_0_b8_row_portable((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, blocks, tokens, out + r, out_stride);
+        dot_q4_0_b8_row_portable((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, blocks, tokens, which, out + r, out_stride);
 }
 
 #ifdef ST_X86
@@ -114,13 +118,13 @@ ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], 
             octet_nibbles(o, lo, hi);                                                                       \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o->d));                      \
             for (int k = 0; k < G; k++) {                                                                   \
-                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const size_t base = B8_TOKEN(t + k) * blocks + 8 * g;                                       \
                 const __m256i seed = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
                 const __m256i sums = BLOCK_DOT(lo, hi, xr + base * ST_QK, seed);                            \
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_loadu_ps(xs + base)), _mm256_cvtepi32_ps(sums), acc[k]); \
             }                                                                                               \
         }                                                                                                   \
-        for (int k = 0; k < G; k++) out[(size_t)(t + k) * out_stride] = st_hsum256(acc[k]);                \
+        for (int k = 0; k < G; k++) out[B8_TOKEN(t + k) * out_stride] = st_hsum256(acc[k]);                \
     }
 
 // ---------------------------------------------------------------- AVX2 (+FMA, F16C)
@@ -150,7 +154,7 @@ ST_AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i h
 }
 
 ST_AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                                         int tokens, float *out, int out_stride) {
+                                         int tokens, const int32_t *which, float *out, int out_stride) {
     const __m256i zero = _mm256_setzero_si256();
     int t = 0;
     B8_TOKENS(4, b8_block_avx2)
@@ -159,7 +163,7 @@ ST_AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const
 
 ST_AVX2 ST_DOT_B8(st_dot_q4_0_b8_avx2) {
     for (int r = 0; r < rows; r++)
-        dot_q4_0_b8_row_avx2((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+        dot_q4_0_b8_row_avx2((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, which, out + r, out_stride);
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
@@ -203,7 +207,7 @@ ST_AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i
             const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o0->d));                    \
             const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o1->d));                    \
             for (int k = 0; k < G; k++) {                                                                   \
-                const size_t base = (size_t)(t + k) * blocks + 8 * g;                                       \
+                const size_t base = B8_TOKEN(t + k) * blocks + 8 * g;                                       \
                 const int8_t *x = xr + base * ST_QK;                                                        \
                 __m256i a0 = _mm256_sub_epi32(zero, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + base)), 3)); \
                 __m256i a1 = a0, b0 = zero, b1 = zero;                                                      \
@@ -221,8 +225,8 @@ ST_AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i
             }                                                                                               \
         }                                                                                                   \
         for (int k = 0; k < G; k++) {                                                                       \
-            out[(size_t)(t + k) * out_stride] = st_hsum256(acc0[k]);                                        \
-            out[(size_t)(t + k) * out_stride + 1] = st_hsum256(acc1[k]);                                    \
+            out[B8_TOKEN(t + k) * out_stride] = st_hsum256(acc0[k]);                                        \
+            out[B8_TOKEN(t + k) * out_stride + 1] = st_hsum256(acc1[k]);                                    \
         }                                                                                                   \
     }
 
@@ -256,9 +260,14 @@ void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, con
     const uint8_t *base = rows;
     int r = first;
     for (; r + 2 <= last; r += 2) {
-        k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+        k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, NULL, out + r, out_stride);
     }
-    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, out + r, out_stride);
+    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, NULL, out + r, out_stride);
+}
+
+void st_dot_q4_0_b8_listed(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
+                           int blocks, const int32_t *which, int count, float *out, int out_stride) {
+    st_table()->dot_q4_0_b8(row, row_bytes, rows, xs, xr, xsum, blocks, count, which, out, out_stride);
 }
 
 void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
@@ -314,10 +323,11 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
     ATTR ST_DOT_B8(name) {                                                                                \
         (void)xsum;                                                                                       \
         for (int r = 0; r < rows; r++) {                                                                  \
-            for (int t = 0; t < tokens; t++) {                                                            \
+            for (int i = 0; i < tokens; i++) {                                                            \
+                const size_t t = B8_TOKEN(i);                                                             \
                 const st_octet_q4_0 *o = (const void *)((const uint8_t *)row + (size_t)r * row_bytes);    \
-                const float *s = xs + (size_t)t * blocks;                                                 \
-                const int8_t *x = xr + (size_t)t * blocks * ST_QK;                                        \
+                const float *s = xs + t * blocks;                                                         \
+                const int8_t *x = xr + t * blocks * ST_QK;                                                \
                 float32x4_t sum = vdupq_n_f32(0);                                                         \
                 for (int g = 0; g < blocks / 8; g++, o++, x += 8 * ST_QK) {                               \
                     int32x4_t acc03 = vdupq_n_s32(0), acc47 = vdupq_n_s32(0);                             \
@@ -333,7 +343,7 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {
                     sum = vaddq_f32(sum, vmulq_f32(vmulq_f32(d03, vld1q_f32(s + 8 * g)), vcvtq_f32_s32(acc03))); \
                     sum = vaddq_f32(sum, vmulq_f32(vmulq_f32(d47, vld1q_f32(s + 8 * g + 4)), vcvtq_f32_s32(acc47))); \
                 }                                                                                         \
-                out[(size_t)t * out_stride + r] = vaddvq_f32(sum);                                        \
+                out[t * out_stride + r] = vaddvq_f32(sum);                                                \
             }                                                                                             \
         }                                                                                                 \
     }

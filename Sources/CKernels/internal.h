@@ -194,7 +194,7 @@ static inline void st_fp16x8_to_fp32(const uint16_t *h, float32x4_t *lo, float32
     void name(const void *group, const float *xs, const int8_t *xq, const int32_t *xsum, int blocks, int tokens, float *out, int out_stride)
 #define ST_DOT_B8(name)                                                                                                \
     void name(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks, \
-              int tokens, float *out, int out_stride)
+              int tokens, const int32_t *which, float *out, int out_stride)
 #define ST_AXPY_ROWS(name)                                                                                          \
     void name(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n, \
               const void *next, int next_bytes)

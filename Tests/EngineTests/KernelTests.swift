@@ -20,9 +20,10 @@ import Testing
 
     func encoded(_ values: [Float], _ dtype: TensorDType) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: dtype.byteLength(shape: [values.count])!)
-        values.withUnsafeBufferPointer { v in
+        let overflow = values.withUnsafeBufferPointer { v in
             out.withUnsafeMutableBytes { TensorCodec.encode(v.baseAddress!, count: values.count, as: dtype, into: $0.baseAddress!) }
         }
+        #expect(overflow == nil, "encoding \(values.count) values as \(dtype) overflowed at \(overflow ?? -1)")
         return out
     }
 
@@ -306,8 +307,7 @@ import Testing
                     out.withUnsafeMutableBufferPointer { o in
                         k.dot_q4_0_b8(
                             p.baseAddress! + r * rowBytes, Int32(rowBytes), Int32(n), scales, interleaved, sums, Int32(blocks),
-                            Int32(tokens),
-                            o.baseAddress! + r, Int32(stride))
+                            Int32(tokens), nil, o.baseAddress! + r, Int32(stride))
                     }
                     r += n
                 }
@@ -315,6 +315,30 @@ import Testing
             expectRowsMatchTheReference(
                 set, matrix: matrix, rows: first..<rows, length: length, tokens: tokens, scales: scales, values: values,
                 out: out, stride: stride)
+            // A list of tokens (out of order, every other one skipped) gives each listed token
+            // exactly the value the whole batch gave it, one row or two at a time, and writes
+            // nothing for the others.
+            let listed = (0..<tokens).reversed().filter { $0 % 2 == 0 }.map(Int32.init)
+            for n in 1...min(2, rows - first) {
+                var some = [Float](repeating: .nan, count: tokens * stride)
+                packed.withUnsafeBytes { p in
+                    some.withUnsafeMutableBufferPointer { o in
+                        k.dot_q4_0_b8(
+                            p.baseAddress! + first * rowBytes, Int32(rowBytes), Int32(n), scales, interleaved, sums, Int32(blocks),
+                            Int32(listed.count), listed, o.baseAddress! + first, Int32(stride))
+                    }
+                }
+                for t in 0..<tokens {
+                    for r in first..<first + n {
+                        let i = t * stride + r
+                        if t % 2 == 0 {
+                            #expect(some[i].bitPattern == out[i].bitPattern, "\(set) listed token \(t) row \(r): \(some[i]) vs \(out[i])")
+                        } else {
+                            #expect(some[i].isNaN, "\(set) wrote token \(t), which is not listed")
+                        }
+                    }
+                }
+            }
         }
     }
 

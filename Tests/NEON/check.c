@@ -90,10 +90,22 @@ static void check_tier(const char *tier, const st_kernel_table *k) {
                 for (int i = 0; i < 8; i++) close_enough("dot_q4_0_x8", tier, blocks, out0[9 * t + i], out1[9 * t + i]);
             if (blocks % 8 == 0) {  // b8 rows: blocks / 8 octets each; two rows, octets apart
                 for (int rows = 1; rows <= 2; rows++) {
-                    k->dot_q4_0_b8(oct, (blocks / 8) * (int)sizeof(st_octet_q4_0), rows, xs, xq, xsum, blocks, tokens, out0, 2);
-                    p->dot_q4_0_b8(oct, (blocks / 8) * (int)sizeof(st_octet_q4_0), rows, xs, xq, xsum, blocks, tokens, out1, 2);
+                    k->dot_q4_0_b8(oct, (blocks / 8) * (int)sizeof(st_octet_q4_0), rows, xs, xq, xsum, blocks, tokens, NULL, out0, 2);
+                    p->dot_q4_0_b8(oct, (blocks / 8) * (int)sizeof(st_octet_q4_0), rows, xs, xq, xsum, blocks, tokens, NULL, out1, 2);
                     for (int t = 0; t < tokens; t++)
                         for (int r = 0; r < rows; r++) close_enough("dot_q4_0_b8", tier, blocks, out0[2 * t + r], out1[2 * t + r]);
+                }
+                // A list of tokens (from the last down, every other one): those tokens only.
+                int32_t which[MAXT];
+                int listed = 0;
+                for (int t = tokens - 1; t >= 0; t -= 2) which[listed++] = t;
+                for (int rows = 1; rows <= 2; rows++) {
+                    const int row_bytes = (blocks / 8) * (int)sizeof(st_octet_q4_0);
+                    k->dot_q4_0_b8(oct, row_bytes, rows, xs, xq, xsum, blocks, listed, which, out0, 2);
+                    p->dot_q4_0_b8(oct, row_bytes, rows, xs, xq, xsum, blocks, listed, which, out1, 2);
+                    for (int i = 0; i < listed; i++)
+                        for (int r = 0; r < rows; r++)
+                            close_enough("dot_q4_0_b8 listed", tier, blocks, out0[2 * which[i] + r], out1[2 * which[i] + r]);
                 }
             }
         }

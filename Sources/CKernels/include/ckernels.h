@@ -55,9 +55,9 @@ typedef struct st_kernel_table {
                         int tokens, float *out, int out_stride);
     /// `rows` (1 or 2) Q4_0 rows in the row_major_b8 layout, row_bytes apart, against `tokens`
     /// activation vectors interleaved by st_interleave_q8_0_b8 (`xr`; blocks a multiple of 8):
-    /// row r · x_t to out[t * out_stride + r].
+    /// row r · x_t to out[t * out_stride + r], for t = which[0..<tokens] (`which` NULL: 0..<tokens).
     void (*dot_q4_0_b8)(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
-                        int blocks, int tokens, float *out, int out_stride);
+                        int blocks, int tokens, const int32_t *which, float *out, int out_stride);
     /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows, while
     /// prefetching about `next_bytes` at `next` (NULL for none) into L2, spread over the work.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n,
@@ -133,6 +133,12 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
 /// activation vectors: out[t * out_stride + r].
 void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
                        int blocks, int tokens, float *out, int out_stride);
+
+/// `rows` (1 or 2) row_major_b8 rows, row_bytes apart, against the `count` interleaved activation
+/// vectors listed in `which` (in any order): out[which[i] * out_stride + r] = row r · x_which[i].
+/// Each vector's value is what st_matmul_q4_0_b8 gives it.
+void st_dot_q4_0_b8_listed(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
+                           int blocks, const int32_t *which, int count, float *out, int out_stride);
 
 /// Q8_0 activation values (blocks a multiple of 8) in the order the row_major_b8 kernels read:
 /// per group of eight blocks, vector c (0..7) holds in lane k the four values of block k that

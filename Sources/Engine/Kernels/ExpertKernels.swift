@@ -41,6 +41,18 @@ extension WeightMatrix {
             Int32(x.blocks), Int32(tokens), out, Int32(stride))
     }
 
+    /// Rows `rows` (one or two) of a `.rowMajorB8` matrix against the `count` vectors of `x`
+    /// listed in `tokens`: token t's product with row r to out[t · stride + r − rows.lowerBound],
+    /// the value `dotBlockGrouped` gives it.
+    @inline(__always)
+    func dotBlock(
+        rows: Range<Int>, _ x: QuantizedRows, tokens: UnsafePointer<Int32>, count: Int, into out: UnsafeMutablePointer<Float>, stride: Int
+    ) {
+        st_dot_q4_0_b8_listed(
+            base + rows.lowerBound * rowBytes, Int32(rowBytes), Int32(rows.count), x.scales, x.interleaved!, x.sums, Int32(x.blocks),
+            tokens, Int32(count), out, Int32(stride))
+    }
+
     /// y += Σ coefficients[a] · row rows[a], for `count` rows of this Q4_0 matrix (plain rows).
     @inline(__always)
     func addRows(_ rows: UnsafePointer<Int32>, coefficients: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {

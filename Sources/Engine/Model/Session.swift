@@ -77,6 +77,7 @@ public final class Session: @unchecked Sendable {
     let gateBuffers: UnsafeMutablePointer<Float>
     static func gateBufferStride(ffn: Int) -> Int { max(2 * ffn, 16 * maximumBatch) }
     let activeIndices: UnsafeMutablePointer<Int32>  // (threads, ffn): per-worker active neuron list
+    let upTokens: UnsafeMutablePointer<Int32>  // (threads, batch): per worker, the tokens an up row is read for
     /// (threads, batch, ffn): per worker and token, the down rows a batch's token adds and their
     /// scales (so each token's rows go through the many-row kernel at once).
     let downRows: UnsafeMutablePointer<Int32>
@@ -141,6 +142,7 @@ public final class Session: @unchecked Sendable {
         expertInputs = ActivationBatch(columns: c.hiddenSize, capacity: b * c.activeExperts)
         assignments = ExpertAssignments(experts: c.expertCount, active: c.activeExperts, batch: b)
         activeIndices = arena.pointer(.activeIndices, as: Int32.self)
+        upTokens = arena.pointer(.upTokens, as: Int32.self)
         downRows = arena.pointer(.downRows, as: Int32.self)
         downScales = arena.pointer(.downScales, as: Float.self)
         pairRows = arena.pointer(.pairRows, as: Int32.self)

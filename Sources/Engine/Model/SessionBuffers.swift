@@ -5,7 +5,7 @@ import Format
 /// reserves is what the session allocates (a test checks the two agree).
 enum SessionBuffer: CaseIterable {
     case queries, keys, values, projected, routerLogits, predictedLogits, predictedExperts, mixture, partials, sliceSums
-    case gateBuffers, activeIndices, downRows, downScales, pairRows, pairCoefficients, ropeAngles
+    case gateBuffers, activeIndices, upTokens, downRows, downScales, pairRows, pairCoefficients, ropeAngles
 
     /// Elements of this buffer for a session of `threads` workers (shapes as on `Session`'s fields).
     func elements(_ c: ModelConfig, threads: Int) -> Int {
@@ -21,6 +21,7 @@ enum SessionBuffer: CaseIterable {
         case .sliceSums: return c.activeExperts * Session.decodeSlices * c.hiddenSize
         case .gateBuffers: return t * Session.gateBufferStride(ffn: ffn)
         case .activeIndices: return t * max(ffn, b)
+        case .upTokens: return t * b
         case .downRows, .downScales: return t * b * ffn
         case .pairRows: return t * 2 * ffn
         case .pairCoefficients: return t * 4 * ffn
