@@ -48,8 +48,11 @@ public final class Session: @unchecked Sendable {
     /// attention, the first at position `position`), after routing and before the experts run.
     var expertInputHook: ((_ layer: Int, _ position: Int, _ input: UnsafeBufferPointer<Float>) -> Void)?
 
-    /// Tokens per forward batch; longer inputs are split.
-    public static let maximumBatch = 32
+    /// Tokens per forward batch; longer inputs are split. Each batch reads every expert its
+    /// tokens chose once, so a batch this long gives a 64-expert layer about twelve tokens per
+    /// expert to share each weight row's unpacking: at the 21B width, prompts ran 1.27x (AVX2)
+    /// and 1.23x (AVX-512) as fast as in batches of 32.
+    public static let maximumBatch = 128
 
     let caches: [KVCache]
     /// Owns the buffers below that are not activation batches (`SessionBuffer` lists them).
