@@ -255,19 +255,14 @@ void st_matmul_q4_0_x8(const void *packed, int blocks, int first_group, int last
 }
 
 void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
-                       int blocks, int tokens, float *out, int out_stride) {
+                       int blocks, int tokens, const int32_t *which, float *out, int out_stride) {
     const st_kernel_table *k = st_table();
     const uint8_t *base = rows;
     int r = first;
     for (; r + 2 <= last; r += 2) {
-        k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, NULL, out + r, out_stride);
+        k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 2, xs, xr, xsum, blocks, tokens, which, out + r, out_stride);
     }
-    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, NULL, out + r, out_stride);
-}
-
-void st_dot_q4_0_b8_listed(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
-                           int blocks, const int32_t *which, int count, float *out, int out_stride) {
-    st_table()->dot_q4_0_b8(row, row_bytes, rows, xs, xr, xsum, blocks, count, which, out, out_stride);
+    if (r < last) k->dot_q4_0_b8(base + (size_t)r * row_bytes, row_bytes, 1, xs, xr, xsum, blocks, tokens, which, out + r, out_stride);
 }
 
 void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks) {

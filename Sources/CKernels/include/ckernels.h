@@ -130,15 +130,10 @@ void st_expert_q4_0_x8(const void *gate, const void *up, const void *down, int r
                        float *out, float *scratch, const void *next, int next_bytes);
 
 /// Rows first..<last of a Q4_0 matrix in the row_major_b8 layout against `tokens` interleaved
-/// activation vectors: out[t * out_stride + r].
+/// activation vectors: out[t * out_stride + r], for t = which[0..<tokens] in any order (`which`
+/// NULL: 0..<tokens). A listed vector gets the value the whole batch gives it.
 void st_matmul_q4_0_b8(const void *rows, int row_bytes, int first, int last, const float *xs, const int8_t *xr, const int32_t *xsum,
-                       int blocks, int tokens, float *out, int out_stride);
-
-/// `rows` (1 or 2) row_major_b8 rows, row_bytes apart, against the `count` interleaved activation
-/// vectors listed in `which` (in any order): out[which[i] * out_stride + r] = row r · x_which[i].
-/// Each vector's value is what st_matmul_q4_0_b8 gives it.
-void st_dot_q4_0_b8_listed(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
-                           int blocks, const int32_t *which, int count, float *out, int out_stride);
+                       int blocks, int tokens, const int32_t *which, float *out, int out_stride);
 
 /// Q8_0 activation values (blocks a multiple of 8) in the order the row_major_b8 kernels read:
 /// per group of eight blocks, vector c (0..7) holds in lane k the four values of block k that

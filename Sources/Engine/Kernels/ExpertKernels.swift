@@ -33,24 +33,16 @@ extension WeightMatrix {
     }
 
     /// Rows `rows` of a `.rowMajorB8` matrix against `tokens` vectors of `x` (interleaved form):
-    /// row rows.lowerBound + i of token t to out[t · stride + i].
+    /// row rows.lowerBound + i of token t to out[t · stride + i], for t in 0..<tokens or, with
+    /// `listed`, the `tokens` indices it holds (each gets what the whole batch would give it).
     @inline(__always)
-    func dotBlockGrouped(rows: Range<Int>, _ x: QuantizedRows, tokens: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
+    func dotBlockGrouped(
+        rows: Range<Int>, _ x: QuantizedRows, tokens: Int, listed: UnsafePointer<Int32>? = nil, into out: UnsafeMutablePointer<Float>,
+        stride: Int
+    ) {
         st_matmul_q4_0_b8(
             base + rows.lowerBound * rowBytes, Int32(rowBytes), 0, Int32(rows.count), x.scales, x.interleaved!, x.sums,
-            Int32(x.blocks), Int32(tokens), out, Int32(stride))
-    }
-
-    /// Rows `rows` (one or two) of a `.rowMajorB8` matrix against the `count` vectors of `x`
-    /// listed in `tokens`: token t's product with row r to out[t · stride + r − rows.lowerBound],
-    /// the value `dotBlockGrouped` gives it.
-    @inline(__always)
-    func dotBlock(
-        rows: Range<Int>, _ x: QuantizedRows, tokens: UnsafePointer<Int32>, count: Int, into out: UnsafeMutablePointer<Float>, stride: Int
-    ) {
-        st_dot_q4_0_b8_listed(
-            base + rows.lowerBound * rowBytes, Int32(rowBytes), Int32(rows.count), x.scales, x.interleaved!, x.sums, Int32(x.blocks),
-            tokens, Int32(count), out, Int32(stride))
+            Int32(x.blocks), Int32(tokens), listed, out, Int32(stride))
     }
 
     /// y += Σ coefficients[a] · row rows[a], for `count` rows of this Q4_0 matrix (plain rows).

@@ -147,7 +147,7 @@ public enum MatMul {
                 if w.layout == .rowMajorB8, let q {
                     st_matmul_q4_0_b8(
                         w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
-                        Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+                        Int32(w.columns / 32), Int32(count), nil, y, Int32(outputStride))
                     continue
                 }
                 if let q, w.dtype.isQuantized {

@@ -70,7 +70,7 @@ public struct WeightMatrix: @unchecked Sendable {
             var v: Float = 0
             st_matmul_q4_0_b8(
                 row(index), Int32(rowBytes), 0, 1, q.scales + t * blocks, q.interleaved! + t * columns,
-                q.sums + t * blocks, Int32(blocks), 1, &v, 1)
+                q.sums + t * blocks, Int32(blocks), 1, nil, &v, 1)
             return v
         }
         return MatMul.dot(

@@ -292,7 +292,9 @@ struct ExpertWork: @unchecked Sendable {
                         s.upTokens[n] = Int32(i)
                         n += 1
                     }
-                    if n > 0 { expert.up.dotBlock(rows: j + r..<j + r + 1, x, tokens: s.upTokens, count: n, into: ups + r, stride: 8) }
+                    if n > 0 {
+                        expert.up.dotBlockGrouped(rows: j + r..<j + r + 1, x, tokens: n, listed: s.upTokens, into: ups + r, stride: 8)
+                    }
                 }
             } else {
                 expert.up.dotGroup(at: j, x, tokens: count, into: ups, stride: 8)
