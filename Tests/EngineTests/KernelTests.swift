@@ -342,6 +342,72 @@ import Testing
         }
     }
 
+    /// A product's rows are cut into chunks that whichever worker is free takes: the results do
+    /// not depend on how many threads share them, bit for bit, for every layout in one parallel
+    /// region (eight-row groups, blocks grouped in eights, plain Q4_0 rows whose count is not a
+    /// multiple of eight, float rows), one token and a batch; every output is written once and
+    /// nothing beside them.
+    @Test(arguments: sets)
+    func matrixProductsDoNotDependOnTheThreadCount(set: DotKernels.InstructionSet) {
+        let length = 1024
+        var g = Generator(state: 7)
+        let (x8Plain, rowBytes) = q4_0Matrix(rows: 1032, length: length, &g)
+        let (b8Plain, _) = q4_0Matrix(rows: 203, length: length, &g)
+        let (plain, _) = q4_0Matrix(rows: 37, length: length, &g)
+        let floats = encoded((0..<19 * length).map { _ in g.next() }, .f32)
+        var x8 = x8Plain, b8 = b8Plain
+        x8Plain.withUnsafeBytes { m in
+            x8.withUnsafeMutableBytes { RowMajorX8.arrange(m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: 1032) }
+        }
+        b8Plain.withUnsafeBytes { m in
+            b8.withUnsafeMutableBytes {
+                TensorLayout.rowMajorB8.arrange(plain: m.baseAddress!, into: $0.baseAddress!, rowBytes: rowBytes, rowCount: 203)
+            }
+        }
+        let shapes: [(bytes: [UInt8], dtype: TensorDType, rows: Int, layout: TensorLayout)] = [
+            (x8, .q4_0, 1032, .rowMajorX8), (b8, .q4_0, 203, .rowMajorB8), (plain, .q4_0, 37, .rowMajor), (floats, .f32, 19, .rowMajor)
+        ]
+        let weights = shapes.map { shape in
+            let base = UnsafeMutableRawPointer.allocate(byteCount: shape.bytes.count, alignment: 64)
+            shape.bytes.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: shape.bytes.count) }
+            return UnsafeRawPointer(base)
+        }
+        defer { for base in weights { UnsafeMutableRawPointer(mutating: base).deallocate() } }
+        let width = shapes.map(\.rows).reduce(0, +) + 5  // every product's outputs side by side, and a gap
+        for tokens in [1, 6] {
+            let x = ActivationBatch(columns: length, capacity: tokens)
+            x.setCount(tokens)
+            for t in 0..<tokens { for i in 0..<length { x.row(t)[i] = g.next() * 2 } }
+            var results: [Int: [Float]] = [:]
+            for threads in [1, 2, 3, 8] {
+                var out = [Float](repeating: .nan, count: tokens * width)
+                out.withUnsafeMutableBufferPointer { o in
+                    var column = 0
+                    let products = zip(shapes, weights).map { shape, base in
+                        defer { column += shape.rows }
+                        return MatMul.Product(
+                            weights: WeightMatrix(
+                                name: "\(shape.layout) \(shape.dtype)", base: base, dtype: shape.dtype, rows: shape.rows, columns: length,
+                                layout: shape.layout),
+                            output: o.baseAddress! + column, stride: width)
+                    }
+                    products.withUnsafeBufferPointer { p in DotKernels.with(set) { MatMul.multiply(p, x, threads: threads) } }
+                }
+                for t in 0..<tokens {
+                    let row = out[t * width..<(t + 1) * width]
+                    #expect(row.prefix(width - 5).allSatisfy { !$0.isNaN }, "\(set), \(threads) threads: an output was not written")
+                    #expect(row.suffix(5).allSatisfy { $0.isNaN }, "\(set), \(threads) threads: wrote beside the outputs")
+                }
+                results[threads] = out
+            }
+            for threads in [2, 3, 8] {
+                #expect(
+                    zip(results[1]!, results[threads]!).allSatisfy { $0.bitPattern == $1.bitPattern },
+                    "\(set), \(tokens) tokens: \(threads) threads differ from one")
+            }
+        }
+    }
+
     /// Adding many scaled Q4_0 rows at once (the active neurons of a down matrix) equals adding
     /// them one by one with the scalar reference, for counts that do and do not fill the groups
     /// of four.

@@ -1,4 +1,5 @@
 import CKernels
+import Synchronization
 
 /// A batch of activation vectors (`count` rows of `columns` floats) with its Q8_0 form, made on
 /// first use by a quantised weight and reused by every product that reads the same input (q, k
@@ -117,8 +118,11 @@ public enum MatMul {
         }
     }
 
-    /// Several products of the same activations in one parallel region: each worker takes its
-    /// share of every matrix's rows.
+    /// Several products of the same activations in one parallel region. The rows are cut into
+    /// chunks of whole groups of eight, and each worker takes the next chunk when it finishes one:
+    /// the two cores of a shared machine rarely stream memory at the same speed, and a fixed share
+    /// each left one waiting for the other. Each row is computed by the same kernel call whoever
+    /// takes it, so the results do not depend on the split.
     static func multiply(_ products: UnsafeBufferPointer<Product>, _ x: ActivationBatch, threads: Int) {
         let count = x.count
         var work = 0, quantized = false
@@ -130,38 +134,65 @@ public enum MatMul {
         for p in products {
             precondition(x.columns == p.weights.columns, "\(p.weights.name): \(p.weights.columns) columns, activations have \(x.columns)")
         }
-        let slices = work >= parallelThreshold ? max(1, threads) : 1
-        let shared = Unchecked((products, x, q))
-        parallelForOnThisTier(slices) { slice in
-            let (products, x, q) = shared.value
-            for p in products {
-                let w = p.weights, y = p.output, outputStride = p.stride
-                if w.layout == .rowMajorX8, let q {
-                    let groups = w.rows / 8
-                    st_matmul_q4_0_x8(
-                        w.base, Int32(w.columns / 32), Int32(groups * slice / slices), Int32(groups * (slice + 1) / slices),
-                        q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
-                    continue
+        guard work >= parallelThreshold, threads > 1 else {
+            for p in products { multiply(p, rows: 0..<p.weights.rows, x, q) }
+            return
+        }
+        // Chunks of about `chunkWork` multiply-adds, at most `chunksPerThread` per worker.
+        let chunks = min(max(threads, work / chunkWork), threads * chunksPerThread)
+        withUnsafeTemporaryAllocation(of: (product: Int, rows: Range<Int>).self, capacity: chunks + products.count) { table in
+            var total = 0
+            for (i, p) in products.enumerated() {
+                let groups = (p.weights.rows + 7) / 8
+                let share = max(1, min(groups, (chunks * p.weights.rows * p.weights.columns * count + work - 1) / work))
+                for k in 0..<share {
+                    let rows = 8 * (groups * k / share)..<min(p.weights.rows, 8 * (groups * (k + 1) / share))
+                    table.initializeElement(at: total, to: (i, rows))
+                    total += 1
                 }
-                let first = w.rows * slice / slices, last = w.rows * (slice + 1) / slices
-                if w.layout == .rowMajorB8, let q {
-                    st_matmul_q4_0_b8(
-                        w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.interleaved!, q.sums,
-                        Int32(w.columns / 32), Int32(count), nil, y, Int32(outputStride))
-                    continue
+            }
+            let next = Atomic<Int>(0)
+            let shared = Unchecked((products, x, q, UnsafeBufferPointer(rebasing: table[0..<total])))
+            parallelForOnThisTier(min(threads, total)) { _ in
+                let (products, x, q, table) = shared.value
+                while case let k = next.add(1, ordering: .relaxed).oldValue, k < table.count {
+                    multiply(products[table[k].product], rows: table[k].rows, x, q)
                 }
-                if let q, w.dtype.isQuantized {
-                    st_matmul_quantized(
-                        w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(first), Int32(last), q.scales, q.values,
-                        q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
-                    continue
-                }
-                for r in first..<last {
-                    let row = w.row(r)
-                    for t in 0..<count {
-                        y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), nil, nil, nil, w.columns)
-                    }
-                }
+            }
+            _ = table.baseAddress!.deinitialize(count: total)
+        }
+    }
+
+    /// Decode-sized chunks: a million multiply-adds is about half a megabyte of Q4_0 weights
+    /// (some tens of microseconds), against well under a microsecond to claim one.
+    static let chunkWork = 1 << 20
+    static let chunksPerThread = 64
+
+    /// Rows `rows` (whole groups of eight, or running to the end) of one product.
+    private static func multiply(_ p: Product, rows: Range<Int>, _ x: ActivationBatch, _ q: QuantizedActivations?) {
+        let w = p.weights, y = p.output, outputStride = p.stride, count = x.count
+        if w.layout == .rowMajorX8, let q {
+            st_matmul_q4_0_x8(
+                w.base, Int32(w.columns / 32), Int32(rows.lowerBound / 8), Int32(rows.upperBound / 8),
+                q.scales, q.values, q.sums, Int32(count), y, Int32(outputStride))
+            return
+        }
+        if w.layout == .rowMajorB8, let q {
+            st_matmul_q4_0_b8(
+                w.base, Int32(w.rowBytes), Int32(rows.lowerBound), Int32(rows.upperBound), q.scales, q.interleaved!, q.sums,
+                Int32(w.columns / 32), Int32(count), nil, y, Int32(outputStride))
+            return
+        }
+        if let q, w.dtype.isQuantized {
+            st_matmul_quantized(
+                w.dtype == .q8_0 ? 1 : 0, w.base, Int32(w.rowBytes), Int32(rows.lowerBound), Int32(rows.upperBound), q.scales, q.values,
+                q.sums, Int32(w.columns / 32), Int32(count), y, Int32(outputStride))
+            return
+        }
+        for r in rows {
+            let row = w.row(r)
+            for t in 0..<count {
+                y[t * outputStride + r] = MatMul.dot(row, w.dtype, x.row(t), nil, nil, nil, w.columns)
             }
         }
     }
