@@ -69,6 +69,16 @@ ST_DOT_B8(st_dot_q4_0_b8_portable) {
         dot_q4_0_b8_row_portable((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, blocks, tokens, which, out + r, out_stride);
 }
 
+// Tiers without a form of their own ask for the whole row at `ahead` at once, then read this one.
+#define B8_AHEAD_VIA(name, ATTR, dot)                                                                     \
+    ATTR ST_DOT_B8_AHEAD(name) {                                                                          \
+        float v;                                                                                          \
+        st_prefetch_l1(ahead, ahead ? blocks * (int)sizeof(st_block_q4_0) : 0);                           \
+        dot(row, 0, 1, xs, xr, xsum, blocks, 1, NULL, &v, 1);                                             \
+        return v;                                                                                         \
+    }
+B8_AHEAD_VIA(st_dot_q4_0_b8_ahead_portable, , st_dot_q4_0_b8_portable)
+
 #ifdef ST_X86
 // ---------------------------------------------------------------- shared by AVX2 and AVX-512
 
@@ -117,13 +127,15 @@ ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], 
 
 // Eight blocks of one row against G tokens' interleaved activations: each chunk's nibbles are
 // unpacked once for all tokens, and BLOCK_DOT(lo, hi, x, seed) gives the eight blocks' integer
-// sums (seeded with −8·Σx of each block).
+// sums (seeded with −8·Σx of each block). One token asks for the row at `ahead` (when not NULL)
+// an octet per octet read (B8_AHEAD_ROWS).
 #define B8_TOKENS(G, BLOCK_DOT)                                                                             \
     for (; t + G <= tokens; t += G) {                                                                       \
         const st_octet_q4_0 *o = row;                                                                       \
         __m256 acc[G];                                                                                      \
         for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
         for (int g = 0; g < blocks / 8; g++, o++) {                                                         \
+            if (G == 1 && ahead) st_prefetch_l1((const st_octet_q4_0 *)ahead + g, (int)sizeof *o);          \
             __m256i lo[4], hi[4];                                                                           \
             octet_nibbles(o, lo, hi);                                                                       \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o->d));                      \
@@ -164,7 +176,7 @@ ST_AVX2 static inline __m256i b8_block_avx2(const __m256i lo[4], const __m256i h
 }
 
 ST_AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
-                                         int tokens, const int32_t *which, float *out, int out_stride) {
+                                         int tokens, const int32_t *which, float *out, int out_stride, const void *ahead) {
     const __m256i zero = _mm256_setzero_si256();
     int t = 0;
     B8_TOKENS(4, b8_block_avx2)
@@ -173,7 +185,14 @@ ST_AVX2 static void dot_q4_0_b8_row_avx2(const void *row, const float *xs, const
 
 ST_AVX2 ST_DOT_B8(st_dot_q4_0_b8_avx2) {
     for (int r = 0; r < rows; r++)
-        dot_q4_0_b8_row_avx2((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, which, out + r, out_stride);
+        dot_q4_0_b8_row_avx2((const uint8_t *)row + (size_t)r * row_bytes, xs, xr, xsum, blocks, tokens, which, out + r, out_stride,
+                             NULL);
+}
+
+ST_AVX2 ST_DOT_B8_AHEAD(st_dot_q4_0_b8_ahead_avx2) {
+    float v;
+    dot_q4_0_b8_row_avx2(row, xs, xr, xsum, blocks, 1, NULL, &v, 1, ahead);
+    return v;
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI (256-bit VL forms)
@@ -240,17 +259,30 @@ ST_AVX512 static inline __m256i b8_block_vnni(const __m256i lo[4], const __m256i
         }                                                                                                   \
     }
 
-ST_AVX512 ST_DOT_B8(st_dot_q4_0_b8_avx512) {
+ST_AVX512 static void dot_q4_0_b8_row_avx512(const void *row, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks,
+                                             int tokens, const int32_t *which, float *out, int out_stride, const void *ahead) {
     const __m256i zero = _mm256_setzero_si256();
     int t = 0;
-    if (rows == 2) {
-        B8_PAIR_TOKENS(4)
-        B8_PAIR_TOKENS(1)
-        return;
-    }
     B8_TOKENS(8, b8_block_vnni)
     B8_TOKENS(4, b8_block_vnni)
     B8_TOKENS(1, b8_block_vnni)
+}
+
+ST_AVX512 ST_DOT_B8(st_dot_q4_0_b8_avx512) {
+    if (rows == 1) {
+        dot_q4_0_b8_row_avx512(row, xs, xr, xsum, blocks, tokens, which, out, out_stride, NULL);
+        return;
+    }
+    const __m256i zero = _mm256_setzero_si256();
+    int t = 0;
+    B8_PAIR_TOKENS(4)
+    B8_PAIR_TOKENS(1)
+}
+
+ST_AVX512 ST_DOT_B8_AHEAD(st_dot_q4_0_b8_ahead_avx512) {
+    float v;
+    dot_q4_0_b8_row_avx512(row, xs, xr, xsum, blocks, 1, NULL, &v, 1, ahead);
+    return v;
 }
 #endif
 
@@ -357,4 +389,6 @@ NEON_DOT_X8(st_dot_q4_0_x8_neon, ST_NEON, st_sdot_neon)
 NEON_DOT_X8(st_dot_q4_0_x8_dotprod, ST_DOTPROD, st_sdot_dotprod)
 NEON_DOT_B8(st_dot_q4_0_b8_neon, ST_NEON, st_sdot_neon)
 NEON_DOT_B8(st_dot_q4_0_b8_dotprod, ST_DOTPROD, st_sdot_dotprod)
+B8_AHEAD_VIA(st_dot_q4_0_b8_ahead_neon, ST_NEON, st_dot_q4_0_b8_neon)
+B8_AHEAD_VIA(st_dot_q4_0_b8_ahead_dotprod, ST_DOTPROD, st_dot_q4_0_b8_dotprod)
 #endif

@@ -195,6 +195,8 @@ static inline void st_fp16x8_to_fp32(const uint16_t *h, float32x4_t *lo, float32
 #define ST_DOT_B8(name)                                                                                                \
     void name(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks, \
               int tokens, const int32_t *which, float *out, int out_stride)
+#define ST_DOT_B8_AHEAD(name) \
+    float name(const void *row, const void *ahead, const float *xs, const int8_t *xr, const int32_t *xsum, int blocks)
 #define ST_AXPY_ROWS(name)                                                                                          \
     void name(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n, \
               const void *next, int next_bytes)
@@ -221,6 +223,7 @@ static inline void st_fp16x8_to_fp32(const uint16_t *h, float32x4_t *lo, float32
     ST_QUANTIZE(st_quantize_q8_0_##tier);               \
     ST_DOT_X8(st_dot_q4_0_x8_##tier);                   \
     ST_DOT_B8(st_dot_q4_0_b8_##tier);                   \
+    ST_DOT_B8_AHEAD(st_dot_q4_0_b8_ahead_##tier);       \
     ST_AXPY_ROWS(st_axpy_rows_q4_0_##tier);             \
     ST_AXPY_ROWS2(st_axpy_rows2_q4_0_##tier);           \
     ST_ATTEND(st_attend_##tier);

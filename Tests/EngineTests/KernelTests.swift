@@ -315,6 +315,17 @@ import Testing
             expectRowsMatchTheReference(
                 set, matrix: matrix, rows: first..<rows, length: length, tokens: tokens, scales: scales, values: values,
                 out: out, stride: stride)
+            // One row against the first token while asking for another row (or none): the bits of
+            // the plain kernel's one row and one token.
+            packed.withUnsafeBytes { p in
+                for r in 0..<rows {
+                    let row = p.baseAddress! + r * rowBytes
+                    var plain = Float.nan
+                    k.dot_q4_0_b8(row, Int32(rowBytes), 1, scales, interleaved, sums, Int32(blocks), 1, nil, &plain, 1)
+                    let ahead = k.dot_q4_0_b8_ahead(row, r + 2 < rows ? row + 2 * rowBytes : nil, scales, interleaved, sums, Int32(blocks))
+                    #expect(!plain.isNaN && ahead.bitPattern == plain.bitPattern, "\(set) row \(r) asking ahead: \(ahead) vs \(plain)")
+                }
+            }
             // A list of tokens (out of order, every other one skipped) gives each listed token
             // exactly the value the whole batch gave it, one row or two at a time, and writes
             // nothing for the others.

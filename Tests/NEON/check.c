@@ -95,6 +95,17 @@ static void check_tier(const char *tier, const st_kernel_table *k) {
                     for (int t = 0; t < tokens; t++)
                         for (int r = 0; r < rows; r++) close_enough("dot_q4_0_b8", tier, blocks, out0[2 * t + r], out1[2 * t + r]);
                 }
+                // One row against the first token, asking for the second row meanwhile.
+                {
+                    const int row_bytes = (blocks / 8) * (int)sizeof(st_octet_q4_0);
+                    const float v0 = k->dot_q4_0_b8_ahead(oct, (const uint8_t *)oct + row_bytes, xs, xq, xsum, blocks);
+                    const float v1 = p->dot_q4_0_b8_ahead(oct, NULL, xs, xq, xsum, blocks);
+                    close_enough("dot_q4_0_b8_ahead", tier, blocks, v0, v1);
+                    k->dot_q4_0_b8(oct, row_bytes, 1, xs, xq, xsum, blocks, 1, NULL, out0, 1);
+                    checks++;
+                    if (out0[0] != v0 && failures++ < 20)
+                        printf("MISMATCH dot_q4_0_b8_ahead (%s) size %d: not the plain kernel's\n", tier, blocks);
+                }
                 // A list of tokens (from the last down, every other one): those tokens only.
                 int32_t which[MAXT];
                 int listed = 0;

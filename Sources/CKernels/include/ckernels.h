@@ -58,6 +58,11 @@ typedef struct st_kernel_table {
     /// row r · x_t to out[t * out_stride + r], for t = which[0..<tokens] (`which` NULL: 0..<tokens).
     void (*dot_q4_0_b8)(const void *row, int row_bytes, int rows, const float *xs, const int8_t *xr, const int32_t *xsum,
                         int blocks, int tokens, const int32_t *which, float *out, int out_stride);
+    /// One row_major_b8 row against one token's interleaved activations (dot_q4_0_b8 with one row
+    /// and one token, the same bits), asking meanwhile for the row at `ahead` (NULL: none) a part
+    /// at a time: for gathering rows scattered through memory (expert up rows of active neurons).
+    float (*dot_q4_0_b8_ahead)(const void *row, const void *ahead, const float *xs, const int8_t *xr, const int32_t *xsum,
+                               int blocks);
     /// y += Σ coefficients[a] · (row rows[a] of the Q4_0 matrix at base), for `count` rows, while
     /// prefetching about `next_bytes` at `next` (NULL for none) into L2, spread over the work.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n,
