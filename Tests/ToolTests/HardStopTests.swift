@@ -52,7 +52,7 @@ import Testing
         return scratch.entries.filter { $0.hasPrefix(base) && $0.hasSuffix(".tmp") }
     }
 
-    /// Killed at random moments (half of them once its temporary file exists, so some land
+    /// Killed at random moments (half of them while its temporary file exists, so some land
     /// mid-write), a writer leaves the previous output or the whole new one, never a part; the
     /// next run succeeds, removes what the killed runs left and says so.
     @Test(arguments: writers)
@@ -66,9 +66,22 @@ import Testing
         #expect(complete.status == 0, "\(complete.stderr)")
         let expected = try Data(contentsOf: URL(fileURLWithPath: output))
         #expect(expected != Self.previous && expected.count > 100_000)
+        // How long the temporary lives, from when it is first seen to the writer's exit: the
+        // kills meant to land mid-write wait a random part of that, not of the whole run (a first
+        // run slowed by a busy machine made them land after the rename).
+        let timing = try Tools.start(writer.tool, arguments)
+        var seen: Date? = nil
+        while timing.isRunning {
+            if seen == nil, !Self.temporaries(scratch, of: output).isEmpty { seen = Date() }
+            usleep(200)
+        }
+        timing.waitUntilExit()
+        #expect(timing.terminationStatus == 0)
+        let writing = seen.map { Date().timeIntervalSince($0) } ?? 0
 
         var midWrite = 0
-        for round in 0..<12 {
+        // Twelve rounds, and up to twelve more while none has landed mid-write.
+        for round in 0..<24 where round < 12 || midWrite == 0 {
             try Self.previous.write(to: URL(fileURLWithPath: output))
             let process = try Tools.start(writer.tool, arguments)
             if round % 2 == 0 {
@@ -76,7 +89,7 @@ import Testing
             } else {
                 let deadline = Date().addingTimeInterval(10)
                 while Self.temporaries(scratch, of: output).isEmpty && process.isRunning && Date() < deadline { usleep(200) }
-                usleep(UInt32.random(in: 0...UInt32(duration * 0.3e6)))
+                usleep(UInt32.random(in: 0...UInt32(writing * 0.8e6)))
             }
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
