@@ -68,17 +68,24 @@ timed llama_quantize "$build/bin/llama-quantize" --pure --token-embedding-type q
 # Both decode after a P-token context: strun bench decodes right after its prompt, so
 # llama-bench's generation test runs at depth P (-d; its plain tg starts from an empty cache,
 # which is less attention work). The machines are shared and noisy: the two engines take turns
-# ROUNDS times (default 3); each round's ratio pairs runs minutes apart at most, the table shows
-# each engine's best run (each run is already a median of 3), and the per-round ratios and their
-# median are printed below it.
+# ROUNDS times (default 3), the first to go alternating from round to round so neither always
+# meets the machine in the state the other leaves it; each round's ratio pairs runs minutes apart
+# at most, the table shows each engine's best run (each run is already a median of 3), and the
+# per-round ratios and their median are printed below it.
 rounds="${ROUNDS:-3}"
+: > "$work/llama-bench.err"
+ours_round() {
+    /usr/bin/time -f "%M" -o "$work/ours-bench-$1.rss" \
+        .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$1.json"
+}
+llama_round() {
+    /usr/bin/time -f "%M" -o "$work/llama-pp-$1.rss" \
+        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$1.json" 2>>"$work/llama-bench.err"
+    /usr/bin/time -f "%M" -o "$work/llama-tg-$1.rss" \
+        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$1.json" 2>>"$work/llama-bench.err"
+}
 for round in $(seq "$rounds"); do
-    /usr/bin/time -f "%M" -o "$work/ours-bench-$round.rss" \
-        .build/release/strun bench "$work/ours-q4_0.stpk" -p $P -n $N -t "$threads" -r 3 --json > "$work/ours-bench-$round.json"
-    /usr/bin/time -f "%M" -o "$work/llama-pp-$round.rss" \
-        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p $P -n 0 -t "$threads" -r 3 -o json > "$work/llama-pp-$round.json" 2>"$work/llama-bench.err"
-    /usr/bin/time -f "%M" -o "$work/llama-tg-$round.rss" \
-        "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -d $P -t "$threads" -r 3 -o json > "$work/llama-tg-$round.json" 2>>"$work/llama-bench.err"
+    if [ $((round % 2)) = 1 ]; then ours_round "$round"; llama_round "$round"; else llama_round "$round"; ours_round "$round"; fi
 done
 "$build/bin/llama-bench" -m "$work/llama-q4_0.gguf" -p 0 -n $N -t "$threads" -r 3 -o json > "$work/llama-tg-empty.json" 2>>"$work/llama-bench.err"
 .build/release/strun inspect "$work/ours-q4_0.stpk" --json > "$work/inspect.json"

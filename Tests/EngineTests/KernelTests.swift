@@ -421,11 +421,11 @@ import Testing
 
     /// Adding many scaled Q4_0 rows at once (the active neurons of a down matrix) equals adding
     /// them one by one with the scalar reference, for counts that do and do not fill the groups
-    /// of four.
+    /// of four, and rows longer than the 21B width's (81 blocks).
     @Test(arguments: sets)
     func addingManyRowsMatchesTheReference(set: DotKernels.InstructionSet) {
         let k = table(set)
-        for (length, count) in [(32, 1), (96, 4), (1536, 11)] {
+        for (length, count) in [(32, 1), (96, 4), (1536, 11), (2592, 6)] {
             var g = Generator(state: 13 + UInt64(length * count))
             let rows = 2 * count + 1
             let matrix = (0..<rows).flatMap { _ in encoded((0..<length).map { _ in g.next() }, .q4_0) }
