@@ -128,7 +128,7 @@ ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], 
 // Eight blocks of one row against G tokens' interleaved activations: each chunk's nibbles are
 // unpacked once for all tokens, and BLOCK_DOT(lo, hi, x, seed) gives the eight blocks' integer
 // sums (seeded with −8·Σx of each block). One token asks for the row at `ahead` (when not NULL)
-// an octet per octet read (B8_AHEAD_ROWS).
+// an octet per octet read (dot_q4_0_b8_ahead).
 #define B8_TOKENS(G, BLOCK_DOT)                                                                             \
     for (; t + G <= tokens; t += G) {                                                                       \
         const st_octet_q4_0 *o = row;                                                                       \
