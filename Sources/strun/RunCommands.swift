@@ -48,7 +48,11 @@ struct RuntimeOptions: ParsableArguments {
         if mode == .on && noPrefetch { throw ValidationError("--cross-layer-prefetch on and --no-prefetch contradict each other") }
     }
 
-    func session(_ path: String, contextLength: Int? = nil) throws -> Session {
+    func session(_ path: String, contextLength: Int? = nil, sequences: Int = 1) throws -> Session {
+        try session(model: try model(path), contextLength: contextLength, sequences: sequences)
+    }
+
+    func model(_ path: String) throws -> Model {
         // Streaming experts reads their bundles as stored; arranging them at load is for the
         // whole-package mapping only.
         _ = try DotKernels.configured()  // a bad STRUN_KERNELS fails before a model is loaded
@@ -59,9 +63,14 @@ struct RuntimeOptions: ParsableArguments {
                     + "at load; `stquant \(path) -o NEW.stpk --type q4_0` stores them grouped (faster to load, less memory)\n"
             )
         }
+        return model
+    }
+
+    /// A session of `sequences` sequences on `model` with these options.
+    func session(model: Model, contextLength: Int? = nil, sequences: Int = 1) throws -> Session {
         let session = try Session(
             model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
-            memoryBudget: memoryBudget?.bytes)
+            memoryBudget: memoryBudget?.bytes, sequences: sequences)
         session.expertCache?.prefetchEnabled = !noPrefetch
         session.expertCache?.crossLayer = noPrefetch ? .off : ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) ?? .auto
         return session
@@ -161,20 +170,8 @@ struct SamplingOptions: ParsableArguments {
 /// given with --tokenizer.
 func loadTokenizer(package: PackageReader?, override path: String?) throws -> Tokenizer {
     if let path { return try Tokenizer(path: path) }
-    guard let package, let bytes = package.fileContents("tokenizer.json") else {
-        throw ValidationError(
-            "the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token ids "
-                + "with --tokens and --ids"
-        )
-    }
-    let tokenizer = try Tokenizer(json: bytes, path: "tokenizer.json in the package")
-    if tokenizer.vocabularySize > package.manifest.config.vocabSize {
-        throw TokenizerError.mismatch(
-            "the tokenizer has ids up to \(tokenizer.vocabularySize - 1), past the model's vocabulary of "
-                + "\(package.manifest.config.vocabSize)"
-        )
-    }
-    return tokenizer
+    guard let package else { throw TokenizerError.missing }
+    return try Tokenizer(package: package)
 }
 
 /// Prints text as it arrives (no newline, flushed).

@@ -8,8 +8,8 @@ import Testing
 /// given a budget).
 @Suite struct ExpertStreamingTests {
     /// A budget whose expert cache holds exactly `slots` bundles.
-    static func budget(_ model: Model, slots: Int, context: Int) -> Int {
-        let plan = MemoryPlan(model: model, contextLength: context, threads: 2)
+    static func budget(_ model: Model, slots: Int, context: Int, sequences: Int = 1) -> Int {
+        let plan = MemoryPlan(model: model, contextLength: context, threads: 2, sequences: sequences)
         let slot = model.package.manifest.bundles.map(\.length).max()!
         return plan.fixedBytes + slots * slot
     }

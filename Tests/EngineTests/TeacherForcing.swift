@@ -42,33 +42,83 @@ enum TeacherForcing {
         _ model: Model, kernels: DotKernels.InstructionSet, tokens: [Int], batched: Bool, forcing inputs: Trace? = nil,
         forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil
     ) throws -> Trace {
-        let c = model.config, hidden = c.hiddenSize, n = tokens.count
+        let n = tokens.count
         let session = try Session(model: model, contextLength: max(n, 64), threads: threads, memoryBudget: memoryBudget, kernels: kernels)
         defer { session.expertCache?.shutdown() }
-        var trace = Trace(
-            hidden: hidden, states: Array(repeating: [Float](repeating: .nan, count: n * hidden), count: c.layerCount + 1),
-            margins: Array(repeating: [Float](repeating: .nan, count: n), count: c.layerCount),
-            experts: Array(repeating: Array(repeating: [], count: n), count: c.layerCount), logits: [])
-        let forced = forcedLayers ?? c.layerCount + 1
-        session.routingObserver = { d in
-            trace.margins[d.layer][d.position] = d.margin
-            trace.experts[d.layer][d.position] = d.experts
+        let recorder = Recorder(session, lengths: [n], forcing: inputs.map { [$0] }, forcedLayers: forcedLayers)
+        if batched {
+            recorder.traces[0].logits = try session.evaluate(tokens, allLogits: true)
+        } else {
+            for t in tokens { recorder.traces[0].logits += try session.evaluate([t]) }
         }
-        session.residualHook = { layer, position, residual in
-            for i in 0..<residual.count / hidden {
-                let p = position + i
-                for j in 0..<hidden { trace.states[layer][p * hidden + j] = residual[i * hidden + j] }
-                if let inputs, layer < forced {
-                    for j in 0..<hidden { residual[i * hidden + j] = inputs.states[layer][p * hidden + j] }
+        return recorder.traces[0]
+    }
+
+    /// Several sequences through one session (`sequences: tokens.count`), in `steps`: each step
+    /// one forward batch, a list of (sequence, how many of its next tokens), every position's
+    /// logits kept. With `inputs`, each row of every layer gets its sequence's `inputs` state.
+    /// Returns a trace per sequence.
+    static func runTogether(
+        _ model: Model, kernels: DotKernels.InstructionSet, tokens: [[Int]], steps: [[(sequence: Int, count: Int)]],
+        forcing inputs: [Trace]? = nil, threads: Int = 2, memoryBudget: Int? = nil
+    ) throws -> [Trace] {
+        let vocab = model.config.vocabSize
+        let session = try Session(
+            model: model, contextLength: max(tokens.map(\.count).max()!, 64), threads: threads, memoryBudget: memoryBudget,
+            kernels: kernels, sequences: tokens.count)
+        defer { session.expertCache?.shutdown() }
+        let recorder = Recorder(session, lengths: tokens.map(\.count), forcing: inputs, forcedLayers: nil)
+        for (s, t) in tokens.enumerated() { recorder.traces[s].logits = [Float](repeating: .nan, count: t.count * vocab) }
+        var fed = [Int](repeating: 0, count: tokens.count)
+        for step in steps {
+            let chunks = step.map {
+                SequenceChunk(
+                    sequence: $0.sequence, tokens: Array(tokens[$0.sequence][fed[$0.sequence]..<fed[$0.sequence] + $0.count]), logits: .all)
+            }
+            let logits = try session.evaluate(chunks)
+            var row = 0
+            for (s, count) in step {
+                for i in 0..<count {
+                    let p = fed[s] + i
+                    recorder.traces[s].logits.replaceSubrange(
+                        p * vocab..<(p + 1) * vocab, with: logits[(row + i) * vocab..<(row + i + 1) * vocab])
+                }
+                row += count
+                fed[s] += count
+            }
+        }
+        return recorder.traces
+    }
+
+    /// Records each sequence's trace from a session's hooks and, with `inputs`, overwrites each
+    /// row's layer input with its sequence's recorded one (layers below `forcedLayers`; default
+    /// every layer and the final stream).
+    final class Recorder {
+        var traces: [Trace]
+
+        init(_ session: Session, lengths: [Int], forcing inputs: [Trace]?, forcedLayers: Int?) {
+            let c = session.model.config, hidden = c.hiddenSize
+            traces = lengths.map { n in
+                Trace(
+                    hidden: hidden, states: Array(repeating: [Float](repeating: .nan, count: n * hidden), count: c.layerCount + 1),
+                    margins: Array(repeating: [Float](repeating: .nan, count: n), count: c.layerCount),
+                    experts: Array(repeating: Array(repeating: [], count: n), count: c.layerCount), logits: [])
+            }
+            let forced = forcedLayers ?? c.layerCount + 1
+            session.routingObserver = { [unowned self] d in
+                traces[d.sequence].margins[d.layer][d.position] = d.margin
+                traces[d.sequence].experts[d.layer][d.position] = d.experts
+            }
+            session.residualHook = { [unowned self] layer, rows, residual in
+                for i in 0..<residual.count / hidden {
+                    let s = rows[i].sequence, p = rows[i].position
+                    for j in 0..<hidden { traces[s].states[layer][p * hidden + j] = residual[i * hidden + j] }
+                    if let inputs, layer < forced {
+                        for j in 0..<hidden { residual[i * hidden + j] = inputs[s].states[layer][p * hidden + j] }
+                    }
                 }
             }
         }
-        if batched {
-            trace.logits = try session.evaluate(tokens, allLogits: true)
-        } else {
-            for t in tokens { trace.logits += try session.evaluate([t]) }
-        }
-        return trace
     }
 
     /// The worst relative difference, over layers and positions, between what each layer adds

@@ -85,36 +85,62 @@ public struct TextGenerator {
         prompt: [Int], history: [Int] = [], maximumTokens: Int,
         emit: (String) -> Void
     ) throws(EngineError) -> (ids: [Int], reason: StopReason) {
-        var decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
-        var text = ""  // decoded, not yet emitted (may be the start of a stop string)
-        let holdBack = (stopStrings.map(\.count).max() ?? 1) - 1
-        func release(final: Bool) {
-            let keep = final ? 0 : holdBack
-            if text.count > keep {
-                let cut = text.index(text.endIndex, offsetBy: -keep)
-                emit(String(text[..<cut]))
-                text.removeSubrange(..<cut)
-            }
-        }
-        let stopStrings = self.stopStrings
+        var text = TextAssembler(tokenizer: tokenizer, stopStrings: stopStrings)
         let result = try tokens.run(prompt: prompt, history: history, maximumTokens: maximumTokens) {
             (token) throws(EngineError) -> StopReason? in
-            do {
-                text += try decoder.add(token)
-            } catch {
-                throw .undecodableToken(id: token, detail: "\(error)")
-            }
-            if let stop = stopStrings.compactMap({ s in text.firstRange(of: s).map { (s, $0) } }).min(by: {
-                $0.1.lowerBound < $1.1.lowerBound
-            }) {
-                text = String(text[..<stop.1.lowerBound])
-                return .stopString
-            }
-            release(final: false)
-            return nil
+            let (piece, stopped) = try text.add(token)
+            if !piece.isEmpty { emit(piece) }
+            return stopped ? .stopString : nil
         }
-        if result.reason != .stopString { text += decoder.flush() }
-        release(final: true)
+        if result.reason != .stopString {
+            let rest = text.finish()
+            if !rest.isEmpty { emit(rest) }
+        }
         return result
+    }
+}
+
+/// Generated ids to text as it becomes final: decodes them with the tokenizer's streaming
+/// decoder (special tokens skipped), holds back text that may be the start of a stop string,
+/// and ends at the first stop string, which is not part of the text.
+public struct TextAssembler: Sendable {
+    private var decoder: StreamingDecoder
+    private let stopStrings: [String]
+    private let holdBack: Int
+    private var text = ""  // decoded, not yet released (may be the start of a stop string)
+
+    public init(tokenizer: Tokenizer, stopStrings: [String]) {
+        decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+        self.stopStrings = stopStrings.filter { !$0.isEmpty }
+        holdBack = (self.stopStrings.map(\.count).max() ?? 1) - 1
+    }
+
+    /// Adds a generated id. Returns the text that became final, and whether a stop string ended
+    /// the text (the returned text is then everything before it, and nothing more follows).
+    public mutating func add(_ token: Int) throws(EngineError) -> (text: String, stopped: Bool) {
+        do {
+            text += try decoder.add(token)
+        } catch {
+            throw .undecodableToken(id: token, detail: "\(error)")
+        }
+        let text = self.text
+        if let stop = stopStrings.compactMap({ s in text.firstRange(of: s) }).min(by: { $0.lowerBound < $1.lowerBound }) {
+            self.text = ""
+            return (String(text[..<stop.lowerBound]), true)
+        }
+        return (release(keeping: holdBack), false)
+    }
+
+    /// The rest of the text, when generation ended other than at a stop string.
+    public mutating func finish() -> String {
+        text += decoder.flush()
+        return release(keeping: 0)
+    }
+
+    private mutating func release(keeping keep: Int) -> String {
+        guard text.count > keep else { return "" }
+        let cut = text.index(text.endIndex, offsetBy: -keep)
+        defer { text.removeSubrange(..<cut) }
+        return String(text[..<cut])
     }
 }

@@ -60,9 +60,9 @@ public struct LogitComparison: Sendable {
         return logits.map { Double($0) - logSum }
     }
 
-    public static func argmax(_ logits: ArraySlice<Float>) -> Int {
+    @inlinable public static func argmax<C: RandomAccessCollection<Float>>(_ logits: C) -> Int {
         var best = logits.startIndex
         for i in logits.indices where logits[i] > logits[best] { best = i }
-        return best - logits.startIndex
+        return logits.distance(from: logits.startIndex, to: best)
     }
 }

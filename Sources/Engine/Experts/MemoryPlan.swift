@@ -1,7 +1,7 @@
 /// What a session holds besides the expert cache, for `--memory-budget`: the dense tensors
-/// (read through the mapping, so their pages become resident), the KV cache, the working buffers
-/// and logits, and a fixed allowance for the process itself (binary, Swift runtime, stacks,
-/// tokenizer).
+/// (read through the mapping, so their pages become resident), every sequence's KV cache, the
+/// working buffers and logits, and a fixed allowance for the process itself (binary, Swift
+/// runtime, stacks, tokenizer).
 public struct MemoryPlan: Sendable, CustomStringConvertible {
     public let denseBytes: Int
     public let kvCacheBytes: Int
@@ -10,18 +10,22 @@ public struct MemoryPlan: Sendable, CustomStringConvertible {
 
     public var fixedBytes: Int { denseBytes + kvCacheBytes + bufferBytes + MemoryPlan.processAllowance }
 
-    public init(model: Model, contextLength: Int, threads: Int) {
+    /// - Parameter sequences: sequences held at once (each has its KV cache and a row of logits).
+    public init(model: Model, contextLength: Int, threads: Int, sequences: Int = 1) {
         let c = model.config
         let manifest = model.package.manifest
         denseBytes =
             manifest.denseTensors.reduce(0) { $0 + $1.length }
             + manifest.files.reduce(0) { $0 + $1.length } + model.package.header.dataOffset
-        kvCacheBytes = model.layers.reduce(0) { total, layer in
-            total + 2 * 4 * c.kvWidth * min(contextLength, layer.window.map { $0 + Session.maximumBatch } ?? contextLength)
-        }
-        // The session's list of buffers, its other objects' buffers, and logits (the last
-        // position's, and the sampler's copies).
-        bufferBytes = SessionBuffer.layout(c, threads: threads).bytes + SessionBuffer.objectBytes(c) + 4 * 3 * c.vocabSize
+        kvCacheBytes =
+            sequences
+            * model.layers.reduce(0) { total, layer in
+                total + 2 * 4 * c.kvWidth * KVCache.capacity(context: contextLength, window: layer.window)
+            }
+        // The session's list of buffers, its other objects' buffers, and logits (a step's row
+        // per sequence, and the sampler's copies).
+        bufferBytes =
+            SessionBuffer.layout(c, threads: threads).bytes + SessionBuffer.objectBytes(c) + 4 * (2 + sequences) * c.vocabSize
     }
 
     public var description: String {

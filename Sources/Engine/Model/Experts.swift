@@ -98,7 +98,7 @@ extension Session {
     private func expertInput(layer: LayerWeights, index: Int, count n: Int) -> ExpertWork.Input {
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.ffnNorm, into: normed.row(t)) }
-        expertInputHook?(index, position, UnsafeBufferPointer(start: normed.floats, count: n * model.config.hiddenSize))
+        expertInputHook?(index, rows, UnsafeBufferPointer(start: normed.floats, count: n * model.config.hiddenSize))
         guard layer.experts.contains(where: { $0.gate.dtype.isQuantized || $0.up.dtype.isQuantized }) else {
             return ExpertWork.Input(floats: normed.floats, quantized: nil, gathered: nil)
         }

@@ -15,6 +15,19 @@ public enum EngineError: ReportableError, Equatable {
     /// A memory budget that cannot hold what a session needs before any expert (`needed` bytes,
     /// `parts` says of what).
     case budgetBelowDensePart(budget: Int, needed: Int, parts: String)
+    /// More sequences than a memory budget holds (`fits`: the largest count that fits; nil when
+    /// the count itself is not positive).
+    case sequenceCount(requested: Int, fits: Int?, budget: Int?)
+    /// A step that names one sequence twice.
+    case duplicateSequence(Int)
+    /// A sequence index the session does not have.
+    case invalidSequence(Int, count: Int)
+    /// A step of more tokens than a forward batch holds.
+    case batchTooLarge(tokens: Int, maximum: Int)
+    /// A generation refused because every sequence is busy and the waiting queue is full.
+    case queueFull(waiting: Int)
+    /// The generator was shut down before the generation finished.
+    case shutDown
     /// A memory budget whose expert cache has fewer slots than one layer's chosen experts.
     case budgetBelowOneLayer(slots: Int, slotBytes: Int, needed: Int)
     /// Every expert cache slot is held by the layer being computed.
@@ -46,6 +59,26 @@ public enum EngineError: ReportableError, Equatable {
             return
                 "a memory budget of \(PackageSummary.bytes(budget)) cannot hold the dense part: \(parts) need "
                 + "\(PackageSummary.bytes(needed)) before any expert"
+        case .sequenceCount(let requested, let fits, let budget):
+            guard let fits, let budget else { return "the number of sequences must be at least 1 (got \(requested))" }
+            if fits == 0 {
+                return
+                    "a memory budget of \(PackageSummary.bytes(budget)) cannot hold even one sequence at this context; raise "
+                    + "--memory-budget or lower --context"
+            }
+            return
+                "\(requested) sequences do not fit a memory budget of \(PackageSummary.bytes(budget)) at this context: at most "
+                + "\(fits) do (each needs its own KV cache; lower --context, or raise --memory-budget)"
+        case .duplicateSequence(let sequence):
+            return "a step names sequence \(sequence) twice; give each sequence's tokens as one chunk"
+        case .invalidSequence(let sequence, let count):
+            return "sequence \(sequence) is outside the session's 0..<\(count)"
+        case .batchTooLarge(let tokens, let maximum):
+            return "a step of \(tokens) tokens is more than a forward batch's \(maximum); split it over several steps"
+        case .queueFull(let waiting):
+            return "every sequence is busy and \(waiting) requests are already waiting; try again later"
+        case .shutDown:
+            return "the generator was shut down"
         case .budgetBelowOneLayer(let slots, let slotBytes, let needed):
             return
                 "the memory budget leaves room for \(slots) expert bundles of \(PackageSummary.bytes(slotBytes)); one layer needs "
@@ -236,6 +269,22 @@ public final class Model: @unchecked Sendable {
                 layout: asIs.contains(m.name) ? m.layout : .rowMajorX8)
         }
         return (storage, result)
+    }
+
+    /// Bytes of the matrices a forward step reads whole, whatever its tokens: attention, routers
+    /// and the output head (the embedding is read a row per token).
+    public var denseBytesPerStep: Int {
+        let perLayer = layers.reduce(0) { total, l in
+            total + [l.query, l.key, l.value, l.output, l.router].reduce(0) { $0 + $1.rows * $1.rowBytes }
+        }
+        return perLayer + output.rows * output.rowBytes
+    }
+
+    /// The mean size of an expert's bundle (gate, up and down): what a step reads for each expert
+    /// its tokens chose, at most (idle ReGLU neurons' up and down rows are skipped).
+    public var meanExpertBytes: Int {
+        let bundles = package.manifest.bundles
+        return bundles.isEmpty ? 0 : bundles.reduce(0) { $0 + $1.length } / bundles.count
     }
 
     /// The default context: the model's limit, capped so a KV cache fits comfortably in memory.

@@ -95,7 +95,7 @@ extension Session {
                 let runnerUp = (0..<c.expertCount).filter { !chosen.contains($0) }.map { logits[$0] }.max() ?? -.infinity
                 routingObserver(
                     RoutingDecision(
-                        layer: index, position: position + t, experts: chosen,
+                        layer: index, sequence: rows[t].sequence, position: rows[t].position, experts: chosen,
                         weights: (0..<c.activeExperts).map { routing.chosenWeights[$0] },
                         margin: logits[chosen[c.activeExperts - 1]] - runnerUp))
             }

@@ -118,8 +118,8 @@ public final class RoutingStatistics {
             currentInput = Array(residual)
             if layer == 0 { previousInput = [] }
         }
-        session.expertInputHook = { [unowned self] layer, position, input in
-            observeExperts(layer: layer, firstPosition: position, input: input)
+        session.expertInputHook = { [unowned self] layer, rows, input in
+            observeExperts(layer: layer, firstPosition: rows[0].position, input: input)
         }
     }
 

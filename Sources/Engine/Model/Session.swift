@@ -9,6 +9,8 @@ import Darwin
 /// What the router chose for one token in one layer (for tests and diagnostics).
 public struct RoutingDecision: Sendable {
     public let layer: Int
+    /// The token's sequence (0 in a one-sequence session) and its position there.
+    public let sequence: Int
     public let position: Int
     /// Chosen experts, highest router logit first.
     public let experts: [Int]
@@ -19,34 +21,66 @@ public struct RoutingDecision: Sendable {
     public let margin: Float
 }
 
-/// One conversation's state: the KV cache, the position, and every working buffer, allocated
-/// once. `evaluate` runs a batch of tokens through the model and returns logits; decoding is a
-/// batch of one. (The test target's ScalarForward.swift writes the same forward pass as plain
-/// loops.)
+/// A step of tokens from one sequence of a session: `tokens` go at that sequence's next
+/// positions. `logits` says which of their positions' logits the step returns.
+public struct SequenceChunk: Sendable {
+    public enum Logits: Sendable { case none, last, all }
+    public var sequence: Int
+    public var tokens: [Int]
+    public var logits: Logits
+    public init(sequence: Int, tokens: [Int], logits: Logits = .last) {
+        self.sequence = sequence
+        self.tokens = tokens
+        self.logits = logits
+    }
+}
+
+/// Where one row of a forward batch belongs: its sequence and its position there.
+struct StepRow: Sendable {
+    var sequence: Int
+    var position: Int
+}
+
+/// One or more conversations' state and every working buffer, allocated once. Each sequence
+/// has its own KV cache (its sliding-window rings included) and position; everything else (the
+/// buffers, the expert cache) is shared. `evaluate` runs tokens of one sequence through the
+/// model; `evaluate(_:)` with chunks runs one forward step over tokens of several sequences at
+/// once, reading each dense matrix once for all of them and each chosen expert once for all the
+/// tokens that chose it. Decoding is a batch of one token per sequence. (The test target's
+/// ScalarForward.swift writes the same forward pass as plain loops.)
 public final class Session: @unchecked Sendable {
     public let model: Model
-    /// Positions this session can hold; `evaluate` refuses to go past it.
+    /// Positions each sequence can hold; `evaluate` refuses to go past it.
     public let contextLength: Int
-    /// The smallest `memoryBudget` a session of this model, context and thread count accepts:
-    /// the dense part, the KV cache, the buffers and the process allowance, plus one layer's
-    /// top-k expert bundles.
+    /// The smallest `memoryBudget` a session of this model, context, thread count and number of
+    /// sequences accepts: the dense part, every sequence's KV cache, the buffers and the process
+    /// allowance, plus one layer's top-k expert bundles.
     public let minimumMemoryBudget: Int
-    /// Tokens evaluated so far (the next token's position).
-    public private(set) var position = 0
+    /// Sequences this session holds (fixed at creation: their KV caches are allocated once).
+    public var sequenceCount: Int { sequences.count }
+    /// Tokens the first sequence has evaluated so far (its next token's position).
+    public var position: Int { sequences[0].position }
+    /// Tokens sequence `sequence` has evaluated so far.
+    public func position(of sequence: Int) -> Int { sequences[sequence].position }
     /// Worker threads (fixed at creation: per-worker buffers are sized for it).
     public let threads: Int
     /// The kernel tier every computation of this session uses.
     public let kernels: DotKernels.InstructionSet
     /// Called for every routing decision when set.
     public var routingObserver: ((RoutingDecision) -> Void)?
-    /// Called, when set, with the batch's residual stream (batch rows of `hidden` floats, the
-    /// first at position `position`) at the input of each layer (0..<layers) and, as layer
-    /// `layers`, at the output of the last one. It may read the stream (to record hidden
-    /// states) or overwrite it (to give a layer another input: teacher forcing).
-    var residualHook: ((_ layer: Int, _ position: Int, _ residual: UnsafeMutableBufferPointer<Float>) -> Void)?
+    /// Called, when set, with the batch's residual stream (batch rows of `hidden` floats, row t
+    /// at `rows[t]`) at the input of each layer (0..<layers) and, as layer `layers`, at the
+    /// output of the last one. It may read the stream (to record hidden states) or overwrite it
+    /// (to give a layer another input: teacher forcing).
+    var residualHook: ((_ layer: Int, _ rows: [StepRow], _ residual: UnsafeMutableBufferPointer<Float>) -> Void)?
     /// Called, when set, with each layer's expert input (batch rows of rmsnorm(x) after
-    /// attention, the first at position `position`), after routing and before the experts run.
-    var expertInputHook: ((_ layer: Int, _ position: Int, _ input: UnsafeBufferPointer<Float>) -> Void)?
+    /// attention, row t at `rows[t]`), after routing and before the experts run.
+    var expertInputHook: ((_ layer: Int, _ rows: [StepRow], _ input: UnsafeBufferPointer<Float>) -> Void)?
+    /// Distinct experts the forward steps have chosen, summed over layers and steps, and the
+    /// steps counted (`resetStepStatistics` zeroes both): what a step reads of the experts.
+    public private(set) var expertsChosen = 0
+    public private(set) var stepsRun = 0
+    public func resetStepStatistics() { (expertsChosen, stepsRun) = (0, 0) }
 
     /// Tokens per forward batch; longer inputs are split. Each batch reads every expert its
     /// tokens chose once, so a batch this long gives a 64-expert layer about twelve tokens per
@@ -54,7 +88,9 @@ public final class Session: @unchecked Sendable {
     /// and 1.23x (AVX-512) as fast as in batches of 32.
     public static let maximumBatch = 128
 
-    let caches: [KVCache]
+    let sequences: [SequenceState]
+    /// The rows of the batch being computed (capacity `maximumBatch`, reserved once).
+    var rows: [StepRow] = []
     /// Owns the buffers below that are not activation batches (`SessionBuffer` lists them).
     let arena: SessionArena
     let residual: ActivationBatch  // (batch, hidden): the residual stream, also the router input
@@ -104,9 +140,12 @@ public final class Session: @unchecked Sendable {
     ///   a cache of expert bundles streamed from the package. nil: the whole package is mapped.
     /// - Parameter kernels: the kernel tier (nil: `DotKernels.configured()`, the environment's
     ///   `STRUN_KERNELS` or the best this CPU has); one this CPU lacks is an error.
+    /// - Parameter sequences: how many sequences the session holds, each with a KV cache of
+    ///   `contextLength` positions. Under a memory budget too small for that many, the error
+    ///   names the largest count that fits.
     public init(
         model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, sequences: Int = 1
     ) throws(EngineError) {
         if let kernels {
             try DotKernels.require(kernels, source: "the session")
@@ -119,13 +158,24 @@ public final class Session: @unchecked Sendable {
         guard context >= 1, context <= c.maxPositionEmbeddings else {
             throw .contextLength(requested: context, maximum: c.maxPositionEmbeddings)
         }
+        guard sequences >= 1 else { throw .sequenceCount(requested: sequences, fits: nil, budget: nil) }
         self.model = model
         self.contextLength = context
         self.threads = max(1, threads)
         let b = Session.maximumBatch
-        caches = model.layers.map {
-            KVCache(capacity: min(context, $0.window.map { $0 + b } ?? context), heads: c.kvHeads, headDim: c.headDim, window: $0.window)
+        let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: sequences)
+        let slotBytes = ExpertCache.slotBytes(of: model.package.manifest)
+        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * slotBytes
+        if let memoryBudget, sequences > 1, memoryBudget < minimumMemoryBudget {
+            // The largest count whose KV caches and expert minimum fit (the plan grows by one
+            // sequence's KV cache per sequence).
+            let one = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: 1)
+            let room = memoryBudget - (one.fixedBytes + c.activeExperts * slotBytes)
+            let fits = room < 0 ? 0 : 1 + room / max(1, one.kvCacheBytes)
+            throw .sequenceCount(requested: sequences, fits: fits, budget: memoryBudget)
         }
+        self.sequences = (0..<sequences).map { _ in SequenceState(model: model, context: context) }
+        rows.reserveCapacity(b)
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
         let arena = SessionArena(c, threads: max(1, threads))
@@ -153,8 +203,6 @@ public final class Session: @unchecked Sendable {
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = arena.pointer(.ropeAngles, as: Float.self)
         currentExperts = Array(repeating: nil, count: c.expertCount)
-        let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads))
-        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * ExpertCache.slotBytes(of: model.package.manifest)
         if let memoryBudget {
             let forExperts = memoryBudget - plan.fixedBytes
             guard forExperts > 0 else {
@@ -172,67 +220,152 @@ public final class Session: @unchecked Sendable {
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
-    /// Forgets the conversation.
-    public func reset() { position = 0 }
+    /// Forgets every sequence's conversation (their caches are kept and overwritten).
+    public func reset() { for s in sequences { s.position = 0 } }
 
-    /// Runs `tokens` at the next positions. Returns logits (vocab floats per token) for every
-    /// token when `allLogits`, else for the last one only.
-    public func evaluate(_ tokens: [Int], allLogits: Bool = false) throws(EngineError) -> [Float] {
-        let vocab = model.config.vocabSize
-        guard !tokens.isEmpty else { throw .emptyInput }
-        if let bad = tokens.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
-        guard position + tokens.count <= contextLength else { throw .contextFull(limit: contextLength) }
-        return try DotKernels.with(kernels) { () throws(EngineError) in try evaluateBatches(tokens, allLogits: allLogits) }
+    /// Forgets sequence `sequence`'s conversation, keeping its cache for the next one.
+    public func reset(sequence: Int) { sequences[sequence].position = 0 }
+
+    /// Keeps sequence `sequence`'s first `length` positions and forgets the rest, so the next
+    /// token goes at `length` (a prompt that begins with what the sequence holds evaluates only
+    /// what is new). Returns false, changing nothing, when that is impossible: a sliding-window
+    /// layer's ring has already overwritten keys that a query at `length` would need.
+    public func truncate(sequence: Int, to length: Int) -> Bool {
+        let state = sequences[sequence]
+        guard length >= 0, length <= state.position else { return false }
+        for cache in state.caches {
+            // A query at `length` reads positions from length − window + 1; the ring holds the
+            // last `capacity` positions stored.
+            if let window = cache.window, max(0, length - window + 1) < state.position - cache.capacity { return false }
+        }
+        state.position = length
+        return true
     }
 
-    private func evaluateBatches(_ tokens: [Int], allLogits: Bool) throws(EngineError) -> [Float] {
+    /// Runs `tokens` at the first sequence's next positions. Returns logits (vocab floats per
+    /// token) for every token when `allLogits`, else for the last one only.
+    public func evaluate(_ tokens: [Int], allLogits: Bool = false) throws(EngineError) -> [Float] {
         let vocab = model.config.vocabSize
-        var logits = [Float](repeating: 0, count: (allLogits ? tokens.count : 1) * vocab)
-        var start = 0
-        while start < tokens.count {
-            let batch = Array(tokens[start..<min(start + Session.maximumBatch, tokens.count)])
-            try forward(batch)
-            let isLast = start + batch.count == tokens.count
-            if allLogits || isLast {
-                let first = allLogits ? 0 : batch.count - 1
-                logits.withUnsafeMutableBufferPointer { out in
-                    computeLogits(rows: first..<batch.count, into: out.baseAddress! + (allLogits ? start * vocab : 0))
+        try check(SequenceChunk(sequence: 0, tokens: tokens))
+        return try DotKernels.with(kernels) { () throws(EngineError) in
+            var logits = [Float](repeating: 0, count: (allLogits ? tokens.count : 1) * vocab)
+            var start = 0
+            while start < tokens.count {
+                let batch = Array(tokens[start..<min(start + Session.maximumBatch, tokens.count)])
+                let isLast = start + batch.count == tokens.count
+                let want: SequenceChunk.Logits = allLogits ? .all : isLast ? .last : .none
+                try logits.withUnsafeMutableBufferPointer { (out) throws(EngineError) in
+                    try step(
+                        [SequenceChunk(sequence: 0, tokens: batch, logits: want)], into: out.baseAddress! + (allLogits ? start * vocab : 0))
                 }
+                start += batch.count
             }
-            start += batch.count
+            return logits
         }
+    }
+
+    /// One forward step over chunks of several sequences (each sequence at most once, at most
+    /// `maximumBatch` tokens in all). Returns the logits the chunks ask for, vocab floats per
+    /// position, in chunk order.
+    public func evaluate(_ chunks: [SequenceChunk]) throws(EngineError) -> [Float] {
+        let rows = chunks.reduce(0) { $0 + Session.logitRows($1) }
+        var logits = [Float](repeating: 0, count: rows * model.config.vocabSize)
+        try logits.withUnsafeMutableBufferPointer { (out) throws(EngineError) in try evaluate(chunks, into: out) }
         return logits
+    }
+
+    /// `evaluate(_:)` writing into `logits` (at least vocab floats per position asked for), so a
+    /// step allocates nothing.
+    public func evaluate(_ chunks: [SequenceChunk], into logits: UnsafeMutableBufferPointer<Float>) throws(EngineError) {
+        guard !chunks.isEmpty else { throw .emptyInput }
+        var total = 0, rows = 0
+        for (i, chunk) in chunks.enumerated() {
+            try check(chunk)
+            if chunks[..<i].contains(where: { $0.sequence == chunk.sequence }) { throw .duplicateSequence(chunk.sequence) }
+            total += chunk.tokens.count
+            rows += Session.logitRows(chunk)
+        }
+        guard total <= Session.maximumBatch else { throw .batchTooLarge(tokens: total, maximum: Session.maximumBatch) }
+        precondition(logits.count >= rows * model.config.vocabSize, "logits buffer too small")
+        try DotKernels.with(kernels) { () throws(EngineError) in try step(chunks, into: logits.baseAddress!) }
+    }
+
+    static func logitRows(_ chunk: SequenceChunk) -> Int {
+        switch chunk.logits {
+        case .none: 0
+        case .last: 1
+        case .all: chunk.tokens.count
+        }
+    }
+
+    /// A chunk's sequence, tokens and room in the context.
+    private func check(_ chunk: SequenceChunk) throws(EngineError) {
+        let vocab = model.config.vocabSize
+        guard sequences.indices.contains(chunk.sequence) else { throw .invalidSequence(chunk.sequence, count: sequences.count) }
+        guard !chunk.tokens.isEmpty else { throw .emptyInput }
+        if let bad = chunk.tokens.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
+        guard sequences[chunk.sequence].position + chunk.tokens.count <= contextLength else { throw .contextFull(limit: contextLength) }
+    }
+
+    /// Runs the chunks (checked) as one batch and writes the logits they ask for.
+    private func step(_ chunks: [SequenceChunk], into logits: UnsafeMutablePointer<Float>) throws(EngineError) {
+        rows.removeAll(keepingCapacity: true)
+        var tokens: [Int] = []
+        tokens.reserveCapacity(Session.maximumBatch)
+        for chunk in chunks {
+            let start = sequences[chunk.sequence].position
+            for (i, token) in chunk.tokens.enumerated() {
+                rows.append(StepRow(sequence: chunk.sequence, position: start + i))
+                tokens.append(token)
+            }
+        }
+        try forward(tokens)
+        var wanted: [Int] = []
+        var first = 0
+        for chunk in chunks {
+            switch chunk.logits {
+            case .none: break
+            case .last: wanted.append(first + chunk.tokens.count - 1)
+            case .all: wanted += first..<first + chunk.tokens.count
+            }
+            first += chunk.tokens.count
+        }
+        // Logits in batches the buffers hold (every row of a full batch may ask for them).
+        if !wanted.isEmpty { computeLogits(rows: wanted, into: logits) }
     }
 
     // MARK: The forward pass
 
-    /// Runs one batch through every layer, leaving the final residual stream in `residual`.
+    /// Runs one batch (row t is `tokens[t]` at `rows[t]`) through every layer, leaving the final
+    /// residual stream in `residual` and moving each sequence's position past its rows.
     func forward(_ tokens: [Int]) throws(EngineError) {
         let c = model.config
         let n = tokens.count
         residual.setCount(n)
         for (t, token) in tokens.enumerated() {
             model.embedding.decodeRow(token, into: residual.row(t))
-            ropeTable.angles(position: position + t, into: ropeAngles + t * c.headDim)
+            ropeTable.angles(position: rows[t].position, into: ropeAngles + t * c.headDim)
         }
         for (index, layer) in model.layers.enumerated() {
             if let residualHook {
-                residualHook(index, position, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
+                residualHook(index, rows, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
                 residual.setCount(n)  // it may have changed: no stale Q8_0 form
             }
             // Router first, on the raw residual: the experts are known before attention runs, so
             // their bundles can be read from storage while it does.
             MatMul.multiply(layer.router, residual, into: routerLogits, outputStride: c.expertCount, threads: threads)
             route(layer: index, count: n)
+            expertsChosen += assignments.usedCount
             if let expertCache {
                 try expertCache.prefetch(layer: index, experts: UnsafeBufferPointer(start: assignments.used, count: assignments.usedCount))
                 if expertCache.crossLayerEnabled, n == 1, index + 1 < model.layers.count { speculate(layer: index + 1, cache: expertCache) }
             }
-            attend(layer: layer, cache: caches[index], count: n)
+            attend(layer: layer, index: index, count: n)
             try mixExperts(layer: layer, index: index, count: n)
         }
-        residualHook?(model.layers.count, position, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
-        position += n
+        residualHook?(model.layers.count, rows, UnsafeMutableBufferPointer(start: residual.floats, count: n * c.hiddenSize))
+        for row in rows { sequences[row.sequence].position = max(sequences[row.sequence].position, row.position + 1) }
+        stepsRun += 1
     }
 
     /// Cross-layer prefetch while decoding: layer `next`'s router applied to the current layer's
@@ -247,7 +380,7 @@ public final class Session: @unchecked Sendable {
     }
 
     /// x += Wo · attention(rmsnorm(x)) for the batch.
-    func attend(layer: LayerWeights, cache: KVCache, count n: Int) {
+    func attend(layer: LayerWeights, index: Int, count n: Int) {
         let c = model.config
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
@@ -260,31 +393,31 @@ public final class Session: @unchecked Sendable {
         // window + maximumBatch positions, so this never overwrites a key a query of the batch
         // still needs.
         for t in 0..<n {
-            let p = position + t
+            let p = rows[t].position
             let q = queries + t * c.queryWidth, k = keys + t * c.kvWidth
             if layer.rope {
                 let table = UnsafePointer(ropeAngles + t * c.headDim)
                 for h in 0..<c.attentionHeads { ropeTable.rotate(q + h * c.headDim, table: table) }
                 for h in 0..<c.kvHeads { ropeTable.rotate(k + h * c.headDim, table: table) }
             }
-            cache.store(key: k, value: values + t * c.kvWidth, position: p)
+            sequences[rows[t].sequence].caches[index].store(key: k, value: values + t * c.kvWidth, position: p)
         }
         // One task per (token, key/value head): its group of query heads reads each cached key
         // and value once (grouped-query attention), streaming over the cache with no score
         // vector. When that makes fewer tasks than workers, groups are split.
         let chunks = max(1, min(c.groupSize, threads / max(1, n * c.kvHeads)))
         let tasks = n * c.kvHeads * chunks
-        let workers = max(1, min(threads, tasks, position + n >= 64 || n > 1 ? threads : 1))
-        let work = Unchecked((self, cache))
+        let workers = max(1, min(threads, tasks, rows[0].position + n >= 64 || n > 1 ? threads : 1))
+        let work = Unchecked(self)
         parallelForOnThisTier(workers) { worker in
-            let (session, cache) = work.value
+            let session = work.value
             let c = session.model.config
             let scale = 1 / Float(c.headDim).squareRoot()
             for task in stride(from: worker, to: tasks, by: workers) {
                 let t = task / (c.kvHeads * chunks), kvHead = task / chunks % c.kvHeads, chunk = task % chunks
                 let firstHead = kvHead * c.groupSize + c.groupSize * chunk / chunks
                 let heads = kvHead * c.groupSize + c.groupSize * (chunk + 1) / chunks - firstHead
-                let p = session.position + t
+                let p = session.rows[t].position, cache = session.sequences[session.rows[t].sequence].caches[index]
                 let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
                 st_attend(
                     session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
@@ -297,8 +430,9 @@ public final class Session: @unchecked Sendable {
         residual.setCount(n)
     }
 
-    /// Logits for batch rows `rows` of the final residual: lm_head · rmsnorm(x, norm).
-    func computeLogits(rows: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+    /// Logits for batch rows `rows` of the final residual, one after another: lm_head ·
+    /// rmsnorm(x, norm).
+    func computeLogits(rows: [Int], into out: UnsafeMutablePointer<Float>) {
         let c = model.config
         normed.setCount(rows.count)
         for (i, t) in rows.enumerated() { rmsNorm(residual.row(t), model.outputNorm, into: normed.row(i)) }
@@ -308,6 +442,21 @@ public final class Session: @unchecked Sendable {
     /// The final-norm output of the last batch's rows (for tests against `final_norm_out`).
     func rmsNorm(_ x: UnsafePointer<Float>, _ weight: [Float], into out: UnsafeMutablePointer<Float>) {
         weight.withUnsafeBufferPointer { w in _ = st_rms_norm(x, w.baseAddress!, model.config.rmsNormEps, out, Int32(w.count)) }
+    }
+}
+
+/// One sequence's state: a KV cache per layer and the position of its next token. Reused from
+/// one conversation to the next (`Session.reset(sequence:)` only moves the position).
+final class SequenceState: @unchecked Sendable {
+    let caches: [KVCache]
+    var position = 0
+
+    init(model: Model, context: Int) {
+        let c = model.config
+        caches = model.layers.map {
+            KVCache(
+                capacity: KVCache.capacity(context: context, window: $0.window), heads: c.kvHeads, headDim: c.headDim, window: $0.window)
+        }
     }
 }
 
@@ -322,6 +471,13 @@ final class KVCache: @unchecked Sendable {
     /// attention task of one head streams one contiguous range instead of every other half row.
     let keys: UnsafeMutablePointer<Float>
     let values: UnsafeMutablePointer<Float>
+
+    /// Positions a layer's cache holds: every one, or for a sliding window its width plus a
+    /// batch, so that storing a batch's keys before its queries read never overwrites a key one
+    /// of them still needs.
+    static func capacity(context: Int, window: Int?) -> Int {
+        min(context, window.map { $0 + Session.maximumBatch } ?? context)
+    }
 
     init(capacity: Int, heads: Int, headDim: Int, window: Int?) {
         self.capacity = capacity

@@ -39,7 +39,15 @@ public struct Sampler: Sendable {
     }
 
     public mutating func sample(_ logits: ArraySlice<Float>, history: [Int] = []) -> Int {
-        var scores = Array(logits)
+        sample(scores: Array(logits), history: history)
+    }
+
+    public mutating func sample(_ logits: UnsafeBufferPointer<Float>, history: [Int] = []) -> Int {
+        sample(scores: Array(logits), history: history)
+    }
+
+    private mutating func sample(scores: [Float], history: [Int]) -> Int {
+        var scores = scores
         let p = parameters
         if p.repetitionPenalty != 1 {
             for token in Set(history) where scores.indices.contains(token) {
@@ -47,9 +55,25 @@ public struct Sampler: Sendable {
             }
         }
         if p.temperature <= 0 { return LogitComparison.argmax(scores[...]) }
-        // Candidates by decreasing score (ties: lower id first).
-        var order = scores.indices.sorted { scores[$0] > scores[$1] || (scores[$0] == scores[$1] && $0 < $1) }
-        if p.topK > 0 && p.topK < order.count { order = Array(order.prefix(p.topK)) }
+        // Candidates by decreasing score (ties: lower id first); with top-k, the k best found in
+        // one pass, in the same order a full sort would give them.
+        let before = { (a: Int, b: Int) in scores[a] > scores[b] || (scores[a] == scores[b] && a < b) }
+        var order: [Int]
+        if p.topK > 0 && p.topK < scores.count {
+            order = []
+            order.reserveCapacity(p.topK + 1)
+            for i in scores.indices where order.count < p.topK || before(i, order[order.count - 1]) {
+                var low = 0, high = order.count
+                while low < high {
+                    let middle = (low + high) / 2
+                    if before(order[middle], i) { low = middle + 1 } else { high = middle }
+                }
+                order.insert(i, at: low)
+                if order.count > p.topK { order.removeLast() }
+            }
+        } else {
+            order = scores.indices.sorted(by: before)
+        }
         let top = Double(scores[order[0]])
         var probabilities = order.map { exp((Double(scores[$0]) - top) / Double(p.temperature)) }
         var total = probabilities.reduce(0, +)

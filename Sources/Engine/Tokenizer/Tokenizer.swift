@@ -1,4 +1,5 @@
 import Foundation
+import Format
 
 public enum TokenizerError: ReportableError, Equatable {
     /// The file is not a tokenizer we can run exactly; `detail` says what is different.
@@ -7,12 +8,18 @@ public enum TokenizerError: ReportableError, Equatable {
     case malformed(path: String, detail: String)
     /// The tokenizer and the model disagree.
     case mismatch(String)
+    /// The package holds no tokenizer.json.
+    case missing
 
     public var description: String {
         switch self {
         case .unsupported(let path, let detail): return "\(path): unsupported tokenizer: \(detail)"
         case .malformed(let path, let detail): return "\(path): not a valid tokenizer.json: \(detail)"
         case .mismatch(let detail): return detail
+        case .missing:
+            return
+                "the package has no tokenizer; give --tokenizer tokenizer.json, convert with stconvert --tokenizer DIR, or run on token "
+                + "ids with --tokens and --ids"
         }
     }
 }
@@ -37,6 +44,16 @@ public final class Tokenizer: @unchecked Sendable {
     public convenience init(path: String) throws {
         let bytes = try FileSystem.readAll(path, limit: 256 << 20)
         try self.init(json: bytes, path: path)
+    }
+
+    /// The tokenizer a package embeds, checked against the model's vocabulary.
+    public convenience init(package: PackageReader) throws(TokenizerError) {
+        guard let bytes = package.fileContents("tokenizer.json") else { throw .missing }
+        try self.init(json: bytes, path: "tokenizer.json in the package")
+        if vocabularySize > package.manifest.config.vocabSize {
+            throw .mismatch(
+                "the tokenizer has ids up to \(vocabularySize - 1), past the model's vocabulary of \(package.manifest.config.vocabSize)")
+        }
     }
 
     public init(json bytes: [UInt8], path: String) throws(TokenizerError) {
@@ -230,7 +247,7 @@ public final class Tokenizer: @unchecked Sendable {
 
 /// Turns a stream of token ids into text as it is produced, holding back the bytes of a UTF-8
 /// sequence until it is complete (a token may end in the middle of a character).
-public struct StreamingDecoder {
+public struct StreamingDecoder: Sendable {
     let tokenizer: Tokenizer
     let skipSpecialTokens: Bool
     private var pending: [UInt8] = []

@@ -1,0 +1,451 @@
+import Foundation
+import Format
+import Synchronization
+
+/// What to generate: a prompt, how to sample, and when to stop.
+public struct GenerationRequest: Sendable {
+    public enum Prompt: Sendable {
+        /// Text encoded as it is (text that spells a special token becomes that token).
+        case text(String)
+        /// Messages rendered through the chat template, ending with the assistant's opening.
+        case chat([ChatMessage])
+        /// Token ids.
+        case tokens([Int])
+    }
+
+    public var prompt: Prompt
+    public var sampling: SamplingParameters
+    /// Tokens to generate at most (at least 1).
+    public var maximumTokens: Int
+    /// Generation ends at the first of these; the text stops before it.
+    public var stopStrings: [String]
+    /// Go on past the model's end-of-sequence tokens (and `<|im_end|>`, `<|endoftext|>`), as
+    /// llama.cpp's `ignore_eos`: for benchmarks that need a fixed length.
+    public var ignoreEndOfSequence: Bool
+
+    public init(
+        prompt: Prompt, sampling: SamplingParameters = SamplingParameters(), maximumTokens: Int = 256, stopStrings: [String] = [],
+        ignoreEndOfSequence: Bool = false
+    ) {
+        self.prompt = prompt
+        self.sampling = sampling
+        self.maximumTokens = maximumTokens
+        self.stopStrings = stopStrings
+        self.ignoreEndOfSequence = ignoreEndOfSequence
+    }
+}
+
+/// A piece of a generation, as its stream delivers it: one per generated token, then a last
+/// one that carries `finish`.
+public struct GenerationPiece: Sendable {
+    /// Text that became final with this piece (often empty: a token may end inside a character,
+    /// or begin what could be a stop string).
+    public var text: String
+    /// The token generated with this piece (none in the last piece).
+    public var token: Int?
+    /// Set on the last piece only.
+    public var finish: GenerationSummary?
+}
+
+/// How a generation ended, with its counts and timings.
+public struct GenerationSummary: Sendable {
+    public var reason: StopReason
+    public var promptTokens: Int
+    /// Generated tokens, the stop token included when one ended the generation.
+    public var generatedTokens: Int
+    /// Seconds from the request to its first token (waiting for a free sequence included).
+    public var timeToFirstToken: Double
+    /// Seconds the request waited for a free sequence.
+    public var queuedSeconds: Double
+    /// Seconds from the first token to the last.
+    public var decodeSeconds: Double
+}
+
+/// Runs many generations at once on one model: each forward step evaluates the next token of
+/// every generation that is decoding and a chunk of the prompt of one that has just started
+/// (chunked prefill), so a dense matrix is read once for all of them and a chosen expert once
+/// for every token that chose it. Generations join and leave between steps.
+///
+/// ```swift
+/// let model = try Model(path: "model.stpk")
+/// let generator = try BatchGenerator(model: model, tokenizer: Tokenizer(package: model.package), parallel: 4)
+/// let request = GenerationRequest(prompt: .chat([ChatMessage(role: "user", content: "Hello")]), maximumTokens: 64)
+/// for try await piece in generator.generate(request) { print(piece.text, terminator: "") }
+/// ```
+///
+/// Each `generate` returns its own stream; start as many as you like from any tasks. Up to
+/// `parallel` run at once and the others wait their turn. Cancelling the task that consumes a
+/// stream (or dropping the stream) ends that generation at the next step and frees its
+/// sequence. The generator owns a thread that runs the steps; `shutdown` (or releasing the
+/// generator) stops it.
+public final class BatchGenerator: Sendable {
+    /// Generations running at once at most (the session's sequences).
+    public let parallel: Int
+    /// Positions each generation can hold, prompt included.
+    public let contextLength: Int
+    public let tokenizer: Tokenizer
+    public let model: Model
+    private let scheduler: Scheduler
+
+    /// Counts since the generator started, and what is running now.
+    public struct Statistics: Sendable {
+        /// Generations on a sequence now.
+        public var running = 0
+        /// Generations waiting for a sequence.
+        public var waiting = 0
+        /// Finished generations (cancelled and failed ones included).
+        public var finished = 0
+        public var promptTokens = 0
+        public var generatedTokens = 0
+        /// Forward steps run, and seconds spent in them.
+        public var steps = 0
+        public var stepSeconds = 0.0
+    }
+
+    /// Generations share `session` (created with `sequences: parallel`): from now on only the
+    /// generator's thread uses it.
+    /// - Parameter maximumWaiting: generations that may wait for a sequence; past that a new
+    ///   one fails at once with `EngineError.queueFull`.
+    public init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int = .max) {
+        parallel = session.sequenceCount
+        contextLength = session.contextLength
+        self.tokenizer = tokenizer
+        model = session.model
+        scheduler = Scheduler(session: session, tokenizer: tokenizer, maximumWaiting: max(0, maximumWaiting))
+    }
+
+    /// A generator of `parallel` sequences of `contextLength` positions each (nil: the model's
+    /// default); the other parameters are `Session`'s.
+    public convenience init(
+        model: Model, tokenizer: Tokenizer, parallel: Int, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, maximumWaiting: Int = .max
+    ) throws(EngineError) {
+        let session = try Session(
+            model: model, contextLength: contextLength, threads: threads, memoryBudget: memoryBudget, kernels: kernels,
+            sequences: parallel)
+        self.init(session: session, tokenizer: tokenizer, maximumWaiting: maximumWaiting)
+    }
+
+    deinit { scheduler.stop(finishRunning: false) }
+
+    /// Starts a generation. The stream yields a piece per generated token and a last piece with
+    /// the summary, or throws an `EngineError` (a prompt that does not fit the context, a full
+    /// queue, a shut-down generator).
+    public func generate(_ request: GenerationRequest) -> AsyncThrowingStream<GenerationPiece, any Error> {
+        let (stream, continuation) = AsyncThrowingStream<GenerationPiece, any Error>.makeStream()
+        do {
+            let job = try Job(request: request, tokenizer: tokenizer, model: model, context: contextLength, continuation: continuation)
+            let scheduler = self.scheduler, id = job.id
+            continuation.onTermination = { [weak scheduler] termination in
+                if case .cancelled = termination { scheduler?.cancel(id) }
+            }
+            try scheduler.submit(job)
+        } catch {
+            continuation.finish(throwing: error)
+        }
+        return stream
+    }
+
+    /// The tokens a request's prompt evaluates to.
+    public func promptTokens(_ prompt: GenerationRequest.Prompt) -> [Int] {
+        Job.tokens(of: prompt, tokenizer: tokenizer)
+    }
+
+    public var statistics: Statistics { scheduler.statistics }
+
+    /// The session's expert cache, when it streams experts under a memory budget (read its
+    /// statistics; do not change it while generations run).
+    public var expertCache: ExpertCache? { scheduler.session.expertCache }
+
+    /// Stops the generator: new generations fail with `EngineError.shutDown`, so do waiting
+    /// ones; running ones run to their end when `finishRunning`, else end with that error at the
+    /// next step. Returns when the generator's thread has stopped.
+    public func shutdown(finishRunning: Bool = false) { scheduler.stop(finishRunning: finishRunning) }
+}
+
+/// One generation: its request, its stream, and, once it has a sequence, its progress.
+/// Everything but `id` and `continuation` belongs to the scheduler's thread.
+private final class Job: @unchecked Sendable {
+    static let lastID = Atomic<Int>(0)
+
+    let id: Int
+    let prompt: [Int]
+    let maximumTokens: Int
+    let ignoreEndOfSequence: Bool
+    let continuation: AsyncThrowingStream<GenerationPiece, any Error>.Continuation
+    let submitted = ProgressReporter.monotonicSeconds()
+    var admitted = 0.0
+    var firstToken: Double?
+    var sequence = -1
+    /// Prompt tokens evaluated so far.
+    var fed = 0
+    var sampler: Sampler
+    /// Prompt and generated ids (the repetition penalty's history).
+    var history: [Int]
+    var generated = 0
+    /// The last sampled id, evaluated in the next step.
+    var next: Int?
+    var text: TextAssembler
+
+    init(
+        request: GenerationRequest, tokenizer: Tokenizer, model: Model, context: Int,
+        continuation: AsyncThrowingStream<GenerationPiece, any Error>.Continuation
+    ) throws(EngineError) {
+        prompt = Job.tokens(of: request.prompt, tokenizer: tokenizer)
+        guard !prompt.isEmpty else { throw .emptyInput }
+        let vocab = model.config.vocabSize
+        if let bad = prompt.first(where: { !(0..<vocab).contains($0) }) { throw .invalidToken(id: bad, vocabularySize: vocab) }
+        // The prompt must leave room for at least one generated token (as `TokenGenerator`).
+        guard prompt.count < context else { throw .inputTooLong(tokens: prompt.count, context: context) }
+        guard request.maximumTokens >= 1 else { throw .emptyInput }
+        maximumTokens = request.maximumTokens
+        ignoreEndOfSequence = request.ignoreEndOfSequence
+        self.continuation = continuation
+        sampler = Sampler(request.sampling)
+        history = prompt
+        text = TextAssembler(tokenizer: tokenizer, stopStrings: request.stopStrings)
+        id = Job.lastID.add(1, ordering: .relaxed).newValue
+    }
+
+    static func tokens(of prompt: GenerationRequest.Prompt, tokenizer: Tokenizer) -> [Int] {
+        switch prompt {
+        case .text(let text): tokenizer.encode(text)
+        case .chat(let messages): tokenizer.encode(ChatTemplate.render(messages))
+        case .tokens(let ids): ids
+        }
+    }
+
+    var decoding: Bool { next != nil }
+}
+
+/// The generator's thread and what it shares with the callers: a queue of waiting jobs,
+/// cancellations, and the statistics, under one condition lock.
+private final class Scheduler: @unchecked Sendable {
+    let session: Session
+    let tokenizer: Tokenizer
+    let maximumWaiting: Int
+    private let stopTokens: Set<Int>
+    private let speakable: Int
+
+    // Shared, under `condition`.
+    private let condition = NSCondition()
+    private var waiting: [Job] = []
+    private var cancelled: Set<Int> = []
+    private var stopping = false
+    private var finishRunningOnStop = false
+    private var stopped = false
+    private var shared = BatchGenerator.Statistics()
+
+    // The scheduler thread's own.
+    private var running: [Job] = []  // in order of admission
+    private var freeSequences: [Int]
+    private let logits: UnsafeMutableBufferPointer<Float>  // (sequences, vocab)
+
+    init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int) {
+        self.session = session
+        self.tokenizer = tokenizer
+        self.maximumWaiting = maximumWaiting
+        var stops = Set(session.model.config.eosTokenIDs)
+        for name in [ChatTemplate.turnEnd, ChatTemplate.endOfText] {
+            if let id = tokenizer.id(of: name) { stops.insert(id) }
+        }
+        stopTokens = stops
+        speakable = min(tokenizer.vocabularySize, session.model.config.vocabSize)
+        freeSequences = Array((0..<session.sequenceCount).reversed())
+        logits = .allocate(capacity: session.sequenceCount * session.model.config.vocabSize)
+        let thread = Thread { [self] in loop() }
+        thread.name = "strun scheduler"
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+
+    deinit { logits.deallocate() }
+
+    func submit(_ job: Job) throws(EngineError) {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !stopping else { throw .shutDown }
+        // Jobs beyond the free sequences wait; `maximumWaiting` bounds those.
+        let beyond = waiting.count - max(0, session.sequenceCount - shared.running)
+        guard beyond < maximumWaiting else { throw .queueFull(waiting: beyond) }
+        waiting.append(job)
+        shared.waiting = waiting.count
+        condition.signal()
+    }
+
+    func cancel(_ id: Int) {
+        condition.lock()
+        defer { condition.unlock() }
+        if let i = waiting.firstIndex(where: { $0.id == id }) {
+            waiting.remove(at: i)
+            shared.waiting = waiting.count
+            shared.finished += 1
+        } else {
+            cancelled.insert(id)
+            condition.signal()
+        }
+    }
+
+    var statistics: BatchGenerator.Statistics {
+        condition.lock()
+        defer { condition.unlock() }
+        return shared
+    }
+
+    func stop(finishRunning: Bool) {
+        condition.lock()
+        if !stopping {
+            stopping = true
+            finishRunningOnStop = finishRunning
+            let refused = waiting
+            waiting.removeAll()
+            shared.waiting = 0
+            shared.finished += refused.count
+            for job in refused { job.continuation.finish(throwing: EngineError.shutDown) }
+        }
+        condition.signal()
+        while !stopped { condition.wait() }
+        condition.unlock()
+    }
+
+    // MARK: The scheduler's thread
+
+    private func loop() {
+        while true {
+            condition.lock()
+            while !stopping && cancelled.isEmpty && running.isEmpty && waiting.isEmpty { condition.wait() }
+            let cancellations = cancelled
+            cancelled.removeAll()
+            var admitted: [Job] = []
+            while !freeSequences.isEmpty && !waiting.isEmpty {
+                let job = waiting.removeFirst()
+                job.sequence = freeSequences.removeLast()
+                admitted.append(job)
+            }
+            let stopNow = stopping && (!finishRunningOnStop || running.isEmpty && admitted.isEmpty)
+            shared.waiting = waiting.count
+            shared.running = running.count + admitted.count
+            condition.unlock()
+
+            for job in running where cancellations.contains(job.id) { release(job, outcome: nil) }
+            let now = ProgressReporter.monotonicSeconds()
+            for job in admitted {
+                job.admitted = now
+                session.reset(sequence: job.sequence)
+                running.append(job)
+            }
+            if stopNow {
+                for job in running { release(job, outcome: .failure(.shutDown)) }
+                condition.lock()
+                stopped = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            if !running.isEmpty { step() }
+        }
+    }
+
+    /// One forward step: every decoding job's next token, then prompt chunks in order of
+    /// admission to fill the batch; then a token sampled for every job the step gave logits.
+    private func step() {
+        var chunks: [SequenceChunk] = []
+        var owners: [(job: Job, prompt: Int)] = []  // per chunk: its job and how many prompt tokens it feeds
+        var room = Session.maximumBatch
+        for job in running where job.decoding {
+            chunks.append(SequenceChunk(sequence: job.sequence, tokens: [job.next!], logits: .last))
+            owners.append((job, 0))
+            room -= 1
+        }
+        for job in running where !job.decoding && room > 0 {
+            let take = min(room, job.prompt.count - job.fed)
+            let completes = job.fed + take == job.prompt.count
+            chunks.append(
+                SequenceChunk(
+                    sequence: job.sequence, tokens: Array(job.prompt[job.fed..<job.fed + take]), logits: completes ? .last : .none))
+            owners.append((job, take))
+            room -= take
+        }
+        let start = ProgressReporter.monotonicSeconds()
+        do {
+            try session.evaluate(chunks, into: logits)
+        } catch {
+            // An expert that cannot be read, say: every job of the step ends with the error.
+            for (job, _) in owners { release(job, outcome: .failure(error)) }
+            return
+        }
+        let end = ProgressReporter.monotonicSeconds()
+        var promptTokens = 0, generatedTokens = 0
+        var row = 0
+        let vocab = session.model.config.vocabSize
+        for (chunk, (job, fed)) in zip(chunks, owners) {
+            job.fed += fed
+            promptTokens += fed
+            guard chunk.logits == .last else { continue }
+            let scores = UnsafeMutableBufferPointer(rebasing: logits[row * vocab..<(row + 1) * vocab])
+            row += 1
+            generatedTokens += 1
+            sample(job, scores, at: end)
+        }
+        condition.lock()
+        shared.steps += 1
+        shared.stepSeconds += end - start
+        shared.promptTokens += promptTokens
+        shared.generatedTokens += generatedTokens
+        condition.unlock()
+    }
+
+    /// Samples `job`'s next token from `scores` and passes it on; ends the job where
+    /// `TokenGenerator` would end it.
+    private func sample(_ job: Job, _ scores: UnsafeMutableBufferPointer<Float>, at now: Double) {
+        for i in speakable..<scores.count { scores[i] = -.infinity }
+        let token = job.sampler.sample(UnsafeBufferPointer(scores), history: job.history)
+        job.generated += 1
+        job.history.append(token)
+        job.next = nil
+        if job.firstToken == nil { job.firstToken = now }
+        if stopTokens.contains(token) && !job.ignoreEndOfSequence {
+            job.continuation.yield(GenerationPiece(text: "", token: token, finish: nil))
+            return release(job, outcome: .success(.endOfSequence))
+        }
+        let piece: (text: String, stopped: Bool)
+        do {
+            piece = try job.text.add(token)
+        } catch {
+            return release(job, outcome: .failure(error))
+        }
+        job.continuation.yield(GenerationPiece(text: piece.text, token: token, finish: nil))
+        if piece.stopped { return release(job, outcome: .success(.stopString)) }
+        if job.generated == job.maximumTokens { return release(job, outcome: .success(.maximumTokens)) }
+        if session.position(of: job.sequence) >= session.contextLength { return release(job, outcome: .success(.contextFull)) }
+        job.next = token
+    }
+
+    /// Ends `job` (nil: it was cancelled, its stream is gone) and frees its sequence.
+    private func release(_ job: Job, outcome: Result<StopReason, EngineError>?) {
+        switch outcome {
+        case .success(let reason):
+            let rest = reason == .stopString ? "" : job.text.finish()
+            let now = ProgressReporter.monotonicSeconds()
+            let first = job.firstToken ?? now
+            job.continuation.yield(
+                GenerationPiece(
+                    text: rest, token: nil,
+                    finish: GenerationSummary(
+                        reason: reason, promptTokens: job.prompt.count, generatedTokens: job.generated,
+                        timeToFirstToken: first - job.submitted, queuedSeconds: job.admitted - job.submitted, decodeSeconds: now - first)))
+            job.continuation.finish()
+        case .failure(let error):
+            job.continuation.finish(throwing: error)
+        case nil:
+            break
+        }
+        running.removeAll { $0 === job }
+        freeSequences.append(job.sequence)
+        session.reset(sequence: job.sequence)
+        condition.lock()
+        shared.running = running.count
+        shared.finished += 1
+        condition.unlock()
+    }
+}
