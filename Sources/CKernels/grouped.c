@@ -99,8 +99,11 @@ ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], 
 // hardware prefetcher alone kept too few lines in flight. On a 2-core Zen 5 with the AVX2 tier
 // forced, decode of the 4-layer 21B-width model ran a median 1.04-1.21x as fast as without it
 // in four sets of 6-10 alternating runs (AVX-512 tier: 1.23x in six); 2 KiB ahead gained less
-// and 8-16 KiB no more. Many tokens reuse each octet from the cache and need no help.
+// and 8-16 KiB no more. A few tokens (several sequences decoding in one step) stream the weights
+// just the same, so the first pass over a group asks ahead for up to X8_AHEAD_TOKENS tokens;
+// a prompt's many tokens reuse each octet from the cache and need no help.
 #define X8_AHEAD 4096
+#define X8_AHEAD_TOKENS 16
 
 // Eight grouped rows against G tokens: each chunk's nibbles are unpacked once for all tokens, and
 // BLOCK_DOT(lo, hi, x, seed) gives the eight rows' integer sums for one token's block (seeded
@@ -112,7 +115,7 @@ ST_AVX2 static inline void octet_nibbles(const st_octet_q4_0 *o, __m256i lo[4], 
         __m256 acc[G];                                                                                      \
         for (int k = 0; k < G; k++) acc[k] = _mm256_setzero_ps();                                          \
         for (int b = 0; b < blocks; b++, o++) {                                                             \
-            if (G == 1 && tokens == 1) st_prefetch_l1((const char *)o + X8_AHEAD, (int)sizeof *o);          \
+            if (t == 0 && tokens <= X8_AHEAD_TOKENS) st_prefetch_l1((const char *)o + X8_AHEAD, (int)sizeof *o); \
             __m256i lo[4], hi[4];                                                                           \
             octet_nibbles(o, lo, hi);                                                                       \
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o->d));                      \
@@ -163,6 +166,7 @@ ST_AVX2 static inline __m256i x8_block_avx2(const __m256i lo[4], const __m256i h
 ST_AVX2 ST_DOT_X8(st_dot_q4_0_x8_avx2) {
     int t = 0;
     X8_TOKENS(4, x8_block_avx2)
+    X8_TOKENS(2, x8_block_avx2)
     X8_TOKENS(1, x8_block_avx2)
 }
 
@@ -211,6 +215,7 @@ ST_AVX512 ST_DOT_X8(st_dot_q4_0_x8_avx512) {
     int t = 0;
     X8_TOKENS(8, x8_block_vnni)
     X8_TOKENS(4, x8_block_vnni)
+    X8_TOKENS(2, x8_block_vnni)
     X8_TOKENS(1, x8_block_vnni)
 }
 

@@ -223,12 +223,13 @@ import Testing
     }
 
     /// The eight-row kernels on Q4_0 rows arranged in row groups equal the scalar reference row by row, for
-    /// every token of a batch (token counts that do and do not fill the kernels' groups), and a
-    /// arranged row comes back byte for byte.
+    /// every token of a batch (token counts that do and do not fill the kernels' groups), each
+    /// token's values bit for bit what it gets alone (several sequences decoding in one step get
+    /// what each gets alone), and a arranged row comes back byte for byte.
     @Test(arguments: sets)
     func interleavedRowsMatchTheReference(set: DotKernels.InstructionSet) {
         let k = table(set)
-        for (length, rows, tokens) in [(32, 8, 1), (96, 16, 5), (1536, 24, 13)] {
+        for (length, rows, tokens) in [(32, 8, 1), (64, 8, 2), (96, 16, 3), (96, 16, 5), (256, 8, 6), (1536, 24, 7), (1536, 24, 13)] {
             var g = Generator(state: 41 + UInt64(length * tokens))
             let (matrix, rowBytes) = q4_0Matrix(rows: rows, length: length, &g)
             let blocks = length / 32
@@ -261,6 +262,19 @@ import Testing
             expectRowsMatchTheReference(
                 set, matrix: matrix, rows: 0..<rows, length: length, tokens: tokens, scales: scales, values: values,
                 out: out, stride: stride)
+            for t in 0..<tokens {
+                var alone = [Float](repeating: .nan, count: rows)
+                let s: [Float] = Array(scales[(t * blocks)...]), v: [Int8] = Array(values[(t * length)...])
+                let m: [Int32] = Array(sums[(t * blocks)...])
+                packed.withUnsafeBytes { p in
+                    alone.withUnsafeMutableBufferPointer { o in
+                        for group in 0..<rows / 8 {
+                            k.dot_q4_0_x8(p.baseAddress! + group * 8 * rowBytes, s, v, m, Int32(blocks), 1, o.baseAddress! + group * 8, Int32(rows))
+                        }
+                    }
+                }
+                #expect(alone == Array(out[t * stride..<t * stride + rows]), "token \(t) of \(tokens) differs from it alone")
+            }
         }
     }
 
