@@ -269,7 +269,8 @@ import Testing
                 packed.withUnsafeBytes { p in
                     alone.withUnsafeMutableBufferPointer { o in
                         for group in 0..<rows / 8 {
-                            k.dot_q4_0_x8(p.baseAddress! + group * 8 * rowBytes, s, v, m, Int32(blocks), 1, o.baseAddress! + group * 8, Int32(rows))
+                            k.dot_q4_0_x8(
+                                p.baseAddress! + group * 8 * rowBytes, s, v, m, Int32(blocks), 1, o.baseAddress! + group * 8, Int32(rows))
                         }
                     }
                 }
