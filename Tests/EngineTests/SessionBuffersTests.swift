@@ -9,8 +9,8 @@ import Testing
     @Test(arguments: Reference.models)
     func theBudgetCountsEveryBufferTheSessionAllocates(model name: String) throws {
         let model = try Model(path: try Packages.path(name, .q4_0))
-        for threads in [1, 3] {
-            let session = try Session(model: model, contextLength: 64, threads: threads)
+        for (threads, sequences) in [(1, 1), (3, 1), (2, 4)] {
+            let session = try Session(model: model, contextLength: 64, threads: threads, sequences: sequences)
             let arena = session.arena
             var starts: [UnsafeMutableRawPointer] = [], batches = 0
             for child in Mirror(reflecting: session).children {
@@ -19,6 +19,7 @@ import Testing
                     case let p as UnsafeMutablePointer<Float>: UnsafeMutableRawPointer(p)
                     case let p as UnsafeMutablePointer<Int32>: UnsafeMutableRawPointer(p)
                     case let p as UnsafeMutablePointer<Int>: UnsafeMutableRawPointer(p)
+                    case let p as UnsafeMutablePointer<ExpertPair>: UnsafeMutableRawPointer(p)
                     default: nil
                     }
                 if let pointer {
@@ -35,8 +36,11 @@ import Testing
             #expect(
                 Set(starts).count == SessionBuffer.allCases.count,
                 "\(starts.count) pointers for \(SessionBuffer.allCases.count) listed buffers")
-            let plan = MemoryPlan(model: model, contextLength: 64, threads: threads)
-            #expect(plan.bufferBytes == arena.bytes + batches + 4 * 3 * model.config.vocabSize)
+            let plan = MemoryPlan(model: model, contextLength: 64, threads: threads, sequences: sequences)
+            #expect(plan.bufferBytes == arena.bytes + batches + 4 * (2 + sequences) * model.config.vocabSize)
+            // Every sequence's KV cache, as allocated.
+            let caches = session.sequences.reduce(0) { $0 + $1.caches.reduce(0) { $0 + 2 * 4 * $1.capacity * $1.heads * $1.headDim } }
+            #expect(plan.kvCacheBytes == caches)
         }
     }
 }

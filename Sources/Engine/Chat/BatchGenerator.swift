@@ -375,24 +375,25 @@ private final class Scheduler: @unchecked Sendable {
             return
         }
         let end = ProgressReporter.monotonicSeconds()
-        var promptTokens = 0, generatedTokens = 0
+        // The counts go in before any stream hears of this step, so a consumer that has seen its
+        // generation end sees it counted.
+        condition.lock()
+        shared.steps += 1
+        shared.stepSeconds += end - start
+        for (chunk, (_, fed)) in zip(chunks, owners) {
+            shared.promptTokens += fed
+            if chunk.logits == .last { shared.generatedTokens += 1 }
+        }
+        condition.unlock()
         var row = 0
         let vocab = session.model.config.vocabSize
         for (chunk, (job, fed)) in zip(chunks, owners) {
             job.fed += fed
-            promptTokens += fed
             guard chunk.logits == .last else { continue }
             let scores = UnsafeMutableBufferPointer(rebasing: logits[row * vocab..<(row + 1) * vocab])
             row += 1
-            generatedTokens += 1
             sample(job, scores, at: end)
         }
-        condition.lock()
-        shared.steps += 1
-        shared.stepSeconds += end - start
-        shared.promptTokens += promptTokens
-        shared.generatedTokens += generatedTokens
-        condition.unlock()
     }
 
     /// Samples `job`'s next token from `scores` and passes it on; ends the job where
@@ -421,8 +422,16 @@ private final class Scheduler: @unchecked Sendable {
         job.next = token
     }
 
-    /// Ends `job` (nil: it was cancelled, its stream is gone) and frees its sequence.
+    /// Ends `job` (nil: it was cancelled, its stream is gone) and frees its sequence, counting it
+    /// before its stream ends.
     private func release(_ job: Job, outcome: Result<StopReason, EngineError>?) {
+        running.removeAll { $0 === job }
+        freeSequences.append(job.sequence)
+        session.reset(sequence: job.sequence)
+        condition.lock()
+        shared.running = running.count
+        shared.finished += 1
+        condition.unlock()
         switch outcome {
         case .success(let reason):
             let rest = reason == .stopString ? "" : job.text.finish()
@@ -433,19 +442,13 @@ private final class Scheduler: @unchecked Sendable {
                     text: rest, token: nil,
                     finish: GenerationSummary(
                         reason: reason, promptTokens: job.prompt.count, generatedTokens: job.generated,
-                        timeToFirstToken: first - job.submitted, queuedSeconds: job.admitted - job.submitted, decodeSeconds: now - first)))
+                        timeToFirstToken: first - job.submitted, queuedSeconds: job.admitted - job.submitted,
+                        decodeSeconds: now - first)))
             job.continuation.finish()
         case .failure(let error):
             job.continuation.finish(throwing: error)
         case nil:
             break
         }
-        running.removeAll { $0 === job }
-        freeSequences.append(job.sequence)
-        session.reset(sequence: job.sequence)
-        condition.lock()
-        shared.running = running.count
-        shared.finished += 1
-        condition.unlock()
     }
 }

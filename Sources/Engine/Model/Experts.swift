@@ -70,10 +70,10 @@ extension Session {
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             // The paths the experts take: as stored when streamed, else as loaded.
             let loaded = expertCache == nil ? layer.experts : model.mappedExperts[index]
-            if n == 1, workers > 1, group.count <= c.activeExperts, let token = input.quantized,
+            if n <= Session.decodeTokens, workers > 1, let tokens = input.quantized,
                 group.allSatisfy({ loaded[$0].tokenPath == .groupedQ4_0 })
             {
-                try decode(group, layer: layer, index: index, token: token.rows(from: 0), workers: workers)
+                try decode(group, layer: layer, index: index, tokens: tokens, workers: workers)
             } else {
                 for e in group { currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e) }
                 let work = ExpertWork(session: self, input: input)
@@ -112,39 +112,68 @@ extension Session {
         return ExpertWork.Input(floats: normed.floats, quantized: quantized, gathered: expertInputs.quantizedForm())
     }
 
-    /// Decoding one token through `group`'s experts (all `.groupedQ4_0`). When streaming, the
-    /// experts already in memory are computed while the reads of the others finish. Each slice has
-    /// its own sum and the sums are added in the same order whatever ran first, so the result is
-    /// the unbudgeted one bit for bit.
+    /// Decoding: each token of a step of at most `decodeTokens` (one per sequence) through its
+    /// experts in `group` (all `.groupedQ4_0`), one (expert, token) pair at a time with the
+    /// one-token kernel, expert by expert, so the tokens that share an expert read it from the
+    /// cache one after another. When streaming, the experts already in memory are computed while
+    /// the reads of the others finish. Each slice of a pair has its own sum and each token's are
+    /// added in the same order whatever ran first, so the result is the unbudgeted one bit for bit
+    /// (and one token gets what it gets decoding alone).
     private func decode(
-        _ group: UnsafeBufferPointer<Int>, layer: LayerWeights, index: Int, token: QuantizedRows, workers: Int
+        _ group: UnsafeBufferPointer<Int>, layer: LayerWeights, index: Int, tokens: QuantizedActivations, workers: Int
     ) throws(EngineError) {
+        let b = Session.maximumBatch
+        decodePairCount = 0
+        for e in group {
+            for i in 0..<assignments.counts[e] {
+                decodePairs[decodePairCount] = ExpertPair(
+                    expert: e, token: assignments.tokens[e * b + i], weight: assignments.weights[e * b + i])
+                decodePairCount += 1
+            }
+        }
+        let pairs = UnsafeBufferPointer(start: decodePairs, count: decodePairCount)
         let resident = expertCache.map { cache in group.map { cache.isReady(layer: index, expert: $0) } } ?? group.map { _ in true }
+        var isResident = [Bool](repeating: false, count: model.config.expertCount)
+        for (i, e) in group.enumerated() { isResident[e] = resident[i] }
         for phase in [true, false] where resident.contains(phase) {
             for (i, e) in group.enumerated() where resident[i] == phase {
                 currentExperts[e] = try expertWeights(layer: layer, index: index, expert: e)
             }
-            decodeSlices(group, computing: resident.map { $0 == phase }, token: token, workers: workers)
+            decodeSlices(pairs, computing: pairs.map { isResident[$0.expert] == phase }, tokens: tokens, workers: workers)
         }
-        let hidden = model.config.hiddenSize
-        st_add_rows(partials, sliceSums, Int32(group.count * Session.decodeSlices), Int32(hidden), Int32(hidden))
+        let hidden = model.config.hiddenSize, slices = Session.decodeSlices
+        for (p, pair) in pairs.enumerated() {
+            st_add_rows(partials + pair.token * hidden, sliceSums + p * slices * hidden, Int32(slices), Int32(hidden), Int32(hidden))
+        }
     }
 
-    /// One token's chosen experts in slices of a quarter of their neurons, taken by whichever
-    /// worker is free: the two cores rarely run at the same speed on a shared machine (the memory
-    /// traffic of one slows the other), and a static half each left one waiting. Computes the
-    /// slices of the experts at the positions of `group` where `computing` is true, each into its
-    /// own buffer of `sliceSums` (slice s of the group at s · hidden); the caller adds them in order.
-    func decodeSlices(_ group: UnsafeBufferPointer<Int>, computing: [Bool], token x: QuantizedRows, workers: Int) {
+    /// The (expert, token) pairs `pairs` in slices of a quarter of an expert's neurons,
+    /// taken by whichever worker is free: the two cores rarely run at the same speed on a shared
+    /// machine (the memory traffic of one slows the other), and a static half each left one
+    /// waiting. Computes the slices of the pairs where `computing` is true, each into its own
+    /// buffer of `sliceSums` (slice s of pair p at (p · decodeSlices + s) · hidden); the caller
+    /// adds them in order.
+    func decodeSlices(_ pairs: UnsafeBufferPointer<ExpertPair>, computing: [Bool], tokens x: QuantizedActivations, workers: Int) {
         let c = model.config
-        let hidden = c.hiddenSize, ffn = c.expertFFNSize, perExpert = Session.decodeSlices
-        let todo = (0..<group.count * perExpert).filter { computing[$0 / perExpert] }
+        let hidden = c.hiddenSize, ffn = c.expertFFNSize, perPair = Session.decodeSlices
+        // Slice by slice within an expert, each slice for all the expert's tokens in turn: the
+        // second token reads the slice's rows from the cache the first left them in.
+        var todo: [Int] = []
+        var first = 0
+        while first < pairs.count {
+            var end = first + 1
+            while end < pairs.count && pairs[end].expert == pairs[first].expert { end += 1 }
+            for part in 0..<perPair {
+                for p in first..<end where computing[p] { todo.append(p * perPair + part) }
+            }
+            first = end
+        }
         nextSlice.store(0, ordering: .relaxed)
         // Part p of an expert: its neurons in whole groups of eight.
-        func neurons(_ part: Int) -> Range<Int> { 8 * (ffn / 8 * part / perExpert)..<8 * (ffn / 8 * (part + 1) / perExpert) }
-        let work = Unchecked((self, group, todo))
+        func neurons(_ part: Int) -> Range<Int> { 8 * (ffn / 8 * part / perPair)..<8 * (ffn / 8 * (part + 1) / perPair) }
+        let work = Unchecked((self, pairs, todo))
         parallelForOnThisTier(workers) { worker in
-            let (session, group, todo) = work.value
+            let (session, pairs, todo) = work.value
             let scratch = session.gateBuffers + worker * Session.gateBufferStride(ffn: ffn)
             // Each worker claims its next slice before adding the current one's down rows, and
             // fetches that slice's gate rows meanwhile (the down stage is arithmetic-bound); the
@@ -155,19 +184,17 @@ extension Session {
                 if session.nextSlice.load(ordering: .relaxed) + 2 <= todo.count {
                     following = session.nextSlice.add(1, ordering: .relaxed).oldValue
                 }
-                let e = group[todo[slice] / perExpert]
+                let pair = pairs[todo[slice] / perPair]
                 let out = session.sliceSums + todo[slice] * hidden
                 out.update(repeating: 0, count: hidden)
                 var next: UnsafeRawBufferPointer? = nil
                 if following < todo.count {
-                    let gate = session.currentExperts[group[todo[following] / perExpert]]!.gate,
-                        range = neurons(todo[following] % perExpert)
+                    let gate = session.currentExperts[pairs[todo[following] / perPair].expert]!.gate,
+                        range = neurons(todo[following] % perPair)
                     next = UnsafeRawBufferPointer(start: gate.base + range.lowerBound * gate.rowBytes, count: range.count * gate.rowBytes)
                 }
-                // The token's weight for this expert (one token: the first entry).
-                session.currentExperts[e]!.fusedReGLU(
-                    neurons: neurons(todo[slice] % perExpert), token: x,
-                    weight: session.assignments.weights[e * Session.maximumBatch],
+                session.currentExperts[pair.expert]!.fusedReGLU(
+                    neurons: neurons(todo[slice] % perPair), token: x.rows(from: pair.token), weight: pair.weight,
                     into: out, scratch: scratch, prefetching: next)
                 slice = following < todo.count ? following : session.nextSlice.add(1, ordering: .relaxed).oldValue
             }
@@ -187,6 +214,13 @@ extension Session {
         }
         return ExpertWeights(gate: moved(mapped.gate), up: moved(mapped.up), down: moved(mapped.down))
     }
+}
+
+/// One token's use of one expert in a decode step, with its mixture weight.
+struct ExpertPair {
+    var expert: Int
+    var token: Int
+    var weight: Float
 }
 
 /// What the workers of one expert group read and write: the input, the routing, the chosen

@@ -105,12 +105,21 @@ public final class Session: @unchecked Sendable {
     let predictedExperts: UnsafeMutablePointer<Int>  // (active experts): its top k
     let mixture: UnsafeMutablePointer<Float>  // (batch, hidden)
     let partials: UnsafeMutablePointer<Float>  // (threads, batch, hidden): per-worker expert sums
-    /// (active experts · decodeSlices, hidden): one token's expert sums per slice of an expert's
-    /// neurons, handed out to whichever worker is free (`nextSlice`) and summed in slice order,
-    /// so the result does not depend on which worker took which slice.
+    /// (decodeTokens · active experts · decodeSlices, hidden): a decode step's sums per (expert,
+    /// token) pair and slice of the expert's neurons, handed out to whichever worker is free
+    /// (`nextSlice`) and summed in slice order, so the result does not depend on which worker
+    /// took which slice.
     let sliceSums: UnsafeMutablePointer<Float>
     let nextSlice = Atomic<Int>(0)
     static let decodeSlices = 4
+    /// Steps of at most this many tokens (decoding, one per sequence) go through the experts a
+    /// token at a time with the one-token kernel (`decode`); longer ones expert by expert, each
+    /// weight row unpacked once for all the expert's tokens.
+    static let decodeTokens = 8
+    /// (decodeTokens · active experts): the (expert, token) pairs of a decode step, the first
+    /// `decodePairCount` in use.
+    let decodePairs: UnsafeMutablePointer<ExpertPair>
+    var decodePairCount = 0
     /// (threads, gateBufferStride): per worker, gate then gate·up (a batch: eight neurons' gate
     /// and up values for each of up to `maximumBatch` tokens).
     let gateBuffers: UnsafeMutablePointer<Float>
@@ -202,6 +211,7 @@ public final class Session: @unchecked Sendable {
         pairCoefficients = arena.pointer(.pairCoefficients, as: Float.self)
         ropeTable = RoPETable(headDim: c.headDim, theta: c.ropeTheta)
         ropeAngles = arena.pointer(.ropeAngles, as: Float.self)
+        decodePairs = arena.pointer(.decodePairs, as: ExpertPair.self)
         currentExperts = Array(repeating: nil, count: c.expertCount)
         if let memoryBudget {
             let forExperts = memoryBudget - plan.fixedBytes

@@ -5,7 +5,7 @@ import Format
 /// reserves is what the session allocates (a test checks the two agree).
 enum SessionBuffer: CaseIterable {
     case queries, keys, values, projected, routerLogits, predictedLogits, predictedExperts, mixture, partials, sliceSums
-    case gateBuffers, activeIndices, upTokens, downRows, downScales, pairRows, pairCoefficients, ropeAngles
+    case gateBuffers, activeIndices, upTokens, downRows, downScales, pairRows, pairCoefficients, ropeAngles, decodePairs
 
     /// Elements of this buffer for a session of `threads` workers (shapes as on `Session`'s fields).
     func elements(_ c: ModelConfig, threads: Int) -> Int {
@@ -18,7 +18,7 @@ enum SessionBuffer: CaseIterable {
         case .predictedLogits: return c.expertCount
         case .predictedExperts: return c.activeExperts
         case .partials: return t * b * c.hiddenSize
-        case .sliceSums: return c.activeExperts * Session.decodeSlices * c.hiddenSize
+        case .sliceSums: return Session.decodeTokens * c.activeExperts * Session.decodeSlices * c.hiddenSize
         case .gateBuffers: return t * Session.gateBufferStride(ffn: ffn)
         case .activeIndices: return t * max(ffn, b)
         case .upTokens: return t * b
@@ -26,11 +26,19 @@ enum SessionBuffer: CaseIterable {
         case .pairRows: return t * 2 * ffn
         case .pairCoefficients: return t * 4 * ffn
         case .ropeAngles: return b * c.headDim
+        case .decodePairs: return Session.decodeTokens * c.activeExperts
         }
     }
 
-    /// Bytes per element: Float and Int32 4, Int (expert indices) 8.
-    var elementBytes: Int { self == .predictedExperts ? MemoryLayout<Int>.stride : 4 }
+    /// Bytes per element: Float and Int32 4, Int (expert indices) 8, an (expert, token) pair its
+    /// struct's stride.
+    var elementBytes: Int {
+        switch self {
+        case .predictedExperts: MemoryLayout<Int>.stride
+        case .decodePairs: MemoryLayout<ExpertPair>.stride
+        default: 4
+        }
+    }
 
     /// Where each buffer starts in one allocation (64-byte aligned), and the allocation's size.
     static func layout(_ c: ModelConfig, threads: Int) -> (offsets: [SessionBuffer: Int], bytes: Int) {
