@@ -116,13 +116,17 @@ import Testing
     }
 
     /// Cancelling the task that consumes a stream ends the generation at the next step and frees
-    /// its sequence: with one sequence, a generation waiting behind it then runs.
+    /// its sequence: with one sequence, a generation waiting behind it then runs. (The cancelled
+    /// one asks for the whole context, thousands of steps, so that it cannot finish on its own
+    /// while the test waits to be scheduled on a loaded machine.)
     @Test func cancellingTheConsumerFreesTheSequence() async throws {
         let model = try Self.model()
+        let context = model.config.maxPositionEmbeddings
         let batch = try BatchGenerator(
-            model: model, tokenizer: try Tokenizer(package: model.package), parallel: 1, contextLength: 512, threads: 2)
+            model: model, tokenizer: try Tokenizer(package: model.package), parallel: 1, contextLength: context, threads: 2)
+        let limit = context - 8
         let long = GenerationRequest(
-            prompt: .text("And"), sampling: Self.sampling(seed: 1, temperature: 1), maximumTokens: 400, ignoreEndOfSequence: true)
+            prompt: .text("And"), sampling: Self.sampling(seed: 1, temperature: 1), maximumTokens: limit, ignoreEndOfSequence: true)
         let started = AsyncStream<Void>.makeStream()
         let consumer = Task {
             var count = 0
@@ -137,7 +141,7 @@ import Testing
         let waiting = Task { try await Self.collect(batch.generate(GenerationRequest(prompt: .text("Amen"), maximumTokens: 5))) }
         consumer.cancel()
         let count = try await consumer.value
-        #expect(count < 400, "the cancelled generation stopped early (\(count) pieces)")
+        #expect(count < limit, "the cancelled generation stopped early (\(count) pieces)")
         let second = try await waiting.value
         #expect(second.summary?.generatedTokens ?? 0 >= 1, "the waiting generation ran on the freed sequence")
         var stats = batch.statistics
@@ -146,7 +150,7 @@ import Testing
             stats = batch.statistics
         }
         #expect(stats.running == 0 && stats.waiting == 0 && stats.finished == 2)
-        #expect(stats.generatedTokens < 400)
+        #expect(stats.generatedTokens < limit)
         batch.shutdown()
     }
 
@@ -188,10 +192,13 @@ import Testing
     /// finish when asked), fails waiting ones, and returns once the thread has stopped.
     @Test func shutdownEndsRunningGenerations() async throws {
         let model = try Self.model()
+        // The whole context, thousands of steps: it cannot end on its own before the shutdown.
+        let context = model.config.maxPositionEmbeddings
         let batch = try BatchGenerator(
-            model: model, tokenizer: try Tokenizer(package: model.package), parallel: 1, contextLength: 512, threads: 2)
+            model: model, tokenizer: try Tokenizer(package: model.package), parallel: 1, contextLength: context, threads: 2)
         let request = GenerationRequest(
-            prompt: .text("And"), sampling: Self.sampling(seed: 1, temperature: 1), maximumTokens: 400, ignoreEndOfSequence: true)
+            prompt: .text("And"), sampling: Self.sampling(seed: 1, temperature: 1), maximumTokens: context - 8,
+            ignoreEndOfSequence: true)
         let running = batch.generate(request), waiting = batch.generate(request)
         var iterator = running.makeAsyncIterator()
         _ = try await iterator.next()
