@@ -340,7 +340,7 @@ public final class Session: @unchecked Sendable {
             }
             first += chunk.tokens.count
         }
-        // Logits in batches the buffers hold (every row of a full batch may ask for them).
+        // At most `maximumBatch` rows ask for logits: `normed` holds them all.
         if !wanted.isEmpty { computeLogits(rows: wanted, into: logits) }
     }
 
