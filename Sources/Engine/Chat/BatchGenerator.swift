@@ -245,11 +245,7 @@ private final class Scheduler: @unchecked Sendable {
         self.session = session
         self.tokenizer = tokenizer
         self.maximumWaiting = maximumWaiting
-        var stops = Set(session.model.config.eosTokenIDs)
-        for name in [ChatTemplate.turnEnd, ChatTemplate.endOfText] {
-            if let id = tokenizer.id(of: name) { stops.insert(id) }
-        }
-        stopTokens = stops
+        stopTokens = TextGenerator.stopTokens(session.model, tokenizer)
         speakable = min(tokenizer.vocabularySize, session.model.config.vocabSize)
         freeSequences = Array((0..<session.sequenceCount).reversed())
         logits = .allocate(capacity: session.sequenceCount * session.model.config.vocabSize)

@@ -72,11 +72,19 @@ public struct TextGenerator {
     public init(session: Session, tokenizer: Tokenizer, sampling: SamplingParameters, stopStrings: [String] = []) {
         self.tokenizer = tokenizer
         tokens = TokenGenerator(session: session, sampling: sampling)
-        for name in [ChatTemplate.turnEnd, ChatTemplate.endOfText] {
-            if let id = tokenizer.id(of: name) { tokens.stopTokens.insert(id) }
-        }
+        tokens.stopTokens = TextGenerator.stopTokens(session.model, tokenizer)
         tokens.speakable = tokenizer.vocabularySize
         self.stopStrings = stopStrings.filter { !$0.isEmpty }
+    }
+
+    /// The ids text generation stops at: the model's end-of-sequence ids, `<|im_end|>` and
+    /// `<|endoftext|>`.
+    static func stopTokens(_ model: Model, _ tokenizer: Tokenizer) -> Set<Int> {
+        var stops = Set(model.config.eosTokenIDs)
+        for name in [ChatTemplate.turnEnd, ChatTemplate.endOfText] {
+            if let id = tokenizer.id(of: name) { stops.insert(id) }
+        }
+        return stops
     }
 
     /// Feeds `prompt` (ids not yet evaluated), then generates up to `maximumTokens`, calling
