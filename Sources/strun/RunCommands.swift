@@ -143,6 +143,12 @@ struct SamplingOptions: ParsableArguments {
     @Option(help: "Penalise tokens already seen (1: off).")
     var repetitionPenalty: Float?
 
+    @Option(help: "Lower a token's logit by this times the times it was generated (OpenAI's frequency_penalty; 0: off).")
+    var frequencyPenalty: Float?
+
+    @Option(help: "Lower a token's logit by this once it was generated (OpenAI's presence_penalty; 0: off).")
+    var presencePenalty: Float?
+
     @Option(help: "Random seed (same seed, same output).")
     var seed: UInt64 = 0
 
@@ -152,6 +158,9 @@ struct SamplingOptions: ParsableArguments {
         if let minP, !(minP >= 0 && minP < 1) { throw ValidationError("--min-p must be in [0, 1)") }
         if let topK, topK < 0 { throw ValidationError("--top-k must not be negative") }
         if let repetitionPenalty, repetitionPenalty <= 0 { throw ValidationError("--repetition-penalty must be positive") }
+        for (name, value) in [("--frequency-penalty", frequencyPenalty), ("--presence-penalty", presencePenalty)] {
+            if let value, !(-2...2).contains(value) { throw ValidationError("\(name) must be from -2 to 2") }
+        }
     }
 
     func parameters(for model: Model) -> SamplingParameters {
@@ -161,6 +170,8 @@ struct SamplingOptions: ParsableArguments {
         if let topP { p.topP = topP }
         if let minP { p.minP = minP }
         if let repetitionPenalty { p.repetitionPenalty = repetitionPenalty }
+        if let frequencyPenalty { p.frequencyPenalty = frequencyPenalty }
+        if let presencePenalty { p.presencePenalty = presencePenalty }
         p.seed = seed
         return p
     }

@@ -9,14 +9,14 @@ import Darwin
 #endif
 
 @main
-struct STRun: ParsableCommand {
+struct STRun: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "strun",
         abstract: "Run, inspect and verify SmallThinker .stpk packages.",
         version: "\(PackageFormat.converterVersion)\nkernels: \(DotKernels.configurationReport)",
         subcommands: [
             Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self,
-            Stats.self
+            Stats.self, Serve.self
         ]
     )
 }

@@ -14,14 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-20}"; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(json checkpoint package gguf tokenizer)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(json checkpoint package gguf tokenizer request)
 scratch=.build-fuzz
 work="${WORK:-$scratch/work}"
 config=release
 
 # The libraries with coverage instrumentation and ASan; each target links their objects with
 # libFuzzer's main (SwiftPM cannot build a libFuzzer binary itself).
-swift build -c $config --scratch-path $scratch --target Engine \
+swift build -c $config --scratch-path $scratch --target OpenAICompatible \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -g -Xcc -fsanitize=fuzzer-no-link,address >/dev/null
 D=$scratch/$config
 mkdir -p "$work/bin" "$work/artifacts"
@@ -32,7 +32,7 @@ for t in "${targets[@]}"; do
         -Xcc -fmodule-map-file=$D/CKernels.build/module.modulemap -Xcc -fmodule-map-file=Sources/CZlib/module.modulemap \
         -Xcc -I -Xcc Sources/CQuantize/include -Xcc -I -Xcc Sources/CKernels/include \
         "$PWD/Tests/Fuzz/Targets/$t.swift" "$PWD/Tests/Fuzz/Targets/Support.swift" \
-        $D/Format.build/*.o $D/Engine.build/*.o $D/CQuantize.build/*.o $D/CKernels.build/*.o -lz \
+        $D/Format.build/*.o $D/Engine.build/*.o $D/OpenAICompatible.build/*.o $D/CQuantize.build/*.o $D/CKernels.build/*.o -lz \
         -o "$work/bin/fuzz-$t" 2> >(grep -v "Cannot export local symbol" >&2)
 done
 

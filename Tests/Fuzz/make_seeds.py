@@ -73,6 +73,17 @@ corpus("json", "escapes.json", '{"a":[1,-2.5e-3,true,false,null],"s":"\\u00e9\\u
 fixtures = os.path.join(root, "..", "Fixtures")
 corpus("tokenizer", "tiny-tokenizer.json", read(os.path.join(fixtures, "tiny-tokenizer", "tokenizer.json")))
 corpus("tokenizer", "text.txt", "Hello, world! 123 <|im_start|>user\nhéllo 日本語 \t\r\n  spaces".encode())
+# strun serve's requests: the first byte picks the endpoint (0 chat, 1 completions, 2 /tokenize, 3 /detokenize).
+corpus("request", "chat.json", b"\x00" + json.dumps({
+    "model": "example", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                     {"role": "assistant", "content": None}, {"role": "user", "content": "héllo <|im_end|>"}],
+    "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": 3, "max_tokens": 64, "stop": ["\n\n", "User:"],
+    "stream": True, "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2,
+    "frequency_penalty": 0.5, "presence_penalty": 0.1, "logit_bias": {"15": -100}}).encode())
+corpus("request", "completion.json", b"\x01" + json.dumps({"prompt": [[1, 2, 3]], "max_tokens": 5, "logprobs": 1, "stop": "x"}).encode())
+corpus("request", "completion-text.json", b"\x01" + json.dumps({"prompt": "And it came to pass", "echo": False, "n": 1}).encode())
+corpus("request", "tokenize.json", b"\x02" + json.dumps({"content": "Hello, world!", "with_pieces": True}).encode())
+corpus("request", "detokenize.json", b"\x03" + json.dumps({"tokens": [9707, 11, 1879, 0]}).encode())
 pkg, gguf = os.path.join(seeds, "micro.stpk"), os.path.join(seeds, "micro.gguf")
 for args in ([ck, "-o", pkg], [pkg, "-o", pkg + ".q4_0", "--type", "q4_0"], [pkg, "-o", gguf, "--force-layout", "--alignment", "32"]):
     subprocess.run([stconvert if "--type" not in args else stconvert.replace("stconvert", "stquant")] + args + ["-q"], check=True)

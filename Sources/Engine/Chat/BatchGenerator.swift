@@ -22,16 +22,68 @@ public struct GenerationRequest: Sendable {
     /// Go on past the model's end-of-sequence tokens (and `<|im_end|>`, `<|endoftext|>`), as
     /// llama.cpp's `ignore_eos`: for benchmarks that need a fixed length.
     public var ignoreEndOfSequence: Bool
+    /// With each generated token, its log-probability and this many most likely alternatives
+    /// (nil: none). At most `TokenLogprob.maximumAlternatives`.
+    public var logprobs: Int?
 
     public init(
         prompt: Prompt, sampling: SamplingParameters = SamplingParameters(), maximumTokens: Int = 256, stopStrings: [String] = [],
-        ignoreEndOfSequence: Bool = false
+        ignoreEndOfSequence: Bool = false, logprobs: Int? = nil
     ) {
         self.prompt = prompt
         self.sampling = sampling
         self.maximumTokens = maximumTokens
         self.stopStrings = stopStrings
         self.ignoreEndOfSequence = ignoreEndOfSequence
+        self.logprobs = logprobs
+    }
+}
+
+/// A generated token's log-probability under the model (the log-softmax of its logits, before
+/// penalties, temperature and truncation), with the most likely ids at that position.
+public struct TokenLogprob: Sendable, Equatable {
+    public static let maximumAlternatives = 20
+
+    public struct Alternative: Sendable, Equatable {
+        public var token: Int
+        public var logprob: Float
+        public init(token: Int, logprob: Float) {
+            self.token = token
+            self.logprob = logprob
+        }
+    }
+
+    public var token: Int
+    public var logprob: Float
+    /// The most likely ids, most likely first (ties: lower id first).
+    public var alternatives: [Alternative]
+
+    public init(token: Int, logprob: Float, alternatives: [Alternative]) {
+        self.token = token
+        self.logprob = logprob
+        self.alternatives = alternatives
+    }
+
+    /// `token`'s log-probability in `logits`, with the `top` most likely ids.
+    public static func compute(_ logits: UnsafeBufferPointer<Float>, token: Int, top: Int) -> TokenLogprob {
+        var largest = -Float.infinity
+        for x in logits where x > largest { largest = x }
+        var sum = 0.0
+        for x in logits where x > -.infinity { sum += Foundation.exp(Double(x - largest)) }
+        let logSum = Float(Foundation.log(sum)) + largest
+        var best: [Int] = []
+        let count = min(max(0, top), maximumAlternatives, logits.count)
+        if count > 0 {
+            let before = { (a: Int, b: Int) in logits[a] > logits[b] || (logits[a] == logits[b] && a < b) }
+            for i in logits.indices where best.count < count || before(i, best[best.count - 1]) {
+                let at = best.firstIndex { before(i, $0) } ?? best.count
+                best.insert(i, at: at)
+                if best.count > count { best.removeLast() }
+            }
+        }
+        return TokenLogprob(
+            token: token, logprob: logits[token] - logSum,
+            alternatives: best.map { Alternative(token: $0, logprob: logits[$0] - logSum) })
     }
 }
 
@@ -43,14 +95,26 @@ public struct GenerationPiece: Sendable {
     public var text: String
     /// The token generated with this piece (none in the last piece).
     public var token: Int?
+    /// The token's log-probability, when the request asked for them.
+    public var logprob: TokenLogprob?
     /// Set on the last piece only.
     public var finish: GenerationSummary?
+
+    public init(text: String, token: Int?, logprob: TokenLogprob? = nil, finish: GenerationSummary? = nil) {
+        self.text = text
+        self.token = token
+        self.logprob = logprob
+        self.finish = finish
+    }
 }
 
 /// How a generation ended, with its counts and timings.
 public struct GenerationSummary: Sendable {
     public var reason: StopReason
     public var promptTokens: Int
+    /// Prompt tokens a sequence already held from an earlier generation (the prompt cache), so
+    /// not evaluated again.
+    public var cachedTokens: Int
     /// Generated tokens, the stop token included when one ended the generation.
     public var generatedTokens: Int
     /// Seconds from the request to its first token (waiting for a free sequence included).
@@ -59,6 +123,19 @@ public struct GenerationSummary: Sendable {
     public var queuedSeconds: Double
     /// Seconds from the first token to the last.
     public var decodeSeconds: Double
+
+    public init(
+        reason: StopReason, promptTokens: Int, cachedTokens: Int, generatedTokens: Int, timeToFirstToken: Double, queuedSeconds: Double,
+        decodeSeconds: Double
+    ) {
+        self.reason = reason
+        self.promptTokens = promptTokens
+        self.cachedTokens = cachedTokens
+        self.generatedTokens = generatedTokens
+        self.timeToFirstToken = timeToFirstToken
+        self.queuedSeconds = queuedSeconds
+        self.decodeSeconds = decodeSeconds
+    }
 }
 
 /// Runs many generations at once on one model: each forward step evaluates the next token of
@@ -74,7 +151,11 @@ public struct GenerationSummary: Sendable {
 /// ```
 ///
 /// Each `generate` returns its own stream; start as many as you like from any tasks. Up to
-/// `parallel` run at once and the others wait their turn. Cancelling the task that consumes a
+/// `parallel` run at once and the others wait their turn.
+///
+/// A finished generation leaves its tokens in its sequence's cache. A new generation takes the
+/// free sequence that holds the longest beginning of its prompt and evaluates only the rest (the
+/// next turn of a chat, a shared system prompt); `promptCache: false` turns that off. Cancelling the task that consumes a
 /// stream (or dropping the stream) ends that generation at the next step and frees its
 /// sequence. The generator owns a thread that runs the steps; `shutdown` (or releasing the
 /// generator) stops it.
@@ -96,6 +177,8 @@ public final class BatchGenerator: Sendable {
         /// Finished generations (cancelled and failed ones included).
         public var finished = 0
         public var promptTokens = 0
+        /// Prompt tokens taken from the prompt cache (included in `promptTokens`).
+        public var cachedPromptTokens = 0
         public var generatedTokens = 0
         /// Forward steps run, and seconds spent in them.
         public var steps = 0
@@ -106,27 +189,27 @@ public final class BatchGenerator: Sendable {
     /// generator's thread uses it.
     /// - Parameter maximumWaiting: generations that may wait for a sequence; past that a new
     ///   one fails at once with `EngineError.queueFull`.
-    public init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int = .max) {
+    public init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int = .max, promptCache: Bool = true) {
         parallel = session.sequenceCount
         contextLength = session.contextLength
         self.tokenizer = tokenizer
         model = session.model
-        scheduler = Scheduler(session: session, tokenizer: tokenizer, maximumWaiting: max(0, maximumWaiting))
+        scheduler = Scheduler(session: session, tokenizer: tokenizer, maximumWaiting: max(0, maximumWaiting), promptCache: promptCache)
     }
 
     /// A generator of `parallel` sequences of `contextLength` positions each (nil: the model's
     /// default); the other parameters are `Session`'s.
     public convenience init(
         model: Model, tokenizer: Tokenizer, parallel: Int, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, maximumWaiting: Int = .max
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, maximumWaiting: Int = .max, promptCache: Bool = true
     ) throws(EngineError) {
         let session = try Session(
             model: model, contextLength: contextLength, threads: threads, memoryBudget: memoryBudget, kernels: kernels,
             sequences: parallel)
-        self.init(session: session, tokenizer: tokenizer, maximumWaiting: maximumWaiting)
+        self.init(session: session, tokenizer: tokenizer, maximumWaiting: maximumWaiting, promptCache: promptCache)
     }
 
-    deinit { scheduler.stop(finishRunning: false) }
+    deinit { scheduler.stop(gracePeriod: 0) }
 
     /// Starts a generation. The stream yields a piece per generated token and a last piece with
     /// the summary, or throws an `EngineError` (a prompt that does not fit the context, a full
@@ -160,7 +243,11 @@ public final class BatchGenerator: Sendable {
     /// Stops the generator: new generations fail with `EngineError.shutDown`, so do waiting
     /// ones; running ones run to their end when `finishRunning`, else end with that error at the
     /// next step. Returns when the generator's thread has stopped.
-    public func shutdown(finishRunning: Bool = false) { scheduler.stop(finishRunning: finishRunning) }
+    public func shutdown(finishRunning: Bool = false) { scheduler.stop(gracePeriod: finishRunning ? .infinity : 0) }
+
+    /// Stops the generator as `shutdown(finishRunning: true)` does, but ends generations still
+    /// running `gracePeriod` seconds from now with `EngineError.shutDown`.
+    public func shutdown(gracePeriod: Double) { scheduler.stop(gracePeriod: gracePeriod) }
 }
 
 /// One generation: its request, its stream, and, once it has a sequence, its progress.
@@ -172,13 +259,16 @@ private final class Job: @unchecked Sendable {
     let prompt: [Int]
     let maximumTokens: Int
     let ignoreEndOfSequence: Bool
+    let logprobs: Int?
     let continuation: AsyncThrowingStream<GenerationPiece, any Error>.Continuation
     let submitted = ProgressReporter.monotonicSeconds()
     var admitted = 0.0
     var firstToken: Double?
     var sequence = -1
-    /// Prompt tokens evaluated so far.
+    /// Prompt tokens evaluated so far (or held by the sequence from before).
     var fed = 0
+    /// Prompt tokens the sequence held from before.
+    var cached = 0
     var sampler: Sampler
     /// Prompt and generated ids (the repetition penalty's history).
     var history: [Int]
@@ -200,6 +290,7 @@ private final class Job: @unchecked Sendable {
         guard request.maximumTokens >= 1 else { throw .emptyInput }
         maximumTokens = request.maximumTokens
         ignoreEndOfSequence = request.ignoreEndOfSequence
+        logprobs = request.logprobs.map { min(max(0, $0), TokenLogprob.maximumAlternatives) }
         self.continuation = continuation
         sampler = Sampler(request.sampling)
         history = prompt
@@ -224,6 +315,7 @@ private final class Scheduler: @unchecked Sendable {
     let session: Session
     let tokenizer: Tokenizer
     let maximumWaiting: Int
+    let promptCache: Bool
     private let stopTokens: Set<Int>
     private let speakable: Int
 
@@ -232,22 +324,28 @@ private final class Scheduler: @unchecked Sendable {
     private var waiting: [Job] = []
     private var cancelled: Set<Int> = []
     private var stopping = false
-    private var finishRunningOnStop = false
+    /// When stopping: the monotonic time past which running jobs are cut.
+    private var stopDeadline = 0.0
     private var stopped = false
     private var shared = BatchGenerator.Statistics()
 
     // The scheduler thread's own.
     private var running: [Job] = []  // in order of admission
+    /// Free sequences, the longest free first.
     private var freeSequences: [Int]
+    /// The ids whose keys and values each sequence holds (the prompt cache).
+    private var held: [[Int]]
     private let logits: UnsafeMutableBufferPointer<Float>  // (sequences, vocab)
 
-    init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int) {
+    init(session: Session, tokenizer: Tokenizer, maximumWaiting: Int, promptCache: Bool) {
         self.session = session
         self.tokenizer = tokenizer
         self.maximumWaiting = maximumWaiting
+        self.promptCache = promptCache
         stopTokens = TextGenerator.stopTokens(session.model, tokenizer)
         speakable = min(tokenizer.vocabularySize, session.model.config.vocabSize)
-        freeSequences = Array((0..<session.sequenceCount).reversed())
+        freeSequences = Array(0..<session.sequenceCount)
+        held = Array(repeating: [], count: session.sequenceCount)
         logits = .allocate(capacity: session.sequenceCount * session.model.config.vocabSize)
         let thread = Thread { [self] in loop() }
         thread.name = "strun scheduler"
@@ -288,11 +386,11 @@ private final class Scheduler: @unchecked Sendable {
         return shared
     }
 
-    func stop(finishRunning: Bool) {
+    func stop(gracePeriod: Double) {
         condition.lock()
         if !stopping {
             stopping = true
-            finishRunningOnStop = finishRunning
+            stopDeadline = ProgressReporter.monotonicSeconds() + max(0, gracePeriod)
             let refused = waiting
             waiting.removeAll()
             shared.waiting = 0
@@ -313,22 +411,27 @@ private final class Scheduler: @unchecked Sendable {
             let cancellations = cancelled
             cancelled.removeAll()
             var admitted: [Job] = []
-            while !freeSequences.isEmpty && !waiting.isEmpty {
-                let job = waiting.removeFirst()
-                job.sequence = freeSequences.removeLast()
-                admitted.append(job)
-            }
-            let stopNow = stopping && (!finishRunningOnStop || running.isEmpty && admitted.isEmpty)
+            while admitted.count < freeSequences.count && !waiting.isEmpty { admitted.append(waiting.removeFirst()) }
+            let stopNow =
+                stopping && (running.isEmpty && admitted.isEmpty || ProgressReporter.monotonicSeconds() >= stopDeadline)
             shared.waiting = waiting.count
             shared.running = running.count + admitted.count
             condition.unlock()
 
             for job in running where cancellations.contains(job.id) { release(job, outcome: nil) }
             let now = ProgressReporter.monotonicSeconds()
+            var cachedTokens = 0
             for job in admitted {
                 job.admitted = now
-                session.reset(sequence: job.sequence)
+                assign(job)
+                cachedTokens += job.cached
                 running.append(job)
+            }
+            if cachedTokens > 0 {
+                condition.lock()
+                shared.promptTokens += cachedTokens
+                shared.cachedPromptTokens += cachedTokens
+                condition.unlock()
             }
             if stopNow {
                 for job in running { release(job, outcome: .failure(.shutDown)) }
@@ -340,6 +443,36 @@ private final class Scheduler: @unchecked Sendable {
             }
             if !running.isEmpty { step() }
         }
+    }
+
+    /// Gives `job` the free sequence holding the longest beginning of its prompt, keeping that
+    /// beginning (at least the last prompt token is evaluated, for its logits); without one, the
+    /// free sequence free the longest, preferring an empty one.
+    private func assign(_ job: Job) {
+        func common(_ a: [Int], _ b: [Int]) -> Int {
+            var n = 0
+            while n < a.count && n < b.count && a[n] == b[n] { n += 1 }
+            return n
+        }
+        var choice = freeSequences.firstIndex { held[$0].isEmpty } ?? 0
+        var keep = 0
+        if promptCache {
+            for (i, sequence) in freeSequences.enumerated() {
+                let n = min(common(held[sequence], job.prompt), job.prompt.count - 1)
+                if n > keep { (choice, keep) = (i, n) }
+            }
+        }
+        let sequence = freeSequences.remove(at: choice)
+        job.sequence = sequence
+        if keep > 0 && session.truncate(sequence: sequence, to: keep) {
+            held[sequence].removeSubrange(keep...)
+        } else {
+            keep = 0
+            session.reset(sequence: sequence)
+            held[sequence].removeAll()
+        }
+        job.fed = keep
+        job.cached = keep
     }
 
     /// One forward step: every decoding job's next token, then prompt chunks in order of
@@ -370,6 +503,7 @@ private final class Scheduler: @unchecked Sendable {
             for (job, _) in owners { release(job, outcome: .failure(error)) }
             return
         }
+        for chunk in chunks { held[chunk.sequence] += chunk.tokens }
         let end = ProgressReporter.monotonicSeconds()
         // The counts go in before any stream hears of this step, so a consumer that has seen its
         // generation end sees it counted.
@@ -396,13 +530,15 @@ private final class Scheduler: @unchecked Sendable {
     /// `TokenGenerator` would end it.
     private func sample(_ job: Job, _ scores: UnsafeMutableBufferPointer<Float>, at now: Double) {
         for i in speakable..<scores.count { scores[i] = -.infinity }
-        let token = job.sampler.sample(UnsafeBufferPointer(scores), history: job.history)
+        let token = job.sampler.sample(UnsafeBufferPointer(scores), history: job.history, generated: job.generated)
+        let logprob = job.logprobs.map { TokenLogprob.compute(UnsafeBufferPointer(scores), token: token, top: $0) }
         job.generated += 1
         job.history.append(token)
         job.next = nil
         if job.firstToken == nil { job.firstToken = now }
         if stopTokens.contains(token) && !job.ignoreEndOfSequence {
-            job.continuation.yield(GenerationPiece(text: "", token: token, finish: nil))
+            // The stop token is not part of the text; OpenAI gives no log-probability for it.
+            job.continuation.yield(GenerationPiece(text: "", token: token, logprob: nil, finish: nil))
             return release(job, outcome: .success(.endOfSequence))
         }
         let piece: (text: String, stopped: Bool)
@@ -411,7 +547,7 @@ private final class Scheduler: @unchecked Sendable {
         } catch {
             return release(job, outcome: .failure(error))
         }
-        job.continuation.yield(GenerationPiece(text: piece.text, token: token, finish: nil))
+        job.continuation.yield(GenerationPiece(text: piece.text, token: token, logprob: logprob, finish: nil))
         if piece.stopped { return release(job, outcome: .success(.stopString)) }
         if job.generated == job.maximumTokens { return release(job, outcome: .success(.maximumTokens)) }
         if session.position(of: job.sequence) >= session.contextLength { return release(job, outcome: .success(.contextFull)) }
@@ -419,11 +555,15 @@ private final class Scheduler: @unchecked Sendable {
     }
 
     /// Ends `job` (nil: it was cancelled, its stream is gone) and frees its sequence, counting it
-    /// before its stream ends.
+    /// before its stream ends. The sequence keeps what it holds for the prompt cache, unless the
+    /// job failed.
     private func release(_ job: Job, outcome: Result<StopReason, EngineError>?) {
         running.removeAll { $0 === job }
         freeSequences.append(job.sequence)
-        session.reset(sequence: job.sequence)
+        if case .failure = outcome {
+            session.reset(sequence: job.sequence)
+            held[job.sequence].removeAll()
+        }
         condition.lock()
         shared.running = running.count
         shared.finished += 1
@@ -437,7 +577,7 @@ private final class Scheduler: @unchecked Sendable {
                 GenerationPiece(
                     text: rest, token: nil,
                     finish: GenerationSummary(
-                        reason: reason, promptTokens: job.prompt.count, generatedTokens: job.generated,
+                        reason: reason, promptTokens: job.prompt.count, cachedTokens: job.cached, generatedTokens: job.generated,
                         timeToFirstToken: first - job.submitted, queuedSeconds: job.admitted - job.submitted,
                         decodeSeconds: now - first)))
             job.continuation.finish()

@@ -38,7 +38,7 @@ public struct TokenGenerator {
         var seen = history + prompt
         while generated.count < maximumTokens {
             if let speakable { for i in min(speakable, logits.count)..<logits.count { logits[i] = -.infinity } }
-            let token = sampler.sample(logits[...], history: seen)
+            let token = sampler.sample(logits[...], history: seen, generated: generated.count)
             generated.append(token)
             seen.append(token)
             if stopTokens.contains(token) { return (generated, .endOfSequence) }

@@ -16,6 +16,12 @@ public struct SamplingParameters: Sendable, Equatable {
     public var minP: Float = 0
     /// Divide positive logits (multiply negative ones) of tokens already seen by this (1: off).
     public var repetitionPenalty: Float = 1
+    /// OpenAI's penalties on generated tokens: a token's logit is lowered by `frequencyPenalty`
+    /// times the times it was generated so far, and by `presencePenalty` once if it was (0: off).
+    public var frequencyPenalty: Float = 0
+    public var presencePenalty: Float = 0
+    /// Added to the logits of these ids before anything else (OpenAI's `logit_bias`).
+    public var logitBias: [Int: Float] = [:]
     public var seed: UInt64 = 0
 
     public init() {}
@@ -27,7 +33,8 @@ public struct SamplingParameters: Sendable, Equatable {
     }
 }
 
-/// Draws tokens: repetition penalty, then temperature, top-k, top-p and min-p, then a seeded draw.
+/// Draws tokens: logit bias, repetition, frequency and presence penalties, then temperature, top-k,
+/// top-p and min-p, then a seeded draw.
 /// The same seed and inputs give the same tokens.
 public struct Sampler: Sendable {
     public let parameters: SamplingParameters
@@ -38,20 +45,30 @@ public struct Sampler: Sendable {
         random = SplitMix64(seed: parameters.seed)
     }
 
-    public mutating func sample(_ logits: ArraySlice<Float>, history: [Int] = []) -> Int {
-        sample(scores: Array(logits), history: history)
+    /// Draws the next id. `history` is every id so far (the repetition penalty's); its last
+    /// `generated` ones were generated (the frequency and presence penalties').
+    public mutating func sample(_ logits: ArraySlice<Float>, history: [Int] = [], generated: Int = 0) -> Int {
+        sample(scores: Array(logits), history: history, generated: generated)
     }
 
-    public mutating func sample(_ logits: UnsafeBufferPointer<Float>, history: [Int] = []) -> Int {
-        sample(scores: Array(logits), history: history)
+    public mutating func sample(_ logits: UnsafeBufferPointer<Float>, history: [Int] = [], generated: Int = 0) -> Int {
+        sample(scores: Array(logits), history: history, generated: generated)
     }
 
-    private mutating func sample(scores: [Float], history: [Int]) -> Int {
+    private mutating func sample(scores: [Float], history: [Int], generated: Int) -> Int {
         var scores = scores
         let p = parameters
+        for (token, bias) in p.logitBias where scores.indices.contains(token) { scores[token] += bias }
         if p.repetitionPenalty != 1 {
             for token in Set(history) where scores.indices.contains(token) {
                 scores[token] = scores[token] > 0 ? scores[token] / p.repetitionPenalty : scores[token] * p.repetitionPenalty
+            }
+        }
+        if p.frequencyPenalty != 0 || p.presencePenalty != 0 {
+            var counts: [Int: Int] = [:]
+            for token in history.suffix(max(0, generated)) { counts[token, default: 0] += 1 }
+            for (token, count) in counts where scores.indices.contains(token) {
+                scores[token] -= p.frequencyPenalty * Float(count) + p.presencePenalty
             }
         }
         if p.temperature <= 0 { return LogitComparison.argmax(scores[...]) }
