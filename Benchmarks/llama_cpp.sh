@@ -39,9 +39,12 @@ llama_cpp_build() {
     done
     if [ -n "$missing" ]; then
         command -v cmake >/dev/null || python3 -m pip install -q cmake >/dev/null 2>&1 || true
+        # The server's target exists only when it is asked for (llama-server, for serve_llama.sh).
+        local server=OFF
+        case " $* " in *" llama-server "*) server=ON ;; esac
         # shellcheck disable=SC2086
         cmake -S "$dir" -B "$build" $flags -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-            -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null 2>"$dir/build-$name.log"
+            -DLLAMA_BUILD_SERVER=$server -DCMAKE_BUILD_TYPE=Release >/dev/null 2>"$dir/build-$name.log"
         # shellcheck disable=SC2086
         cmake --build "$build" --target $missing -j"$(nproc)" >/dev/null 2>>"$dir/build-$name.log" \
             || { echo "llama.cpp build failed: $dir/build-$name.log" >&2; return 1; }

@@ -26,7 +26,7 @@ public struct ServerConfiguration: Sendable {
     /// With a key, every endpoint but `/health` needs `Authorization: Bearer KEY`.
     public var apiKey: String?
     /// Largest request body accepted (413 beyond).
-    public var maximumBodyBytes = 4 << 20
+    public var maximumBodyBytes = 1 << 20
     /// Connections open at once at most; past that new ones wait in the listen backlog.
     public var maximumConnections = 256
     /// On SIGINT/SIGTERM, running generations may finish for this long; then they are cut.

@@ -42,7 +42,7 @@ struct Serve: AsyncParsableCommand {
     var alias: String?
 
     @Option(help: "Largest request body in bytes.")
-    var maxBody = 4 << 20
+    var maxBody = 1 << 20
 
     @Option(help: "Seconds running generations may go on after SIGINT/SIGTERM before they are cut.")
     var shutdownGrace = 10.0
