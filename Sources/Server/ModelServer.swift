@@ -64,7 +64,9 @@ public struct ModelServer: Sendable {
             address: .hostname(configuration.host, port: configuration.port), serverName: "strun",
             availableConnectionsDelegate: MaximumAvailableConnections(configuration.maximumConnections))
         let app = Application(
-            router: router, server: .http1(configuration: .init(idleTimeout: .seconds(120))), configuration: http,
+            router: router,
+            server: .http1(configuration: .init(additionalChannelHandlers: [DisconnectWatcher()], idleTimeout: .seconds(120))),
+            configuration: http,
             onServerRunning: { channel in listening(configuration.host, channel.localAddress?.port ?? configuration.port) },
             logger: logger)
         // Shut down in reverse order: the loader first (it stops the generator, which lets running

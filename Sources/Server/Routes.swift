@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import NIOCore
 import OpenAICompatible
+import Synchronization
 
 /// The endpoints. Handlers turn every failure into an OpenAI-shaped error response; nothing a
 /// client sends can throw past them.
@@ -10,8 +11,8 @@ struct Routes: Sendable {
     let state: ServerState
     let configuration: ServerConfiguration
 
-    func router() -> Router<BasicRequestContext> {
-        let router = Router()
+    func router() -> Router<ServerContext> {
+        let router = Router(context: ServerContext.self)
         router.add(middleware: Gatekeeper(state: state, apiKey: configuration.apiKey))
         router.get("/health") { _, _ in health() }
         router.get("/metrics") { _, _ in
@@ -25,10 +26,10 @@ struct Routes: Sendable {
             }
         }
         for path in ["/v1/chat/completions", "/chat/completions"] {
-            router.post(RouterPath(path)) { request, _ in await complete(request, endpoint: .chat) }
+            router.post(RouterPath(path)) { request, context in await complete(request, context, endpoint: .chat) }
         }
         for path in ["/v1/completions", "/completions"] {
-            router.post(RouterPath(path)) { request, _ in await complete(request, endpoint: .completion) }
+            router.post(RouterPath(path)) { request, context in await complete(request, context, endpoint: .completion) }
         }
         router.post("/tokenize") { request, _ in
             await answering { () async throws(APIError) in
@@ -62,7 +63,7 @@ struct Routes: Sendable {
         return json(#"{"status":"ok"}"#)
     }
 
-    private func complete(_ request: Request, endpoint: CompletionRequest.Endpoint) async -> Response {
+    private func complete(_ request: Request, _ context: ServerContext, endpoint: CompletionRequest.Endpoint) async -> Response {
         await answering { () async throws(APIError) in
             let model = try require()
             let bytes = try await body(request)
@@ -86,18 +87,31 @@ struct Routes: Sendable {
                 request: parsed, model: model.served, id: (endpoint == .chat ? "chatcmpl-" : "cmpl-") + Self.randomID(),
                 created: Int(Date().timeIntervalSince1970), tokenBytes: { tokenizer.bytes(of: $0) ?? [] })
             let pieces = Pieces(model.generator.generate(parsed.generation))
-            // The first piece comes once the request has a sequence and its prompt is evaluated:
-            // a full queue or a shut-down generator is still an HTTP error, not a broken stream.
-            let first: GenerationPiece
-            do {
-                guard let piece = try await pieces.next() else { throw APIError(status: 500, message: "No output.", type: "server_error") }
-                first = piece
-            } catch {
-                throw Self.apiError(error, retryAfter: configuration.retryAfterSeconds)
+            let stream = parsed.stream, retryAfter = configuration.retryAfterSeconds
+            // Until a response is being written, a client that goes away is noticed only by its
+            // connection closing (see `DisconnectWatcher`): that cancels the wait, and so the
+            // generation. The first piece comes once the request has a sequence and its prompt is
+            // evaluated: a full queue or a shut-down generator is still an HTTP error, not a
+            // broken stream.
+            let waiting = Task { () async throws -> Response in
+                let first: GenerationPiece
+                do {
+                    guard let piece = try await pieces.next() else { throw Self.gone }
+                    first = piece
+                } catch {
+                    throw Self.apiError(error, retryAfter: retryAfter)
+                }
+                return stream ? self.stream(first: first, rest: pieces, responder: responder) : try await whole(first, pieces, responder)
             }
-            return parsed.stream ? stream(first: first, rest: pieces, responder: responder) : try await whole(first, pieces, responder)
+            let watcher = try? await context.channel.pipeline.handler(type: DisconnectWatcher.self).get()
+            watcher?.watch { waiting.cancel() }
+            defer { watcher?.unwatch() }
+            do { return try await waiting.value } catch { throw Self.apiError(error, retryAfter: retryAfter) }
         }
     }
+
+    /// What a cancelled wait gives (the client is gone; nobody reads it).
+    static let gone = APIError(status: 499, message: "The client closed the connection.", type: "invalid_request_error")
 
     /// A response sent whole once the generation ends.
     private func whole(_ first: GenerationPiece, _ pieces: Pieces, _ responder: CompletionResponder) async throws(APIError) -> Response {
@@ -108,6 +122,7 @@ struct Routes: Sendable {
                 responder.add(current)
                 if let summary = current.finish { return json(responder.response(summary)) }
                 piece = try await pieces.next()
+                if piece == nil { throw Self.gone }
             }
         } catch {
             throw Self.apiError(error, retryAfter: configuration.retryAfterSeconds)
@@ -223,6 +238,67 @@ struct Routes: Sendable {
     }
 }
 
+/// The request context: Hummingbird's, with the connection, so that a handler can tell when its
+/// client has gone.
+struct ServerContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+}
+
+/// Notices a client that has gone while its request is being answered: HTTP clients (browsers,
+/// curl, the OpenAI libraries) close their connection when they give up on a request, which the
+/// server sees as its input closing (it keeps half-closed connections open) or the connection
+/// going. The request being answered is then cancelled, and the connection closed. One per
+/// connection; HTTP/1.1 answers one request at a time.
+final class DisconnectWatcher: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = Never
+
+    private struct State {
+        var cancel: (@Sendable () -> Void)?
+        var gone = false
+    }
+    private let state = Mutex(State())
+
+    /// Calls `cancel` when the client goes (at once if it has gone), until `unwatch`.
+    func watch(_ cancel: @escaping @Sendable () -> Void) {
+        let gone = state.withLock { state in
+            if !state.gone { state.cancel = cancel }
+            return state.gone
+        }
+        if gone { cancel() }
+    }
+
+    func unwatch() { state.withLock { $0.cancel = nil } }
+
+    private func clientGone() {
+        let cancel = state.withLock { state in
+            state.gone = true
+            defer { state.cancel = nil }
+            return state.cancel
+        }
+        cancel?()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            clientGone()
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        clientGone()
+        context.fireChannelInactive()
+    }
+}
+
 /// A generation's stream, iterated from one task at a time (the handler, then the response
 /// body's writer). Dropping it cancels the generation.
 final class Pieces: @unchecked Sendable {
@@ -243,7 +319,7 @@ final class Pieces: @unchecked Sendable {
 /// Checks the API key (every path but /health), counts every answer by status, and answers
 /// anything the routes throw (an unknown path, a bad method) in OpenAI's error shape.
 struct Gatekeeper: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = ServerContext
     let state: ServerState
     let apiKey: String?
 

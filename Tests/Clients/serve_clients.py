@@ -500,8 +500,17 @@ def scenario_load():
           f"(queue full), peak RSS {rss // 1024} MiB: OK")
 
 
+def wait_for(server, name, value, what):
+    for _ in range(100):
+        if server.metrics()[name] == value:
+            return
+        time.sleep(0.05)
+    raise Failure(f"{what} within 5 s ({name} is {server.metrics()[name]}, not {value})")
+
+
 def scenario_disconnect():
-    """A client killed mid-stream: its sequence is freed at the next step."""
+    """A client killed mid-stream frees its sequence at the next step; so does one killed while
+    waiting for a whole (not streamed) answer, and one killed while its request waits in the queue."""
     with Server("--parallel", "2") as server:
         body = json.dumps({"prompt": "And it came to pass", "max_tokens": 3000, "ignore_eos": True, "stream": True})
         curl = subprocess.Popen(["curl", "-sS", "-N", "--max-time", "120", "-d", body, server.url + "/v1/completions"],
@@ -523,7 +532,37 @@ def scenario_disconnect():
         check(server.metrics()["strun_generated_tokens_total"] < 3000, "the generation ran to its end")
         status, _, _ = server.request("POST", "/v1/completions", {"prompt": "And", "max_tokens": 2})
         check(status == 200, "serving after the disconnect")
-    print("disconnect: a killed client's sequence freed within 5 s: OK")
+
+        # Not streamed: nothing is written before the end, so only the closed connection tells.
+        def long_request(stream):
+            body = json.dumps({"prompt": "And it came to pass", "max_tokens": 3000, "ignore_eos": True, "stream": stream})
+            return subprocess.Popen(["curl", "-sS", "-N", "--max-time", "120", "-d", body, server.url + "/v1/completions"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        before = server.metrics()["strun_generated_tokens_total"]
+        whole = long_request(False)
+        wait_for(server, "strun_active_sequences", 1, "the whole request did not start")
+        time.sleep(0.5)
+        whole.kill()
+        whole.wait()
+        wait_for(server, "strun_active_sequences", 0, "the sequence of a killed client waiting for a whole answer was not freed")
+        check(server.metrics()["strun_generated_tokens_total"] - before < 3000, "the whole generation ran to its end")
+
+    # Waiting in the queue: the request leaves it.
+    with Server("--parallel", "1") as server:
+        body = json.dumps({"prompt": "And it came to pass", "max_tokens": 3000, "ignore_eos": True, "stream": True})
+        running = subprocess.Popen(["curl", "-sS", "-N", "--max-time", "120", "-d", body, server.url + "/v1/completions"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        wait_for(server, "strun_active_sequences", 1, "the first request did not start")
+        queued = subprocess.Popen(["curl", "-sS", "-N", "--max-time", "120", "-d", body, server.url + "/v1/completions"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        wait_for(server, "strun_queue_depth", 1, "the second request did not wait")
+        queued.kill()
+        queued.wait()
+        wait_for(server, "strun_queue_depth", 0, "a killed client's request stayed in the queue")
+        running.kill()
+        running.wait()
+        wait_for(server, "strun_active_sequences", 0, "the running request's sequence was not freed")
+    print("disconnect: a killed client's sequence freed within 5 s, streamed, whole or queued: OK")
 
 
 def scenario_sigterm():
