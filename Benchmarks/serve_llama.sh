@@ -124,6 +124,19 @@ for n in sorted({r["clients"] for r in rows if r["engine"] == "ours"}):
           f"| {med('ours', n, 'ttft_p95_ms'):.0f} / {med('llama', n, 'ttft_p95_ms'):.0f} "
           f"| {med('ours', n, 'itl_median_ms'):.1f} / {med('llama', n, 'itl_median_ms'):.1f} "
           f"| {med('ours', n, 'peak_rss_mib'):.0f} / {med('llama', n, 'peak_rss_mib'):.0f} |")
+print("\nper round, ours / llama-server aggregate tokens/s (paired: the same round, one after the other):")
+for n in sorted({r["clients"] for r in rows if r["engine"] == "ours"}):
+    ratios = []
+    for rnd in sorted({r["round"] for r in rows}):
+        o = [r["aggregate_tokens_per_second"] for r in rows if r["engine"] == "ours" and r["clients"] == n and r["round"] == rnd]
+        l = [r["aggregate_tokens_per_second"] for r in rows if r["engine"] == "llama" and r["clients"] == n and r["round"] == rnd]
+        if o and l:
+            ratios.append(o[0] / l[0])
+    print(f"  {n} clients: {' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+served = {r["round"]: r["decode_tokens_per_second_median"] for r in rows if r["engine"] == "ours" and r["clients"] == 1}
+benched = {r["round"]: r["decode"] for r in rows if r["engine"] == "bench"}
+pairs = [served[k] / benched[k] for k in sorted(served) if k in benched]
+print(f"  1 client, served decode / strun bench decode: {' '.join(f'{x:.2f}' for x in pairs)}; median {statistics.median(pairs):.2f}")
 one = med("ours", 1, "decode_tokens_per_second_median")
 print(f"\n1 client: each request decodes at {one:.1f} tokens/s served (median), strun bench -p 128 {bench:.1f} (median of rounds): {one / bench:.2f}")
 for r in rows:

@@ -15,6 +15,15 @@ struct Routes: Sendable {
         let router = Router(context: ServerContext.self)
         router.add(middleware: Gatekeeper(state: state, apiKey: configuration.apiKey))
         router.get("/health") { _, _ in health() }
+        router.get("/") { _, _ in
+            var headers = HTTPFields()
+            headers[.contentType] = "text/html; charset=utf-8"
+            headers[.cacheControl] = "no-cache"
+            headers[.contentSecurityPolicy] =
+                "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'"
+            headers[.xContentTypeOptions] = "nosniff"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: ChatPage.html)))
+        }
         router.get("/metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
@@ -316,7 +325,7 @@ final class Pieces: @unchecked Sendable {
     func close() { iterator = nil }
 }
 
-/// Checks the API key (every path but /health), counts every answer by status, and answers
+/// Checks the API key (every path but /health and the page), counts every answer by status, and answers
 /// anything the routes throw (an unknown path, a bad method) in OpenAI's error shape.
 struct Gatekeeper: RouterMiddleware {
     typealias Context = ServerContext
@@ -326,7 +335,8 @@ struct Gatekeeper: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let path = request.uri.path
         let response: Response
-        if let apiKey, path != "/health", !Self.authorized(request.headers[.authorization], key: apiKey) {
+        // The page and /health are open: the page holds no secret and asks for the key itself.
+        if let apiKey, path != "/health", path != "/", !Self.authorized(request.headers[.authorization], key: apiKey) {
             response = Routes.errorResponse(
                 APIError(
                     status: 401, message: "Invalid or missing API key: send 'Authorization: Bearer KEY'.", type: "authentication_error",

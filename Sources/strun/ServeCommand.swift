@@ -7,7 +7,9 @@ import Server
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve the model over HTTP: the OpenAI API (chat, completions, models), /health, /metrics, /tokenize, /detokenize.",
+        abstract:
+            "Serve the model over HTTP: a chat page at /, the OpenAI API (chat, completions, models), /health, /metrics, /tokenize, "
+            + "/detokenize.",
         discussion: """
             Requests share each forward step: up to --parallel generate at once, the others wait in a queue of --queue (503 with \
             Retry-After past it). A request whose prompt begins with what a free sequence holds (the next turn of a chat) evaluates \
@@ -32,7 +34,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Requests that may wait for a sequence; past that a request gets 503.")
     var queue = 64
 
-    @Option(help: "Require 'Authorization: Bearer KEY' on every endpoint but /health.")
+    @Option(help: "Require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page (which asks for it).")
     var apiKey: String?
 
     @Option(help: "Read the API key from this file (its first line).")

@@ -95,15 +95,15 @@ class Server:
                     return int(line.split()[1])
         return 0
 
-    def stop(self, timeout=60):
-        """SIGTERM; the server must exit 0 within `timeout` seconds."""
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, timeout=60, signal_number=signal.SIGTERM):
+        """SIGTERM (or SIGINT); the server must exit 0 within `timeout` seconds."""
+        self.process.send_signal(signal_number)
         try:
             status = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise Failure(f"the server did not exit within {timeout} s of SIGTERM")
-        check(status == 0, f"the server exited {status} after SIGTERM: {''.join(self.stderr)}")
+        check(status == 0, f"the server exited {status} after {signal.Signals(signal_number).name}: {''.join(self.stderr)}")
 
     def __enter__(self):
         return self
@@ -407,6 +407,8 @@ def scenario_api_key():
     try:
         with Server("--api-key-file", key_file) as server:
             check(server.request("GET", "/health")[0] == 200, "/health needs no key")
+            status, headers, page = server.request("GET", "/")
+            check(status == 200 and headers.get("Content-Type", "").startswith("text/html") and b"<html" in page, "the page needs no key")
             for path in ["/v1/models", "/metrics"]:
                 error_shape(*server.request("GET", path)[::2], 401)
                 error_shape(*server.request("GET", path, headers={"Authorization": "Bearer sk-local-tesT"})[::2], 401)
@@ -423,9 +425,10 @@ def scenario_api_key():
             reply = right.chat.completions.create(model=right.models.list().data[0].id,
                                                   messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
             check(reply.usage.completion_tokens >= 1, "with the key")
+            server.stop(signal_number=signal.SIGINT)  # Ctrl-C stops it as SIGTERM does
     finally:
         os.remove(key_file)
-    print("api key: 401 without, with a wrong or unprefixed key; /health open; openai client with the key: OK")
+    print("api key: 401 without, with a wrong or unprefixed key; /health open; openai client with the key; SIGINT exits 0: OK")
 
 
 def scenario_load():

@@ -62,4 +62,18 @@ import Testing
 
     /// SIGTERM during streams: finish or cut cleanly, exit 0.
     @Test func sigterm() throws { try run("sigterm") }
+
+    /// The chat page in headless Chromium, driven by Selenium (`Tests/Clients/chat_page.py`): a
+    /// streamed reply equal to the API's for the same seed, Stop freeing the sequence, a fresh chat
+    /// on reload, phone and desktop sizes, errors and the API key. Screenshots of each step go to
+    /// .build/screenshots/chat-page.
+    @Test func chatPageInABrowser() throws {
+        let package = try Self.package.get()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let page = root.appendingPathComponent("Tests/Clients/chat_page.py").path
+        let shots = root.appendingPathComponent(".build/screenshots/chat-page").path
+        let result = try Tools.run("/usr/bin/env", ["python3", page, Tools.path("strun"), package, shots])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        print(result.stdout, terminator: "")
+    }
 }
