@@ -8,13 +8,14 @@ Starts `strun serve PACKAGE --port 0` itself (loopback only), then, in the brows
 message and sends it with Enter, and checks the streamed reply equals the API's reply (the openai
 package) for the same seed and settings; presses Stop during a long reply and checks the server's
 active sequences fall to zero; reloads and sees a fresh chat; checks a phone-sized and a
-desktop-sized window; shows a server error (a prompt longer than the context) as a message; and,
-on a server with --api-key, that the page asks for the key, shows the server's message for a
+desktop-sized window; shows server errors (a prompt longer than the context, a full queue) as
+messages; and, on a server with --api-key, that the page asks for the key, shows the server's message for a
 wrong one, and works with the right one. A screenshot of each step goes to SCREENSHOT_DIR.
 Exit status 0 means every check passed.
 """
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -176,20 +177,39 @@ def main():
         finally:
             driver.quit()
 
+    # A full queue: with the one sequence busy and no room to wait, the page shows the server's 503.
+    with Server("--parallel", "1", "--queue", "0") as server:
+        body = json.dumps({"prompt": "And it came to pass", "max_tokens": 3000, "ignore_eos": True, "stream": True})
+        busy = subprocess.Popen(["curl", "-sS", "-N", "--max-time", "120", "-d", body, server.url + "/v1/completions"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        driver = browser()
+        try:
+            serve_clients.wait_for(server, "strun_active_sequences", 1, "the busy request did not start")
+            driver.get(server.url + "/")
+            wait("the page did not name the model", lambda: "strun chat:" in driver.find_element(By.ID, "title").text)
+            type_and_enter(driver, "Hello?")
+            error = wait("no message for a full queue", lambda: driver.find_elements(By.CSS_SELECTOR, ".message.error"))
+            check("busy" in error[0].text, f"queue-full message {error[0].text!r}")
+            shot(driver, "8-queue-full")
+        finally:
+            driver.quit()
+            busy.kill()
+            busy.wait()
+
     # With --api-key: the page asks for the key, shows the server's message for a wrong one.
     with Server("--api-key", "sk-page-test") as server:
         driver = browser()
         try:
             driver.get(server.url + "/")
             wait("the page did not ask for the key", lambda: driver.find_element(By.ID, "key").is_displayed())
-            shot(driver, "8-key-asked")
+            shot(driver, "9-key-asked")
             key = driver.find_element(By.ID, "key")
             key.send_keys("sk-wrong")
             key.send_keys(Keys.ENTER)
             wait("no message for a wrong key", lambda: len(driver.find_elements(By.CSS_SELECTOR, ".message.error")) >= 2)
             message = driver.find_elements(By.CSS_SELECTOR, ".message.error")[-1].text
             check("API key" in message, f"wrong key message {message!r}")
-            shot(driver, "9-key-wrong")
+            shot(driver, "10-key-wrong")
             key = driver.find_element(By.ID, "key")
             key.clear()
             key.send_keys("sk-page-test")
@@ -197,7 +217,7 @@ def main():
             wait("the key form stayed open", lambda: not driver.find_element(By.ID, "key").is_displayed())
             type_and_enter(driver, "Hi")
             wait("no reply with the key", lambda: replies(driver) and replies(driver)[-1].get_attribute("data-state") == "done")
-            shot(driver, "10-key-right")
+            shot(driver, "11-key-right")
         finally:
             driver.quit()
     print(f"chat page: streamed reply equals the API's, Stop frees the sequence, reload is fresh, phone and desktop sizes, "
