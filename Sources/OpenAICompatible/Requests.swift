@@ -73,7 +73,7 @@ public enum RequestParser {
 
     /// A `/v1/chat/completions` body.
     public static func chat(_ body: [UInt8], model: ServedModel, randomSeed: () -> UInt64) throws(APIError) -> CompletionRequest {
-        let fields = try Fields(try object(body))
+        let fields = Fields(try object(body))
         guard let list = try fields.array("messages") else { throw .invalid("'messages' is required.", param: "messages") }
         guard !list.isEmpty else { throw .invalid("'messages' must not be empty.", param: "messages") }
         guard list.count <= RequestLimits.messages else {
@@ -103,7 +103,7 @@ public enum RequestParser {
 
     /// A `/v1/completions` body.
     public static func completion(_ body: [UInt8], model: ServedModel, randomSeed: () -> UInt64) throws(APIError) -> CompletionRequest {
-        let fields = try Fields(try object(body))
+        let fields = Fields(try object(body))
         guard let raw = fields.raw("prompt") else { throw .invalid("'prompt' is required.", param: "prompt") }
         let prompt: GenerationRequest.Prompt
         switch raw {
@@ -210,7 +210,7 @@ public enum RequestParser {
         var includeUsage = false
         if let options = try fields.object("stream_options") {
             guard stream else { throw .invalid("'stream_options' needs 'stream' to be true.", param: "stream_options") }
-            let nested = try Fields(options, prefix: "stream_options.")
+            let nested = Fields(options, prefix: "stream_options.")
             includeUsage = try nested.bool("include_usage") ?? false
         }
         let ignoreEOS = try fields.bool("ignore_eos") ?? false
@@ -225,7 +225,7 @@ public enum RequestParser {
     /// One chat message: `role` and `content` (a string, or text parts).
     private static func message(_ value: JSONValue, param: String) throws(APIError) -> ChatMessage {
         guard let object = value.objectValue else { throw .invalid("Each message must be an object.", param: param) }
-        let fields = try Fields(object, prefix: param + ".")
+        let fields = Fields(object, prefix: param + ".")
         guard let role = try fields.string("role") else { throw .invalid("'\(param).role' is required.", param: param + ".role") }
         let roles = ["system", "developer", "user", "assistant"]
         guard roles.contains(role) else {
@@ -245,7 +245,7 @@ public enum RequestParser {
             for (i, part) in parts.enumerated() {
                 let at = "\(param).content[\(i)]"
                 guard let object = part.objectValue else { throw .invalid("Each content part must be an object.", param: at) }
-                let partFields = try Fields(object, prefix: at + ".")
+                let partFields = Fields(object, prefix: at + ".")
                 guard try partFields.string("type") == "text" else {
                     throw .invalid("Only text content parts are supported.", param: at + ".type", code: "unsupported_content")
                 }
@@ -278,14 +278,14 @@ public enum RequestParser {
 
     /// `/tokenize`: `{"content": text, "with_pieces": bool}` (llama-server's shape).
     public static func tokenize(_ body: [UInt8]) throws(APIError) -> (content: String, withPieces: Bool) {
-        let fields = try Fields(try object(body))
+        let fields = Fields(try object(body))
         guard let content = try fields.string("content") else { throw .invalid("'content' is required.", param: "content") }
         return (content, try fields.bool("with_pieces") ?? false)
     }
 
     /// `/detokenize`: `{"tokens": [ids]}`.
     public static func detokenize(_ body: [UInt8], vocabulary: Int) throws(APIError) -> [Int] {
-        let fields = try Fields(try object(body))
+        let fields = Fields(try object(body))
         guard let items = try fields.array("tokens") else { throw .invalid("'tokens' is required.", param: "tokens") }
         return try tokens(items, param: "tokens", vocabulary: vocabulary)
     }
@@ -296,7 +296,7 @@ struct Fields {
     let object: JSONObject
     let prefix: String
 
-    init(_ object: JSONObject, prefix: String = "") throws(APIError) {
+    init(_ object: JSONObject, prefix: String = "") {
         self.object = object
         self.prefix = prefix
     }
@@ -312,40 +312,26 @@ struct Fields {
         .invalid("'\(prefix)\(name)' must be \(what).", param: prefix + name, code: "invalid_type")
     }
 
-    func string(_ name: String) throws(APIError) -> String? {
+    /// The field as `read` gives it; an error saying it must be `what` when `read` gives nil.
+    private func typed<T>(_ name: String, _ what: String, as read: (JSONValue) -> T?) throws(APIError) -> T? {
         guard let v = value(name) else { return nil }
-        guard let s = v.stringValue else { throw wrong(name, "a string") }
-        return s
+        guard let typed = read(v) else { throw wrong(name, what) }
+        return typed
     }
 
-    func bool(_ name: String) throws(APIError) -> Bool? {
-        guard let v = value(name) else { return nil }
-        guard let b = v.boolValue else { throw wrong(name, "true or false") }
-        return b
-    }
-
-    func array(_ name: String) throws(APIError) -> [JSONValue]? {
-        guard let v = value(name) else { return nil }
-        guard let a = v.arrayValue else { throw wrong(name, "an array") }
-        return a
-    }
-
-    func object(_ name: String) throws(APIError) -> JSONObject? {
-        guard let v = value(name) else { return nil }
-        guard let o = v.objectValue else { throw wrong(name, "an object") }
-        return o
-    }
+    func string(_ name: String) throws(APIError) -> String? { try typed(name, "a string") { $0.stringValue } }
+    func bool(_ name: String) throws(APIError) -> Bool? { try typed(name, "true or false") { $0.boolValue } }
+    func array(_ name: String) throws(APIError) -> [JSONValue]? { try typed(name, "an array") { $0.arrayValue } }
+    func object(_ name: String) throws(APIError) -> JSONObject? { try typed(name, "an object") { $0.objectValue } }
 
     func int(_ name: String, in range: ClosedRange<Int>) throws(APIError) -> Int? {
-        guard let v = value(name) else { return nil }
-        guard case .number = v, let i = v.intValue else { throw wrong(name, "an integer") }
+        guard let i = try typed(name, "an integer", as: { $0.intValue }) else { return nil }
         guard range.contains(i) else { throw outside(name, range.lowerBound, range.upperBound, i) }
         return i
     }
 
     func double(_ name: String, in range: ClosedRange<Double>) throws(APIError) -> Double? {
-        guard let v = value(name) else { return nil }
-        guard let d = v.doubleValue, d.isFinite else { throw wrong(name, "a number") }
+        guard let d = try typed(name, "a number", as: { $0.doubleValue.flatMap { $0.isFinite ? $0 : nil } }) else { return nil }
         guard range.contains(d) else { throw outside(name, range.lowerBound, range.upperBound, d) }
         return d
     }

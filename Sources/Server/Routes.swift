@@ -14,7 +14,12 @@ struct Routes: Sendable {
     func router() -> Router<ServerContext> {
         let router = Router(context: ServerContext.self)
         router.add(middleware: Gatekeeper(state: state, apiKey: configuration.apiKey))
-        router.get("/health") { _, _ in health() }
+        router.get("/health") { _, _ in
+            await answering { () async throws(APIError) in
+                _ = try require()
+                return json(#"{"status":"ok"}"#)
+            }
+        }
         router.get("/") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/html; charset=utf-8"
@@ -31,7 +36,10 @@ struct Routes: Sendable {
         }
         for path in ["/v1/models", "/models"] {
             router.get(RouterPath(path)) { _, _ in
-                try withModel { model in json(Listings.models(model.served, parallel: model.generator.parallel)) }
+                await answering { () async throws(APIError) in
+                    let model = try require()
+                    return json(Listings.models(model.served, parallel: model.generator.parallel))
+                }
             }
         }
         for path in ["/v1/chat/completions", "/chat/completions"] {
@@ -63,14 +71,6 @@ struct Routes: Sendable {
     }
 
     // MARK: Endpoints
-
-    private func health() -> Response {
-        if state.isStopping { return error(APIError(status: 503, message: "The server is shutting down.", type: "unavailable_error")) }
-        guard state.model != nil else {
-            return error(APIError(status: 503, message: "Loading model", type: "unavailable_error", code: "loading"))
-        }
-        return json(#"{"status":"ok"}"#)
-    }
 
     private func complete(_ request: Request, _ context: ServerContext, endpoint: CompletionRequest.Endpoint) async -> Response {
         await answering { () async throws(APIError) in
@@ -170,16 +170,15 @@ struct Routes: Sendable {
 
     private static func event(_ data: String) -> ByteBuffer { ByteBuffer(string: "data: \(data)\n\n") }
 
-    private func require() throws(APIError) -> LoadedModel {
-        if state.isStopping { throw APIError(status: 503, message: "The server is shutting down.", type: "unavailable_error") }
-        guard let model = state.model else {
-            throw APIError(status: 503, message: "Loading model", type: "unavailable_error", code: "loading")
-        }
-        return model
-    }
+    static let loading = APIError(status: 503, message: "Loading model", type: "unavailable_error", code: "loading")
+    static let shuttingDown = APIError(
+        status: 503, message: "The server is shutting down.", type: "unavailable_error", code: "shutting_down")
 
-    private func withModel(_ body: (LoadedModel) -> Response) throws -> Response {
-        do { return body(try require()) } catch { return self.error(error) }
+    /// The model being served; 503 while it loads and once the server is stopping.
+    private func require() throws(APIError) -> LoadedModel {
+        if state.isStopping { throw Self.shuttingDown }
+        guard let model = state.model else { throw Self.loading }
+        return model
     }
 
     /// The request body, at most `maximumBodyBytes` (413 past that).
@@ -198,17 +197,13 @@ struct Routes: Sendable {
     }
 
     private func answering(_ body: () async throws(APIError) -> Response) async -> Response {
-        do { return try await body() } catch { return self.error(error) }
+        do { return try await body() } catch { return Self.errorResponse(error) }
     }
 
     private func json(_ text: String) -> Response {
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
         return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
-    }
-
-    private func error(_ error: APIError) -> Response {
-        Self.errorResponse(error)
     }
 
     static func errorResponse(_ error: APIError) -> Response {
@@ -231,7 +226,7 @@ struct Routes: Sendable {
                 status: 503, message: "The server is busy: every sequence is in use and the queue is full. Try again shortly.",
                 type: "unavailable_error", code: "queue_full", retryAfter: retryAfter)
         case .shutDown:
-            return APIError(status: 503, message: "The server is shutting down.", type: "unavailable_error", code: "shutting_down")
+            return shuttingDown
         case .inputTooLong, .contextFull:
             return .invalid(error.description, code: "context_length_exceeded")
         case .emptyInput, .invalidToken:

@@ -17,16 +17,10 @@ final class ServerMetrics: Sendable {
         "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize", "/"
     ]
 
+    /// What the previous scrape read, for the counters' increments.
     private struct Seen {
-        var promptTokens = 0
-        var cachedPromptTokens = 0
-        var generatedTokens = 0
-        var steps = 0
-        var stepSeconds = 0.0
-        var finished = 0
-        var hits = 0
-        var misses = 0
-        var bytesRead = 0
+        var generator = BatchGenerator.Statistics()
+        var cache = ExpertCache.Statistics()
         var scraped = ProgressReporter.monotonicSeconds()
     }
     private let seen = Mutex(Seen())
@@ -91,27 +85,25 @@ final class ServerMetrics: Sendable {
             let cache = model.generator.expertCache?.statistics
             let now = ProgressReporter.monotonicSeconds()
             seen.withLock { seen in
-                promptTokens.increment(by: Int64(max(0, s.promptTokens - seen.promptTokens)))
-                cachedPromptTokens.increment(by: Int64(max(0, s.cachedPromptTokens - seen.cachedPromptTokens)))
-                generatedTokens.increment(by: Int64(max(0, s.generatedTokens - seen.generatedTokens)))
-                steps.increment(by: Int64(max(0, s.steps - seen.steps)))
-                stepSeconds.increment(by: max(0, s.stepSeconds - seen.stepSeconds))
-                finished.increment(by: Int64(max(0, s.finished - seen.finished)))
-                let interval = now - seen.scraped
-                rate.set(to: interval > 0 ? Double(s.generatedTokens - seen.generatedTokens) / interval : 0)
-                if let cache {
-                    hits.increment(by: Int64(max(0, cache.hits - seen.hits)))
-                    misses.increment(by: Int64(max(0, cache.misses - seen.misses)))
-                    bytesRead.increment(by: Int64(max(0, cache.bytesRead - seen.bytesRead)))
-                    hitRate.set(to: cache.hitRate)
-                    (seen.hits, seen.misses, seen.bytesRead) = (cache.hits, cache.misses, cache.bytesRead)
+                func add(_ counter: Counter, _ value: KeyPath<BatchGenerator.Statistics, Int>) {
+                    counter.increment(by: Int64(max(0, s[keyPath: value] - seen.generator[keyPath: value])))
                 }
-                seen.promptTokens = s.promptTokens
-                seen.cachedPromptTokens = s.cachedPromptTokens
-                seen.generatedTokens = s.generatedTokens
-                seen.steps = s.steps
-                seen.stepSeconds = s.stepSeconds
-                seen.finished = s.finished
+                add(promptTokens, \.promptTokens)
+                add(cachedPromptTokens, \.cachedPromptTokens)
+                add(generatedTokens, \.generatedTokens)
+                add(steps, \.steps)
+                add(finished, \.finished)
+                stepSeconds.increment(by: max(0, s.stepSeconds - seen.generator.stepSeconds))
+                let interval = now - seen.scraped
+                rate.set(to: interval > 0 ? Double(s.generatedTokens - seen.generator.generatedTokens) / interval : 0)
+                if let cache {
+                    hits.increment(by: Int64(max(0, cache.hits - seen.cache.hits)))
+                    misses.increment(by: Int64(max(0, cache.misses - seen.cache.misses)))
+                    bytesRead.increment(by: Int64(max(0, cache.bytesRead - seen.cache.bytesRead)))
+                    hitRate.set(to: cache.hitRate)
+                    seen.cache = cache
+                }
+                seen.generator = s
                 seen.scraped = now
             }
             waiting.set(to: Double(s.waiting))

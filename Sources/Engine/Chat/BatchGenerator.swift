@@ -66,24 +66,12 @@ public struct TokenLogprob: Sendable, Equatable {
 
     /// `token`'s log-probability in `logits`, with the `top` most likely ids.
     public static func compute(_ logits: UnsafeBufferPointer<Float>, token: Int, top: Int) -> TokenLogprob {
-        var largest = -Float.infinity
-        for x in logits where x > largest { largest = x }
-        var sum = 0.0
-        for x in logits where x > -.infinity { sum += Foundation.exp(Double(x - largest)) }
-        let logSum = Float(Foundation.log(sum)) + largest
-        var best: [Int] = []
+        let logSum = LogitComparison.logSumExp(logits)
+        func logprob(_ id: Int) -> Float { Float(Double(logits[id]) - logSum) }
         let count = min(max(0, top), maximumAlternatives, logits.count)
-        if count > 0 {
-            let before = { (a: Int, b: Int) in logits[a] > logits[b] || (logits[a] == logits[b] && a < b) }
-            for i in logits.indices where best.count < count || before(i, best[best.count - 1]) {
-                let at = best.firstIndex { before(i, $0) } ?? best.count
-                best.insert(i, at: at)
-                if best.count > count { best.removeLast() }
-            }
-        }
+        let alternatives = firstInOrder(count, of: logits.count) { a, b in logits[a] > logits[b] || (logits[a] == logits[b] && a < b) }
         return TokenLogprob(
-            token: token, logprob: logits[token] - logSum,
-            alternatives: best.map { Alternative(token: $0, logprob: logits[$0] - logSum) })
+            token: token, logprob: logprob(token), alternatives: alternatives.map { Alternative(token: $0, logprob: logprob($0)) })
     }
 }
 
@@ -151,14 +139,14 @@ public struct GenerationSummary: Sendable {
 /// ```
 ///
 /// Each `generate` returns its own stream; start as many as you like from any tasks. Up to
-/// `parallel` run at once and the others wait their turn.
-///
-/// A finished generation leaves its tokens in its sequence's cache. A new generation takes the
-/// free sequence that holds the longest beginning of its prompt and evaluates only the rest (the
-/// next turn of a chat, a shared system prompt); `promptCache: false` turns that off. Cancelling the task that consumes a
+/// `parallel` run at once and the others wait their turn. Cancelling the task that consumes a
 /// stream (or dropping the stream) ends that generation at the next step and frees its
 /// sequence. The generator owns a thread that runs the steps; `shutdown` (or releasing the
 /// generator) stops it.
+///
+/// A finished generation leaves its tokens in its sequence's cache. A new generation takes the
+/// free sequence that holds the longest beginning of its prompt and evaluates only the rest (the
+/// next turn of a chat, a shared system prompt); `promptCache: false` turns that off.
 public final class BatchGenerator: Sendable {
     /// Generations running at once at most (the session's sequences).
     public let parallel: Int
@@ -183,6 +171,8 @@ public final class BatchGenerator: Sendable {
         /// Forward steps run, and seconds spent in them.
         public var steps = 0
         public var stepSeconds = 0.0
+
+        public init() {}
     }
 
     /// Generations share `session` (created with `sequences: parallel`): from now on only the
@@ -531,7 +521,6 @@ private final class Scheduler: @unchecked Sendable {
     private func sample(_ job: Job, _ scores: UnsafeMutableBufferPointer<Float>, at now: Double) {
         for i in speakable..<scores.count { scores[i] = -.infinity }
         let token = job.sampler.sample(UnsafeBufferPointer(scores), history: job.history, generated: job.generated)
-        let logprob = job.logprobs.map { TokenLogprob.compute(UnsafeBufferPointer(scores), token: token, top: $0) }
         job.generated += 1
         job.history.append(token)
         job.next = nil
@@ -541,6 +530,7 @@ private final class Scheduler: @unchecked Sendable {
             job.continuation.yield(GenerationPiece(text: "", token: token, logprob: nil, finish: nil))
             return release(job, outcome: .success(.endOfSequence))
         }
+        let logprob = job.logprobs.map { TokenLogprob.compute(UnsafeBufferPointer(scores), token: token, top: $0) }
         let piece: (text: String, stopped: Bool)
         do {
             piece = try job.text.add(token)

@@ -53,11 +53,16 @@ public struct LogitComparison: Sendable {
     }
 
     static func logSoftmax(_ logits: ArraySlice<Float>) -> [Double] {
+        let logSum = logSumExp(logits)
+        return logits.map { Double($0) - logSum }
+    }
+
+    /// log Σ exp(logits), computed from the largest logit so nothing overflows.
+    static func logSumExp(_ logits: some Collection<Float>) -> Double {
         let top = Double(logits.max()!)
         var sum = 0.0
         for x in logits { sum += exp(Double(x) - top) }
-        let logSum = top + log(sum)
-        return logits.map { Double($0) - logSum }
+        return top + log(sum)
     }
 
     @inlinable public static func argmax<C: RandomAccessCollection<Float>>(_ logits: C) -> Int {

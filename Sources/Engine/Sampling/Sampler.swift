@@ -75,22 +75,8 @@ public struct Sampler: Sendable {
         // Candidates by decreasing score (ties: lower id first); with top-k, the k best found in
         // one pass, in the same order a full sort would give them.
         let before = { (a: Int, b: Int) in scores[a] > scores[b] || (scores[a] == scores[b] && a < b) }
-        var order: [Int]
-        if p.topK > 0 && p.topK < scores.count {
-            order = []
-            order.reserveCapacity(p.topK + 1)
-            for i in scores.indices where order.count < p.topK || before(i, order[order.count - 1]) {
-                var low = 0, high = order.count
-                while low < high {
-                    let middle = (low + high) / 2
-                    if before(order[middle], i) { low = middle + 1 } else { high = middle }
-                }
-                order.insert(i, at: low)
-                if order.count > p.topK { order.removeLast() }
-            }
-        } else {
-            order = scores.indices.sorted(by: before)
-        }
+        var order =
+            p.topK > 0 && p.topK < scores.count ? firstInOrder(p.topK, of: scores.count, before: before) : scores.indices.sorted(by: before)
         let top = Double(scores[order[0]])
         var probabilities = order.map { exp((Double(scores[$0]) - top) / Double(p.temperature)) }
         var total = probabilities.reduce(0, +)
@@ -115,6 +101,24 @@ public struct Sampler: Sendable {
         }
         return order.last!
     }
+}
+
+/// The `k` first of the ids `0..<count` in the order `before` gives, found in one pass (the same
+/// ids, in the same order, as the first `k` of a full sort).
+func firstInOrder(_ k: Int, of count: Int, before: (Int, Int) -> Bool) -> [Int] {
+    guard k > 0 else { return [] }
+    var order: [Int] = []
+    order.reserveCapacity(k + 1)
+    for i in 0..<count where order.count < k || before(i, order[order.count - 1]) {
+        var low = 0, high = order.count
+        while low < high {
+            let middle = (low + high) / 2
+            if before(order[middle], i) { low = middle + 1 } else { high = middle }
+        }
+        order.insert(i, at: low)
+        if order.count > k { order.removeLast() }
+    }
+    return order
 }
 
 /// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64).

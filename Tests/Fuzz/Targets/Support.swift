@@ -1,5 +1,7 @@
 // Shared by every fuzz target: a private scratch directory (in memory when /dev/shm exists) and
-// a way to put the input into a file there, since the parsers under test read files.
+// a way to put the input into a file there, since the parsers under test read files; and the
+// real Qwen tokenizer for the targets that tokenize.
+import Engine
 import Format
 
 #if canImport(Glibc)
@@ -47,4 +49,12 @@ let seedDirectory: String = {
     let file = #filePath
     let targets = file[..<file.lastIndex(of: "/")!]
     return targets[..<targets.lastIndex(of: "/")!] + "/Seeds"
+}()
+
+/// The Qwen tokenizer of the fixtures, loaded on first use (a target that uses it touches it in
+/// LLVMFuzzerInitialize, so that loading is not timed as an input).
+let qwen: Tokenizer = {
+    let file = #filePath
+    let root = file[..<file.range(of: "/Tests/Fuzz/")!.lowerBound]
+    do { return try Tokenizer(path: root + "/Tests/Fixtures/qwen-tokenizer/tokenizer.json") } catch { fatalError("\(error)") }
 }()

@@ -7,12 +7,6 @@ import Engine
 import Format
 import OpenAICompatible
 
-let qwen: Tokenizer = {
-    let file = #filePath
-    let root = file[..<file.range(of: "/Tests/Fuzz/")!.lowerBound]
-    do { return try Tokenizer(path: root + "/Tests/Fixtures/qwen-tokenizer/tokenizer.json") } catch { fatalError("\(error)") }
-}()
-
 let served = ServedModel(id: "example", contextLength: 4096, vocabularySize: 151_936, defaults: SamplingParameters(), created: 0)
 
 @_cdecl("LLVMFuzzerInitialize")

@@ -5,12 +5,6 @@
 import Engine
 import Format
 
-let qwen: Tokenizer = {
-    let file = #filePath
-    let root = file[..<file.range(of: "/Tests/Fuzz/")!.lowerBound]
-    do { return try Tokenizer(path: root + "/Tests/Fixtures/qwen-tokenizer/tokenizer.json") } catch { fatalError("\(error)") }
-}()
-
 @_cdecl("LLVMFuzzerInitialize")
 public func initialize(
     _ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>
