@@ -1,58 +1,191 @@
-// Attention for the query heads that share one key/value head (grouped-query attention), over
-// the cached positions first...last (ring slot j % capacity, `stride` floats per slot): for each
-// head, the softmax(q·k_j · scale)-weighted sum of v_j, in one pass with a running maximum (no
-// score vector; partial sums are rescaled when a larger score arrives). The heads' queries, and
-// their outputs, are `head_dim` floats apart.
+// Attention over a KV cache for a tile of queries: `tokens` consecutive tokens of one sequence
+// (token t at position + t) times the `heads` query heads that share one key/value head
+// (grouped-query attention). Token t sees cached positions first_t...position + t, where
+// first_t is 0, or position + t − window + 1 (not below 0) for a sliding window. Position j's
+// key and value rows are at slot j % capacity, `row_bytes` apart, stored as f32, f16 or ggml's
+// q8_0 blocks (st_kv_store).
+//
+// Every version walks the positions in blocks; each block's keys and values are read from the
+// cache (and converted to float32) once for the whole tile, then every query whose range meets
+// the block takes its scores, with a running maximum and sum per query (an online softmax: no
+// score vector, partial sums rescaled when a larger score arrives) and its weighted values.
+// Blocks lie on a fixed grid of positions (multiples of the block width), so a query sums in the
+// same order whichever tile it is in: a prompt gives the same bits however it is split.
 #include "internal.h"
+
+// ---------------------------------------------------------------- storing and loading rows
+
+int st_kv_row_bytes(int type, int head_dim) {
+    if (head_dim < 1) return 0;
+    switch (type) {
+    case ST_KV_F32: return 4 * head_dim;
+    case ST_KV_F16: return 2 * head_dim;
+    case ST_KV_Q8_0: return head_dim % ST_QK == 0 ? head_dim / ST_QK * (int)sizeof(st_block_q8_0) : 0;
+    default: return 0;
+    }
+}
+
+void st_kv_store(int type, const float *x, void *row, int head_dim) {
+    switch (type) {
+    case ST_KV_F32: memcpy(row, x, sizeof(float) * (size_t)head_dim); break;
+    case ST_KV_F16: {
+        uint16_t *h = row;
+        for (int i = 0; i < head_dim; i++) h[i] = st_fp32_to_fp16(x[i]);
+        break;
+    }
+    case ST_KV_Q8_0: {
+        // ggml's quantize_row_q8_0 reference: d = amax / 127 stored as float16, each value
+        // round(x / d) (halves away from zero) with 1/d taken from the unrounded d.
+        st_block_q8_0 *blocks = row;
+        for (int b = 0; b < head_dim / ST_QK; b++) {
+            const float *v = x + b * ST_QK;
+            float amax = 0;
+            for (int i = 0; i < ST_QK; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+            const float d = amax / 127, id = d != 0 ? 1 / d : 0;
+            blocks[b].d = st_fp32_to_fp16(d);
+            for (int i = 0; i < ST_QK; i++) blocks[b].qs[i] = (int8_t)roundf(v[i] * id);
+        }
+        break;
+    }
+    default: break;
+    }
+}
+
+void st_kv_load(int type, const void *row, float *x, int head_dim) {
+    switch (type) {
+    case ST_KV_F32: memcpy(x, row, sizeof(float) * (size_t)head_dim); break;
+    case ST_KV_F16: {
+        const uint16_t *h = row;
+        for (int i = 0; i < head_dim; i++) x[i] = st_fp16_to_fp32(h[i]);
+        break;
+    }
+    case ST_KV_Q8_0: {
+        const st_block_q8_0 *blocks = row;
+        for (int b = 0; b < head_dim / ST_QK; b++) {
+            const float d = st_fp16_to_fp32(blocks[b].d);
+            for (int i = 0; i < ST_QK; i++) x[b * ST_QK + i] = d * (float)blocks[b].qs[i];
+        }
+        break;
+    }
+    default: break;
+    }
+}
+
+/// Token t's first visible position.
+static inline int first_position(int position, int t, int window) {
+    const int first = window > 0 ? position + t - window + 1 : 0;
+    return first < 0 ? 0 : first;
+}
+
+static inline const char *kv_row(const void *base, int capacity, int row_bytes, int j) {
+    return (const char *)base + (size_t)(j % capacity) * (size_t)row_bytes;
+}
 
 // ---------------------------------------------------------------- portable
 
+// One position at a time: its key and value rows converted once, then every query that sees it.
 ST_ATTEND(st_attend_portable) {
-    for (int h = 0; h < heads; h++) {
-        const float *q = queries + (size_t)h * head_dim;
-        float *out = outs + (size_t)h * head_dim;
-        for (int i = 0; i < head_dim; i++) out[i] = 0;
-        float max_score = -INFINITY, sum = 0;
-        for (int j = first; j <= last; j++) {
-            const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
-            float s = 0;
-            for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
-            s *= scale;
-            if (s > max_score) {
-                const float rescale = expf(max_score - s);
-                for (int i = 0; i < head_dim; i++) out[i] *= rescale;
-                sum *= rescale;
-                max_score = s;
-            }
-            const float w = expf(s - max_score);
-            sum += w;
-            for (int i = 0; i < head_dim; i++) out[i] += w * v[i];
+    float maxima[ST_ATTEND_MAX_QUERIES], sums[ST_ATTEND_MAX_QUERIES], k[ST_ATTEND_MAX_HEAD_DIM], v[ST_ATTEND_MAX_HEAD_DIM];
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            maxima[t * heads + h] = -INFINITY;
+            sums[t * heads + h] = 0;
+            for (int i = 0; i < head_dim; i++) outs[(size_t)t * out_stride + (size_t)h * head_dim + i] = 0;
         }
-        const float inverse = 1 / sum;
-        for (int i = 0; i < head_dim; i++) out[i] *= inverse;
+    }
+    const int last = position + tokens - 1;
+    for (int j = first_position(position, 0, window); j <= last; j++) {
+        st_kv_load(type, kv_row(keys, capacity, row_bytes, j), k, head_dim);
+        st_kv_load(type, kv_row(values, capacity, row_bytes, j), v, head_dim);
+        for (int t = j > position ? j - position : 0; t < tokens && first_position(position, t, window) <= j; t++) {
+            for (int h = 0; h < heads; h++) {
+                const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+                float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+                float s = 0;
+                for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
+                s *= scale;
+                float *m = &maxima[t * heads + h], *sum = &sums[t * heads + h];
+                if (s > *m) {
+                    const float rescale = expf(*m - s);
+                    for (int i = 0; i < head_dim; i++) out[i] *= rescale;
+                    *sum *= rescale;
+                    *m = s;
+                }
+                const float w = expf(s - *m);
+                *sum += w;
+                for (int i = 0; i < head_dim; i++) out[i] += w * v[i];
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            const float inverse = 1 / sums[t * heads + h];
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int i = 0; i < head_dim; i++) out[i] *= inverse;
+        }
     }
 }
 
 #ifdef ST_X86
+// ---------------------------------------------------------------- x86 blocks
+
+/// Which of a block's `count` positions from j0 token t sees: bits a..b of the result.
+static inline uint32_t visible(int position, int t, int window, int j0, int count) {
+    const int first = first_position(position, t, window), last = position + t;
+    if (last < j0 || first > j0 + count - 1) return 0;
+    const int a = first > j0 ? first - j0 : 0, b = last - j0 < count - 1 ? last - j0 : count - 1;
+    return (uint32_t)(((1ull << (b + 1)) - 1) & ~((1ull << a) - 1));
+}
+
+
 // For the vector attentions' blocks of `width` positions from j0 (`count` of them real): each
-// position's key and value rows into k and v, the rest padded with the first one's; and the next
-// block's rows fetched while this one computes (positions are a row of the cache apart, a stride
-// the hardware prefetchers follow too slowly from memory).
-static inline void attention_block(const float *keys, const float *values, int capacity, int stride, int j0, int count, int width,
-                                   int last, int head_dim, const float **k, const float **v) {
-    for (int p = 0; p < width; p++) {
-        const size_t slot = (size_t)((j0 + (p < count ? p : 0)) % capacity) * stride;
-        k[p] = keys + slot;
-        v[p] = values + slot;
-    }
-    for (int p = j0 + width; p <= last && p < j0 + 2 * width; p++) {
-        const size_t slot = (size_t)(p % capacity) * stride;
-        st_prefetch_l1(keys + slot, head_dim * (int)sizeof(float));
-        st_prefetch_l1(values + slot, head_dim * (int)sizeof(float));
+// position's key and value rows as float32 in k and v (the rest the first one's): pointers into
+// the cache for f32, else rows converted into kbuf and vbuf (`head_dim` floats apart). The next
+// block's rows are fetched meanwhile (positions are a row of the cache apart, a stride the
+// hardware prefetchers follow too slowly from memory).
+#define ST_ATTENTION_BLOCK(CONVERT)                                                                           \
+    do {                                                                                                      \
+        for (int p_ = 0; p_ < width; p_++) {                                                                  \
+            const int j_ = j0 + (p_ < count ? p_ : 0);                                                        \
+            const char *kr_ = kv_row(keys, capacity, row_bytes, j_), *vr_ = kv_row(values, capacity, row_bytes, j_); \
+            if (type == ST_KV_F32) {                                                                          \
+                k[p_] = (const float *)kr_;                                                                   \
+                v[p_] = (const float *)vr_;                                                                   \
+            } else if (p_ < count) {                                                                          \
+                CONVERT(type, kr_, kbuf + p_ * head_dim, head_dim);                                           \
+                CONVERT(type, vr_, vbuf + p_ * head_dim, head_dim);                                           \
+                k[p_] = kbuf + p_ * head_dim;                                                                 \
+                v[p_] = vbuf + p_ * head_dim;                                                                 \
+            } else {                                                                                          \
+                k[p_] = kbuf;                                                                                 \
+                v[p_] = vbuf;                                                                                 \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int p_ = j0 + width; p_ <= last && p_ < j0 + 2 * width; p_++) {                                  \
+            st_prefetch_l1(kv_row(keys, capacity, row_bytes, p_), row_bytes);                                 \
+            st_prefetch_l1(kv_row(values, capacity, row_bytes, p_), row_bytes);                               \
+        }                                                                                                     \
+    } while (0)
+
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+
+// A cache row as float32 (f16 or q8_0; head_dim a multiple of 8, of 32 for q8_0).
+ST_AVX2 static inline void convert_row_avx2(int type, const void *row, float *out, int head_dim) {
+    if (type == ST_KV_F16) {
+        const uint16_t *h = row;
+        for (int i = 0; i < head_dim; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    } else {
+        const st_block_q8_0 *blocks = row;
+        for (int b = 0; b < head_dim / ST_QK; b++) {
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(blocks[b].d));
+            for (int i = 0; i < ST_QK; i += 8) {
+                const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blocks[b].qs + i)));
+                _mm256_storeu_ps(out + b * ST_QK + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+            }
+        }
     }
 }
 
-// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
 // e^x for x ≤ 0, eight lanes (ST_EXP_REDUCED), scaled by 2^n built in the exponent bits (x is
 // clamped at −87, where e^x is below 2e−38).
 ST_AVX2 static inline __m256 exp_nonpositive_avx2(__m256 x) {
@@ -72,60 +205,97 @@ ST_AVX2 static inline __m256 sum8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-// The AVX-512 attention's shape at eight positions a block: each block's keys and values are
-// read from memory once for every head of the group, a head's eight scores go through one
-// vector exp, and its running output is rescaled once per block. head_dim a multiple of 8.
+// The AVX-512 attention's shape at eight positions a block: a query's eight scores go through
+// one vector exp, and its running output is rescaled once per block. head_dim a multiple of 8.
 ST_AVX2 ST_ATTEND(st_attend_avx2) {
-    if (head_dim % 8 != 0 || heads > 64) {
-        st_attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+    if (head_dim % 8 != 0 || head_dim > ST_ATTEND_MAX_HEAD_DIM) {
+        st_attend_portable(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
+                           scale, outs, out_stride);
         return;
     }
-    float maxima[64], sums[64];
-    for (int h = 0; h < heads; h++) {
-        maxima[h] = -INFINITY;
-        sums[h] = 0;
-        for (int i = 0; i < head_dim; i++) outs[(size_t)h * head_dim + i] = 0;
-    }
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int j0 = first; j0 <= last; j0 += 8) {
-        const int count = last - j0 + 1 < 8 ? last - j0 + 1 : 8;
-        const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
-        const float *k[8], *v[8];
-        attention_block(keys, values, capacity, stride, j0, count, 8, last, head_dim, k, v);
+    enum { width = 8 };
+    float maxima[ST_ATTEND_MAX_QUERIES], sums[ST_ATTEND_MAX_QUERIES];
+    float kbuf[width * ST_ATTEND_MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float vbuf[width * ST_ATTEND_MAX_HEAD_DIM] __attribute__((aligned(32)));
+    for (int t = 0; t < tokens; t++) {
         for (int h = 0; h < heads; h++) {
-            const float *q = queries + (size_t)h * head_dim;
-            float *out = outs + (size_t)h * head_dim;
-            __m256 dots[8];
-            for (int p = 0; p < 8; p++) dots[p] = _mm256_setzero_ps();
-            for (int c = 0; c < head_dim; c += 8) {
-                const __m256 qc = _mm256_loadu_ps(q + c);
-                for (int p = 0; p < 8; p++) dots[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[p] + c), dots[p]);
+            maxima[t * heads + h] = -INFINITY;
+            sums[t * heads + h] = 0;
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int i = 0; i < head_dim; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+        }
+    }
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const int last = position + tokens - 1;
+    for (int j0 = first_position(position, 0, window) / width * width; j0 <= last; j0 += width) {
+        const int count = last - j0 + 1 < width ? last - j0 + 1 : width;
+        const float *k[width], *v[width];
+        ST_ATTENTION_BLOCK(convert_row_avx2);
+        for (int t = j0 > position ? j0 - position : 0; t < tokens; t++) {
+            const uint32_t bits = visible(position, t, window, j0, count);
+            if (!bits) {
+                if (first_position(position, t, window) > j0 + count - 1) break;
+                continue;
             }
-            const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(dots), _mm256_set1_ps(scale)), valid);
-            const float block_max = st_hmax256(s);
-            const float new_max = block_max > maxima[h] ? block_max : maxima[h];
-            const float rescale = expf(maxima[h] - new_max);
-            const __m256 w = _mm256_and_ps(valid, exp_nonpositive_avx2(_mm256_sub_ps(s, _mm256_set1_ps(new_max))));
-            sums[h] = sums[h] * rescale + st_hsum256(w);
-            maxima[h] = new_max;
-            float weights[8];
-            _mm256_storeu_ps(weights, w);
-            const __m256 r = _mm256_set1_ps(rescale);
-            for (int c = 0; c < head_dim; c += 8) {
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(out + c), r);
-                for (int p = 0; p < count; p++) acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), _mm256_loadu_ps(v[p] + c), acc);
-                _mm256_storeu_ps(out + c, acc);
+            const __m256 valid = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), lanes), lanes));
+            const int a = __builtin_ctz(bits), b = 31 - __builtin_clz(bits);
+            for (int h = 0; h < heads; h++) {
+                const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+                float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+                __m256 dots[width];
+                for (int p = 0; p < width; p++) dots[p] = _mm256_setzero_ps();
+                for (int c = 0; c < head_dim; c += 8) {
+                    const __m256 qc = _mm256_loadu_ps(q + c);
+                    for (int p = 0; p < width; p++) dots[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[p] + c), dots[p]);
+                }
+                const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(dots), _mm256_set1_ps(scale)), valid);
+                float *m = &maxima[t * heads + h];
+                const float block_max = st_hmax256(s);
+                const float new_max = block_max > *m ? block_max : *m;
+                const float rescale = expf(*m - new_max);
+                const __m256 w = _mm256_and_ps(valid, exp_nonpositive_avx2(_mm256_sub_ps(s, _mm256_set1_ps(new_max))));
+                sums[t * heads + h] = sums[t * heads + h] * rescale + st_hsum256(w);
+                *m = new_max;
+                float weights[width];
+                _mm256_storeu_ps(weights, w);
+                const __m256 r = _mm256_set1_ps(rescale);
+                for (int c = 0; c < head_dim; c += 8) {
+                    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(out + c), r);
+                    for (int p = a; p <= b; p++) acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), _mm256_loadu_ps(v[p] + c), acc);
+                    _mm256_storeu_ps(out + c, acc);
+                }
             }
         }
     }
-    for (int h = 0; h < heads; h++) {
-        const __m256 inverse = _mm256_set1_ps(1 / sums[h]);
-        float *out = outs + (size_t)h * head_dim;
-        for (int c = 0; c < head_dim; c += 8) _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_loadu_ps(out + c), inverse));
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            const __m256 inverse = _mm256_set1_ps(1 / sums[t * heads + h]);
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int c = 0; c < head_dim; c += 8) _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_loadu_ps(out + c), inverse));
+        }
     }
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI
+
+// A cache row as float32 (f16 or q8_0; head_dim a multiple of 16, of 32 for q8_0).
+ST_AVX512 static inline void convert_row_avx512(int type, const void *row, float *out, int head_dim) {
+    if (type == ST_KV_F16) {
+        const uint16_t *h = row;
+        for (int i = 0; i < head_dim; i += 16) {
+            _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+        }
+    } else {
+        const st_block_q8_0 *blocks = row;
+        for (int b = 0; b < head_dim / ST_QK; b++) {
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(blocks[b].d));
+            for (int i = 0; i < ST_QK; i += 16) {
+                const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blocks[b].qs + i)));
+                _mm512_storeu_ps(out + b * ST_QK + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+            }
+        }
+    }
+}
 
 // e^x for x ≤ 0, 16 lanes (ST_EXP_REDUCED), scaled by 2^n with vscalefps (which also underflows
 // to 0).
@@ -157,113 +327,182 @@ ST_AVX512 static inline __m512 sum16(const __m512 v[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), d);
 }
 
-// Sixteen positions at a time: their keys and values are read from memory once for every head
-// of the group (then from L1), each head's sixteen scores go through one vector exp, and its
-// running output is rescaled once per block. head_dim a multiple of 16, at most 128.
-// head_dim = 16·n; inlined with n a constant for the common 128, so the loops over a row unroll
-// into registers.
-ST_AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(const float *queries, int heads, const float *keys,
-                                                                        const float *values, int capacity, int stride, int first,
-                                                                        int last, int head_dim, float scale, float *outs, const int n) {
-    float maxima[64], sums[64];
-    for (int h = 0; h < heads; h++) {
-        maxima[h] = -INFINITY;
-        sums[h] = 0;
-        for (int i = 0; i < head_dim; i++) outs[(size_t)h * head_dim + i] = 0;
-    }
-    for (int j0 = first; j0 <= last; j0 += 16) {
-        const int count = last - j0 + 1 < 16 ? last - j0 + 1 : 16;
-        const __mmask16 valid = (__mmask16)((1u << count) - 1);
-        const float *k[16], *v[16];
-        attention_block(keys, values, capacity, stride, j0, count, 16, last, head_dim, k, v);
+// Sixteen positions a block: a query's sixteen scores go through one vector exp, and its running
+// output is rescaled once per block. head_dim = 16·n, at most 128; inlined with n a constant for
+// the common 128, so the loops over a row unroll into registers.
+ST_AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(const float *queries, int query_stride, int tokens, int heads,
+                                                                        const void *keys, const void *values, int type, int capacity,
+                                                                        int row_bytes, int position, int window, int head_dim,
+                                                                        float scale, float *outs, int out_stride, const int n) {
+    enum { width = 16 };
+    float maxima[ST_ATTEND_MAX_QUERIES], sums[ST_ATTEND_MAX_QUERIES];
+    float kbuf[width * 128] __attribute__((aligned(64))), vbuf[width * 128] __attribute__((aligned(64)));
+    for (int t = 0; t < tokens; t++) {
         for (int h = 0; h < heads; h++) {
-            const float *q = queries + (size_t)h * head_dim;
-            float *out = outs + (size_t)h * head_dim;
-            __m512 qv[8], acc[8];
-            for (int c = 0; c < n; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
-            // Sixteen independent dot products (no chain waits on another), then one
-            // transposing reduction gives all sixteen scores in one vector.
-            __m512 dots[16];
-            for (int p = 0; p < 16; p++) {
-                if (p >= count) { dots[p] = _mm512_setzero_ps(); continue; }
-                __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[p]));
-                for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[p] + 16 * c), d);
-                dots[p] = d;
-            }
-            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
-            const float block_max = _mm512_reduce_max_ps(s);
-            const float new_max = block_max > maxima[h] ? block_max : maxima[h];
-            const float rescale = expf(maxima[h] - new_max);
-            const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
-            sums[h] = sums[h] * rescale + _mm512_reduce_add_ps(w);
-            maxima[h] = new_max;
-            float weights[16];
-            _mm512_storeu_ps(weights, w);
-            const __m512 r = _mm512_set1_ps(rescale);
-            for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), r);
-            for (int p = 0; p < count; p++) {
-                const __m512 wp = _mm512_set1_ps(weights[p]);
-                for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v[p] + 16 * c), acc[c]);
-            }
-            for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
+            maxima[t * heads + h] = -INFINITY;
+            sums[t * heads + h] = 0;
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_setzero_ps());
         }
     }
-    for (int h = 0; h < heads; h++) {
-        const __m512 inverse = _mm512_set1_ps(1 / sums[h]);
-        float *out = outs + (size_t)h * head_dim;
-        for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), inverse));
+    const int last = position + tokens - 1;
+    for (int j0 = first_position(position, 0, window) / width * width; j0 <= last; j0 += width) {
+        const int count = last - j0 + 1 < width ? last - j0 + 1 : width;
+        const float *k[width], *v[width];
+        ST_ATTENTION_BLOCK(convert_row_avx512);
+        for (int t = j0 > position ? j0 - position : 0; t < tokens; t++) {
+            const uint32_t bits = visible(position, t, window, j0, count);
+            if (!bits) {
+                if (first_position(position, t, window) > j0 + count - 1) break;
+                continue;
+            }
+            const __mmask16 valid = (__mmask16)bits;
+            const int a = __builtin_ctz(bits), b = 31 - __builtin_clz(bits);
+            for (int h = 0; h < heads; h++) {
+                const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+                float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+                __m512 qv[8], acc[8];
+                for (int c = 0; c < n; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+                // Sixteen independent dot products (no chain waits on another), then one
+                // transposing reduction gives all sixteen scores in one vector.
+                __m512 dots[width];
+                for (int p = 0; p < width; p++) {
+                    if (p < a || p > b) {
+                        dots[p] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[p]));
+                    for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[p] + 16 * c), d);
+                    dots[p] = d;
+                }
+                const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+                float *m = &maxima[t * heads + h];
+                const float block_max = _mm512_reduce_max_ps(s);
+                const float new_max = block_max > *m ? block_max : *m;
+                const float rescale = expf(*m - new_max);
+                const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
+                sums[t * heads + h] = sums[t * heads + h] * rescale + _mm512_reduce_add_ps(w);
+                *m = new_max;
+                float weights[width];
+                _mm512_storeu_ps(weights, w);
+                const __m512 r = _mm512_set1_ps(rescale);
+                for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), r);
+                for (int p = a; p <= b; p++) {
+                    const __m512 wp = _mm512_set1_ps(weights[p]);
+                    for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v[p] + 16 * c), acc[c]);
+                }
+                for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            const __m512 inverse = _mm512_set1_ps(1 / sums[t * heads + h]);
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int c = 0; c < n; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), inverse));
+        }
     }
 }
 
 ST_AVX512 ST_ATTEND(st_attend_avx512) {
-    if (head_dim % 16 != 0 || head_dim > 128 || heads > 64) {
-        st_attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+    if (head_dim % 16 != 0 || head_dim > 128) {
+        st_attend_portable(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
+                           scale, outs, out_stride);
     } else if (head_dim == 128) {
-        attend_avx512_n(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs, 8);
+        attend_avx512_n(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, scale,
+                        outs, out_stride, 8);
     } else {
-        attend_avx512_n(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs, head_dim / 16);
+        attend_avx512_n(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, scale,
+                        outs, out_stride, head_dim / 16);
     }
 }
 
 #endif
 
-void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
-               int head_dim, float scale, float *outs) {
-    st_table()->attend(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+void st_attend(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values, int type,
+               int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs, int out_stride) {
+    const st_kernel_table *table = st_table();
+    const int tile = heads >= ST_ATTEND_MAX_QUERIES ? 1 : ST_ATTEND_MAX_QUERIES / heads;
+    for (int t = 0; t < tokens; t += tile) {
+        for (int h = 0; h < heads; h += ST_ATTEND_MAX_QUERIES) {
+            table->attend(queries + (size_t)t * query_stride + (size_t)h * head_dim, query_stride, tokens - t < tile ? tokens - t : tile,
+                          heads - h < ST_ATTEND_MAX_QUERIES ? heads - h : ST_ATTEND_MAX_QUERIES, keys, values, type, capacity, row_bytes,
+                          position + t, window, head_dim, scale, outs + (size_t)t * out_stride + (size_t)h * head_dim, out_stride);
+        }
+    }
 }
 
 #ifdef ST_ARM
 // ---------------------------------------------------------------- NEON
 
-// The portable algorithm with the head-dimension loops four lanes wide (scores and exps stay
-// scalar: one per position).
+// A cache row as float32, four lanes at a time (f16 or q8_0; head_dim a multiple of 4, of 32
+// for q8_0).
+static inline void convert_row_neon(int type, const void *row, float *out, int head_dim) {
+    if (type == ST_KV_F32) {
+        memcpy(out, row, sizeof(float) * (size_t)head_dim);
+    } else if (type == ST_KV_F16) {
+        const uint16_t *h = row;
+        for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, st_load4_f16_neon(h + i));
+    } else {
+        const st_block_q8_0 *blocks = row;
+        for (int b = 0; b < head_dim / ST_QK; b++) {
+            const float d = st_fp16_to_fp32(blocks[b].d);
+            for (int i = 0; i < ST_QK; i += 8) {
+                const int16x8_t q = vmovl_s8(vld1_s8(blocks[b].qs + i));
+                vst1q_f32(out + b * ST_QK + i, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q))), d));
+                vst1q_f32(out + b * ST_QK + i + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(q))), d));
+            }
+        }
+    }
+}
+
+// The portable algorithm (a position at a time, its rows converted once for the tile) with the
+// head-dimension loops four lanes wide (scores and exps stay scalar: one per position).
 ST_ATTEND(st_attend_neon) {
-    if (head_dim % 4 != 0) {
-        st_attend_portable(queries, heads, keys, values, capacity, stride, first, last, head_dim, scale, outs);
+    if (head_dim % 4 != 0 || head_dim > ST_ATTEND_MAX_HEAD_DIM) {
+        st_attend_portable(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
+                           scale, outs, out_stride);
         return;
     }
-    for (int h = 0; h < heads; h++) {
-        const float *q = queries + (size_t)h * head_dim;
-        float *out = outs + (size_t)h * head_dim;
-        for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vdupq_n_f32(0));
-        float max_score = -INFINITY, sum = 0;
-        for (int j = first; j <= last; j++) {
-            const float *k = keys + (size_t)(j % capacity) * stride, *v = values + (size_t)(j % capacity) * stride;
-            float32x4_t dot = vdupq_n_f32(0);
-            for (int i = 0; i < head_dim; i += 4) dot = vfmaq_f32(dot, vld1q_f32(q + i), vld1q_f32(k + i));
-            const float s = vaddvq_f32(dot) * scale;
-            if (s > max_score) {
-                const float rescale = expf(max_score - s);
-                for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), rescale));
-                sum *= rescale;
-                max_score = s;
-            }
-            const float w = expf(s - max_score);
-            sum += w;
-            for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), vld1q_f32(v + i), w));
+    float maxima[ST_ATTEND_MAX_QUERIES], sums[ST_ATTEND_MAX_QUERIES], k[ST_ATTEND_MAX_HEAD_DIM], v[ST_ATTEND_MAX_HEAD_DIM];
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            maxima[t * heads + h] = -INFINITY;
+            sums[t * heads + h] = 0;
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vdupq_n_f32(0));
         }
-        const float inverse = 1 / sum;
-        for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), inverse));
+    }
+    const int last = position + tokens - 1;
+    for (int j = first_position(position, 0, window); j <= last; j++) {
+        convert_row_neon(type, kv_row(keys, capacity, row_bytes, j), k, head_dim);
+        convert_row_neon(type, kv_row(values, capacity, row_bytes, j), v, head_dim);
+        for (int t = j > position ? j - position : 0; t < tokens && first_position(position, t, window) <= j; t++) {
+            for (int h = 0; h < heads; h++) {
+                const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+                float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+                float32x4_t dot = vdupq_n_f32(0);
+                for (int i = 0; i < head_dim; i += 4) dot = vfmaq_f32(dot, vld1q_f32(q + i), vld1q_f32(k + i));
+                const float s = vaddvq_f32(dot) * scale;
+                float *m = &maxima[t * heads + h], *sum = &sums[t * heads + h];
+                if (s > *m) {
+                    const float rescale = expf(*m - s);
+                    for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), rescale));
+                    *sum *= rescale;
+                    *m = s;
+                }
+                const float w = expf(s - *m);
+                *sum += w;
+                for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), vld1q_f32(v + i), w));
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            const float inverse = 1 / sums[t * heads + h];
+            float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
+            for (int i = 0; i < head_dim; i += 4) vst1q_f32(out + i, vmulq_n_f32(vld1q_f32(out + i), inverse));
+        }
     }
 }
 #endif

@@ -83,6 +83,27 @@ static inline float st_fp16_to_fp32(uint16_t h) {
     return f;
 }
 
+/// float32 to float16, rounding to nearest even (overflow to infinity, NaN kept a quiet NaN):
+/// the value is scaled so that adding a power of two, in float32's own round-to-nearest-even,
+/// drops exactly the bits float16 lacks, and the result's bits are then float16's.
+static inline uint16_t st_fp32_to_fp16(float f) {
+    uint32_t w;
+    memcpy(&w, &f, 4);
+    const uint32_t twice = w + w, sign = w & 0x80000000u;
+    float magnitude = fabsf(f) * 0x1.0p+112f;  // huge values overflow to infinity here
+    magnitude *= 0x1.0p-110f;
+    uint32_t bias = twice & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;  // subnormal float16: a fixed shift
+    const uint32_t adder_bits = (bias >> 1) + 0x07800000u;
+    float adder;
+    memcpy(&adder, &adder_bits, 4);
+    const float rounded = adder + magnitude;
+    uint32_t bits;
+    memcpy(&bits, &rounded, 4);
+    const uint32_t result = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    return (uint16_t)((sign >> 16) | (twice > 0xFF000000u ? 0x7E00u : result));
+}
+
 static inline float st_bf16_to_fp32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -203,9 +224,12 @@ static inline void st_fp16x8_to_fp32(const uint16_t *h, float32x4_t *lo, float32
 #define ST_AXPY_ROWS2(name)                                                                                          \
     void name(const void *base, int row_bytes, const int *rows, const float *c0, const float *c1, int count, float *y0, \
               float *y1, int n)
-#define ST_ATTEND(name)                                                                                             \
-    void name(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, \
-              int last, int head_dim, float scale, float *outs)
+#define ST_ATTEND(name)                                                                                                   \
+    void name(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values, int type,     \
+              int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs, int out_stride)
+
+/// The largest head_dim the attention kernels' row buffers hold.
+#define ST_ATTEND_MAX_HEAD_DIM 256
 
 #define ST_TIER_FUNCTIONS(tier)                         \
     ST_DOT_Q(st_dot_q4_0_##tier);                       \

@@ -109,6 +109,9 @@ struct Bench: ParsableCommand {
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
             let peak = peakResidentBytes()
             let threads = session.threads
+            // Decoding reads, per token, the keys and values of every position it sees: on
+            // average those at the middle of the decode.
+            let kvRead = session.memoryPlan.kvBytesRead(depth: promptTokens + decodeTokens / 2)
             if json {
                 print(
                     JSONWriter.serialize(
@@ -123,6 +126,9 @@ struct Bench: ParsableCommand {
                                 ("decode_tokens_per_second", .double(median(decodeRates))),
                                 ("time_to_first_token_seconds", .double(median(firstToken))),
                                 ("load_seconds", .double(loadSeconds)), ("peak_rss_bytes", .int(peak)),
+                                ("kv_type", .string(session.kvType.rawValue)), ("kv_cache_bytes", .int(session.memoryPlan.kvCacheBytes)),
+                                ("kv_bytes_per_token", .int(session.memoryPlan.kvBytesPerToken)),
+                                ("kv_bytes_read_per_decoded_token", .int(kvRead)),
                                 ("memory_budget_bytes", runtime.memoryBudget.map { .int($0.bytes) } ?? .null),
                                 ("minimum_memory_budget_bytes", .int(session.minimumMemoryBudget)),
                                 ("expert_cache_bytes", cache.map { .int($0.capacityBytes) } ?? .null),
@@ -153,6 +159,7 @@ struct Bench: ParsableCommand {
                     decode:  \(decodeTokens) tokens at \(String(format2: median(decodeRates))) tokens/s
                     time to first token: \(String(format2: median(firstToken) * 1000)) ms (load \(String(format2: loadSeconds * 1000)) ms)
                     peak RSS: \(PackageSummary.bytes(peak)) (smallest --memory-budget at this context: \(PackageSummary.bytes(session.minimumMemoryBudget)))
+                    KV cache: \(session.kvType), \(PackageSummary.bytes(session.memoryPlan.kvCacheBytes)) for \(session.contextLength) positions (\(PackageSummary.bytes(session.memoryPlan.kvBytesPerToken)) a token); a decoded token reads \(PackageSummary.bytes(kvRead)) of it on average
                     """)
                 if let cache {
                     print(

@@ -7,6 +7,8 @@ extension ByteCount: ExpressibleByArgument {
     public init?(argument: String) { self.init(argument) }
 }
 
+extension KVCacheType: ExpressibleByArgument {}
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -20,6 +22,13 @@ struct RuntimeOptions: ParsableArguments {
 
     @Option(help: "Context length in tokens (default: the model's limit, at most 4096).")
     var context: Int?
+
+    @Option(
+        help: ArgumentHelp(
+            "What the KV cache stores keys and values as (llama.cpp's -ctk/-ctv): f16 (half of f32's memory), q8_0 (about a quarter, "
+                + "at a small measured cost), or f32.",
+            valueName: "f32|f16|q8_0"))
+    var kvType: KVCacheType = .default
 
     @Option(
         help: ArgumentHelp(
@@ -48,8 +57,8 @@ struct RuntimeOptions: ParsableArguments {
         if mode == .on && noPrefetch { throw ValidationError("--cross-layer-prefetch on and --no-prefetch contradict each other") }
     }
 
-    func session(_ path: String, contextLength: Int? = nil, sequences: Int = 1) throws -> Session {
-        try session(model: try model(path), contextLength: contextLength, sequences: sequences)
+    func session(_ path: String, contextLength: Int? = nil, sequences: Int = 1, kvType: KVCacheType? = nil) throws -> Session {
+        try session(model: try model(path), contextLength: contextLength, sequences: sequences, kvType: kvType)
     }
 
     func model(_ path: String) throws -> Model {
@@ -66,11 +75,12 @@ struct RuntimeOptions: ParsableArguments {
         return model
     }
 
-    /// A session of `sequences` sequences on `model` with these options.
-    func session(model: Model, contextLength: Int? = nil, sequences: Int = 1) throws -> Session {
+    /// A session of `sequences` sequences on `model` with these options (`kvType` overriding
+    /// --kv-type).
+    func session(model: Model, contextLength: Int? = nil, sequences: Int = 1, kvType: KVCacheType? = nil) throws -> Session {
         let session = try Session(
             model: model, contextLength: contextLength ?? context, threads: threads ?? Session.defaultThreads,
-            memoryBudget: memoryBudget?.bytes, sequences: sequences)
+            memoryBudget: memoryBudget?.bytes, sequences: sequences, kvType: kvType ?? self.kvType)
         session.expertCache?.prefetchEnabled = !noPrefetch
         session.expertCache?.crossLayer = noPrefetch ? .off : ExpertCache.CrossLayerMode(rawValue: crossLayerPrefetch) ?? .auto
         return session
@@ -420,7 +430,8 @@ struct Compare: ParsableCommand {
         discussion:
             "BASE is the reference (usually the float package). The tokens come from --text or --file (through BASE's tokenizer), "
             + "--tokens or --tokens-file; without any, a fixed pseudo-random sequence of 128 ids is used, which says little about a "
-            + "trained model."
+            + "trained model. BASE and OTHER may be the same package: `--base-kv-type f32 --kv-type q8_0` measures what a KV cache "
+            + "type costs."
     )
 
     @Argument(help: "The reference package.")
@@ -434,11 +445,14 @@ struct Compare: ParsableCommand {
     @Flag(help: "Print JSON.")
     var json = false
 
+    @Option(help: ArgumentHelp("BASE's KV cache type (default: --kv-type's).", valueName: "f32|f16|q8_0"))
+    var baseKVType: KVCacheType?
+
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         try reportingErrors {
-            let baseSession = try runtime.session(base)
+            let baseSession = try runtime.session(base, kvType: baseKVType)
             let otherSession = try runtime.session(other)
             let vocab = baseSession.model.config.vocabSize
             guard otherSession.model.config.vocabSize == vocab else {

@@ -38,14 +38,55 @@ struct Inspect: ParsableCommand {
     @Flag(help: "List every dense tensor and each layer's expert region.")
     var tensors = false
 
+    @Option(help: "Plan memory for contexts of this many tokens (default: the model's limit, at most 4096).")
+    var context: Int?
+
+    @Option(name: [.customLong("np", withSingleDash: true), .long], help: "Plan memory for this many sequences at once (strun serve -np).")
+    var parallel = 1
+
+    @Option(help: ArgumentHelp("Plan memory for this KV cache type.", valueName: "f32|f16|q8_0"))
+    var kvType: KVCacheType = .default
+
+    @Option(name: [.customShort("t"), .long], help: "Plan memory for this many threads (default: all cores).")
+    var threads: Int?
+
+    @Option(help: ArgumentHelp("Say what this memory budget leaves for experts and how many sequences fit.", valueName: "BYTES"))
+    var memoryBudget: ByteCount?
+
+    func validate() throws {
+        if let context, context < 1 { throw ValidationError("--context must be at least 1") }
+        if parallel < 1 { throw ValidationError("-np must be at least 1") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+    }
+
     func run() throws {
         try reportingErrors {
             let reader = try PackageReader(path: package)
+            let model = try Model(package: reader, copyHotMatrices: false, arrangeExperts: false)
+            let contextLength = context ?? model.defaultContextLength
+            guard contextLength <= model.config.maxPositionEmbeddings else {
+                throw EngineError.contextLength(requested: contextLength, maximum: model.config.maxPositionEmbeddings)
+            }
+            guard kvType.rowBytes(headDim: model.config.headDim) != nil else {
+                throw EngineError.kvCacheType(kvType, headDim: model.config.headDim)
+            }
+            let threads = threads ?? Session.defaultThreads
             if json {
                 guard case .object(var object) = reader.manifest.json else { return }
                 object["format_version"] = .string("\(reader.header.majorVersion).\(reader.header.minorVersion)")
                 object["file_length"] = .int(reader.header.fileLength)
                 object["data_offset"] = .int(reader.header.dataOffset)
+                let plan = MemoryPlan(model: model, contextLength: contextLength, threads: threads, sequences: parallel, kvType: kvType)
+                let one = MemoryPlan(model: model, contextLength: contextLength, threads: threads, sequences: 1, kvType: kvType)
+                object["memory_plan"] = .object(
+                    JSONObject([
+                        ("context", .int(contextLength)), ("sequences", .int(parallel)), ("threads", .int(threads)),
+                        ("kv_type", .string(kvType.rawValue)), ("kv_cache_bytes", .int(plan.kvCacheBytes)),
+                        ("kv_bytes_per_token", .int(plan.kvBytesPerToken)), ("dense_bytes", .int(plan.denseBytes)),
+                        ("buffer_bytes", .int(plan.bufferBytes)), ("process_bytes", .int(MemoryPlan.processAllowance)),
+                        ("minimum_memory_budget_bytes", .int(plan.minimumBudget)),
+                        ("sequences_fitting_budget", memoryBudget.map { .int(one.sequencesFitting(budget: $0.bytes)) } ?? .null)
+                    ]))
                 print(JSONWriter.serialize(.object(object), pretty: true))
             } else {
                 print(
@@ -53,6 +94,10 @@ struct Inspect: ParsableCommand {
                         reader.manifest, dataOffset: reader.header.dataOffset,
                         fileLength: reader.header.fileLength, listTensors: tensors,
                         version: (reader.header.majorVersion, reader.header.minorVersion)))
+                print(
+                    MemoryPlan.report(
+                        model: model, contextLength: contextLength, threads: threads, sequences: parallel, kvType: kvType,
+                        memoryBudget: memoryBudget?.bytes))
             }
         }
     }

@@ -8,8 +8,8 @@ import Testing
 /// given a budget).
 @Suite struct ExpertStreamingTests {
     /// A budget whose expert cache holds exactly `slots` bundles.
-    static func budget(_ model: Model, slots: Int, context: Int, sequences: Int = 1) -> Int {
-        let plan = MemoryPlan(model: model, contextLength: context, threads: 2, sequences: sequences)
+    static func budget(_ model: Model, slots: Int, context: Int, sequences: Int = 1, kvType: KVCacheType = .default) -> Int {
+        let plan = MemoryPlan(model: model, contextLength: context, threads: 2, sequences: sequences, kvType: kvType)
         let slot = model.package.manifest.bundles.map(\.length).max()!
         return plan.fixedBytes + slots * slot
     }

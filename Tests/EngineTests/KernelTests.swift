@@ -508,45 +508,126 @@ import Testing
         }
     }
 
-    /// Attention for a group of query heads sharing a key/value head, against a plain two-pass
-    /// softmax in double precision: head sizes on and off the vector width, groups of 1 to 7,
-    /// a ring cache that wraps, one position, more positions than a block of sixteen, and scores
-    /// that keep rising (every block rescales the running sums) or span a wide range.
-    @Test(arguments: sets)
-    func attentionMatchesATwoPassSoftmax(set: DotKernels.InstructionSet) {
-        let k = table(set)
-        for (headDim, heads, capacity, first, last, spread) in [
-            (16, 1, 10, 7, 15, Float(1)), (128, 6, 40, 0, 39, 1), (128, 2, 8, 3, 3, 1),
-            (96, 3, 12, 2, 13, 4), (256, 2, 20, 5, 24, 1), (64, 7, 60, 0, 59, 30),
-            (128, 6, 50, 30, 77, 3)
-        ] {
-            var g = Generator(state: UInt64(headDim * 31 + capacity))
-            let stride = headDim * 2 + 16  // two key/value heads and some slack per slot, as a cache row
-            let q = (0..<heads * headDim).map { _ in g.next() * spread }
-            var keys = (0..<capacity * stride).map { _ in g.next() }, values = keys.map { _ in g.next() }
-            if spread == 30 {  // rising scores for the first head: each key a larger multiple of its query
-                for j in first...last { for i in 0..<headDim { keys[(j % capacity) * stride + i] = q[i] * Float(j) * 0.01 } }
+    /// A KV cache row as stored, in the Format library's codecs: float16 rounds to nearest even
+    /// (Swift's own conversion), q8_0 is ggml's block (Format's `Q8_0`, checked against ggml's
+    /// quantiser in QuantizationTests).
+    func storedRow(_ x: [Float], _ type: KVCacheType) -> [UInt8] {
+        switch type {
+        case .f32: encoded(x, .f32)
+        case .f16: encoded(x, .f16)
+        case .q8_0: encoded(x, .q8_0)
+        }
+    }
+
+    func dtype(_ type: KVCacheType) -> TensorDType {
+        switch type {
+        case .f32: .f32
+        case .f16: .f16
+        case .q8_0: .q8_0
+        }
+    }
+
+    /// st_kv_store writes exactly those bytes (the same on every tier: storing is not
+    /// dispatched), st_kv_load reads them back as the codecs decode them, and the row sizes are
+    /// llama.cpp's (4, 2 and 34/32 bytes a value).
+    @Test(arguments: KVCacheType.allCases)
+    func kvRowsAreStoredAsTheCodecsStoreThem(type: KVCacheType) {
+        var g = Generator(state: 77)
+        for headDim in [32, 64, 128, 256] {
+            for spread: Float in [1, 1e-3, 3e4, 1e-6] {
+                var x = (0..<headDim).map { _ in g.next() * spread }
+                x[0] = 0
+                if headDim > 32 { x[1] = 65519 * (spread > 1 ? 1 : 0); x[2] = -x[1] }  // float16's rounding edge
+                var row = [UInt8](repeating: 0xAA, count: type.rowBytes(headDim: headDim)!)
+                st_kv_store(type.code, x, &row, Int32(headDim))
+                #expect(row == storedRow(x, type), "\(type) d=\(headDim) spread \(spread)")
+                var back = [Float](repeating: .nan, count: headDim)
+                st_kv_load(type.code, row, &back, Int32(headDim))
+                var expected = [Float](repeating: 0, count: headDim)
+                row.withUnsafeBytes { TensorCodec.decode($0.baseAddress!, dtype: dtype(type), count: headDim, into: &expected) }
+                #expect(back == expected, "\(type) d=\(headDim) spread \(spread)")
             }
-            var out = [Float](repeating: .nan, count: heads * headDim)
+        }
+        #expect(KVCacheType.f32.rowBytes(headDim: 128) == 512 && KVCacheType.f16.rowBytes(headDim: 128) == 256)
+        #expect(KVCacheType.q8_0.rowBytes(headDim: 128) == 136 && KVCacheType.q8_0.rowBytes(headDim: 16) == nil)
+        // Every float16 value's neighbourhood: halfway cases round to even, and the first
+        // value past the largest finite float16 goes to infinity.
+        for bits in stride(from: UInt16(0), to: 0x7C00, by: 7) {
+            let value = Float(Float16(bitPattern: bits)), next = Float(Float16(bitPattern: bits + 1))
+            for x in [value, (value + next) / 2, value.nextUp, ((value + next) / 2).nextDown, -value] {
+                var h: UInt16 = 0
+                st_kv_store(KVCacheType.f16.code, [x] + [Float](repeating: 0, count: 31), &h, 1)
+                #expect(h == Float16(x).bitPattern, "\(x)")
+            }
+        }
+    }
+
+    /// Attention for a tile of queries (tokens × the heads sharing a key/value head) over a KV
+    /// cache of each type, against a plain two-pass softmax in double precision over the values
+    /// the cache holds: head sizes on and off the vector width, groups of 1 to 7, tiles of 1 to
+    /// 21 tokens, a ring that wraps, sliding windows narrower and wider than a block, one
+    /// position, and scores that keep rising (every block rescales the running sums) or span a
+    /// wide range.
+    @Test(arguments: sets, KVCacheType.allCases)
+    func attentionMatchesATwoPassSoftmax(set: DotKernels.InstructionSet, type: KVCacheType) {
+        let k = table(set)
+        // (head_dim, heads, tokens, capacity, position, window (0: none), spread)
+        for (headDim, heads, tokens, capacity, position, window, spread) in [
+            (32, 1, 1, 10, 15, 9, Float(1)), (128, 6, 1, 40, 39, 0, 1), (128, 2, 1, 8, 3, 1, 1),
+            (96, 3, 1, 12, 13, 12, 4), (256, 2, 3, 26, 22, 0, 1), (64, 7, 2, 60, 58, 0, 30),
+            (128, 6, 1, 50, 77, 48, 3), (128, 6, 16, 64, 48, 0, 1), (128, 7, 21, 100, 30, 0, 2),
+            (64, 4, 13, 40, 60, 7, 1), (128, 6, 16, 48, 100, 20, 1), (32, 2, 9, 9, 0, 0, 1), (128, 1, 5, 80, 3, 40, 1)
+        ] {
+            guard let rowBytes = type.rowBytes(headDim: headDim) else { continue }
+            var g = Generator(state: UInt64(headDim * 31 + capacity + tokens))
+            let q = (0..<tokens * heads * headDim).map { _ in g.next() * spread }
+            var keyValues = (0..<capacity * headDim).map { _ in g.next() }, valueValues = keyValues.map { _ in g.next() }
+            let last = position + tokens - 1
+            let first = { (t: Int) in window > 0 ? max(0, position + t - window + 1) : 0 }
+            if spread == 30 {  // rising scores for the first head: each key a larger multiple of its query
+                for j in first(0)...last { for i in 0..<headDim { keyValues[(j % capacity) * headDim + i] = q[i] * Float(j) * 0.01 } }
+            }
+            var keys: [UInt8] = [], values: [UInt8] = []
+            for slot in 0..<capacity {
+                keys += storedRow(Array(keyValues[slot * headDim..<(slot + 1) * headDim]), type)
+                values += storedRow(Array(valueValues[slot * headDim..<(slot + 1) * headDim]), type)
+            }
+            var heldKeys = [Float](repeating: 0, count: capacity * headDim), heldValues = heldKeys
+            keys.withUnsafeBytes { TensorCodec.decode($0.baseAddress!, dtype: dtype(type), count: capacity * headDim, into: &heldKeys) }
+            values.withUnsafeBytes {
+                TensorCodec.decode($0.baseAddress!, dtype: dtype(type), count: capacity * headDim, into: &heldValues)
+            }
+            let stride = heads * headDim + 8  // queries and outputs of a token some slack apart, as batch rows
+            var queries = [Float](repeating: 0, count: tokens * stride)
+            for t in 0..<tokens { for i in 0..<heads * headDim { queries[t * stride + i] = q[t * heads * headDim + i] } }
+            var out = [Float](repeating: .nan, count: tokens * stride)
             let scale = 1 / Float(headDim).squareRoot()
-            k.attend(q, Int32(heads), keys, values, Int32(capacity), Int32(stride), Int32(first), Int32(last), Int32(headDim), scale, &out)
-            for h in 0..<heads {
-                var scores: [Double] = []
-                for j in first...last {
-                    let base = (j % capacity) * stride
-                    scores.append((0..<headDim).reduce(0.0) { $0 + Double(q[h * headDim + $1]) * Double(keys[base + $1]) } * Double(scale))
-                }
-                let top = scores.max()!
-                let weights = scores.map { Foundation.exp($0 - top) }, total = weights.reduce(0, +)
-                for i in 0..<headDim {
-                    var expected = 0.0
-                    for (n, j) in (first...last).enumerated() {
-                        expected += weights[n] / total * Double(values[(j % capacity) * stride + i])
+            k.attend(
+                queries, Int32(stride), Int32(tokens), Int32(heads), keys, values, type.code, Int32(capacity), Int32(rowBytes),
+                Int32(position), Int32(window), Int32(headDim), scale, &out, Int32(stride))
+            for t in 0..<tokens {
+                for i in heads * headDim..<stride { #expect(out[t * stride + i].isNaN, "wrote past token \(t)'s heads") }
+                for h in 0..<heads {
+                    let range = first(t)...(position + t)
+                    var scores: [Double] = []
+                    for j in range {
+                        let base = (j % capacity) * headDim
+                        scores.append(
+                            (0..<headDim).reduce(0.0) { $0 + Double(queries[t * stride + h * headDim + $1]) * Double(heldKeys[base + $1]) }
+                                * Double(scale))
                     }
-                    let got = out[h * headDim + i]
-                    #expect(
-                        abs(Double(got) - expected) <= 2e-5 * (abs(expected) + 1),
-                        "\(set) d=\(headDim) head \(h) [\(first), \(last)] element \(i): \(got) vs \(expected)")
+                    let top = scores.max()!
+                    let weights = scores.map { Foundation.exp($0 - top) }, total = weights.reduce(0, +)
+                    for i in 0..<headDim {
+                        var expected = 0.0
+                        for (n, j) in range.enumerated() {
+                            expected += weights[n] / total * Double(heldValues[(j % capacity) * headDim + i])
+                        }
+                        let got = out[t * stride + h * headDim + i]
+                        #expect(
+                            abs(Double(got) - expected) <= 2e-5 * (abs(expected) + 1),
+                            "\(set) \(type) d=\(headDim) token \(t) head \(h) \(range) element \(i): \(got) vs \(expected)")
+                    }
                 }
             }
         }

@@ -87,7 +87,8 @@ import Testing
                 let context = max(lengths.max()!, 64)
                 let budget =
                     budgeted
-                    ? ExpertStreamingTests.budget(model, slots: model.config.activeExperts + 3, context: context, sequences: 3) : nil
+                    ? ExpertStreamingTests.budget(
+                        model, slots: model.config.activeExperts + 3, context: context, sequences: 3, kvType: .f32) : nil
                 let together = try TeacherForcing.runTogether(
                     model, kernels: tier, tokens: tokens, steps: steps, forcing: alone, memoryBudget: budget)
                 for s in tokens.indices {

@@ -5,7 +5,8 @@ import Testing
 
 /// The float runtime against the SmallThinker authors' PyTorch outputs (and, for the trained
 /// fixture, against Fixtures/trained/smallthinker.py, which matches the authors' code to the
-/// bit on the random fixtures), on every kernel tier this CPU has.
+/// bit on the random fixtures), on every kernel tier this CPU has, with a float32 KV cache as
+/// theirs (KVCacheTests holds the float16 and q8_0 caches to the definition).
 @Suite struct ReferenceLogitsTests {
     static let cases = Reference.models.flatMap { m in ["short", "long"].flatMap { s in [TensorDType.f32, .bf16].map { (m, s, $0) } } }
     static let tiers = DotKernels.InstructionSet.supported
@@ -61,7 +62,8 @@ import Testing
     ) throws {
         let (model, sequence, dtype) = `case`
         let reference = try #require(try Reference.load(model).sequences[sequence])
-        let session = try Session(model: try Model(path: try Packages.path(model, dtype == .bf16 ? nil : dtype)), threads: 2, kernels: tier)
+        let session = try Session(
+            model: try Model(path: try Packages.path(model, dtype == .bf16 ? nil : dtype)), threads: 2, kernels: tier, kvType: .f32)
         let vocab = session.model.config.vocabSize
         var worst: Float = 0
         for (t, token) in reference.inputIDs.enumerated() {
@@ -75,9 +77,9 @@ import Testing
     func batchedPromptMatchesIncrementalDecoding(model: String, tier: DotKernels.InstructionSet) throws {
         let reference = try #require(try Reference.load(model).sequences["long"])
         let m = try Model(path: try Packages.path(model, .f32))
-        let batched = try Session(model: m, threads: 2, kernels: tier)
+        let batched = try Session(model: m, threads: 2, kernels: tier, kvType: .f32)
         let all = try batched.evaluate(reference.inputIDs, allLogits: true)
-        let stepwise = try Session(model: m, threads: 1, kernels: tier)
+        let stepwise = try Session(model: m, threads: 1, kernels: tier, kvType: .f32)
         let vocab = m.config.vocabSize
         var worst: Float = 0
         for (t, token) in reference.inputIDs.enumerated() {
@@ -88,7 +90,7 @@ import Testing
         // different orders); a cache bug shows as errors of order 1.
         #expect(worst < 1e-3, "batched vs one-by-one: \(worst)")
         // Split the prompt unevenly across calls: the cache carries over.
-        let split = try Session(model: m, threads: 2, kernels: tier)
+        let split = try Session(model: m, threads: 2, kernels: tier, kvType: .f32)
         _ = try split.evaluate(Array(reference.inputIDs[0..<7]))
         let tail = try split.evaluate(Array(reference.inputIDs[7...]), allLogits: true)
         #expect(maxAbsDifference(tail[0..<tail.count], Array(all[7 * vocab..<all.count])) < 1e-3)
@@ -98,7 +100,7 @@ import Testing
     func routerChoicesMatchTheReference(case: (model: String, sequence: String), tier: DotKernels.InstructionSet) throws {
         let (model, sequence) = `case`
         let reference = try #require(try Reference.load(model).sequences[sequence])
-        let session = try Session(model: try Model(path: try Packages.path(model, .f32)), threads: 2, kernels: tier)
+        let session = try Session(model: try Model(path: try Packages.path(model, .f32)), threads: 2, kernels: tier, kvType: .f32)
         var decisions: [RoutingDecision] = []
         session.routingObserver = { decisions.append($0) }
         _ = try session.evaluate(reference.inputIDs)
@@ -117,7 +119,7 @@ import Testing
     @Test(arguments: Reference.models.flatMap { m in ["short", "long"].map { (m, $0) } })
     func greedyGenerationReproducesTheReference(model: String, sequence: String) throws {
         let reference = try #require(try Reference.load(model).sequences[sequence])
-        let session = try Session(model: try Model(path: try Packages.path(model)), threads: 2)
+        let session = try Session(model: try Model(path: try Packages.path(model)), threads: 2, kvType: .f32)
         var logits = try session.evaluate(reference.inputIDs)
         for (step, expected) in reference.greedyTokens.enumerated() {
             let chosen = logits.indices.max { logits[$0] < logits[$1] }!

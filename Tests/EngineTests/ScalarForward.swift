@@ -14,8 +14,12 @@ import Foundation
 ///        (all before and at p; sliding-window layers the last `window`), kv head = head / group
 ///   h = rmsnorm(x) ⊙ ffn_norm;  x += Σ_e w_e · W_down,e (relu(W_gate,e h) ⊙ (W_up,e h))
 /// then logits = W_output · (rmsnorm(x) ⊙ output_norm), W_output the embedding when tied.
+/// Keys and values are cached as `kvType` holds them: each head's key (after RoPE) and value
+/// rounded to float32, then stored and read back in that type's codec (float16, or ggml's q8_0
+/// blocks per head).
 struct ScalarForward {
     let c: ModelConfig
+    var kvType: KVCacheType = .f32
     let embedding: [Float], outputNorm: [Float], output: [Float]  // (vocab, hidden), (hidden), (vocab, hidden)
     struct Layer {
         let attentionNorm: [Float], ffnNorm: [Float]  // (hidden)
@@ -27,9 +31,10 @@ struct ScalarForward {
     }
     let layers: [Layer]
 
-    init(package: PackageReader) {
+    init(package: PackageReader, kvType: KVCacheType = .f32) {
         let c = package.manifest.config
         self.c = c
+        self.kvType = kvType
         func load(_ name: String) -> [Float] {
             let t = package.tensor(name)!
             var v = [Float](repeating: 0, count: t.elementCount)
@@ -48,6 +53,30 @@ struct ScalarForward {
                 up: (0..<c.expertCount).map { load(TensorNames.expertUp(n, $0)) },
                 down: (0..<c.expertCount).map { load(TensorNames.expertDown(n, $0)) })
         }
+    }
+
+    /// `v` (kv width) as the KV cache holds it, head by head.
+    func cached(_ v: [Double]) -> [Double] {
+        let dtype: TensorDType
+        switch kvType {
+        case .f32: return v.map { Double(Float($0)) }
+        case .f16: dtype = .f16
+        case .q8_0: dtype = .q8_0
+        }
+        var out: [Double] = []
+        for head in 0..<c.kvHeads {
+            let x = v[head * c.headDim..<(head + 1) * c.headDim].map { Float($0) }
+            var bytes = [UInt8](repeating: 0, count: dtype.byteLength(shape: [c.headDim])!)
+            var back = [Float](repeating: 0, count: c.headDim)
+            x.withUnsafeBufferPointer { x in
+                bytes.withUnsafeMutableBytes { b in
+                    _ = TensorCodec.encode(x.baseAddress!, count: c.headDim, as: dtype, into: b.baseAddress!)
+                    TensorCodec.decode(b.baseAddress!, dtype: dtype, count: c.headDim, into: &back)
+                }
+            }
+            out += back.map(Double.init)
+        }
+        return out
     }
 
     /// y = W x for W (rows, columns) row-major, in double.
@@ -109,8 +138,8 @@ struct ScalarForward {
                     for head in 0..<c.attentionHeads { rotate(&q, at: head * d, position: p) }
                     for head in 0..<c.kvHeads { rotate(&key, at: head * d, position: p) }
                 }
-                keys[n].append(key)
-                values[n].append(matmul(layer.value, h, rows: c.kvWidth))
+                keys[n].append(cached(key))
+                values[n].append(cached(matmul(layer.value, h, rows: c.kvWidth)))
                 let first = c.slidingWindowLayout[n] ? max(0, p - c.slidingWindowSize + 1) : 0
                 var attended = [Double](repeating: 0, count: c.queryWidth)
                 for head in 0..<c.attentionHeads {

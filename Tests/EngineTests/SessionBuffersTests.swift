@@ -39,7 +39,9 @@ import Testing
             let plan = MemoryPlan(model: model, contextLength: 64, threads: threads, sequences: sequences)
             #expect(plan.bufferBytes == arena.bytes + batches + 4 * (2 + sequences) * model.config.vocabSize)
             // Every sequence's KV cache, as allocated.
-            let caches = session.sequences.reduce(0) { $0 + $1.caches.reduce(0) { $0 + 2 * 4 * $1.capacity * $1.heads * $1.headDim } }
+            let caches = session.sequences.reduce(0) {
+                $0 + $1.caches.reduce(0) { $0 + 2 * $1.capacity * $1.heads * $1.type.rowBytes(headDim: $1.headDim)! }
+            }
             #expect(plan.kvCacheBytes == caches)
         }
     }

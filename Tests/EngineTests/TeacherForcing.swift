@@ -35,15 +35,19 @@ struct Trace {
 
 enum TeacherForcing {
     /// Runs `tokens` through a new session on `model` with the `kernels` tier, as one prompt
-    /// (`batched`) or one token per call (decoding), and records its trace. With `inputs`, each
+    /// (`batched`) or one token per call (decoding), and records its trace. The KV cache is
+    /// float32 unless `kvType` says otherwise: comparisons of two computations are about their
+    /// arithmetic, which a smaller cache's rounding would amplify (a value a rounding apart can be
+    /// stored a float16 step apart); KVCacheTests holds the other types to the definition. With `inputs`, each
     /// layer l < `forcedLayers` (default: every layer and the final stream) gets
     /// `inputs.states[l]` as its input.
     static func run(
         _ model: Model, kernels: DotKernels.InstructionSet, tokens: [Int], batched: Bool, forcing inputs: Trace? = nil,
-        forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil
+        forcedLayers: Int? = nil, threads: Int = 2, memoryBudget: Int? = nil, kvType: KVCacheType = .f32
     ) throws -> Trace {
         let n = tokens.count
-        let session = try Session(model: model, contextLength: max(n, 64), threads: threads, memoryBudget: memoryBudget, kernels: kernels)
+        let session = try Session(
+            model: model, contextLength: max(n, 64), threads: threads, memoryBudget: memoryBudget, kernels: kernels, kvType: kvType)
         defer { session.expertCache?.shutdown() }
         let recorder = Recorder(session, lengths: [n], forcing: inputs.map { [$0] }, forcedLayers: forcedLayers)
         if batched {
@@ -65,7 +69,7 @@ enum TeacherForcing {
         let vocab = model.config.vocabSize
         let session = try Session(
             model: model, contextLength: max(tokens.map(\.count).max()!, 64), threads: threads, memoryBudget: memoryBudget,
-            kernels: kernels, sequences: tokens.count)
+            kernels: kernels, sequences: tokens.count, kvType: .f32)
         defer { session.expertCache?.shutdown() }
         let recorder = Recorder(session, lengths: tokens.map(\.count), forcing: inputs, forcedLayers: nil)
         for (s, t) in tokens.enumerated() { recorder.traces[s].logits = [Float](repeating: .nan, count: t.count * vocab) }

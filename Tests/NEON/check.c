@@ -167,18 +167,40 @@ static void check_tier(const char *tier, const st_kernel_table *k) {
         k->axpy_bf16(h, a, y0, n), p->axpy_bf16(h, a, y1, n);
         for (int i = 0; i < n; i++) close_enough("axpy_bf16", tier, n, y0[i], y1[i]);
     }
-    // Attention over a ring of 7 slots, with the window wrapping, for several head shapes.
-    const int dims[] = {4, 6, 16, 64};
+    // Attention over a ring of 12 slots for tiles of 1 to 5 tokens, with and without a window
+    // that wraps, for several head shapes and every KV cache type.
+    const int dims[] = {4, 6, 16, 32, 64};
     for (unsigned di = 0; di < sizeof dims / sizeof *dims; di++) {
-        const int head_dim = dims[di], heads = 3, capacity = 7, stride = head_dim + 2;
-        float q[3 * 64], keys[7 * 66], values[7 * 66], o0[3 * 64], o1[3 * 64];
-        for (int i = 0; i < heads * head_dim; i++) q[i] = uniform(-2, 2);
-        for (int i = 0; i < capacity * stride; i++) keys[i] = uniform(-2, 2), values[i] = uniform(-1, 1);
-        for (int first = 0; first < 9; first += 4) {
-            const int last = first + (first == 0 ? 0 : 5);
-            k->attend(q, heads, keys, values, capacity, stride, first, last, head_dim, 0.25f, o0);
-            p->attend(q, heads, keys, values, capacity, stride, first, last, head_dim, 0.25f, o1);
-            for (int i = 0; i < heads * head_dim; i++) close_enough("attend", tier, head_dim, o0[i], o1[i]);
+        for (int type = ST_KV_F32; type <= ST_KV_Q8_0; type++) {
+            const int head_dim = dims[di], heads = 3, capacity = 12, row_bytes = st_kv_row_bytes(type, head_dim);
+            if (!row_bytes) continue;
+            const int stride = heads * head_dim + 2;
+            float q[5 * (3 * 64 + 2)], row[64], o0[5 * (3 * 64 + 2)], o1[5 * (3 * 64 + 2)];
+            unsigned char keys[12 * 256], values[12 * 256];
+            for (int i = 0; i < 5 * stride; i++) q[i] = uniform(-2, 2);
+            for (int slot = 0; slot < capacity; slot++) {
+                for (int i = 0; i < head_dim; i++) row[i] = uniform(-2, 2);
+                st_kv_store(type, row, keys + slot * row_bytes, head_dim);
+                for (int i = 0; i < head_dim; i++) row[i] = uniform(-1, 1);
+                st_kv_store(type, row, values + slot * row_bytes, head_dim);
+            }
+            for (int tokens = 1; tokens <= 5; tokens += 2) {
+                for (int position = 0; position < 20; position += 6) {
+                    for (int window = 0; window <= 7; window += 7) {
+                        const int first = window && position - window + 1 > 0 ? position - window + 1 : 0;
+                        if (position + tokens - first > capacity) continue;  // the ring holds every position the tile sees
+                        k->attend(q, stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, 0.25f, o0,
+                                  stride);
+                        p->attend(q, stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, 0.25f, o1,
+                                  stride);
+                        for (int t = 0; t < tokens; t++) {
+                            for (int i = 0; i < heads * head_dim; i++) {
+                                close_enough("attend", tier, head_dim, o0[t * stride + i], o1[t * stride + i]);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -67,11 +67,15 @@ typedef struct st_kernel_table {
     /// prefetching about `next_bytes` at `next` (NULL for none) into L2, spread over the work.
     void (*axpy_rows_q4_0)(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n,
                            const void *next, int next_bytes);
-    /// `heads` query heads sharing one key/value head (queries and outputs `head_dim` floats
-    /// apart): out_h = Σ_j softmax_j(q_h·k_j · scale) v_j over positions first...last, position
-    /// j's key and value at (j % capacity) · stride floats from `keys` and `values`.
-    void (*attend)(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first,
-                   int last, int head_dim, float scale, float *outs);
+    /// Attention for a tile of `tokens` × `heads` queries (at most ST_ATTEND_MAX_QUERIES): the
+    /// heads sharing one key/value head, for consecutive tokens of one sequence, token t at
+    /// `position` + t (its queries at queries + t · query_stride, heads `head_dim` floats apart;
+    /// its outputs likewise at outs + t · out_stride). out = Σ_j softmax_j(q·k_j · scale) v_j
+    /// over positions first_t...position + t, first_t = 0, or with a sliding `window` (> 0)
+    /// max(0, position + t − window + 1). Position j's key and value rows (KV cache `type`,
+    /// `row_bytes` each, st_kv_row_bytes) are at (j % capacity) · row_bytes from keys and values.
+    void (*attend)(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values, int type,
+                   int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs, int out_stride);
     /// y0 += Σ c0[a] · row rows[a] and y1 += Σ c1[a] · row rows[a] over one list of `count`
     /// rows of the Q4_0 matrix at base (a zero coefficient adds nothing).
     void (*axpy_rows2_q4_0)(const void *base, int row_bytes, const int *rows, const float *c0, const float *c1, int count,
@@ -154,8 +158,25 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
 void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
                             const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1);
 
-void st_attend(const float *queries, int heads, const float *keys, const float *values, int capacity, int stride, int first, int last,
-               int head_dim, float scale, float *outs);
+/// KV cache element types: float32, float16 (round to nearest even), and ggml's q8_0 blocks (a
+/// float16 scale d = amax / 127 and 32 int8s round(x / d) per block of 32 values).
+enum { ST_KV_F32 = 0, ST_KV_F16 = 1, ST_KV_Q8_0 = 2 };
+
+/// The most queries (tokens × heads) one attend call of the table takes; st_attend splits more.
+#define ST_ATTEND_MAX_QUERIES 256
+
+/// Bytes one cached key or value row of `head_dim` values takes as `type` (0: that type cannot
+/// hold such a row; q8_0 needs head_dim a multiple of 32).
+int st_kv_row_bytes(int type, int head_dim);
+/// Stores `head_dim` floats as one row of `type` (the same bits on every tier).
+void st_kv_store(int type, const float *x, void *row, int head_dim);
+/// A stored row's values as floats.
+void st_kv_load(int type, const void *row, float *x, int head_dim);
+
+/// The table's attend, with any number of tokens (split into tiles of at most
+/// ST_ATTEND_MAX_QUERIES queries).
+void st_attend(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values, int type,
+               int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs, int out_stride);
 
 /// y[i] += rows[k · stride + i] for k = 0, 1, …, count − 1 in that order (the same sums, in the
 /// same order, as adding the rows one after another).

@@ -191,11 +191,12 @@ public final class BatchGenerator: Sendable {
     /// default); the other parameters are `Session`'s.
     public convenience init(
         model: Model, tokenizer: Tokenizer, parallel: Int, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, maximumWaiting: Int = .max, promptCache: Bool = true
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, maximumWaiting: Int = .max, promptCache: Bool = true,
+        kvType: KVCacheType = .default
     ) throws(EngineError) {
         let session = try Session(
             model: model, contextLength: contextLength, threads: threads, memoryBudget: memoryBudget, kernels: kernels,
-            sequences: parallel)
+            sequences: parallel, kvType: kvType)
         self.init(session: session, tokenizer: tokenizer, maximumWaiting: maximumWaiting, promptCache: promptCache)
     }
 

@@ -42,6 +42,8 @@ public enum EngineError: ReportableError, Equatable {
     case io(path: String, detail: String)
     /// The kernel tier asked for is unknown or beyond this CPU.
     case kernelTier(String)
+    /// The KV cache type cannot hold this model's heads (q8_0 needs head_dim a multiple of 32).
+    case kvCacheType(KVCacheType, headDim: Int)
 
     public var description: String {
         switch self {
@@ -95,6 +97,10 @@ public enum EngineError: ReportableError, Equatable {
             return "\(path): \(detail)"
         case .kernelTier(let detail):
             return detail
+        case .kvCacheType(let type, let headDim):
+            return
+                "a \(type.rawValue) KV cache cannot hold this model's heads of \(headDim) values (q8_0 stores blocks of 32); use "
+                + "--kv-type f16 or f32"
         }
     }
 }

@@ -66,6 +66,10 @@ public final class Session: @unchecked Sendable {
     public let threads: Int
     /// The kernel tier every computation of this session uses.
     public let kernels: DotKernels.InstructionSet
+    /// What the KV caches store keys and values as.
+    public let kvType: KVCacheType
+    /// What this session holds besides the expert cache (its KV caches among it).
+    public let memoryPlan: MemoryPlan
     /// Called for every routing decision when set.
     public var routingObserver: ((RoutingDecision) -> Void)?
     /// Called, when set, with the batch's residual stream (batch rows of `hidden` floats, row t
@@ -111,6 +115,12 @@ public final class Session: @unchecked Sendable {
     /// took which slice.
     let sliceSums: UnsafeMutablePointer<Float>
     let nextSlice = Atomic<Int>(0)
+    /// The attention tasks of a step, handed out the same way, and its tiles (row ranges).
+    let nextTask = Atomic<Int>(0)
+    var tiles: [Range<Int>] = []
+    /// Tokens of one sequence whose queries attend together, reading each cached key and value
+    /// once for all of them.
+    static let attentionTile = 16
     static let decodeSlices = 4
     /// Steps of at most this many tokens (decoding, one per sequence) go through the experts a
     /// token at a time with the one-token kernel (`decode`); longer ones expert by expert, each
@@ -152,9 +162,11 @@ public final class Session: @unchecked Sendable {
     /// - Parameter sequences: how many sequences the session holds, each with a KV cache of
     ///   `contextLength` positions. Under a memory budget too small for that many, the error
     ///   names the largest count that fits.
+    /// - Parameter kvType: what the KV caches store keys and values as.
     public init(
         model: Model, contextLength: Int? = nil, threads: Int = Session.defaultThreads,
-        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, sequences: Int = 1
+        memoryBudget: Int? = nil, kernels: DotKernels.InstructionSet? = nil, sequences: Int = 1,
+        kvType: KVCacheType = .default
     ) throws(EngineError) {
         if let kernels {
             try DotKernels.require(kernels, source: "the session")
@@ -168,22 +180,21 @@ public final class Session: @unchecked Sendable {
             throw .contextLength(requested: context, maximum: c.maxPositionEmbeddings)
         }
         guard sequences >= 1 else { throw .sequenceCount(requested: sequences, fits: nil, budget: nil) }
+        guard kvType.rowBytes(headDim: c.headDim) != nil else { throw .kvCacheType(kvType, headDim: c.headDim) }
+        self.kvType = kvType
         self.model = model
         self.contextLength = context
         self.threads = max(1, threads)
         let b = Session.maximumBatch
-        let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: sequences)
-        let slotBytes = ExpertCache.slotBytes(of: model.package.manifest)
-        minimumMemoryBudget = plan.fixedBytes + c.activeExperts * slotBytes
+        let plan = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: sequences, kvType: kvType)
+        memoryPlan = plan
+        minimumMemoryBudget = plan.minimumBudget
         if let memoryBudget, sequences > 1, memoryBudget < minimumMemoryBudget {
-            // The largest count whose KV caches and expert minimum fit (the plan grows by one
-            // sequence's KV cache per sequence).
-            let one = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: 1)
-            let room = memoryBudget - (one.fixedBytes + c.activeExperts * slotBytes)
-            let fits = room < 0 ? 0 : 1 + room / max(1, one.kvCacheBytes)
-            throw .sequenceCount(requested: sequences, fits: fits, budget: memoryBudget)
+            // The largest count whose KV caches and expert minimum fit.
+            let one = MemoryPlan(model: model, contextLength: context, threads: max(1, threads), sequences: 1, kvType: kvType)
+            throw .sequenceCount(requested: sequences, fits: one.sequencesFitting(budget: memoryBudget), budget: memoryBudget)
         }
-        self.sequences = (0..<sequences).map { _ in SequenceState(model: model, context: context) }
+        self.sequences = (0..<sequences).map { _ in SequenceState(model: model, context: context, kvType: kvType) }
         rows.reserveCapacity(b)
         residual = ActivationBatch(columns: c.hiddenSize, capacity: b)
         normed = ActivationBatch(columns: c.hiddenSize, capacity: b)
@@ -412,27 +423,44 @@ public final class Session: @unchecked Sendable {
             }
             sequences[rows[t].sequence].caches[index].store(key: k, value: values + t * c.kvWidth, position: p)
         }
-        // One task per (token, key/value head): its group of query heads reads each cached key
-        // and value once (grouped-query attention), streaming over the cache with no score
-        // vector. When that makes fewer tasks than workers, groups are split.
-        let chunks = max(1, min(c.groupSize, threads / max(1, n * c.kvHeads)))
-        let tasks = n * c.kvHeads * chunks
+        // One task per tile (up to `attentionTile` consecutive tokens of one sequence) and key/value
+        // head: its queries (the head's group of query heads for each of the tile's tokens) read
+        // each cached key and value once. When that makes fewer tasks than workers, groups are
+        // split. Tasks go to whichever worker is free, the last tiles (the longest histories) first.
+        tiles.removeAll(keepingCapacity: true)
+        var start = 0
+        while start < n {
+            var end = start + 1
+            while end < n, end - start < Session.attentionTile, rows[end].sequence == rows[start].sequence,
+                rows[end].position == rows[end - 1].position + 1
+            {
+                end += 1
+            }
+            tiles.append(start..<end)
+            start = end
+        }
+        let chunks = max(1, min(c.groupSize, threads / max(1, tiles.count * c.kvHeads)))
+        let tasks = tiles.count * c.kvHeads * chunks
         let workers = max(1, min(threads, tasks, rows[0].position + n >= 64 || n > 1 ? threads : 1))
+        nextTask.store(0, ordering: .relaxed)
         let work = Unchecked(self)
-        parallelForOnThisTier(workers) { worker in
+        parallelForOnThisTier(workers) { _ in
             let session = work.value
             let c = session.model.config
             let scale = 1 / Float(c.headDim).squareRoot()
-            for task in stride(from: worker, to: tasks, by: workers) {
-                let t = task / (c.kvHeads * chunks), kvHead = task / chunks % c.kvHeads, chunk = task % chunks
+            while true {
+                let task = session.nextTask.add(1, ordering: .relaxed).oldValue
+                guard task < tasks else { break }
+                let tile = session.tiles[session.tiles.count - 1 - task / (c.kvHeads * chunks)]
+                let kvHead = task / chunks % c.kvHeads, chunk = task % chunks
                 let firstHead = kvHead * c.groupSize + c.groupSize * chunk / chunks
                 let heads = kvHead * c.groupSize + c.groupSize * (chunk + 1) / chunks - firstHead
-                let p = session.rows[t].position, cache = session.sequences[session.rows[t].sequence].caches[index]
-                let first = cache.window.map { max(0, p - $0 + 1) } ?? 0
+                let t = tile.lowerBound, row = session.rows[t], cache = session.sequences[row.sequence].caches[index]
                 st_attend(
-                    session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(heads),
-                    cache.keys(head: kvHead), cache.values(head: kvHead), Int32(cache.capacity), Int32(c.headDim),
-                    Int32(first), Int32(p), Int32(c.headDim), scale, session.attention.row(t) + firstHead * c.headDim)
+                    session.queries + t * c.queryWidth + firstHead * c.headDim, Int32(c.queryWidth), Int32(tile.count), Int32(heads),
+                    cache.keys(head: kvHead), cache.values(head: kvHead), cache.type.code, Int32(cache.capacity), Int32(cache.rowBytes),
+                    Int32(row.position), Int32(cache.window ?? 0), Int32(c.headDim), scale,
+                    session.attention.row(t) + firstHead * c.headDim, Int32(c.queryWidth))
             }
         }
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
@@ -461,57 +489,12 @@ final class SequenceState: @unchecked Sendable {
     let caches: [KVCache]
     var position = 0
 
-    init(model: Model, context: Int) {
+    init(model: Model, context: Int, kvType: KVCacheType) {
         let c = model.config
         caches = model.layers.map {
             KVCache(
-                capacity: KVCache.capacity(context: context, window: $0.window), heads: c.kvHeads, headDim: c.headDim, window: $0.window)
-        }
-    }
-}
-
-/// Keys and values of one layer, float32. Global layers keep every position; sliding-window
-/// layers keep the last `window` in a ring.
-final class KVCache: @unchecked Sendable {
-    let capacity: Int
-    let heads: Int
-    let headDim: Int
-    let window: Int?
-    /// (kv_heads, capacity, head_dim): each key/value head's positions side by side, so the
-    /// attention task of one head streams one contiguous range instead of every other half row.
-    let keys: UnsafeMutablePointer<Float>
-    let values: UnsafeMutablePointer<Float>
-
-    /// Positions a layer's cache holds: every one, or for a sliding window its width plus a
-    /// batch, so that storing a batch's keys before its queries read never overwrites a key one
-    /// of them still needs.
-    static func capacity(context: Int, window: Int?) -> Int {
-        min(context, window.map { $0 + Session.maximumBatch } ?? context)
-    }
-
-    init(capacity: Int, heads: Int, headDim: Int, window: Int?) {
-        self.capacity = capacity
-        self.heads = heads
-        self.headDim = headDim
-        self.window = window
-        keys = .allocate(capacity: heads * capacity * headDim)
-        values = .allocate(capacity: heads * capacity * headDim)
-    }
-
-    deinit {
-        keys.deallocate()
-        values.deallocate()
-    }
-
-    @inline(__always) func keys(head: Int) -> UnsafeMutablePointer<Float> { keys + head * capacity * headDim }
-    @inline(__always) func values(head: Int) -> UnsafeMutablePointer<Float> { values + head * capacity * headDim }
-
-    /// Stores the keys and values of every head (`heads · head_dim` floats each) at `position`.
-    func store(key k: UnsafePointer<Float>, value v: UnsafePointer<Float>, position: Int) {
-        let slot = position % capacity
-        for h in 0..<heads {
-            (keys(head: h) + slot * headDim).update(from: k + h * headDim, count: headDim)
-            (values(head: h) + slot * headDim).update(from: v + h * headDim, count: headDim)
+                capacity: KVCache.capacity(context: context, window: $0.window), heads: c.kvHeads, headDim: c.headDim, window: $0.window,
+                type: kvType)
         }
     }
 }
