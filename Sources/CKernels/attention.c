@@ -9,8 +9,12 @@
 // cache (and converted to float32) once for the whole tile, then every query whose range meets
 // the block takes its scores, with a running maximum and sum per query (an online softmax: no
 // score vector, partial sums rescaled when a larger score arrives) and its weighted values.
-// Blocks lie on a fixed grid of positions (multiples of the block width), so a query sums in the
-// same order whichever tile it is in: a prompt gives the same bits however it is split.
+// Tiles of two or more tokens go, on the x86 tiers, through a kernel that computes them as small
+// matrix products with the queries across the vector lanes (attend_tile_avx512); single tokens
+// (decoding) through one that takes a query at a time against the block's positions across the
+// lanes. Blocks lie on a fixed grid of positions (multiples of the block width) and each query
+// is computed alone, so a query gets the same bits in whichever tile of two or more tokens it is:
+// a prompt gives the same logits however it is split into chunks of at least two tokens.
 #include "internal.h"
 
 // ---------------------------------------------------------------- storing and loading rows
@@ -205,12 +209,138 @@ ST_AVX2 static inline __m256 sum8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-// The AVX-512 attention's shape at eight positions a block: a query's eight scores go through
-// one vector exp, and its running output is rescaled once per block. head_dim a multiple of 8.
+// The AVX-512 tile kernel's form (attend_tile_avx512, which says why) at eight lanes and sixteen
+// registers: 4-position (or 4-dimension) × 3-vector register tiles, 7 loads for 12 FMAs.
+ST_AVX2 __attribute__((always_inline)) static inline void tile_scores_avx2(const float *const *k, int p0, const float *qT, int ml, int mv0,
+                                                                         int head_dim, float *S, const int nv) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < nv; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        __m256 q[3];
+        for (int i = 0; i < nv; i++) q[i] = _mm256_load_ps(qT + (size_t)d * ml + (mv0 + i) * 8);
+        for (int r = 0; r < 4; r++) {
+            const __m256 b = _mm256_broadcast_ss(k[p0 + r] + d);
+            for (int i = 0; i < nv; i++) acc[r][i] = _mm256_fmadd_ps(b, q[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < nv; i++) _mm256_store_ps(S + (size_t)(p0 + r) * ml + (mv0 + i) * 8, acc[r][i]);
+}
+
+ST_AVX2 __attribute__((always_inline)) static inline void tile_values_avx2(const float *const *v, int count, const float *W, int ml, int mv0,
+                                                                         int d0, float *oT, const int nv) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < nv; i++) acc[r][i] = _mm256_load_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 8);
+    for (int p = 0; p < count; p++) {
+        __m256 w[3];
+        for (int i = 0; i < nv; i++) w[i] = _mm256_load_ps(W + (size_t)p * ml + (mv0 + i) * 8);
+        for (int r = 0; r < 4; r++) {
+            const __m256 b = _mm256_broadcast_ss(v[p] + d0 + r);
+            for (int i = 0; i < nv; i++) acc[r][i] = _mm256_fmadd_ps(b, w[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < nv; i++) _mm256_store_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 8, acc[r][i]);
+}
+
+ST_AVX2 static void attend_tile_avx2(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values,
+                                     int type, int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs,
+                                     int out_stride) {
+    enum { width = 32, L = 8 };
+    const int m_count = tokens * heads, mvs = (m_count + L - 1) / L, ml = mvs * L;
+    float qT[128 * ST_TILE_QUERIES] __attribute__((aligned(32)));
+    float oT[128 * ST_TILE_QUERIES] __attribute__((aligned(32)));
+    float S[width * ST_TILE_QUERIES] __attribute__((aligned(32)));
+    float kbuf[width * 128] __attribute__((aligned(32))), vbuf[width * 128] __attribute__((aligned(32)));
+    int firsts[ST_TILE_QUERIES] __attribute__((aligned(32))), lasts[ST_TILE_QUERIES] __attribute__((aligned(32)));
+    __m256 maxima[ST_TILE_QUERIES / L], sums[ST_TILE_QUERIES / L];
+    for (int m = 0; m < ml; m++) {
+        const int t = m / heads, h = m % heads;
+        const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+        for (int d = 0; d < head_dim; d++) {
+            qT[(size_t)d * ml + m] = m < m_count ? q[d] * scale : 0;
+            oT[(size_t)d * ml + m] = 0;
+        }
+        firsts[m] = m < m_count ? first_position(position, t, window) : 1 << 30;
+        lasts[m] = m < m_count ? position + t : -1;
+    }
+    for (int mv = 0; mv < mvs; mv++) maxima[mv] = _mm256_set1_ps(-INFINITY), sums[mv] = _mm256_setzero_ps();
+    const __m256 minus_infinity = _mm256_set1_ps(-INFINITY);
+    const int last = position + tokens - 1;
+    for (int j0 = first_position(position, 0, window) / width * width; j0 <= last; j0 += width) {
+        const int count = last - j0 + 1 < width ? last - j0 + 1 : width;
+        const float *k[width], *v[width];
+        ST_ATTENTION_BLOCK(convert_row_avx2);
+        for (int p0 = 0; p0 < count; p0 += 4) {
+            int mv0 = 0;
+            for (; mv0 + 3 <= mvs; mv0 += 3) tile_scores_avx2(k, p0, qT, ml, mv0, head_dim, S, 3);
+            if (mvs - mv0 == 2) tile_scores_avx2(k, p0, qT, ml, mv0, head_dim, S, 2);
+            if (mvs - mv0 == 1) tile_scores_avx2(k, p0, qT, ml, mv0, head_dim, S, 1);
+        }
+        for (int mv = 0; mv < mvs; mv++) {
+            const __m256i first = _mm256_load_si256((const __m256i *)(firsts + mv * L));
+            const __m256i lastv = _mm256_load_si256((const __m256i *)(lasts + mv * L));
+            __m256 block_max = minus_infinity;
+            for (int p = 0; p < count; p++) {
+                const __m256i j = _mm256_set1_epi32(j0 + p);
+                // seen: first ≤ j ≤ last, as all-ones lanes
+                const __m256 seen = _mm256_castsi256_ps(
+                    _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(first, j), _mm256_cmpgt_epi32(j, lastv)), _mm256_set1_epi32(-1)));
+                block_max = _mm256_max_ps(block_max, _mm256_blendv_ps(minus_infinity, _mm256_load_ps(S + (size_t)p * ml + mv * L), seen));
+            }
+            const __m256 new_max = _mm256_max_ps(maxima[mv], block_max);
+            const __m256 live = _mm256_cmp_ps(new_max, minus_infinity, _CMP_GT_OQ);
+            const __m256 grew = _mm256_and_ps(_mm256_cmp_ps(new_max, maxima[mv], _CMP_GT_OQ), live);
+            if (_mm256_movemask_ps(grew)) {
+                const __m256 rescale = _mm256_blendv_ps(_mm256_set1_ps(1), exp_nonpositive_avx2(_mm256_sub_ps(maxima[mv], new_max)), grew);
+                sums[mv] = _mm256_mul_ps(sums[mv], rescale);
+                for (int d = 0; d < head_dim; d++) {
+                    float *o = oT + (size_t)d * ml + mv * L;
+                    _mm256_store_ps(o, _mm256_mul_ps(_mm256_load_ps(o), rescale));
+                }
+            }
+            maxima[mv] = new_max;
+            __m256 sum = sums[mv];
+            for (int p = 0; p < count; p++) {
+                const __m256i j = _mm256_set1_epi32(j0 + p);
+                const __m256 seen = _mm256_castsi256_ps(
+                    _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(first, j), _mm256_cmpgt_epi32(j, lastv)), _mm256_set1_epi32(-1)));
+                float *s = S + (size_t)p * ml + mv * L;
+                const __m256 w = _mm256_and_ps(seen, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_load_ps(s), new_max)));
+                sum = _mm256_add_ps(sum, w);
+                _mm256_store_ps(s, w);
+            }
+            sums[mv] = sum;
+        }
+        for (int d0 = 0; d0 < head_dim; d0 += 4) {
+            int mv0 = 0;
+            for (; mv0 + 3 <= mvs; mv0 += 3) tile_values_avx2(v, count, S, ml, mv0, d0, oT, 3);
+            if (mvs - mv0 == 2) tile_values_avx2(v, count, S, ml, mv0, d0, oT, 2);
+            if (mvs - mv0 == 1) tile_values_avx2(v, count, S, ml, mv0, d0, oT, 1);
+        }
+    }
+    float inverse[ST_TILE_QUERIES] __attribute__((aligned(32)));
+    for (int mv = 0; mv < mvs; mv++) _mm256_store_ps(inverse + mv * L, _mm256_div_ps(_mm256_set1_ps(1), sums[mv]));
+    for (int m = 0; m < m_count; m++) {
+        float *out = outs + (size_t)(m / heads) * out_stride + (size_t)(m % heads) * head_dim;
+        for (int d = 0; d < head_dim; d++) out[d] = oT[(size_t)d * ml + m] * inverse[m];
+    }
+}
+
+// Single tokens (decoding), and tiles the tile kernel does not take: the AVX-512 row kernel's
+// shape at eight positions a block (attend_avx512_n). Tiles of two or more tokens go to
+// attend_tile_avx2.
 ST_AVX2 ST_ATTEND(st_attend_avx2) {
     if (head_dim % 8 != 0 || head_dim > ST_ATTEND_MAX_HEAD_DIM) {
         st_attend_portable(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
                            scale, outs, out_stride);
+        return;
+    }
+    if (tokens >= 2 && tokens * heads <= ST_TILE_QUERIES && head_dim <= 128) {
+        attend_tile_avx2(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, scale,
+                         outs, out_stride);
         return;
     }
     enum { width = 8 };
@@ -363,14 +493,12 @@ ST_AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(cons
                 float *out = outs + (size_t)t * out_stride + (size_t)h * head_dim;
                 __m512 qv[8], acc[8];
                 for (int c = 0; c < n; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
-                // Sixteen independent dot products (no chain waits on another), then one
+                // Sixteen independent dot products (no chain waits on another; every position of
+                // the block, so the loops unroll into registers: the rows of positions the query
+                // does not see are cached rows too, and their scores are masked), then one
                 // transposing reduction gives all sixteen scores in one vector.
                 __m512 dots[width];
                 for (int p = 0; p < width; p++) {
-                    if (p < a || p > b) {
-                        dots[p] = _mm512_setzero_ps();
-                        continue;
-                    }
                     __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[p]));
                     for (int c = 1; c < n; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[p] + 16 * c), d);
                     dots[p] = d;
@@ -378,15 +506,20 @@ ST_AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(cons
                 const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
                 float *m = &maxima[t * heads + h];
                 const float block_max = _mm512_reduce_max_ps(s);
-                const float new_max = block_max > *m ? block_max : *m;
-                const float rescale = expf(*m - new_max);
-                const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
-                sums[t * heads + h] = sums[t * heads + h] * rescale + _mm512_reduce_add_ps(w);
-                *m = new_max;
+                for (int c = 0; c < n; c++) acc[c] = _mm512_loadu_ps(out + 16 * c);
+                if (block_max > *m) {
+                    // A larger score: what was summed so far is rescaled to the new maximum
+                    // (nothing was, the first time).
+                    const float rescale = *m == -INFINITY ? 0 : _mm512_cvtss_f32(exp_nonpositive(_mm512_set1_ps(*m - block_max)));
+                    sums[t * heads + h] *= rescale;
+                    const __m512 r = _mm512_set1_ps(rescale);
+                    for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(acc[c], r);
+                    *m = block_max;
+                }
+                const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(*m))));
+                sums[t * heads + h] += _mm512_reduce_add_ps(w);
                 float weights[width];
                 _mm512_storeu_ps(weights, w);
-                const __m512 r = _mm512_set1_ps(rescale);
-                for (int c = 0; c < n; c++) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * c), r);
                 for (int p = a; p <= b; p++) {
                     const __m512 wp = _mm512_set1_ps(weights[p]);
                     for (int c = 0; c < n; c++) acc[c] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v[p] + 16 * c), acc[c]);
@@ -404,9 +537,140 @@ ST_AVX512 __attribute__((always_inline)) static inline void attend_avx512_n(cons
     }
 }
 
+// ---------------------------------------------------------------- AVX-512: queries across lanes
+
+// The tile as small matrix products, with the queries across the vector lanes: the tile's
+// queries transposed once (qT: head_dim rows of the queries, 16 to a vector), each block of
+// positions' scores S = K·qT as an 8-position × 3-vector register tile over head_dim (a key
+// value broadcast, three query vectors loaded: 11 loads for 24 FMAs), the online softmax then
+// per lane (a query's maximum, rescaling and sum are plain vector operations, no horizontal
+// reduction), and the outputs kept transposed (oT, head_dim rows) and accumulated
+// oT += Vᵀ·W the same way. Each lane computes one query alone, in the same order whatever
+// the tile holds. head_dim a multiple of 8, at most 128; at most ST_TILE_QUERIES queries.
+
+// acc[r][i] += k[p0 + r][d] · qT[d][mv0 + i] over d, for nv (1 to 3) query vectors.
+ST_AVX512 __attribute__((always_inline)) static inline void tile_scores_avx512(const float *const *k, int p0, const float *qT, int ml,
+                                                                             int mv0, int head_dim, float *S, const int nv) {
+    __m512 acc[8][3];
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < nv; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        __m512 q[3];
+        for (int i = 0; i < nv; i++) q[i] = _mm512_load_ps(qT + (size_t)d * ml + (mv0 + i) * 16);
+        for (int r = 0; r < 8; r++) {
+            const __m512 b = _mm512_set1_ps(k[p0 + r][d]);
+            for (int i = 0; i < nv; i++) acc[r][i] = _mm512_fmadd_ps(b, q[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < nv; i++) _mm512_store_ps(S + (size_t)(p0 + r) * ml + (mv0 + i) * 16, acc[r][i]);
+}
+
+// oT[d0 + r][mv0 + i] += Σ_p v[p][d0 + r] · W[p][mv0 + i] over the block's `count` positions.
+ST_AVX512 __attribute__((always_inline)) static inline void tile_values_avx512(const float *const *v, int count, const float *W, int ml,
+                                                                             int mv0, int d0, float *oT, const int nv) {
+    __m512 acc[8][3];
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < nv; i++) acc[r][i] = _mm512_load_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 16);
+    for (int p = 0; p < count; p++) {
+        __m512 w[3];
+        for (int i = 0; i < nv; i++) w[i] = _mm512_load_ps(W + (size_t)p * ml + (mv0 + i) * 16);
+        for (int r = 0; r < 8; r++) {
+            const __m512 b = _mm512_set1_ps(v[p][d0 + r]);
+            for (int i = 0; i < nv; i++) acc[r][i] = _mm512_fmadd_ps(b, w[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < 8; r++)
+        for (int i = 0; i < nv; i++) _mm512_store_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 16, acc[r][i]);
+}
+
+ST_AVX512 static void attend_tile_avx512(const float *queries, int query_stride, int tokens, int heads, const void *keys,
+                                         const void *values, int type, int capacity, int row_bytes, int position, int window,
+                                         int head_dim, float scale, float *outs, int out_stride) {
+    enum { width = 32, L = 16 };
+    const int m_count = tokens * heads, mvs = (m_count + L - 1) / L, ml = mvs * L;
+    float qT[128 * ST_TILE_QUERIES] __attribute__((aligned(64)));
+    float oT[128 * ST_TILE_QUERIES] __attribute__((aligned(64)));
+    float S[width * ST_TILE_QUERIES] __attribute__((aligned(64)));
+    float kbuf[width * 128] __attribute__((aligned(64))), vbuf[width * 128] __attribute__((aligned(64)));
+    int firsts[ST_TILE_QUERIES] __attribute__((aligned(64))), lasts[ST_TILE_QUERIES] __attribute__((aligned(64)));
+    __m512 maxima[ST_TILE_QUERIES / L], sums[ST_TILE_QUERIES / L];
+    for (int m = 0; m < ml; m++) {
+        const int t = m / heads, h = m % heads;
+        const float *q = queries + (size_t)t * query_stride + (size_t)h * head_dim;
+        for (int d = 0; d < head_dim; d++) {
+            qT[(size_t)d * ml + m] = m < m_count ? q[d] * scale : 0;
+            oT[(size_t)d * ml + m] = 0;
+        }
+        firsts[m] = m < m_count ? first_position(position, t, window) : 1 << 30;
+        lasts[m] = m < m_count ? position + t : -1;
+    }
+    for (int mv = 0; mv < mvs; mv++) maxima[mv] = _mm512_set1_ps(-INFINITY), sums[mv] = _mm512_setzero_ps();
+    const int last = position + tokens - 1;
+    for (int j0 = first_position(position, 0, window) / width * width; j0 <= last; j0 += width) {
+        const int count = last - j0 + 1 < width ? last - j0 + 1 : width;
+        const float *k[width], *v[width];
+        ST_ATTENTION_BLOCK(convert_row_avx512);
+        for (int p0 = 0; p0 < count; p0 += 8) {
+            int mv0 = 0;
+            for (; mv0 + 3 <= mvs; mv0 += 3) tile_scores_avx512(k, p0, qT, ml, mv0, head_dim, S, 3);
+            if (mvs - mv0 == 2) tile_scores_avx512(k, p0, qT, ml, mv0, head_dim, S, 2);
+            if (mvs - mv0 == 1) tile_scores_avx512(k, p0, qT, ml, mv0, head_dim, S, 1);
+        }
+        for (int mv = 0; mv < mvs; mv++) {
+            const __m512i first = _mm512_load_si512(firsts + mv * L), lastv = _mm512_load_si512(lasts + mv * L);
+            __m512 block_max = _mm512_set1_ps(-INFINITY);
+            for (int p = 0; p < count; p++) {
+                const __m512i j = _mm512_set1_epi32(j0 + p);
+                const __mmask16 seen = _mm512_cmple_epi32_mask(first, j) & _mm512_cmple_epi32_mask(j, lastv);
+                block_max = _mm512_mask_max_ps(block_max, seen, block_max, _mm512_load_ps(S + (size_t)p * ml + mv * L));
+            }
+            const __m512 new_max = _mm512_max_ps(maxima[mv], block_max);
+            // Lanes that have seen a position: rescale what they summed (0 the first time,
+            // from −∞); lanes that have not keep everything at 0.
+            const __mmask16 live = _mm512_cmp_ps_mask(new_max, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+            const __mmask16 grew = _mm512_cmp_ps_mask(new_max, maxima[mv], _CMP_GT_OQ) & live;
+            if (grew) {
+                const __m512 rescale = _mm512_mask_mov_ps(_mm512_set1_ps(1), grew, exp_nonpositive(_mm512_sub_ps(maxima[mv], new_max)));
+                sums[mv] = _mm512_mul_ps(sums[mv], rescale);
+                for (int d = 0; d < head_dim; d++) {
+                    float *o = oT + (size_t)d * ml + mv * L;
+                    _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), rescale));
+                }
+            }
+            maxima[mv] = new_max;
+            __m512 sum = sums[mv];
+            for (int p = 0; p < count; p++) {
+                const __m512i j = _mm512_set1_epi32(j0 + p);
+                const __mmask16 seen = _mm512_cmple_epi32_mask(first, j) & _mm512_cmple_epi32_mask(j, lastv);
+                float *s = S + (size_t)p * ml + mv * L;
+                const __m512 w = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(s), new_max)));
+                sum = _mm512_add_ps(sum, w);
+                _mm512_store_ps(s, w);
+            }
+            sums[mv] = sum;
+        }
+        for (int d0 = 0; d0 < head_dim; d0 += 8) {
+            int mv0 = 0;
+            for (; mv0 + 3 <= mvs; mv0 += 3) tile_values_avx512(v, count, S, ml, mv0, d0, oT, 3);
+            if (mvs - mv0 == 2) tile_values_avx512(v, count, S, ml, mv0, d0, oT, 2);
+            if (mvs - mv0 == 1) tile_values_avx512(v, count, S, ml, mv0, d0, oT, 1);
+        }
+    }
+    float inverse[ST_TILE_QUERIES] __attribute__((aligned(64)));
+    for (int mv = 0; mv < mvs; mv++) _mm512_store_ps(inverse + mv * L, _mm512_div_ps(_mm512_set1_ps(1), sums[mv]));
+    for (int m = 0; m < m_count; m++) {
+        float *out = outs + (size_t)(m / heads) * out_stride + (size_t)(m % heads) * head_dim;
+        for (int d = 0; d < head_dim; d++) out[d] = oT[(size_t)d * ml + m] * inverse[m];
+    }
+}
+
 ST_AVX512 ST_ATTEND(st_attend_avx512) {
     if (head_dim % 16 != 0 || head_dim > 128) {
         st_attend_portable(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
+                           scale, outs, out_stride);
+    } else if (tokens >= 2 && tokens * heads <= ST_TILE_QUERIES) {
+        attend_tile_avx512(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim,
                            scale, outs, out_stride);
     } else if (head_dim == 128) {
         attend_avx512_n(queries, query_stride, tokens, heads, keys, values, type, capacity, row_bytes, position, window, head_dim, scale,

@@ -164,6 +164,9 @@ enum { ST_KV_F32 = 0, ST_KV_F16 = 1, ST_KV_Q8_0 = 2 };
 
 /// The most queries (tokens × heads) one attend call of the table takes; st_attend splits more.
 #define ST_ATTEND_MAX_QUERIES 256
+/// Tiles of at most this many queries (and at least two tokens) are computed as small matrix
+/// products where a tier has that form (AVX-512); a caller that wants it keeps tiles this small.
+#define ST_TILE_QUERIES 128
 
 /// Bytes one cached key or value row of `head_dim` values takes as `type` (0: that type cannot
 /// hold such a row; q8_0 needs head_dim a multiple of 32).

@@ -119,7 +119,8 @@ public final class Session: @unchecked Sendable {
     let nextTask = Atomic<Int>(0)
     var tiles: [Range<Int>] = []
     /// Tokens of one sequence whose queries attend together, reading each cached key and value
-    /// once for all of them.
+    /// once for all of them (fewer when a group of heads times this is over ST_TILE_QUERIES, so
+    /// that the tile goes through the matrix-product kernel).
     static let attentionTile = 16
     static let decodeSlices = 4
     /// Steps of at most this many tokens (decoding, one per sequence) go through the experts a
@@ -428,10 +429,11 @@ public final class Session: @unchecked Sendable {
         // each cached key and value once. When that makes fewer tasks than workers, groups are
         // split. Tasks go to whichever worker is free, the last tiles (the longest histories) first.
         tiles.removeAll(keepingCapacity: true)
+        let tile = max(1, min(Session.attentionTile, Int(ST_TILE_QUERIES) / c.groupSize))
         var start = 0
         while start < n {
             var end = start + 1
-            while end < n, end - start < Session.attentionTile, rows[end].sequence == rows[start].sequence,
+            while end < n, end - start < tile, rows[end].sequence == rows[start].sequence,
                 rows[end].position == rows[end - 1].position + 1
             {
                 end += 1
