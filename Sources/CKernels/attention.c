@@ -228,8 +228,8 @@ ST_AVX2 __attribute__((always_inline)) static inline void tile_scores_avx2(const
         for (int i = 0; i < nv; i++) _mm256_store_ps(S + (size_t)(p0 + r) * ml + (mv0 + i) * 8, acc[r][i]);
 }
 
-ST_AVX2 __attribute__((always_inline)) static inline void tile_values_avx2(const float *const *v, int count, const float *W, int ml, int mv0,
-                                                                         int d0, float *oT, const int nv) {
+ST_AVX2 __attribute__((always_inline)) static inline void tile_values_avx2(const float *const *v, int count, const float *W, int ml,
+                                                                         int mv0, int d0, float *oT, const int nv) {
     __m256 acc[4][3];
     for (int r = 0; r < 4; r++)
         for (int i = 0; i < nv; i++) acc[r][i] = _mm256_load_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 8);
@@ -245,9 +245,15 @@ ST_AVX2 __attribute__((always_inline)) static inline void tile_values_avx2(const
         for (int i = 0; i < nv; i++) _mm256_store_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 8, acc[r][i]);
 }
 
-ST_AVX2 static void attend_tile_avx2(const float *queries, int query_stride, int tokens, int heads, const void *keys, const void *values,
-                                     int type, int capacity, int row_bytes, int position, int window, int head_dim, float scale, float *outs,
-                                     int out_stride) {
+// All-ones in the lanes whose queries see position j (first ≤ j ≤ last).
+ST_AVX2 static inline __m256 seen_avx2(__m256i first, __m256i last, __m256i j) {
+    const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi32(first, j), _mm256_cmpgt_epi32(j, last));
+    return _mm256_castsi256_ps(_mm256_andnot_si256(outside, _mm256_set1_epi32(-1)));
+}
+
+ST_AVX2 static void attend_tile_avx2(const float *queries, int query_stride, int tokens, int heads, const void *keys,
+                                     const void *values, int type, int capacity, int row_bytes, int position, int window,
+                                     int head_dim, float scale, float *outs, int out_stride) {
     enum { width = 32, L = 8 };
     const int m_count = tokens * heads, mvs = (m_count + L - 1) / L, ml = mvs * L;
     float qT[128 * ST_TILE_QUERIES] __attribute__((aligned(32)));
@@ -285,9 +291,7 @@ ST_AVX2 static void attend_tile_avx2(const float *queries, int query_stride, int
             __m256 block_max = minus_infinity;
             for (int p = 0; p < count; p++) {
                 const __m256i j = _mm256_set1_epi32(j0 + p);
-                // seen: first ≤ j ≤ last, as all-ones lanes
-                const __m256 seen = _mm256_castsi256_ps(
-                    _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(first, j), _mm256_cmpgt_epi32(j, lastv)), _mm256_set1_epi32(-1)));
+                const __m256 seen = seen_avx2(first, lastv, j);
                 block_max = _mm256_max_ps(block_max, _mm256_blendv_ps(minus_infinity, _mm256_load_ps(S + (size_t)p * ml + mv * L), seen));
             }
             const __m256 new_max = _mm256_max_ps(maxima[mv], block_max);
@@ -305,8 +309,7 @@ ST_AVX2 static void attend_tile_avx2(const float *queries, int query_stride, int
             __m256 sum = sums[mv];
             for (int p = 0; p < count; p++) {
                 const __m256i j = _mm256_set1_epi32(j0 + p);
-                const __m256 seen = _mm256_castsi256_ps(
-                    _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(first, j), _mm256_cmpgt_epi32(j, lastv)), _mm256_set1_epi32(-1)));
+                const __m256 seen = seen_avx2(first, lastv, j);
                 float *s = S + (size_t)p * ml + mv * L;
                 const __m256 w = _mm256_and_ps(seen, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_load_ps(s), new_max)));
                 sum = _mm256_add_ps(sum, w);
