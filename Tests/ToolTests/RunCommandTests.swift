@@ -31,13 +31,23 @@ import Testing
         let scratch = ToolScratch()
         let path = try package(scratch, "tiny-untied", ["--dtype", "f32"])
         let reference = try Self.reference("tiny-untied")
-        let output = scratch.file("logits.f32")
-        let result = try Tools.run(
-            "strun", ["logits", path, "--tokens", reference.inputIDs.map(String.init).joined(separator: ","), "--output", output])
-        #expect(result.status == 0, "\(result.stderr)")
-        let logits = try Data(contentsOf: URL(fileURLWithPath: output)).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
-        #expect(logits.count == reference.inputIDs.count * 512)
-        #expect(zip(logits, reference.logits).map { abs($0 - $1) }.max()! < 1e-3)
+        func logits(_ extra: [String]) throws -> [Float] {
+            let output = scratch.file("logits\(extra.joined()).f32")
+            let tokens = reference.inputIDs.map(String.init).joined(separator: ",")
+            let result = try Tools.run("strun", ["logits", path, "--tokens", tokens, "--output", output] + extra)
+            #expect(result.status == 0, "\(result.stderr)")
+            return try Data(contentsOf: URL(fileURLWithPath: output)).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        }
+        // An f32 cache computes what the authors' code does; the default f16 cache rounds each key
+        // and value to 11 significant bits, which moves these logits (between -8.4 and 9.2) by a
+        // few hundredths at most.
+        let exact = try logits(["--kv-type", "f32"])
+        #expect(exact.count == reference.inputIDs.count * 512)
+        #expect(zip(exact, reference.logits).map { abs($0 - $1) }.max()! < 1e-3)
+        let halves = try logits([])
+        #expect(halves.count == reference.inputIDs.count * 512)
+        let moved = zip(halves, reference.logits).map { abs($0 - $1) }.max()!
+        #expect(moved > 0 && moved < 0.1, "the f16 cache moved the logits by \(moved)")
     }
 
     @Test(arguments: ["tiny-4b-like", "tiny-21b-like"])
