@@ -437,8 +437,10 @@ private final class Scheduler: @unchecked Sendable {
     }
 
     /// Gives `job` the free sequence holding the longest beginning of its prompt, keeping that
-    /// beginning (at least the last prompt token is evaluated, for its logits); without one, the
-    /// free sequence free the longest, preferring an empty one.
+    /// beginning; without one, the free sequence free the longest, preferring an empty one. At
+    /// least the prompt's last two tokens are evaluated: the last for its logits, and two so that
+    /// they attend as a tile, as the whole prompt did the first time, and the same prompt again
+    /// gives the same logits to the bit.
     private func assign(_ job: Job) {
         func common(_ a: [Int], _ b: [Int]) -> Int {
             var n = 0
@@ -449,7 +451,7 @@ private final class Scheduler: @unchecked Sendable {
         var keep = 0
         if promptCache {
             for (i, sequence) in freeSequences.enumerated() {
-                let n = min(common(held[sequence], job.prompt), job.prompt.count - 1)
+                let n = min(common(held[sequence], job.prompt), job.prompt.count - 2)
                 if n > keep { (choice, keep) = (i, n) }
             }
         }
