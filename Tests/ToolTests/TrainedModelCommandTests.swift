@@ -155,3 +155,67 @@ enum TrainedBounds {
     static let q8MeanKL = 0.004
     static let q4MeanKL = 0.06
 }
+
+extension TrainedModelCommandTests {
+    /// Bytes of the trained model's KV caches for `sequences` sequences of `context` positions
+    /// in `bytesPerRow`-byte rows, from its config.json (not the engine's plan): every position
+    /// in the global layers, the window and a batch of 128 in the sliding-window ones.
+    static func kvBytes(context: Int, sequences: Int, bytesPerRow: Int) throws -> Int {
+        let data = try Data(contentsOf: URL(fileURLWithPath: directory + "/config.json"))
+        let config = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        let windows = config["sliding_window_layout"] as! [Int], window = config["sliding_window_size"] as! Int
+        let heads = config["num_key_value_heads"] as! Int
+        let positions = windows.map { $0 == 1 ? min(context, window + 128) : context }.reduce(0, +)
+        return sequences * positions * 2 * heads * bytesPerRow
+    }
+
+    /// The KV cache types as a user meets them: `strun inspect` plans the memory of a context and
+    /// sequence count for a type before anything runs (KV bytes as config.json gives them: 64
+    /// values a row are 256, 128 or 68 bytes), `strun bench` reports the type and bytes it ran
+    /// with, `strun compare` measures what float16 costs against float32 over held-out text, every
+    /// type generates, and an unknown type is a clear error.
+    @Test func kvCacheTypesThroughTheCommands() throws {
+        let scratch = ToolScratch()
+        let package = scratch.file("trained.stpk"), quantised = scratch.file("trained-q4_0.stpk")
+        #expect(try Tools.run("stconvert", [Self.directory, "-o", package, "-q"]).status == 0)
+        #expect(try Tools.run("stquant", [package, "-o", quantised, "--type", "q4_0"]).status == 0)
+        var plans: [(kv: Int, minimum: Int, fitting: Int)] = []
+        for (type, row) in [("f32", 256), ("f16", 128), ("q8_0", 68)] {
+            var result = try Tools.run(
+                "strun", ["inspect", quantised, "--context", "1024", "-np", "3", "--kv-type", type, "--memory-budget", "80MiB", "--json"])
+            #expect(result.status == 0, "\(result.stderr)")
+            let plan = (try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any])["memory_plan"] as! [String: Any]
+            let kv = try Self.kvBytes(context: 1024, sequences: 3, bytesPerRow: row)
+            #expect(plan["kv_cache_bytes"] as? Int == kv, "\(type): \(plan)")
+            #expect(plan["kv_type"] as? String == type)
+            plans.append((kv, plan["minimum_memory_budget_bytes"] as? Int ?? 0, plan["sequences_fitting_budget"] as? Int ?? 0))
+            result = try Tools.run("strun", ["inspect", quantised, "--context", "1024", "-np", "3", "--kv-type", type])
+            #expect(result.status == 0 && result.stdout.contains("memory for 3 sequences of 1024 tokens"), "\(result.stdout)")
+            #expect(result.stdout.contains("KV cache \(type):"), "\(result.stdout)")
+            result = try Tools.run("strun", ["bench", quantised, "-p", "40", "-n", "8", "-r", "1", "--kv-type", type, "--json"])
+            #expect(result.status == 0, "\(result.stderr)")
+            let bench = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+            #expect(bench["kv_type"] as? String == type)
+            #expect(bench["kv_cache_bytes"] as? Int == (try Self.kvBytes(context: 48, sequences: 1, bytesPerRow: row)), "\(bench)")
+            result = try Tools.run(
+                "strun", ["generate", quantised, "-p", "And it came to pass", "-n", "12", "--kv-type", type, "--seed", "1"])
+            #expect(result.status == 0 && result.stdout.count > 12, "\(type): \(result.stderr)")
+        }
+        // The minimum budget moves by exactly the KV bytes saved, and the smaller the type, the
+        // more sequences of this context 80 MiB holds (three in f32).
+        #expect(plans[0].minimum - plans[1].minimum == plans[0].kv - plans[1].kv, "\(plans)")
+        #expect(plans[1].minimum - plans[2].minimum == plans[1].kv - plans[2].kv, "\(plans)")
+        #expect(plans[0].fitting >= 3 && plans[0].fitting < plans[1].fitting && plans[1].fitting < plans[2].fitting, "\(plans)")
+        let text = URL(fileURLWithPath: Self.directory).deletingLastPathComponent().appendingPathComponent("held-out-sample.txt").path
+        var result = try Tools.run(
+            "strun", ["compare", quantised, quantised, "--base-kv-type", "f32", "--kv-type", "f16", "--file", text, "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let c = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+        let kl = c["mean_kl"] as! Double, top1 = c["top1_agreement"] as! Double
+        #expect(kl > 0 && kl < 1e-3 && top1 >= 0.99, "f16 against f32: mean KL \(kl), top-1 \(top1)")
+        result = try Tools.run("strun", ["generate", quantised, "-p", "And", "--kv-type", "f8"])
+        #expect(result.status != 0 && result.stderr.contains("f8") && result.stderr.contains("q8_0"), "\(result.stderr)")
+        result = try Tools.run("strun", ["inspect", package, "--kv-type", "q8_0", "--context", "0"])
+        #expect(result.status != 0 && result.stderr.contains("--context"), "\(result.stderr)")
+    }
+}
