@@ -437,10 +437,8 @@ private final class Scheduler: @unchecked Sendable {
     }
 
     /// Gives `job` the free sequence holding the longest beginning of its prompt, keeping that
-    /// beginning; without one, the free sequence free the longest, preferring an empty one. At
-    /// least the prompt's last two tokens are evaluated: the last for its logits, and two so that
-    /// they attend as a tile, as the whole prompt did the first time, and the same prompt again
-    /// gives the same logits to the bit.
+    /// beginning (at least the last prompt token is evaluated, for its logits); without one, the
+    /// free sequence free the longest, preferring an empty one.
     private func assign(_ job: Job) {
         func common(_ a: [Int], _ b: [Int]) -> Int {
             var n = 0
@@ -451,7 +449,7 @@ private final class Scheduler: @unchecked Sendable {
         var keep = 0
         if promptCache {
             for (i, sequence) in freeSequences.enumerated() {
-                let n = min(common(held[sequence], job.prompt), job.prompt.count - 2)
+                let n = min(common(held[sequence], job.prompt), job.prompt.count - 1)
                 if n > keep { (choice, keep) = (i, n) }
             }
         }

@@ -438,14 +438,6 @@ public final class Session: @unchecked Sendable {
             {
                 end += 1
             }
-            // A run of two or more tokens leaves no token to a tile of its own: tiles of two or
-            // more go through the matrix-product kernel, which gives a query the same bits in
-            // any of them.
-            if end - start > 2, end < n, rows[end].sequence == rows[start].sequence, rows[end].position == rows[end - 1].position + 1,
-                end + 1 == n || rows[end + 1].sequence != rows[end].sequence || rows[end + 1].position != rows[end].position + 1
-            {
-                end -= 1
-            }
             tiles.append(start..<end)
             start = end
         }
