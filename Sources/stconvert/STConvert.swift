@@ -22,10 +22,13 @@ struct STConvert: ParsableCommand {
             package file: dense tensors first, then one 4096-byte-aligned bundle per expert \
             (gate, up, down, all neuron-major), then the tokenizer and generation config files.
 
-            A .gguf file (llama.cpp's smallthinker architecture; f32, f16, bf16, q8_0 or q4_0 \
-            tensors): imported into a package, blocks copied where the orientation allows; the \
-            expert down matrices, hidden-major in GGUF, are requantised when quantised (said in the \
-            output and the package's provenance).
+            A .gguf file (llama.cpp's smallthinker architecture): imported into a package. f32, \
+            f16, bf16, q8_0 and q4_0 blocks are copied where the orientation allows (the expert \
+            down matrices, hidden-major in GGUF, are requantised when quantised); the other types \
+            llama-quantize's presets write (q4_1, q5_0, q5_1, q2_K-q6_K, iq4_nl, iq4_xs) are \
+            decoded as ggml decodes them and stored as --type, by default q4_0 for those of 4.5 \
+            bits a value or fewer and q8_0 for wider ones. What was converted and what it cost is \
+            printed, and recorded in the package's provenance.
 
             A .stpk package with -o NAME.gguf: exported for llama.cpp (its names, shapes and \
             metadata, tensors aligned to 4096 bytes); --dtype q4_0 or q8_0 quantises as \
@@ -49,7 +52,8 @@ struct STConvert: ParsableCommand {
     @Option(
         help: ArgumentHelp(
             "Converting a checkpoint: quantise on the way to q4_0 or q8_0, as stconvert then stquant would, with no float "
-                + "package in between (stquant's policy; --embedding-type, --output-type and --tensor-type as in stquant)."))
+                + "package in between (stquant's policy; --embedding-type, --output-type and --tensor-type as in stquant). "
+                + "Importing a GGUF: store every weight matrix as this type (q4_0, q8_0, f16, bf16 or f32)."))
     var type: TensorDType?
 
     @Option(help: "With --type: type for the token embeddings.")
@@ -106,7 +110,10 @@ struct STConvert: ParsableCommand {
                     "the input is a .stpk package: give -o NAME.gguf to export it (stquant converts packages between types)")
             }
         case .gguf:
-            if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: its tensors keep their types") }
+            if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: --type sets the stored type") }
+            if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty {
+                throw ValidationError("--embedding-type, --output-type and --tensor-type go with --type converting a checkpoint")
+            }
             if tokenizer != nil { throw ValidationError("--tokenizer does not apply to a GGUF import: the tokenizer comes from the file") }
         case .checkpoint:
             if let type {
@@ -160,22 +167,31 @@ struct STConvert: ParsableCommand {
     }
 
     func importGGUF() throws {
-        let plan = try GGUFImport.plan(try GGUFFile(path: checkpoint))
+        let plan = try GGUFImport.plan(try GGUFFile(path: checkpoint), type: type)
+        let conversions = plan.conversions.sorted { $0.key.description < $1.key.description }
         if dryRun {
             print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
             for note in plan.notes { print("note: \(note)") }
+            for (c, n) in conversions { print("would convert \(n) GGUF tensor\(n == 1 ? "" : "s") \(c)") }
             print("\nwould write \(plan.outputSize) bytes\(output.map { " to \($0)" } ?? ""); nothing written (--dry-run)")
             return
         }
         let output = output!
         var meter = ProgressReporter(enabled: !quiet && isatty(STDERR_FILENO) != 0, sink: writeStandardError)
-        try GGUFImport.write(plan, to: output, overwrite: force) { progress in
+        let summary = try GGUFImport.write(plan, to: output, overwrite: force) { progress in
             meter.update(
                 done: progress.bytesWritten, total: progress.totalBytes, label: progress.label(layers: plan.manifest.config.layerCount))
         }
         meter.finish()
         if !quiet {
             for note in plan.notes { writeStandardError("stconvert: note: \(note)\n") }
+            for (c, n) in conversions {
+                let e = summary.errors[c] ?? QuantizationError()
+                print(
+                    "converted \(n) GGUF tensor\(n == 1 ? "" : "s") \(c): relative RMS error "
+                        + "\(QuantizationSummary.scientific(e.relativeRMSE)), largest \(QuantizationSummary.scientific(Double(e.maxAbsoluteError)))"
+                )
+            }
             print(
                 "wrote \(output) from GGUF: \(PackageSummary.bytes(plan.outputSize)), \(plan.manifest.tensors.count) tensors, "
                     + "\(plan.manifest.bundles.count) expert bundles in \(meter.elapsedText)")

@@ -99,7 +99,7 @@ import Testing
         #expect(tensors.count == gguf.tensors.count)
         for (theirs, ours) in zip(tensors, gguf.tensors) {
             #expect(theirs["name"] as? String == ours.name)
-            #expect((theirs["type"] as? String)?.lowercased() == ours.type.dtype.rawValue, "\(ours.name)")
+            #expect((theirs["type"] as? String)?.lowercased() == ours.type.name, "\(ours.name)")
             #expect(theirs["shape"] as? [Int] == ours.dimensions, "\(ours.name)")
             #expect(theirs["offset"] as? Int == ours.offset && ours.offset % 4096 == 0, "\(ours.name)")
         }

@@ -13,4 +13,23 @@
 void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squared_error, double *sum_squared_value,
                       float *max_abs_error);
 
+/// ggml's type codes (ggml.h's `ggml_type`) of the block formats st_ggml_decode reads.
+enum {
+    ST_GGML_Q4_1 = 3,
+    ST_GGML_Q5_0 = 6,
+    ST_GGML_Q5_1 = 7,
+    ST_GGML_Q2_K = 10,
+    ST_GGML_Q3_K = 11,
+    ST_GGML_Q4_K = 12,
+    ST_GGML_Q5_K = 13,
+    ST_GGML_Q6_K = 14,
+    ST_GGML_IQ4_NL = 20,
+    ST_GGML_IQ4_XS = 23,
+};
+
+/// Decodes `n` values of ggml type `type` (one of the above; `n` a multiple of its block) from
+/// `blocks` into `out`, as ggml's reference dequantize_row_* computes them. Returns 0, or −1 for
+/// another type or a count that is not whole blocks (nothing written).
+int st_ggml_decode(int type, const uint8_t *blocks, int64_t n, float *out);
+
 #endif

@@ -1,3 +1,4 @@
+import CQuantize
 /// A metadata value of a GGUF file (its spec's `gguf_metadata_value_t`).
 public enum GGUFValue: Equatable, Sendable {
     case uint8(UInt8), int8(Int8), uint16(UInt16), int16(Int16), uint32(UInt32), int32(Int32)
@@ -39,19 +40,60 @@ public enum GGUFValue: Equatable, Sendable {
     ]
 }
 
-/// The ggml tensor types a GGUF import reads (ggml's `ggml_type` codes).
-public enum GGMLType: UInt32, Sendable {
-    case f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, bf16 = 30
+/// The ggml tensor types a GGUF import reads (ggml's `ggml_type` codes): the package's own
+/// (f32, f16, bf16, q8_0, q4_0), copied as they are, and the block formats `llama-quantize`'s
+/// common presets write, decoded to floats as ggml decodes them (`decode`) and stored as a
+/// package type.
+public enum GGMLType: UInt32, Sendable, CaseIterable {
+    case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8
+    case q2_K = 10, q3_K = 11, q4_K = 12, q5_K = 13, q6_K = 14, iq4_nl = 20, iq4_xs = 23
+    case bf16 = 30
 
-    public var dtype: TensorDType {
+    /// The package type that holds these blocks as they are; nil for a type that is decoded.
+    public var packageType: TensorDType? {
         switch self {
         case .f32: .f32
         case .f16: .f16
         case .q4_0: .q4_0
         case .q8_0: .q8_0
         case .bf16: .bf16
+        default: nil
         }
     }
+
+    /// ggml's name for the type.
+    public var name: String { packageType?.rawValue ?? String(describing: self) }
+
+    /// Values a block holds.
+    public var blockSize: Int {
+        switch self {
+        case .f32, .f16, .bf16: 1
+        case .q4_0, .q4_1, .q5_0, .q5_1, .q8_0, .iq4_nl: 32
+        case .q2_K, .q3_K, .q4_K, .q5_K, .q6_K, .iq4_xs: 256
+        }
+    }
+
+    /// Bytes a block takes (ggml's block structs).
+    public var blockBytes: Int {
+        switch self {
+        case .f32: 4
+        case .f16, .bf16: 2
+        case .q4_0, .iq4_nl: 18
+        case .q4_1: 20
+        case .q5_0: 22
+        case .q5_1: 24
+        case .q8_0: 34
+        case .q2_K: 84
+        case .q3_K: 110
+        case .q4_K: 144
+        case .q5_K: 176
+        case .q6_K: 210
+        case .iq4_xs: 136
+        }
+    }
+
+    /// Bits a value takes, blocks' scales included.
+    public var bitsPerValue: Double { Double(blockBytes * 8) / Double(blockSize) }
 
     public init(_ dtype: TensorDType) {
         switch dtype {
@@ -60,6 +102,17 @@ public enum GGMLType: UInt32, Sendable {
         case .q4_0: self = .q4_0
         case .q8_0: self = .q8_0
         case .bf16: self = .bf16
+        }
+    }
+
+    /// Decodes `count` values (whole blocks) of this type as ggml's reference decoding does.
+    public func decode(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
+        precondition(count % blockSize == 0)
+        if let type = packageType {
+            TensorCodec.decode(blocks, dtype: type, count: count, into: out)
+        } else {
+            let status = st_ggml_decode(Int32(rawValue), blocks.assumingMemoryBound(to: UInt8.self), Int64(count), out)
+            precondition(status == 0, "st_ggml_decode does not take \(name)")
         }
     }
 }
@@ -164,17 +217,17 @@ public final class GGUFFile: @unchecked Sendable {
             guard let type = GGMLType(rawValue: info.type) else {
                 throw reader.error(
                     .unsupportedTensorType,
-                    "tensor \(info.name) has ggml type \(info.type); this import reads f32, f16, bf16, q8_0 and q4_0")
+                    "tensor \(info.name) has ggml type \(info.type); this import reads "
+                        + GGMLType.allCases.map(\.name).joined(separator: ", "))
             }
-            let dtype = type.dtype
-            guard info.dimensions[0] % dtype.blockSize == 0 else {
+            guard info.dimensions[0] % type.blockSize == 0 else {
                 throw reader.error(
                     .badDimensions,
-                    "tensor \(info.name): rows of \(info.dimensions[0]) values do not split into \(dtype.rawValue) blocks of "
-                        + "\(dtype.blockSize)"
+                    "tensor \(info.name): rows of \(info.dimensions[0]) values do not split into \(type.name) blocks of "
+                        + "\(type.blockSize)"
                 )
             }
-            let length = info.dimensions.reduce(1, *) / dtype.blockSize * dtype.blockBytes
+            let length = info.dimensions.reduce(1, *) / type.blockSize * type.blockBytes
             guard info.offset % UInt64(alignment) == 0 else {
                 throw reader.error(
                     .misaligned, "tensor \(info.name) starts at data offset \(info.offset), not a multiple of the alignment \(alignment)")

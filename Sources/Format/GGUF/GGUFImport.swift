@@ -7,6 +7,11 @@
 /// transposed exactly and quantised ones are dequantised, transposed and quantised again, which
 /// the plan's notes and the package's provenance record. A down tensor already neuron-major (the
 /// authors' PowerInfer converter can write it so: dimensions [hidden, ffn, experts]) is copied.
+///
+/// Block formats the package does not hold (`llama-quantize`'s K-quants and the others of its
+/// common presets) are decoded as ggml decodes them and stored as a package type: the one asked
+/// for, else `defaultType(for:)`. Asked for a type, every weight matrix is stored as it (norms
+/// and routers keep their float type).
 public enum GGUFImport {
     public struct Plan: Sendable {
         public let gguf: GGUFFile
@@ -20,9 +25,34 @@ public enum GGUFImport {
         let files: [(name: String, bytes: [UInt8])]
         /// What the import inferred or could not copy.
         public let notes: [String]
+        /// Tensors re-encoded from another type: how many, for each source and package type.
+        public let conversions: [Conversion: Int]
     }
 
-    public static func plan(_ gguf: GGUFFile) throws(FormatError) -> Plan {
+    /// Tensors of GGUF type `source` stored as package type `target`.
+    public struct Conversion: Hashable, Sendable, CustomStringConvertible {
+        public let source: GGMLType
+        public let target: TensorDType
+        public var description: String { "\(source.name) → \(target.rawValue)" }
+    }
+
+    /// What re-encoding cost: for each conversion, the round-trip error of the package's values
+    /// against the GGUF's decoded ones.
+    public struct WriteSummary: Sendable {
+        public var errors: [Conversion: QuantizationError] = [:]
+    }
+
+    /// The package type for blocks the package does not hold: q4_0 (4.5 bits a value) for those
+    /// of 4.5 bits or fewer, q8_0 (8.5 bits) for the wider ones, which q4_0 would lose most of
+    /// what their extra bits keep. (Measured on the trained example: README, "Importing GGUF".)
+    public static func defaultType(for source: GGMLType) -> TensorDType {
+        if let type = source.packageType { return type }
+        return source.bitsPerValue <= 4.5 ? .q4_0 : .q8_0
+    }
+
+    /// - Parameter type: the package type for every weight matrix; nil keeps the types the
+    ///   package holds and stores the others as `defaultType(for:)`.
+    public static func plan(_ gguf: GGUFFile, type: TensorDType? = nil) throws(FormatError) -> Plan {
         let m = gguf.metadata
         func bad(_ defect: GGUFDefect, _ detail: String) -> FormatError { .malformedGGUF(path: gguf.path, defect: defect, detail: detail) }
         guard let arch = m["general.architecture"]?.string else { throw bad(.missingKey, "general.architecture is missing") }
@@ -80,7 +110,7 @@ public enum GGUFImport {
         // Our exports add the config's other end-of-sequence ids (GGUF's key holds one).
         for id in m[GGUFModel.eosTokenIDsKey]?.array?.compactMap(\.int) ?? [] where !eos.contains(id) { eos.append(id) }
         let weightDtype: String? =
-            switch embedding.type {
+            switch type.map(GGMLType.init) ?? embedding.type {
             case .f32: "float32"
             case .f16: "float16"
             case .bf16: "bfloat16"
@@ -117,11 +147,16 @@ public enum GGUFImport {
         // llama.cpp keeps norms and routers in f32 whatever the model's type; where their values
         // are exactly those of the embedding's float type, they go back to it (a package
         // exported from a bf16 model comes back bit for bit).
-        let modelType = embedding.type.dtype
+        let modelType = type ?? defaultType(for: embedding.type)
         var narrowed = 0
+        var conversions: [Conversion: Int] = [:]
         func plan(_ e: ExpectedTensor, from t: GGUFTensor, expert: Int?) {
-            var dtype = t.type.dtype
-            if dtype == .f32, modelType != .f32, !modelType.isQuantized, e.role == .norm || e.role == .router,
+            let keeps = e.role == .norm || e.role == .router
+            var dtype = keeps ? t.type.packageType ?? .f32 : type ?? defaultType(for: t.type)
+            if t.type.packageType != dtype, expert == nil || expert == 0 {
+                conversions[Conversion(source: t.type, target: dtype), default: 0] += 1
+            }
+            if dtype == .f32, modelType != .f32, !modelType.isQuantized, keeps,
                 GGUFImport.exactly(gguf.bytes(of: t), as: modelType)
             {
                 dtype = modelType
@@ -169,12 +204,13 @@ public enum GGUFImport {
         if let extra = gguf.tensors.first(where: { !used.contains($0.name) }) {
             throw bad(.unexpectedTensor, "\(extra.name) is not part of a SmallThinker model")
         }
-        let downType = gguf.tensor(GGUFModel.stackedName("down", layer: 0))!.type.dtype
+        let downType = gguf.tensor(GGUFModel.stackedName("down", layer: 0))!.type
+        let downTarget = type ?? defaultType(for: downType)
         if !hiddenMajor {
             notes.append("the expert down matrices are stored neuron-major already (a PowerInfer GGUF): copied")
-        } else if downType.isQuantized {
+        } else if downTarget.isQuantized {
             notes.append(
-                "requantised the expert down matrices (\(downType.rawValue)): their blocks run along the expert width in the GGUF and "
+                "requantised the expert down matrices (\(downType.name) to \(downTarget.rawValue)): their blocks run along the expert width in the GGUF and "
                     + "along the hidden size in the package, so they were dequantised, transposed and quantised again")
         }
         var files: [(name: String, bytes: [UInt8])] = []
@@ -193,16 +229,24 @@ public enum GGUFImport {
         ])
         provenance["source_format"] = .string("gguf")
         provenance["import_notes"] = .array(notes.map { .string($0) })
+        if !conversions.isEmpty {
+            provenance["import_conversions"] = .array(
+                conversions.sorted { $0.key.description < $1.key.description }.map { .string("\($0.key): \($0.value) GGUF tensors") })
+        }
         let (manifest, dataOffset) = try PackageLayout.plan(
             config: checked, tensors: planned, files: files.map { ($0.name, $0.bytes.count) }, provenance: provenance)
         return Plan(
             gguf: gguf, manifest: manifest, dataOffset: dataOffset, sources: sources, hiddenMajorDown: hiddenMajor, files: files,
-            notes: notes)
+            notes: notes, conversions: conversions)
     }
 
+    /// Writes the package; returns what re-encoding cost. A decoded value that is not finite (a
+    /// corrupt block's scale) is an error naming the tensor, and nothing is left at `destination`.
+    @discardableResult
     public static func write(
         _ plan: Plan, to destination: String, overwrite: Bool, progress: (WriteProgress) -> Void = { _ in }
-    ) throws(FormatError) {
+    ) throws(FormatError) -> WriteSummary {
+        var summary = WriteSummary()
         let writer = try PackageWriter(destination: destination, manifest: plan.manifest, dataOffset: plan.dataOffset, overwrite: overwrite)
         for entry in plan.manifest.tensors {
             let (tensor, expert) = plan.sources[entry.name]!
@@ -211,13 +255,43 @@ public enum GGUFImport {
                 let slice = tensor.length / tensor.dimensions[2]
                 bytes = UnsafeRawBufferPointer(rebasing: bytes[expert * slice..<(expert + 1) * slice])
             }
-            let data: [UInt8]
-            if entry.dtype != tensor.type.dtype {
+            var data: [UInt8]
+            if tensor.type.packageType != entry.dtype {
+                // Decoded, (turned over,) encoded as the package type, (arranged).
                 var floats = [Float](repeating: 0, count: entry.elementCount)
                 floats.withUnsafeMutableBufferPointer {
-                    TensorCodec.decode(bytes.baseAddress!, dtype: tensor.type.dtype, count: entry.elementCount, into: $0.baseAddress!)
+                    tensor.type.decode(bytes.baseAddress!, count: entry.elementCount, into: $0.baseAddress!)
+                }
+                if let bad = floats.firstIndex(where: { !$0.isFinite }) {
+                    throw .malformedGGUF(
+                        path: plan.gguf.path, defect: .invalidValue,
+                        detail: "tensor \(tensor.name) decodes to \(floats[bad]) (\(tensor.type.name) block \(bad / tensor.type.blockSize)"
+                            + (expert.map { " of expert \($0)" } ?? "") + "): a corrupt block scale")
+                }
+                if entry.layout == .transposed && plan.hiddenMajorDown {
+                    var turned = floats
+                    floats.withUnsafeBytes { f in
+                        turned.withUnsafeMutableBytes {
+                            Transpose.elements(
+                                f.baseAddress!, rows: entry.shape[1], columns: entry.shape[0], elementSize: 4, into: $0.baseAddress!)
+                        }
+                    }
+                    floats = turned
                 }
                 data = try TensorCodec.encoded(floats, as: entry.dtype, tensor: entry.name)
+                let conversion = Conversion(source: tensor.type, target: entry.dtype)
+                if plan.conversions[conversion] != nil {
+                    summary.errors[conversion, default: QuantizationError()].merge(roundTrip(floats, data, entry.dtype))
+                }
+                if entry.layout.isGrouped {
+                    let plain = data
+                    plain.withUnsafeBytes { p in
+                        data.withUnsafeMutableBytes {
+                            entry.layout.arrange(
+                                plain: p.baseAddress!, into: $0.baseAddress!, rowBytes: entry.length / entry.rows, rowCount: entry.rows)
+                        }
+                    }
+                }
             } else if entry.layout == .transposed && plan.hiddenMajorDown {
                 // One expert's [hidden, ffn] rows as the package's [ffn, hidden].
                 data = try Transpose.matrix(
@@ -243,6 +317,24 @@ public enum GGUFImport {
         for file in plan.files { try writer.writeFile(file.name, contents: file.bytes) }
         try writer.finish()
         progress(writer.progress)
+        return summary
+    }
+
+    /// The error of `encoded` (as `type`) against `values`.
+    static func roundTrip(_ values: [Float], _ encoded: [UInt8], _ type: TensorDType) -> QuantizationError {
+        var back = [Float](repeating: 0, count: values.count)
+        back.withUnsafeMutableBufferPointer { b in
+            encoded.withUnsafeBytes { TensorCodec.decode($0.baseAddress!, dtype: type, count: values.count, into: b.baseAddress!) }
+        }
+        var error = QuantizationError()
+        error.count = values.count
+        for (v, w) in zip(values, back) {
+            let d = Double(v) - Double(w)
+            error.sumSquaredError += d * d
+            error.sumSquaredValue += Double(v) * Double(v)
+            error.maxAbsoluteError = max(error.maxAbsoluteError, abs(v - w))
+        }
+        return error
     }
 
     /// Whether f32 values are exactly values of `dtype`.

@@ -17,7 +17,7 @@ public final class GGUFWriter {
             self.write = write
         }
 
-        public var length: Int { dimensions.reduce(1, *) / type.dtype.blockSize * type.dtype.blockBytes }
+        public var length: Int { dimensions.reduce(1, *) / type.blockSize * type.blockBytes }
     }
 
     /// Writes `metadata` (`general.alignment` among them when not 32) and `tensors` to `destination`.
@@ -37,7 +37,7 @@ public final class GGUFWriter {
         var offset = 0
         var offsets: [Int] = []
         for t in tensors {
-            precondition(t.dimensions.first.map { $0 % t.type.dtype.blockSize == 0 } ?? false, "\(t.name): rows are not whole blocks")
+            precondition(t.dimensions.first.map { $0 % t.type.blockSize == 0 } ?? false, "\(t.name): rows are not whole blocks")
             append(string: t.name, to: &header)
             append(UInt32(t.dimensions.count), to: &header)
             for d in t.dimensions { append(UInt64(d), to: &header) }

@@ -99,7 +99,7 @@ public enum QuantizationSummary {
     }
 
     /// 3 significant digits in scientific notation, without Foundation.
-    static func scientific(_ value: Double) -> String {
+    public static func scientific(_ value: Double) -> String {
         guard value.isFinite else { return "\(value)" }
         if value == 0 { return "0" }
         var exponent = 0

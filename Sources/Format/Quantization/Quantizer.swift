@@ -7,6 +7,8 @@ public struct QuantizationError: Sendable {
     public var sumSquaredValue = 0.0
     public var maxAbsoluteError: Float = 0
 
+    public init() {}
+
     public var rmse: Double { count > 0 ? (sumSquaredError / Double(count)).squareRoot() : 0 }
     /// RMS error relative to the RMS value: comparable across tensors of different scales.
     public var relativeRMSE: Double { sumSquaredValue > 0 ? (sumSquaredError / sumSquaredValue).squareRoot() : 0 }
