@@ -13,6 +13,14 @@
 void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squared_error, double *sum_squared_value,
                       float *max_abs_error);
 
+/// Quantises `rows` rows of `row_length` floats (a multiple of 32) to Q4_0 blocks weighted by
+/// an importance matrix (`importance`: `row_length` values, one per column, shared by every
+/// row), operation for operation as ggml's quantize_q4_0 with quant_weights: per row σ² = the
+/// mean square; per block the weights importance·√(σ² + x²) and the scale of least weighted
+/// error among 19 trials (make_qx_quants). Products and sums are rounded one by one (a build of
+/// ggml that fuses them into FMAs can differ in the last bit of a sum, and so in a choice).
+void st_quantize_q4_0_weighted(const float *x, int64_t rows, int64_t row_length, const float *importance, uint8_t *out);
+
 /// ggml's type codes (ggml.h's `ggml_type`) of the block formats st_ggml_decode reads.
 enum {
     ST_GGML_Q4_1 = 3,
