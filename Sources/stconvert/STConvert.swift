@@ -56,6 +56,12 @@ struct STConvert: ParsableCommand {
                 + "Importing a GGUF: store every weight matrix as this type (q4_0, q8_0, f16, bf16 or f32)."))
     var type: TensorDType?
 
+    @Option(
+        help: ArgumentHelp(
+            "With --type q4_0 converting a checkpoint: Q4_0 blocks chosen by error weighted by this importance matrix, as stquant "
+                + "--imatrix.", valueName: "FILE"))
+    var imatrix: String?
+
     @Option(help: "With --type: type for the token embeddings.")
     var embeddingType: TensorDType?
 
@@ -109,8 +115,14 @@ struct STConvert: ParsableCommand {
                 throw ValidationError(
                     "the input is a .stpk package: give -o NAME.gguf to export it (stquant converts packages between types)")
             }
+            if imatrix != nil {
+                throw ValidationError("--imatrix does not apply to an export: quantise the package with stquant --imatrix")
+            }
         case .gguf:
             if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: --type sets the stored type") }
+            if imatrix != nil && type != nil && type != .q4_0 {
+                throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0")
+            }
             if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty {
                 throw ValidationError("--embedding-type, --output-type and --tensor-type go with --type converting a checkpoint")
             }
@@ -121,8 +133,9 @@ struct STConvert: ParsableCommand {
                     throw ValidationError("--type must be q4_0 or q8_0 (got '\(type.rawValue)'); --dtype writes float types")
                 }
                 if dtype != nil { throw ValidationError("--type quantises from the checkpoint's own dtype; leave out --dtype") }
-            } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty {
-                throw ValidationError("--embedding-type, --output-type and --tensor-type go with --type")
+                if imatrix != nil && type != .q4_0 { throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0") }
+            } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty || imatrix != nil {
+                throw ValidationError("--embedding-type, --output-type, --tensor-type and --imatrix go with --type")
             }
             if let dtype, dtype.isQuantized {
                 throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
@@ -167,7 +180,8 @@ struct STConvert: ParsableCommand {
     }
 
     func importGGUF() throws {
-        let plan = try GGUFImport.plan(try GGUFFile(path: checkpoint), type: type)
+        var plan = try GGUFImport.plan(try GGUFFile(path: checkpoint), type: type)
+        if let imatrix { plan.importance = try ImportanceMatrix(path: imatrix) }
         let conversions = plan.conversions.sorted { $0.key.description < $1.key.description }
         if dryRun {
             print(PackageSummary.text(plan.manifest, dataOffset: plan.dataOffset, fileLength: plan.outputSize, listTensors: true))
@@ -221,7 +235,8 @@ struct STConvert: ParsableCommand {
     func convertAndQuantize(_ conversion: ConversionPlan) throws {
         var overrides: [(pattern: String, type: TensorDType)] = []
         for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
-        let policy = QuantizationPolicy(type: type!, embeddingType: embeddingType, outputType: outputType, overrides: overrides)
+        var policy = QuantizationPolicy(type: type!, embeddingType: embeddingType, outputType: outputType, overrides: overrides)
+        if let imatrix { policy.importance = try ImportanceMatrix(path: imatrix) }
         let plan = try Quantizer.plan(source: try ConversionSource(conversion), policy: policy)
         if dryRun {
             print(QuantizationSummary.plan(plan))

@@ -48,6 +48,12 @@ struct STQuant: ParsableCommand {
             valueName: "PATTERN=TYPE"))
     var tensorTypes: [String] = []
 
+    @Option(
+        help: ArgumentHelp(
+            "An importance matrix (strun imatrix, or llama-imatrix on our GGUF export): Q4_0 blocks chosen by error weighted by it, "
+                + "as llama-quantize --imatrix chooses them.", valueName: "FILE"))
+    var imatrix: String?
+
     @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
     var allowRequantize = false
 
@@ -85,15 +91,21 @@ struct STQuant: ParsableCommand {
         try reportingErrors(tool: "stquant", exit: { ExitCode($0) }) {
             var overrides: [(pattern: String, type: TensorDType)] = []
             for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
-            let policy = QuantizationPolicy(
+            var policy = QuantizationPolicy(
                 type: type, embeddingType: embeddingType, outputType: outputType,
                 overrides: overrides, allowRequantize: allowRequantize, groupedLayouts: !plainRows)
+            if let imatrix { policy.importance = try ImportanceMatrix(path: imatrix) }
             let source = try PackageReader(path: input)
             let plan = try Quantizer.plan(source: source, policy: policy)
             let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }
             if dryRun {
                 print(QuantizationSummary.plan(plan))
                 return
+            }
+            if !quiet && !json, imatrix != nil {
+                writeStandardError(
+                    "stquant: importance matrix: \(plan.importance.count) tensors weighted"
+                        + (plan.unweighted.isEmpty ? "" : ", \(plan.unweighted.count) with nothing in it quantised plainly") + "\n")
             }
             if !quiet && !json, !fallbacks.isEmpty {
                 writeStandardError(

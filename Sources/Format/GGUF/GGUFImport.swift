@@ -27,6 +27,8 @@ public enum GGUFImport {
         public let notes: [String]
         /// Tensors re-encoded from another type: how many, for each source and package type.
         public let conversions: [Conversion: Int]
+        /// Weights the Q4_0 blocks of re-encoded tensors (those it has entries for).
+        public var importance: ImportanceMatrix?
     }
 
     /// Tensors of GGUF type `source` stored as package type `target`.
@@ -237,7 +239,7 @@ public enum GGUFImport {
             config: checked, tensors: planned, files: files.map { ($0.name, $0.bytes.count) }, provenance: provenance)
         return Plan(
             gguf: gguf, manifest: manifest, dataOffset: dataOffset, sources: sources, hiddenMajorDown: hiddenMajor, files: files,
-            notes: notes, conversions: conversions)
+            notes: notes, conversions: conversions, importance: nil)
     }
 
     /// Writes the package; returns what re-encoding cost. A decoded value that is not finite (a
@@ -278,7 +280,28 @@ public enum GGUFImport {
                     }
                     floats = turned
                 }
-                data = try TensorCodec.encoded(floats, as: entry.dtype, tensor: entry.name)
+                if entry.dtype == .q4_0, let e = plan.importance?.entries[tensor.name], (expert ?? 0) < e.matrices {
+                    // As stquant --imatrix: a down matrix turned neuron-major takes uniform importances.
+                    let turned = entry.layout == .transposed && plan.hiddenMajorDown
+                    guard turned || e.columns == entry.shape[1] else {
+                        throw .invalidRequest(
+                            "the importance matrix's \(tensor.name) has \(e.columns) columns; its rows have \(entry.shape[1]) values: "
+                                + "the matrix was made for another model")
+                    }
+                    let weights = turned ? [Float](repeating: 1, count: entry.shape[1]) : e.importance(matrix: expert ?? 0)
+                    data = [UInt8](repeating: 0, count: entry.elementCount / 32 * 18)
+                    floats.withUnsafeBufferPointer { f in
+                        weights.withUnsafeBufferPointer { w in
+                            data.withUnsafeMutableBytes {
+                                Q4_0.quantize(
+                                    f.baseAddress!, rows: entry.shape[0], rowLength: entry.shape[1], importance: w.baseAddress!,
+                                    into: $0.baseAddress!)
+                            }
+                        }
+                    }
+                } else {
+                    data = try TensorCodec.encoded(floats, as: entry.dtype, tensor: entry.name)
+                }
                 let conversion = Conversion(source: tensor.type, target: entry.dtype)
                 if plan.conversions[conversion] != nil {
                     summary.errors[conversion, default: QuantizationError()].merge(roundTrip(floats, data, entry.dtype))

@@ -19,6 +19,9 @@ public struct QuantizationPolicy: Sendable {
     public var overrides: [(pattern: String, type: TensorDType)]
     public var allowRequantize: Bool
     public var groupedLayouts: Bool
+    /// Q4_0 blocks chosen by error weighted by this importance matrix (`--imatrix`), as
+    /// `llama-quantize --imatrix` chooses them.
+    public var importance: ImportanceMatrix?
 
     public init(
         type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,

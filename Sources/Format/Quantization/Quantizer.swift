@@ -30,6 +30,10 @@ public struct QuantizationPlan: Sendable {
     public let decisions: [String: QuantizationPolicy.Decision]
     public let policy: QuantizationPolicy
     public var outputSize: Int { PackageLayout.fileLength(of: manifest, dataOffset: dataOffset) }
+    /// With an importance matrix: each weighted Q4_0 tensor's importances, one per value of a
+    /// row; and the Q4_0 tensors the matrix has nothing for (quantised plainly).
+    public let importance: [String: [Float]]
+    public let unweighted: [String]
 }
 
 public struct QuantizationReport: Sendable {
@@ -90,8 +94,17 @@ public enum Quantizer {
                     name: t.name, sourceName: t.sourceName, dtype: decision.dtype, shape: t.shape,
                     layout: layout, bundle: bundleOf[t.name].map { ($0.layer, $0.expert) }))
         }
+        let (importance, unweighted) = try resolveImportance(source: source, policy: policy, decisions: decisions)
         var provenance = source.manifest.provenance
         var quantization = JSONObject()
+        if let matrix = policy.importance {
+            quantization["imatrix"] = .object(
+                JSONObject([
+                    ("datasets", .array(matrix.datasets.map { .string($0) })), ("chunk_count", .int(matrix.chunkCount)),
+                    ("chunk_size", .int(matrix.chunkSize)), ("weighted_tensors", .int(importance.count)),
+                    ("unweighted_tensors", .int(unweighted.count))
+                ]))
+        }
         quantization["tool"] = .string("stquant \(PackageFormat.converterVersion)")
         quantization["type"] = .string(policy.type.rawValue)
         if let e = policy.embeddingType { quantization["embedding_type"] = .string(e.rawValue) }
@@ -109,7 +122,49 @@ public enum Quantizer {
         let files = source.manifest.files.map { (name: $0.name, length: $0.length) }
         let (manifest, dataOffset) = try PackageLayout.plan(
             config: source.manifest.config, tensors: planned, files: files, provenance: provenance)
-        return QuantizationPlan(source: source, manifest: manifest, dataOffset: dataOffset, decisions: decisions, policy: policy)
+        return QuantizationPlan(
+            source: source, manifest: manifest, dataOffset: dataOffset, decisions: decisions, policy: policy, importance: importance,
+            unweighted: unweighted)
+    }
+
+    /// Each Q4_0 tensor's importances from the policy's matrix, by the name llama.cpp gives its
+    /// inputs. A matrix whose rows run along the inputs takes its columns' importances; an
+    /// expert down matrix, stored neuron-major here (each row one input, its blocks across the
+    /// outputs), has one importance per row, which cannot move a block's choice, so its rows take
+    /// uniform importances: the weighted search with llama.cpp's √(σ² + x²) weights alone.
+    static func resolveImportance(
+        source: any TensorSource, policy: QuantizationPolicy, decisions: [String: QuantizationPolicy.Decision]
+    ) throws(FormatError) -> (importance: [String: [Float]], unweighted: [String]) {
+        guard let matrix = policy.importance else { return ([:], []) }
+        var importance: [String: [Float]] = [:], unweighted: [String] = []
+        for t in source.manifest.tensors where decisions[t.name]?.dtype == .q4_0 && t.shape.count == 2 {
+            guard let (name, index) = ImportanceMatrix.source(of: t.name, config: source.manifest.config), let entry = matrix.entries[name]
+            else {
+                unweighted.append(t.name)
+                continue
+            }
+            let rows = t.shape[0], rowLength = t.shape[1]
+            guard index < entry.matrices else {
+                throw .invalidRequest(
+                    "the importance matrix's \(name) holds \(entry.matrices) matrices and \(t.name) is number \(index + 1): the matrix "
+                        + "was made for another model")
+            }
+            if entry.columns == rowLength && t.layout.orientation != .transposed {
+                importance[t.name] = entry.importance(matrix: index)
+            } else if entry.columns == rows && t.layout.orientation == .transposed {
+                importance[t.name] = [Float](repeating: 1, count: rowLength)
+            } else {
+                throw .invalidRequest(
+                    "the importance matrix's \(name) has \(entry.columns) columns, and \(t.name) (\(rows) × \(rowLength)) does not "
+                        + "multiply that many: the matrix was made for another model")
+            }
+        }
+        guard !importance.isEmpty || unweighted.isEmpty else {
+            throw .invalidRequest(
+                "no tensor of this package is in the importance matrix (its \(matrix.entries.count) entries are named like "
+                    + "\(matrix.entries.keys.sorted().first ?? "nothing")): it was made for another model")
+        }
+        return (importance, unweighted)
     }
 
     /// Values converted per chunk (both threads together): bounds memory for the embedding.
@@ -201,6 +256,7 @@ public enum Quantizer {
                             back: roundTrip, partial: partial, overflow: overflow
                         ))
                     let fromType = from.dtype, toType = entry.dtype
+                    let weights = plan.importance[entry.name]
                     parallelFor(slices) { slice in
                         let b = buffers.value
                         let first = rows * slice / slices, last = rows * (slice + 1) / slices
@@ -208,16 +264,22 @@ public enum Quantizer {
                         let values = b.floats + first * rowLength
                         TensorCodec.decode(b.input + first * inRowBytes, dtype: fromType, count: count, into: values)
                         let encoded = b.output + first * outRowBytes
-                        if toType == .q4_0 {
+                        if let weights {
+                            weights.withUnsafeBufferPointer {
+                                Q4_0.quantize(values, rows: last - first, rowLength: rowLength, importance: $0.baseAddress!, into: encoded)
+                            }
+                            b.overflow[slice] = -1
+                        } else if toType == .q4_0 {
                             // Blocks and their round-trip error in one pass.
                             var e = QuantizationError()
                             Q4_0.quantize(values, count: count, into: encoded, error: &e)
                             b.overflow[slice] = -1
                             b.partial[slice] = e
                             return
+                        } else {
+                            b.overflow[slice] =
+                                TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
                         }
-                        b.overflow[slice] =
-                            TensorCodec.encode(values, count: count, as: toType, into: encoded).map { first * rowLength + $0 } ?? -1
                         let back = b.back + first * rowLength
                         TensorCodec.decode(encoded, dtype: toType, count: count, into: back)
                         var e = QuantizationError()

@@ -1,0 +1,146 @@
+import Foundation
+import Format
+import Testing
+
+/// Importance matrices in llama.cpp's GGUF layout, checked with the gguf package (llama.cpp's
+/// own Python reader and writer), and `stquant --imatrix` as a user runs it.
+@Suite struct ImportanceMatrixTests {
+    static let trained = URL(fileURLWithPath: Tools.fixtures).deletingLastPathComponent().appendingPathComponent("trained").path
+
+    static func python(_ script: String, _ arguments: [String]) throws -> Tools.Result {
+        try Tools.run("/usr/bin/env", ["python3", "-c", script] + arguments)
+    }
+
+    /// Ours read by the gguf package: general.type, the metadata, and per entry `NAME.in_sum2`
+    /// [columns, matrices] and `NAME.counts` [1, matrices] in f32 with our values; and a file the
+    /// gguf package writes in llama-imatrix's layout read by ours.
+    @Test func theFileIsLlamaImatrixs() throws {
+        let scratch = ToolScratch()
+        var matrix = ImportanceMatrix(datasets: ["calibration.txt"], chunkCount: 3, chunkSize: 512)
+        var stacked = ImportanceMatrix.Entry(columns: 64, matrices: 4)
+        for i in stacked.sums.indices { stacked.sums[i] = Float(i % 97) * 0.25 }
+        stacked.counts = [10, 0, 3, 7]
+        var dense = ImportanceMatrix.Entry(columns: 32, matrices: 1)
+        for i in dense.sums.indices { dense.sums[i] = Float(i) + 0.5 }
+        dense.counts = [1536]
+        matrix.entries = ["blk.0.ffn_up_exps.weight": stacked, "blk.0.attn_q.weight": dense]
+        let path = scratch.file("ours.gguf")
+        try matrix.write(to: path, overwrite: false)
+        let check = """
+            import sys, gguf, numpy as np
+            r = gguf.GGUFReader(sys.argv[1])
+            assert r.get_field("general.type").contents() == "imatrix"
+            assert r.get_field("imatrix.datasets").contents() == ["calibration.txt"]
+            assert r.get_field("imatrix.chunk_count").contents() == 3 and r.get_field("imatrix.chunk_size").contents() == 512
+            t = {x.name: x for x in r.tensors}
+            s, c = t["blk.0.ffn_up_exps.weight.in_sum2"], t["blk.0.ffn_up_exps.weight.counts"]
+            assert s.tensor_type == gguf.GGMLQuantizationType.F32 and list(s.shape) == [64, 4], s.shape
+            assert list(c.shape) == [1, 4] and list(c.data.reshape(-1)) == [10, 0, 3, 7]
+            assert np.array_equal(s.data.reshape(-1), (np.arange(256) % 97).astype(np.float32) * 0.25)
+            assert list(t["blk.0.attn_q.weight.in_sum2"].shape) == [32, 1]
+            w = gguf.GGUFWriter(sys.argv[2], arch="")
+            w.add_string("general.type", "imatrix")
+            w.add_array("imatrix.datasets", ["other.txt"])
+            w.add_uint32("imatrix.chunk_count", 9)
+            w.add_uint32("imatrix.chunk_size", 256)
+            w.add_tensor("blk.1.ffn_down_exps.weight.in_sum2", np.arange(48, dtype=np.float32).reshape(3, 16))
+            w.add_tensor("blk.1.ffn_down_exps.weight.counts", np.array([[2], [0], [4]], dtype=np.float32))
+            w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+            """
+        let result = try Self.python(check, [path, scratch.file("theirs.gguf")])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(try ImportanceMatrix(path: path) == matrix)
+        let theirs = try ImportanceMatrix(path: scratch.file("theirs.gguf"))
+        #expect(theirs.datasets == ["other.txt"] && theirs.chunkCount == 9 && theirs.chunkSize == 256)
+        let e = try #require(theirs.entries["blk.1.ffn_down_exps.weight"])
+        #expect(e.columns == 16 && e.matrices == 3)
+        #expect(e.importance(matrix: 0) == (0..<16).map { Float($0) / 2 })
+        #expect(e.importance(matrix: 1) == [Float](repeating: 1, count: 16), "no tokens: importance 1, as llama-quantize")
+        #expect(e.importance(matrix: 2) == (32..<48).map { Float($0) / 4 })
+    }
+
+    /// `stquant --imatrix`: the weighted tensors' blocks are what the weighted quantiser (held to
+    /// llama.cpp's) gives for their importances, the package verifies and runs; a matrix made
+    /// for another model, and a file that is not one, are clear errors with nothing written.
+    @Test func stquantWeighsTheBlocks() throws {
+        let scratch = ToolScratch()
+        let float = scratch.file("f32.stpk")
+        #expect(try Tools.run("stconvert", [Self.trained + "/trained-21b-like", "-o", float, "--dtype", "f32", "-q"]).status == 0)
+        let reader = try PackageReader(path: float)
+        let config = reader.manifest.config
+        // Importances for every input of every layer: a smooth ramp over the columns, so that
+        // every weighted block is checkable.
+        var matrix = ImportanceMatrix(datasets: ["synthetic"], chunkCount: 1, chunkSize: 64)
+        for t in reader.manifest.tensors {
+            guard let (name, _) = ImportanceMatrix.source(of: t.name, config: config), matrix.entries[name] == nil else { continue }
+            let down = name.contains("ffn_down")
+            let columns = down ? config.expertFFNSize : t.shape[1]
+            let matrices = name.contains("_exps") ? config.expertCount : 1
+            var e = ImportanceMatrix.Entry(columns: columns, matrices: matrices)
+            for m in 0..<matrices {
+                e.counts[m] = 64
+                for c in 0..<columns { e.sums[m * columns + c] = 64 * Float(1 + (c * 7 + m) % 23) }
+            }
+            matrix.entries[name] = e
+        }
+        let imatrix = scratch.file("imatrix.gguf"), weighted = scratch.file("weighted.stpk"), plain = scratch.file("plain.stpk")
+        try matrix.write(to: imatrix, overwrite: false)
+        var result = try Tools.run("stquant", [float, "-o", weighted, "--type", "q4_0", "--imatrix", imatrix])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stderr.contains("tensors weighted"), "\(result.stderr)")
+        #expect(try Tools.run("stquant", [float, "-o", plain, "--type", "q4_0", "-q"]).status == 0)
+        #expect(try Tools.run("strun", ["verify", weighted]).status == 0)
+        let w = try PackageReader(path: weighted), p = try PackageReader(path: plain)
+        let query = TensorNames.query(1), gate = TensorNames.expertGate(2, 5)
+        for name in [query, gate] {
+            let t = try #require(reader.manifest.tensors.first { $0.name == name })
+            let (source, index) = try #require(ImportanceMatrix.source(of: name, config: config))
+            let importance = matrix.entries[source]!.importance(matrix: index)
+            let values = try reader.floats(name)
+            var expected = [UInt8](repeating: 0, count: values.count / 32 * 18)
+            values.withUnsafeBufferPointer { v in
+                importance.withUnsafeBufferPointer { i in
+                    expected.withUnsafeMutableBytes {
+                        Q4_0.quantize(
+                            v.baseAddress!, rows: t.shape[0], rowLength: t.shape[1], importance: i.baseAddress!, into: $0.baseAddress!)
+                    }
+                }
+            }
+            #expect(try w.plainBlocks(name) == expected, "\(name): the weighted blocks")
+            #expect(try p.plainBlocks(name) != expected, "\(name): the plain blocks differ")
+        }
+        let generated = try Tools.run("strun", ["generate", weighted, "-p", "And it came to pass", "-n", "8", "--seed", "1"])
+        #expect(generated.status == 0 && generated.stdout.count > 8, "\(generated.stderr)")
+
+        // Another model's: the query projection's inputs are 128 wide there.
+        var other = matrix
+        other.entries[ImportanceMatrix.source(of: query, config: config)!.name] = ImportanceMatrix.Entry(columns: 128, matrices: 1)
+        let wrong = scratch.file("wrong.gguf"), out = scratch.file("out.stpk")
+        try other.write(to: wrong, overwrite: false)
+        result = try Tools.run("stquant", [float, "-o", out, "--type", "q4_0", "--imatrix", wrong])
+        #expect(result.status != 0 && result.stderr.contains("another model") && result.stderr.contains("128"), "\(result.stderr)")
+        result = try Tools.run("stquant", [float, "-o", out, "--type", "q4_0", "--imatrix", float])
+        #expect(result.status != 0 && !result.stderr.isEmpty, "\(result.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: out))
+    }
+}
+
+extension PackageReader {
+    /// A tensor's values as float32.
+    fileprivate func floats(_ name: String) throws -> [Float] {
+        let t = try #require(tensor(name))
+        var values = [Float](repeating: 0, count: t.elementCount)
+        values.withUnsafeMutableBufferPointer { decode(t, into: $0.baseAddress!) }
+        return values
+    }
+
+    /// A quantised tensor's blocks in plain row order, however its rows are grouped.
+    fileprivate func plainBlocks(_ name: String) throws -> [UInt8] {
+        let t = try #require(tensor(name))
+        var plain = [UInt8](repeating: 0, count: t.length)
+        plain.withUnsafeMutableBytes {
+            t.layout.plainRows(bytes(of: t).baseAddress!, into: $0.baseAddress!, rowBytes: t.length / t.rows, rowCount: t.rows)
+        }
+        return plain
+    }
+}
