@@ -14,8 +14,9 @@
 # Without PKG it makes the checkpoint (`--skewed`, the 4B shape; `-- --shape 21b --layers 4
 # --skewed` after THREADS for the 21B width) and converts it to Q4_0 in one step. TIER forces
 # our kernel tier and builds llama.cpp to match (as compare_llama.sh). The engines alternate
-# which goes first from round to round; each run is one repetition (-r 1: a P = 4000 prompt takes
-# tens of seconds), and the rounds give the medians. Prints the CPU, both engines' tiers, each
+# which goes first from round to round; llama-bench runs one repetition after its warm-up, strun
+# bench two (the median it reports of two is the faster; a P = 4000 prompt takes tens of seconds),
+# and the rounds give the medians. Prints the CPU, both engines' tiers, each
 # round's ratios, and per P the medians: prompt tokens/s and decode tokens/s at depth P of each,
 # their ratios, and the bytes of keys and values each engine reads per decoded token there.
 set -euo pipefail
@@ -64,7 +65,7 @@ for round in $(seq 1 "$rounds"); do
     for p in $prompts; do
         for engine in "${order[@]}"; do
             if [ "$engine" = ours ]; then
-                $strun bench "$pkg" -p "$p" -n "$n" -r 1 -t "$threads" --context $((p + n)) --kv-type "$kv" --json > "$work/long-ours.json"
+                $strun bench "$pkg" -p "$p" -n "$n" -r 2 -t "$threads" --context $((p + n)) --kv-type "$kv" --json > "$work/long-ours.json"
                 python3 - "$work/long-ours.json" "$round" "$p" >> "$results" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
