@@ -200,9 +200,14 @@ import Testing
             prompt: .text("And"), sampling: Self.sampling(seed: 1, temperature: 1), maximumTokens: context - 8,
             ignoreEndOfSequence: true)
         let running = batch.generate(request), waiting = batch.generate(request)
-        var iterator = running.makeAsyncIterator()
-        _ = try await iterator.next()
+        // Waits for the first step without suspending: a suspended test can wait seconds for a
+        // thread while the suite's other tests hold them all, and meanwhile the generation, run
+        // by the generator's own thread, could end on its own.
+        let deadline = Date().addingTimeInterval(60)
+        while batch.statistics.generatedTokens == 0 && Date() < deadline { usleep(1000) }
+        #expect(batch.statistics.running == 1 && batch.statistics.generatedTokens > 0)
         batch.shutdown()
+        var iterator = running.makeAsyncIterator()
         var ended: EngineError? = nil
         do { while try await iterator.next() != nil {} } catch { ended = error as? EngineError }
         #expect(ended == .shutDown)
