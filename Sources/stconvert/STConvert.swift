@@ -58,8 +58,8 @@ struct STConvert: ParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "With --type q4_0 converting a checkpoint: Q4_0 blocks chosen by error weighted by this importance matrix, as stquant "
-                + "--imatrix.", valueName: "FILE"))
+            "Converting a checkpoint with --type q4_0, or importing a GGUF whose blocks are re-encoded as q4_0: Q4_0 blocks chosen "
+                + "by error weighted by this importance matrix, as stquant --imatrix.", valueName: "FILE"))
     var imatrix: String?
 
     @Option(help: "With --type: type for the token embeddings.")

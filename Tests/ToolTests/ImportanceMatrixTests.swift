@@ -72,7 +72,7 @@ import Testing
         // every weighted block is checkable.
         var matrix = ImportanceMatrix(datasets: ["synthetic"], chunkCount: 1, chunkSize: 64)
         for t in reader.manifest.tensors {
-            guard let (name, _) = ImportanceMatrix.source(of: t.name, config: config), matrix.entries[name] == nil else { continue }
+            guard let (name, _) = ImportanceMatrix.source(of: t.name), matrix.entries[name] == nil else { continue }
             let down = name.contains("ffn_down")
             let columns = down ? config.expertFFNSize : t.shape[1]
             let matrices = name.contains("_exps") ? config.expertCount : 1
@@ -94,7 +94,7 @@ import Testing
         let query = TensorNames.query(1), gate = TensorNames.expertGate(2, 5)
         for name in [query, gate] {
             let t = try #require(reader.manifest.tensors.first { $0.name == name })
-            let (source, index) = try #require(ImportanceMatrix.source(of: name, config: config))
+            let (source, index) = try #require(ImportanceMatrix.source(of: name))
             let importance = matrix.entries[source]!.importance(matrix: index)
             let values = try reader.floats(name)
             var expected = [UInt8](repeating: 0, count: values.count / 32 * 18)
@@ -114,7 +114,7 @@ import Testing
 
         // Another model's: the query projection's inputs are 128 wide there.
         var other = matrix
-        other.entries[ImportanceMatrix.source(of: query, config: config)!.name] = ImportanceMatrix.Entry(columns: 128, matrices: 1)
+        other.entries[ImportanceMatrix.source(of: query)!.name] = ImportanceMatrix.Entry(columns: 128, matrices: 1)
         let wrong = scratch.file("wrong.gguf"), out = scratch.file("out.stpk")
         try other.write(to: wrong, overwrite: false)
         result = try Tools.run("stquant", [float, "-o", out, "--type", "q4_0", "--imatrix", wrong])

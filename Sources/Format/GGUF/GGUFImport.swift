@@ -257,6 +257,14 @@ public enum GGUFImport {
                 let slice = tensor.length / tensor.dimensions[2]
                 bytes = UnsafeRawBufferPointer(rebasing: bytes[expert * slice..<(expert + 1) * slice])
             }
+            // Plain rows of blocks in the entry's grouped layout.
+            func arranged(_ plain: UnsafeRawPointer) -> [UInt8] {
+                var out = [UInt8](repeating: 0, count: entry.length)
+                out.withUnsafeMutableBytes {
+                    entry.layout.arrange(plain: plain, into: $0.baseAddress!, rowBytes: entry.length / entry.rows, rowCount: entry.rows)
+                }
+                return out
+            }
             var data: [UInt8]
             if tensor.type.packageType != entry.dtype {
                 // Decoded, (turned over,) encoded as the package type, (arranged).
@@ -281,15 +289,10 @@ public enum GGUFImport {
                     floats = turned
                 }
                 if entry.dtype == .q4_0, let e = plan.importance?.entries[tensor.name], (expert ?? 0) < e.matrices {
-                    // As stquant --imatrix: a down matrix turned neuron-major takes uniform importances.
-                    let turned = entry.layout == .transposed && plan.hiddenMajorDown
-                    guard turned || e.columns == entry.shape[1] else {
-                        throw .invalidRequest(
-                            "the importance matrix's \(tensor.name) has \(e.columns) columns; its rows have \(entry.shape[1]) values: "
-                                + "the matrix was made for another model")
-                    }
-                    let weights = turned ? [Float](repeating: 1, count: entry.shape[1]) : e.importance(matrix: expert ?? 0)
-                    data = [UInt8](repeating: 0, count: entry.elementCount / 32 * 18)
+                    let weights = try e.weights(
+                        matrix: expert ?? 0, rows: entry.shape[0], rowLength: entry.shape[1],
+                        neuronMajor: entry.layout == .transposed, name: tensor.name, tensor: entry.name)
+                    data = [UInt8](repeating: 0, count: entry.length)
                     floats.withUnsafeBufferPointer { f in
                         weights.withUnsafeBufferPointer { w in
                             data.withUnsafeMutableBytes {
@@ -304,28 +307,21 @@ public enum GGUFImport {
                 }
                 let conversion = Conversion(source: tensor.type, target: entry.dtype)
                 if plan.conversions[conversion] != nil {
-                    summary.errors[conversion, default: QuantizationError()].merge(roundTrip(floats, data, entry.dtype))
-                }
-                if entry.layout.isGrouped {
-                    let plain = data
-                    plain.withUnsafeBytes { p in
-                        data.withUnsafeMutableBytes {
-                            entry.layout.arrange(
-                                plain: p.baseAddress!, into: $0.baseAddress!, rowBytes: entry.length / entry.rows, rowCount: entry.rows)
+                    var back = [Float](repeating: 0, count: floats.count)
+                    back.withUnsafeMutableBufferPointer { b in
+                        data.withUnsafeBytes {
+                            TensorCodec.decode($0.baseAddress!, dtype: entry.dtype, count: b.count, into: b.baseAddress!)
                         }
                     }
+                    summary.errors[conversion, default: QuantizationError()].add(values: floats, decoded: back, count: floats.count)
                 }
+                if entry.layout.isGrouped { data = data.withUnsafeBytes { arranged($0.baseAddress!) } }
             } else if entry.layout == .transposed && plan.hiddenMajorDown {
                 // One expert's [hidden, ffn] rows as the package's [ffn, hidden].
                 data = try Transpose.matrix(
                     bytes, dtype: entry.dtype, rows: entry.shape[1], columns: entry.shape[0], as: entry.dtype, tensor: entry.name)
             } else if entry.layout.isGrouped {
-                var out = [UInt8](repeating: 0, count: entry.length)
-                out.withUnsafeMutableBytes {
-                    entry.layout.arrange(
-                        plain: bytes.baseAddress!, into: $0.baseAddress!, rowBytes: entry.length / entry.rows, rowCount: entry.rows)
-                }
-                data = out
+                data = arranged(bytes.baseAddress!)
             } else {
                 data = Array(bytes)
             }
@@ -341,23 +337,6 @@ public enum GGUFImport {
         try writer.finish()
         progress(writer.progress)
         return summary
-    }
-
-    /// The error of `encoded` (as `type`) against `values`.
-    static func roundTrip(_ values: [Float], _ encoded: [UInt8], _ type: TensorDType) -> QuantizationError {
-        var back = [Float](repeating: 0, count: values.count)
-        back.withUnsafeMutableBufferPointer { b in
-            encoded.withUnsafeBytes { TensorCodec.decode($0.baseAddress!, dtype: type, count: values.count, into: b.baseAddress!) }
-        }
-        var error = QuantizationError()
-        error.count = values.count
-        for (v, w) in zip(values, back) {
-            let d = Double(v) - Double(w)
-            error.sumSquaredError += d * d
-            error.sumSquaredValue += Double(v) * Double(v)
-            error.maxAbsoluteError = max(error.maxAbsoluteError, abs(v - w))
-        }
-        return error
     }
 
     /// Whether f32 values are exactly values of `dtype`.

@@ -32,6 +32,22 @@ public struct ImportanceMatrix: Sendable, Equatable {
             let count = counts[matrix]
             return (0..<columns).map { count > 0 ? sums[matrix * columns + $0] / count : 1 }
         }
+
+        /// The importances for the rows of `tensor`, `rows` × `rowLength` values stored from
+        /// `matrix` (< `matrices`) of entry `name`. A matrix whose rows run along the inputs takes
+        /// its columns' importances; an expert down matrix stored neuron-major (each row one
+        /// input, its blocks across the outputs) has one importance per row, which cannot move a
+        /// block's choice, so its rows take uniform importances: the weighted search with
+        /// llama.cpp's √(σ² + x²) weights alone. Shapes that fit neither are another model's.
+        public func weights(
+            matrix: Int, rows: Int, rowLength: Int, neuronMajor: Bool, name: String, tensor: String
+        ) throws(FormatError) -> [Float] {
+            if !neuronMajor && columns == rowLength { return importance(matrix: matrix) }
+            if neuronMajor && columns == rows { return [Float](repeating: 1, count: rowLength) }
+            throw .invalidRequest(
+                "the importance matrix's \(name) has \(columns) columns, and \(tensor) (\(rows) × \(rowLength)) does not multiply "
+                    + "that many: the matrix was made for another model")
+        }
     }
 
     public var entries: [String: Entry]
@@ -122,17 +138,14 @@ public struct ImportanceMatrix: Sendable, Equatable {
     /// matrix within it (the expert, for stacked expert tensors): `blk.N.attn_q.weight`,
     /// `blk.N.ffn_gate_exps.weight` expert E. nil for tensors that multiply no input (norms,
     /// the embedding lookup).
-    public static func source(of tensor: String, config: ModelConfig) -> (name: String, matrix: Int)? {
+    public static func source(of tensor: String) -> (name: String, matrix: Int)? {
         let parts = tensor.split(separator: ".")
         if parts.count == 5, parts[0] == "layers", parts[2] == "experts", let layer = Int(parts[1]), let expert = Int(parts[3]) {
             return (GGUFModel.stackedName(String(parts[4]), layer: layer), expert)
         }
         if tensor == TensorNames.output { return ("output.weight", 0) }
         guard parts.count >= 2, parts[0] == "layers", let layer = Int(parts[1]) else { return nil }
-        for t in [TensorNames.query(layer), TensorNames.key(layer), TensorNames.value(layer), TensorNames.attentionOutput(layer)]
-        where t == tensor {
-            return (GGUFModel.denseName(tensor, layer: layer), 0)
-        }
-        return nil
+        let inputs = [TensorNames.query(layer), TensorNames.key(layer), TensorNames.value(layer), TensorNames.attentionOutput(layer)]
+        return inputs.contains(tensor) ? (GGUFModel.denseName(tensor, layer: layer), 0) : nil
     }
 }

@@ -92,17 +92,6 @@ public enum Q8_0 {
         }
     }
 
-    /// Quantises `rows` rows of `rowLength` values (a multiple of 32) as llama.cpp does with an
-    /// importance matrix (`llama-quantize --imatrix`; ggml's `quantize_q4_0` with quant_weights),
-    /// the bytes identical: `importance` holds one value per column (the mean square of what
-    /// that column multiplies), and each block takes the scale of least error weighted by it.
-    public static func quantize(
-        _ x: UnsafePointer<Float>, rows: Int, rowLength: Int, importance: UnsafePointer<Float>, into out: UnsafeMutableRawPointer
-    ) {
-        precondition(rowLength % blockSize == 0)
-        st_quantize_q4_0_weighted(x, Int64(rows), Int64(rowLength), importance, out.assumingMemoryBound(to: UInt8.self))
-    }
-
     public static func dequantize(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
         precondition(count % blockSize == 0)
         for b in 0..<count / blockSize {

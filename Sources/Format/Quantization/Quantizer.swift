@@ -13,6 +13,17 @@ public struct QuantizationError: Sendable {
     /// RMS error relative to the RMS value: comparable across tensors of different scales.
     public var relativeRMSE: Double { sumSquaredValue > 0 ? (sumSquaredError / sumSquaredValue).squareRoot() : 0 }
 
+    /// Adds the error of `decoded` against `values` (`count` of each).
+    mutating func add(values: UnsafePointer<Float>, decoded: UnsafePointer<Float>, count: Int) {
+        self.count += count
+        for i in 0..<count {
+            let diff = decoded[i] - values[i]
+            sumSquaredError += Double(diff * diff)
+            sumSquaredValue += Double(values[i] * values[i])
+            maxAbsoluteError = max(maxAbsoluteError, abs(diff))
+        }
+    }
+
     mutating func merge(_ other: QuantizationError) {
         count += other.count
         sumSquaredError += other.sumSquaredError
@@ -128,36 +139,26 @@ public enum Quantizer {
     }
 
     /// Each Q4_0 tensor's importances from the policy's matrix, by the name llama.cpp gives its
-    /// inputs. A matrix whose rows run along the inputs takes its columns' importances; an
-    /// expert down matrix, stored neuron-major here (each row one input, its blocks across the
-    /// outputs), has one importance per row, which cannot move a block's choice, so its rows take
-    /// uniform importances: the weighted search with llama.cpp's √(σ² + x²) weights alone.
+    /// inputs (`ImportanceMatrix.Entry.weights`).
     static func resolveImportance(
         source: any TensorSource, policy: QuantizationPolicy, decisions: [String: QuantizationPolicy.Decision]
     ) throws(FormatError) -> (importance: [String: [Float]], unweighted: [String]) {
         guard let matrix = policy.importance else { return ([:], []) }
         var importance: [String: [Float]] = [:], unweighted: [String] = []
         for t in source.manifest.tensors where decisions[t.name]?.dtype == .q4_0 && t.shape.count == 2 {
-            guard let (name, index) = ImportanceMatrix.source(of: t.name, config: source.manifest.config), let entry = matrix.entries[name]
+            guard let (name, index) = ImportanceMatrix.source(of: t.name), let entry = matrix.entries[name]
             else {
                 unweighted.append(t.name)
                 continue
             }
-            let rows = t.shape[0], rowLength = t.shape[1]
             guard index < entry.matrices else {
                 throw .invalidRequest(
                     "the importance matrix's \(name) holds \(entry.matrices) matrices and \(t.name) is number \(index + 1): the matrix "
                         + "was made for another model")
             }
-            if entry.columns == rowLength && t.layout.orientation != .transposed {
-                importance[t.name] = entry.importance(matrix: index)
-            } else if entry.columns == rows && t.layout.orientation == .transposed {
-                importance[t.name] = [Float](repeating: 1, count: rowLength)
-            } else {
-                throw .invalidRequest(
-                    "the importance matrix's \(name) has \(entry.columns) columns, and \(t.name) (\(rows) × \(rowLength)) does not "
-                        + "multiply that many: the matrix was made for another model")
-            }
+            importance[t.name] = try entry.weights(
+                matrix: index, rows: t.shape[0], rowLength: t.shape[1], neuronMajor: t.layout.orientation == .transposed,
+                name: name, tensor: t.name)
         }
         guard !importance.isEmpty || unweighted.isEmpty else {
             throw .invalidRequest(
@@ -283,13 +284,7 @@ public enum Quantizer {
                         let back = b.back + first * rowLength
                         TensorCodec.decode(encoded, dtype: toType, count: count, into: back)
                         var e = QuantizationError()
-                        e.count = count
-                        for i in 0..<count {
-                            let diff = back[i] - values[i]
-                            e.sumSquaredError += Double(diff * diff)
-                            e.sumSquaredValue += Double(values[i] * values[i])
-                            e.maxAbsoluteError = max(e.maxAbsoluteError, abs(diff))
-                        }
+                        e.add(values: values, decoded: back, count: count)
                         b.partial[slice] = e
                     }
                     for slice in 0..<slices {
