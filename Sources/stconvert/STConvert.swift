@@ -109,6 +109,7 @@ struct STConvert: ParsableCommand {
         if output == nil && !dryRun {
             throw ValidationError("missing -o/--output: the file to write")
         }
+        if imatrix != nil, let type, type != .q4_0 { throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0") }
         switch input {
         case .package:
             guard dryRun || output!.hasSuffix(".gguf") else {
@@ -120,9 +121,6 @@ struct STConvert: ParsableCommand {
             }
         case .gguf:
             if dtype != nil { throw ValidationError("--dtype does not apply to a GGUF import: --type sets the stored type") }
-            if imatrix != nil && type != nil && type != .q4_0 {
-                throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0")
-            }
             if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty {
                 throw ValidationError("--embedding-type, --output-type and --tensor-type go with --type converting a checkpoint")
             }
@@ -133,7 +131,6 @@ struct STConvert: ParsableCommand {
                     throw ValidationError("--type must be q4_0 or q8_0 (got '\(type.rawValue)'); --dtype writes float types")
                 }
                 if dtype != nil { throw ValidationError("--type quantises from the checkpoint's own dtype; leave out --dtype") }
-                if imatrix != nil && type != .q4_0 { throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0") }
             } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty || imatrix != nil {
                 throw ValidationError("--embedding-type, --output-type, --tensor-type and --imatrix go with --type")
             }
