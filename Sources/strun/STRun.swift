@@ -16,7 +16,7 @@ struct STRun: AsyncParsableCommand {
         version: "\(PackageFormat.converterVersion)\nkernels: \(DotKernels.configurationReport)",
         subcommands: [
             Inspect.self, Verify.self, Logits.self, Generate.self, Chat.self, Tokenize.self, Detokenize.self, Compare.self, Bench.self,
-            Stats.self, Serve.self
+            Stats.self, Imatrix.self, Serve.self
         ]
     )
 }

@@ -106,9 +106,20 @@ struct ScalarForward {
         }
     }
 
+    /// A weight matrix's input, for `run`'s observer.
+    enum MatrixInput {
+        /// What W_q, W_k and W_v multiply; what W_o multiplies.
+        case attention, attentionOutput
+        /// What expert e's gate and up multiply; what its down multiplies (relu(gate) ⊙ up).
+        case expert(Int), activations(Int)
+        /// What the output matrix multiplies (layer is the layer count).
+        case final
+    }
+
     /// Runs `tokens` from position 0 and returns the trace `TeacherForcing.compare` reads: the
     /// residual stream entering each layer and leaving the last, router margins and choices, logits.
-    func run(_ tokens: [Int]) -> Trace {
+    /// `observe`, when given, sees every weight matrix's input.
+    func run(_ tokens: [Int], observe: ((_ layer: Int, _ input: MatrixInput, _ values: [Double]) -> Void)? = nil) -> Trace {
         let hidden = c.hiddenSize, d = c.headDim, k = c.activeExperts
         var trace = Trace(
             hidden: hidden, states: Array(repeating: [], count: c.layerCount + 1),
@@ -133,6 +144,7 @@ struct ScalarForward {
                 let weights = raw.map { $0 / raw.reduce(0, +) }
 
                 let h = rmsNorm(x, layer.attentionNorm)
+                observe?(n, .attention, h)
                 var q = matmul(layer.query, h, rows: c.queryWidth), key = matmul(layer.key, h, rows: c.kvWidth)
                 if c.ropeLayout[n] {
                     for head in 0..<c.attentionHeads { rotate(&q, at: head * d, position: p) }
@@ -152,11 +164,14 @@ struct ScalarForward {
                         for t in 0..<d { attended[head * d + t] += e[i] / total * values[n][j][kv * d + t] }
                     }
                 }
+                observe?(n, .attentionOutput, attended)
                 x = zip(x, matmul(layer.attentionOutput, attended, rows: hidden)).map(+)
 
                 let f = rmsNorm(x, layer.ffnNorm)
                 for (e, w) in zip(chosen, weights) {
                     let gate = matmul(layer.gate[e], f, rows: c.expertFFNSize), up = matmul(layer.up[e], f, rows: c.expertFFNSize)
+                    observe?(n, .expert(e), f)
+                    observe?(n, .activations(e), (0..<c.expertFFNSize).map { gate[$0] > 0 ? gate[$0] * up[$0] : 0 })
                     for j in 0..<c.expertFFNSize where gate[j] > 0 {
                         let a = w * gate[j] * up[j]
                         for i in 0..<hidden { x[i] += a * Double(layer.down[e][j * hidden + i]) }
@@ -164,7 +179,9 @@ struct ScalarForward {
                 }
             }
             trace.states[c.layerCount] += x.map(Float.init)
-            trace.logits += matmul(output, rmsNorm(x, outputNorm), rows: c.vocabSize).map(Float.init)
+            let final = rmsNorm(x, outputNorm)
+            observe?(c.layerCount, .final, final)
+            trace.logits += matmul(output, final, rows: c.vocabSize).map(Float.init)
         }
         return trace
     }

@@ -59,6 +59,17 @@ extension Session {
     func mixExperts(layer: LayerWeights, index: Int, count n: Int) throws(EngineError) {
         let c = model.config, hidden = c.hiddenSize
         let input = expertInput(layer: layer, index: index, count: n)
+        // Recording activations: each expert's tokens get rows of `activationRows`, zero where
+        // the ReLU stops a neuron.
+        let recording = expertActivationHook != nil
+        if recording {
+            var row = 0
+            for e in 0..<c.expertCount {
+                assignments.firstRow[e] = row
+                row += assignments.counts[e]
+            }
+            activationRows!.update(repeating: 0, count: row * c.expertFFNSize)
+        }
         // Each worker adds into its own buffer; the buffers are summed in worker order.
         let workers = max(1, min(threads, c.expertFFNSize))
         for worker in 0..<workers { (partials + worker * Session.maximumBatch * hidden).update(repeating: 0, count: n * hidden) }
@@ -70,7 +81,7 @@ extension Session {
             for e in 0..<c.expertCount { currentExperts[e] = nil }
             // The paths the experts take: as stored when streamed, else as loaded.
             let loaded = expertCache == nil ? layer.experts : model.mappedExperts[index]
-            if n <= Session.decodeTokens, workers > 1, let tokens = input.quantized,
+            if n <= Session.decodeTokens, workers > 1, !recording, let tokens = input.quantized,
                 group.allSatisfy({ loaded[$0].tokenPath == .groupedQ4_0 })
             {
                 try decode(group, layer: layer, index: index, tokens: tokens, workers: workers)
@@ -81,6 +92,15 @@ extension Session {
                     for e in 0..<work.routing.experts where work.routing.counts[e] > 0 {
                         if let expert = work.experts[e] { work.run(expert, e, worker: worker, of: workers) }
                     }
+                }
+            }
+            if let hook = expertActivationHook {
+                for e in group {
+                    hook(
+                        index, e, UnsafeBufferPointer(start: assignments.tokens + e * Session.maximumBatch, count: assignments.counts[e]),
+                        UnsafeBufferPointer(
+                            start: activationRows! + assignments.firstRow[e] * c.expertFFNSize,
+                            count: assignments.counts[e] * c.expertFFNSize))
                 }
             }
             expertCache?.release(layer: index, experts: group)
@@ -240,6 +260,8 @@ struct ExpertWork: @unchecked Sendable {
     let experts: [ExpertWeights?]
     let hidden: Int, ffn: Int
     let session: Session
+    /// Session's `activationRows` while it records activations.
+    let activations: UnsafeMutablePointer<Float>?
 
     init(session: Session, input: Input) {
         self.session = session
@@ -248,6 +270,7 @@ struct ExpertWork: @unchecked Sendable {
         experts = session.currentExperts
         hidden = session.model.config.hiddenSize
         ffn = session.model.config.expertFFNSize
+        activations = session.expertActivationHook != nil ? session.activationRows : nil
     }
 
     /// Worker `worker` of `workers`: its share of expert `e`'s neurons for every token that chose it.
@@ -258,24 +281,28 @@ struct ExpertWork: @unchecked Sendable {
         let count = routing.counts[e], tokens = routing.tokens + e * b, weights = routing.weights + e * b
         let out = session.partials + worker * b * hidden
         let scratch = Scratch(session: session, worker: worker, ffn: ffn)
+        // Where the expert's first token's activations go when they are recorded.
+        let record = activations.map { $0 + routing.firstRow[e] * ffn }
         if count > 1, let gathered = input.gathered {
             let x = gathered.rows(from: routing.firstRow[e])
             switch expert.batchPath {
-            case .grouped: return groupedBatch(expert, neurons, x, count: count, tokens: tokens, weights: weights, out: out, scratch)
-            case .quantizedRows: return rowsBatch(expert, neurons, x, count: count, tokens: tokens, weights: weights, out: out, scratch)
+            case .grouped:
+                return groupedBatch(expert, neurons, x, count: count, tokens: tokens, weights: weights, out: out, scratch, record: record)
+            case .quantizedRows:
+                return rowsBatch(expert, neurons, x, count: count, tokens: tokens, weights: weights, out: out, scratch, record: record)
             case .tokenByToken: break
             }
         }
         for i in 0..<count {
-            let t = tokens[i], y = out + t * hidden
+            let t = tokens[i], y = out + t * hidden, recordRow = record.map { $0 + i * ffn }
             switch expert.tokenPath {
-            case .groupedQ4_0, .rowsQ4_0:
+            case .groupedQ4_0 where record == nil, .rowsQ4_0 where record == nil:
                 expert.fusedReGLU(
                     neurons: neurons, token: input.quantized!.rows(from: t), weight: weights[i], into: y, scratch: scratch.activations)
-            case .groupedOtherDown:
-                groupedToken(expert, neurons, t, weight: weights[i], into: y, scratch)
-            case .generic:
-                genericToken(expert, neurons, t, weight: weights[i], into: y, scratch)
+            case .groupedQ4_0, .groupedOtherDown:
+                groupedToken(expert, neurons, t, weight: weights[i], into: y, scratch, record: recordRow)
+            case .rowsQ4_0, .generic:
+                genericToken(expert, neurons, t, weight: weights[i], into: y, scratch, record: recordRow)
             }
         }
     }
@@ -308,7 +335,8 @@ struct ExpertWork: @unchecked Sendable {
     /// added in one pass of the many-row kernel, two tokens at a time; other types one by one.
     private func groupedBatch(
         _ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
-        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch
+        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch,
+        record: UnsafeMutablePointer<Float>?
     ) {
         let gates = s.activations, ups = s.activations + 8 * count
         let listDown = expert.down.dtype == .q4_0
@@ -335,6 +363,7 @@ struct ExpertWork: @unchecked Sendable {
             }
             for i in 0..<count {
                 for r in 0..<8 where gates[8 * i + r] > 0 {
+                    record?[i * ffn + j + r] = gates[8 * i + r] * ups[8 * i + r]
                     let scale = weights[i] * gates[8 * i + r] * ups[8 * i + r]
                     if listDown {
                         let at = i * ffn + Int(listed[i])
@@ -367,7 +396,8 @@ struct ExpertWork: @unchecked Sendable {
     /// and down for the tokens that activate the neuron, while its rows are in cache.
     private func rowsBatch(
         _ expert: ExpertWeights, _ neurons: Range<Int>, _ x: QuantizedRows, count: Int,
-        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch
+        tokens: UnsafePointer<Int>, weights: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ s: Scratch,
+        record: UnsafeMutablePointer<Float>?
     ) {
         let gates = s.activations
         for j in neurons {
@@ -379,6 +409,7 @@ struct ExpertWork: @unchecked Sendable {
             for i in 0..<count where gates[i] > 0 {
                 let t = tokens[i]
                 let up = expert.up.dot(row: j, input.floats + t * hidden, input.quantized, token: t)
+                record?[i * ffn + j] = gates[i] * up
                 DotKernels.addScaledRow(
                     expert.down.row(j), dtype: expert.down.dtype, scale: weights[i] * gates[i] * up,
                     into: out + t * hidden, hidden)
@@ -390,7 +421,7 @@ struct ExpertWork: @unchecked Sendable {
     /// their own type.
     private func groupedToken(
         _ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
-        _ s: Scratch
+        _ s: Scratch, record: UnsafeMutablePointer<Float>?
     ) {
         let x = input.quantized!.rows(from: t)
         let gates = s.activations, ups = s.activations + 8
@@ -405,6 +436,7 @@ struct ExpertWork: @unchecked Sendable {
                 expert.up.dotGroup(at: j, x, tokens: 1, into: ups, stride: 1)
             }
             for r in 0..<8 where gates[r] > 0 {
+                record?[j + r] = gates[r] * ups[r]
                 DotKernels.addScaledRow(
                     expert.down.row(j + r), dtype: expert.down.dtype, scale: weight * (gates[r] * ups[r]), into: y, hidden)
             }
@@ -415,7 +447,7 @@ struct ExpertWork: @unchecked Sendable {
     /// matrix: gate for every neuron, up where the gate is positive, then down.
     private func genericToken(
         _ expert: ExpertWeights, _ neurons: Range<Int>, _ t: Int, weight: Float, into y: UnsafeMutablePointer<Float>,
-        _ s: Scratch
+        _ s: Scratch, record: UnsafeMutablePointer<Float>?
     ) {
         let x = input.floats + t * hidden
         let activations = s.activations
@@ -447,6 +479,7 @@ struct ExpertWork: @unchecked Sendable {
         }
         for a in 0..<active {
             let j = Int(s.active[a])
+            record?[j] = activations[j]
             if a + 2 < active { DotKernels.prefetch(expert.down.row(Int(s.active[a + 2])), bytes: expert.down.rowBytes) }
             DotKernels.addScaledRow(expert.down.row(j), dtype: expert.down.dtype, scale: weight * activations[j], into: y, hidden)
         }

@@ -80,6 +80,33 @@ public final class Session: @unchecked Sendable {
     /// Called, when set, with each layer's expert input (batch rows of rmsnorm(x) after
     /// attention, row t at `rows[t]`), after routing and before the experts run.
     var expertInputHook: ((_ layer: Int, _ rows: [StepRow], _ input: UnsafeBufferPointer<Float>) -> Void)?
+    /// Where in a layer's attention `attentionHook` is called.
+    enum AttentionStage {
+        /// rmsnorm(x) ⊙ attention_norm, what W_q, W_k and W_v multiply: batch rows of `hidden`.
+        case input
+        /// The heads' outputs side by side, what W_o multiplies: batch rows of `queryWidth`.
+        case output
+    }
+    /// Called, when set, with the inputs of each layer's attention matrices.
+    var attentionHook: ((_ layer: Int, _ stage: AttentionStage, _ values: UnsafeBufferPointer<Float>) -> Void)?
+    /// Called, when set, after each layer's experts ran, once per chosen expert with the batch
+    /// rows that chose it and their ReGLU activations relu(W_gate h) ⊙ (W_up h) (what W_down
+    /// multiplies, before the mixture weight): `rows.count` rows of `ffn` floats. Setting it makes
+    /// the experts take paths that write the activations down (`activationRows`), not the fused
+    /// one-token kernels, so a step computes the same function at a different speed.
+    var expertActivationHook:
+        ((_ layer: Int, _ expert: Int, _ rows: UnsafeBufferPointer<Int>, _ activations: UnsafeBufferPointer<Float>) -> Void)?
+    {
+        didSet {
+            if expertActivationHook != nil, activationRows == nil {
+                let c = model.config
+                activationRows = .allocate(capacity: Session.maximumBatch * c.activeExperts * c.expertFFNSize)
+            }
+        }
+    }
+    /// (batch · active experts, ffn): a step's activations, each expert's tokens from
+    /// `assignments.firstRow`, while `expertActivationHook` is set.
+    private(set) var activationRows: UnsafeMutablePointer<Float>?
     /// Distinct experts the forward steps have chosen, summed over layers and steps, and the
     /// steps counted (`resetStepStatistics` zeroes both): what a step reads of the experts.
     public private(set) var expertsChosen = 0
@@ -238,6 +265,7 @@ public final class Session: @unchecked Sendable {
 
     deinit {
         expertCache?.shutdown()
+        activationRows?.deallocate()
     }
 
     public static var defaultThreads: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
@@ -406,6 +434,7 @@ public final class Session: @unchecked Sendable {
         let c = model.config
         normed.setCount(n)
         for t in 0..<n { rmsNorm(residual.row(t), layer.attentionNorm, into: normed.row(t)) }
+        attentionHook?(index, .input, UnsafeBufferPointer(start: normed.floats, count: n * c.hiddenSize))
         MatMul.multiply(
             .init(weights: layer.query, output: queries, stride: c.queryWidth),
             .init(weights: layer.key, output: keys, stride: c.kvWidth),
@@ -465,6 +494,7 @@ public final class Session: @unchecked Sendable {
                     session.attention.row(t) + firstHead * c.headDim, Int32(c.queryWidth))
             }
         }
+        attentionHook?(index, .output, UnsafeBufferPointer(start: attention.floats, count: n * c.queryWidth))
         MatMul.multiply(layer.output, attention, into: projected, outputStride: c.hiddenSize, threads: threads)
         st_add_rows(residual.floats, projected, 1, 0, Int32(n * c.hiddenSize))
         residual.setCount(n)

@@ -62,6 +62,29 @@ public struct ImportanceMatrix: Sendable, Equatable {
         self.chunkSize = chunkSize
     }
 
+    /// Adds `other`'s sums, counts, datasets and chunks to these (as `llama-imatrix --in-file`
+    /// combines files). A matrix both hold must have the same shape in both; `source` names
+    /// `other` in the error.
+    public mutating func add(_ other: ImportanceMatrix, source: String) throws(FormatError) {
+        for (name, entry) in other.entries {
+            guard var mine = entries[name] else {
+                entries[name] = entry
+                continue
+            }
+            guard mine.columns == entry.columns, mine.matrices == entry.matrices else {
+                throw .invalidRequest(
+                    "\(source)'s \(name) is \(entry.columns) × \(entry.matrices) and this model's \(mine.columns) × \(mine.matrices): "
+                        + "the importance matrix was made for another model")
+            }
+            for i in mine.sums.indices { mine.sums[i] += entry.sums[i] }
+            for i in mine.counts.indices { mine.counts[i] += entry.counts[i] }
+            entries[name] = mine
+        }
+        datasets += other.datasets
+        chunkCount += other.chunkCount
+        if chunkSize == 0 { chunkSize = other.chunkSize }
+    }
+
     static let sumsSuffix = ".in_sum2", countsSuffix = ".counts"
 
     /// Reads and checks a file: every sums tensor has its counts, both f32 and of matching
@@ -143,7 +166,7 @@ public struct ImportanceMatrix: Sendable, Equatable {
         if parts.count == 5, parts[0] == "layers", parts[2] == "experts", let layer = Int(parts[1]), let expert = Int(parts[3]) {
             return (GGUFModel.stackedName(String(parts[4]), layer: layer), expert)
         }
-        if tensor == TensorNames.output { return ("output.weight", 0) }
+        if tensor == TensorNames.output || tensor == TensorNames.embedding { return (GGUFModel.denseName(tensor, layer: nil), 0) }
         guard parts.count >= 2, parts[0] == "layers", let layer = Int(parts[1]) else { return nil }
         let inputs = [TensorNames.query(layer), TensorNames.key(layer), TensorNames.value(layer), TensorNames.attentionOutput(layer)]
         return inputs.contains(tensor) ? (GGUFModel.denseName(tensor, layer: layer), 0) : nil
