@@ -40,7 +40,7 @@ struct Imatrix: ParsableCommand {
     @Flag(help: "Overwrite the output if it exists.")
     var force = false
 
-    @Flag(help: "No progress on stderr.")
+    @Flag(name: .shortAndLong, help: "No progress on stderr.")
     var quiet = false
 
     @OptionGroup var runtime: RuntimeOptions
@@ -55,6 +55,8 @@ struct Imatrix: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
+            // Before the text is run, not after.
+            if !force && FileSystem.exists(output) { throw FormatError.outputExists(path: output) }
             let model = try runtime.model(package)
             let chunk = chunk ?? min(512, runtime.context ?? model.defaultContextLength)
             let session = try runtime.session(model: model, contextLength: runtime.context ?? chunk)

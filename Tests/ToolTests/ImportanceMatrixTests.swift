@@ -125,6 +125,72 @@ import Testing
     }
 }
 
+extension ImportanceMatrixTests {
+    /// `strun imatrix` as a user runs it on the trained fixture: over the calibration sample
+    /// (training chapters, 7,652 tokens in chunks of 512) it writes every matrix's entry with
+    /// progress, token counts the tokens (k per token over a layer's experts), and Q4_0 with it
+    /// loses less over the held-out sample than plain Q4_0 (measured: mean KL 0.0335 against
+    /// 0.0402; most of the gain is the tied embedding, weighted as the output matrix it also is);
+    /// `--in-file` adds to an earlier file; bad requests are clear errors that write nothing.
+    @Test func strunImatrixCollectsAndQuantisingWithItLosesLess() throws {
+        let scratch = ToolScratch()
+        let float = scratch.file("f32.stpk"), calibration = Self.trained + "/calibration-sample.txt"
+        #expect(try Tools.run("stconvert", [Self.trained + "/trained-21b-like", "-o", float, "--dtype", "f32", "-q"]).status == 0)
+        let config = try PackageReader(path: float).manifest.config
+        let path = scratch.file("ours.gguf")
+        var result = try Tools.run("strun", ["imatrix", float, "--file", calibration, "-o", path, "-t", "2"])
+        #expect(result.status == 0 && result.stderr.contains("chunk 15/15, 7652/7652 tokens"), "\(result.stderr)")
+        #expect(result.stdout.contains("57 matrices, 7652 tokens in 15 chunks of 512"), "\(result.stdout)")
+        let matrix = try ImportanceMatrix(path: path)
+        #expect(matrix.entries.count == 7 * config.layerCount + 1 && matrix.chunkCount == 15 && matrix.chunkSize == 512)
+        #expect(matrix.datasets == [calibration])
+        for l in 0..<config.layerCount {
+            #expect(matrix.entries["blk.\(l).attn_q.weight"]?.counts == [7652])
+            #expect(matrix.entries["blk.\(l).attn_output.weight"]?.columns == config.queryWidth)
+            let down = try #require(matrix.entries["blk.\(l).ffn_down_exps.weight"])
+            #expect(down.columns == config.expertFFNSize && down.matrices == config.expertCount)
+            #expect(down.counts.reduce(0, +) == Float(7652 * config.activeExperts))
+        }
+        #expect(matrix.entries["token_embd.weight"]?.counts == [7652], "the tied embedding, as the output matrix")
+
+        let plain = scratch.file("plain.stpk"), weighted = scratch.file("weighted.stpk")
+        #expect(try Tools.run("stquant", [float, "-o", plain, "--type", "q4_0", "-q"]).status == 0)
+        #expect(try Tools.run("stquant", [float, "-o", weighted, "--type", "q4_0", "--imatrix", path, "-q"]).status == 0)
+        func meanKL(_ package: String) throws -> Double {
+            let r = try Tools.run("strun", ["compare", float, package, "--file", Self.trained + "/held-out-sample.txt", "--json"])
+            let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+            return try #require(json?["mean_kl"] as? Double, "\(r.stderr)")
+        }
+        let (a, b) = (try meanKL(plain), try meanKL(weighted))
+        #expect(b < 0.036 && b < 0.9 * a, "mean KL with the importance matrix \(b), plain \(a)")
+
+        // --in-file: this text's sums added to the earlier file's.
+        let merged = scratch.file("merged.gguf")
+        result = try Tools.run("strun", ["imatrix", float, "--text", "In the beginning", "--in-file", path, "-o", merged, "-q"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let sum = try ImportanceMatrix(path: merged)
+        let added = try #require(sum.entries["blk.0.attn_q.weight"]?.counts.first) - 7652
+        #expect(added >= 2 && added <= 5 && sum.chunkCount == 16, "\(added) tokens added")
+
+        // Errors, with nothing written.
+        var other = matrix
+        other.entries["blk.0.attn_q.weight"] = ImportanceMatrix.Entry(columns: 128, matrices: 1)
+        let wrong = scratch.file("wrong.gguf"), out = scratch.file("out.gguf")
+        try other.write(to: wrong, overwrite: false)
+        for (arguments, message) in [
+            (["--text", "And", "--in-file", wrong], "another model"), (["--text", "And", "--chunk", "0"], "--chunk"),
+            (["--text", ""], "no tokens"), (["--file", scratch.file("missing.txt")], "missing.txt"),
+            (["--text", "And", "--chunk", "64", "--context", "32"], "--context")
+        ] {
+            result = try Tools.run("strun", ["imatrix", float, "-o", out] + arguments)
+            #expect(result.status != 0 && result.stderr.contains(message), "\(arguments): \(result.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: out))
+        }
+        result = try Tools.run("strun", ["imatrix", float, "--text", "And", "-o", path, "-q"])
+        #expect(result.status != 0 && result.stderr.contains("exists"), "\(result.stderr)")
+    }
+}
+
 extension PackageReader {
     /// A tensor's values as float32.
     fileprivate func floats(_ name: String) throws -> [Float] {
