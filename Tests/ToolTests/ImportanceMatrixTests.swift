@@ -131,7 +131,8 @@ extension ImportanceMatrixTests {
     /// progress, token counts the tokens (k per token over a layer's experts), and Q4_0 with it
     /// loses less over the held-out sample than plain Q4_0 (measured: mean KL 0.0335 against
     /// 0.0402; most of the gain is the tied embedding, weighted as the output matrix it also is);
-    /// `--in-file` adds to an earlier file; bad requests are clear errors that write nothing.
+    /// streaming the experts under a memory budget collects the same file; `--in-file` adds to an
+    /// earlier file; bad requests are clear errors that write nothing.
     @Test func strunImatrixCollectsAndQuantisingWithItLosesLess() throws {
         let scratch = ToolScratch()
         let float = scratch.file("f32.stpk"), calibration = Self.trained + "/calibration-sample.txt"
@@ -163,6 +164,13 @@ extension ImportanceMatrixTests {
         }
         let (a, b) = (try meanKL(plain), try meanKL(weighted))
         #expect(b < 0.036 && b < 0.9 * a, "mean KL with the importance matrix \(b), plain \(a)")
+
+        // Streaming the experts under the smallest budget the Q4_0 package accepts collects the same file, byte for byte.
+        let held = Self.trained + "/held-out-sample.txt", mapped = scratch.file("mapped.gguf"), streamed = scratch.file("streamed.gguf")
+        #expect(try Tools.run("strun", ["imatrix", plain, "--file", held, "-o", mapped, "-q", "-t", "2"]).status == 0)
+        result = try Tools.run("strun", ["imatrix", plain, "--file", held, "-o", streamed, "-q", "-t", "2", "--memory-budget", "70.2MiB"])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(FileManager.default.contents(atPath: mapped) == FileManager.default.contents(atPath: streamed))
 
         // --in-file: this text's sums added to the earlier file's.
         let merged = scratch.file("merged.gguf")
