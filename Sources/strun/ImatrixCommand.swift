@@ -32,6 +32,9 @@ struct Imatrix: ParsableCommand {
     @Option(help: "Tokens per chunk, each evaluated from an empty context (default: 512, or the context if shorter).")
     var chunk: Int?
 
+    @Option(help: "Stop after this many chunks (default: the whole text).")
+    var chunks: Int?
+
     @Option(
         name: .customLong("in-file"),
         help: ArgumentHelp("An importance matrix of the same model to add this text's sums to (repeatable).", valueName: "FILE"))
@@ -48,6 +51,7 @@ struct Imatrix: ParsableCommand {
     func validate() throws {
         if !input.given { throw ValidationError("give the calibration text: --file, --text, --tokens or --tokens-file") }
         if let chunk, chunk < 1 { throw ValidationError("--chunk must be at least 1") }
+        if let chunks, chunks < 1 { throw ValidationError("--chunks must be at least 1") }
         if let chunk, let context = runtime.context, chunk > context {
             throw ValidationError("--chunk (\(chunk)) is longer than --context (\(context))")
         }
@@ -60,7 +64,8 @@ struct Imatrix: ParsableCommand {
             let model = try runtime.model(package)
             let chunk = chunk ?? min(512, runtime.context ?? model.defaultContextLength)
             let session = try runtime.session(model: model, contextLength: runtime.context ?? chunk)
-            let ids = try input.ids(for: model)
+            var ids = try input.ids(for: model)
+            if let chunks, ids.count > chunks * chunk { ids = Array(ids.prefix(chunks * chunk)) }
             var merged = ImportanceMatrix()
             for file in inFiles { try merged.add(ImportanceMatrix(path: file), source: file) }
             let collector = ImportanceCollector(session: session)

@@ -165,6 +165,11 @@ extension ImportanceMatrixTests {
         let (a, b) = (try meanKL(plain), try meanKL(weighted))
         #expect(b < 0.036 && b < 0.9 * a, "mean KL with the importance matrix \(b), plain \(a)")
 
+        // --chunks: the first chunks only.
+        let two = scratch.file("two.gguf")
+        result = try Tools.run("strun", ["imatrix", float, "--file", calibration, "--chunk", "100", "--chunks", "2", "-o", two, "-q"])
+        #expect(result.status == 0 && result.stdout.contains("200 tokens in 2 chunks of 100"), "\(result.stdout)\(result.stderr)")
+
         // Streaming the experts under the smallest budget the Q4_0 package accepts collects the same file, byte for byte.
         let held = Self.trained + "/held-out-sample.txt", mapped = scratch.file("mapped.gguf"), streamed = scratch.file("streamed.gguf")
         #expect(try Tools.run("strun", ["imatrix", plain, "--file", held, "-o", mapped, "-q", "-t", "2"]).status == 0)
@@ -188,7 +193,7 @@ extension ImportanceMatrixTests {
         for (arguments, message) in [
             (["--text", "And", "--in-file", wrong], "another model"), (["--text", "And", "--chunk", "0"], "--chunk"),
             (["--text", ""], "no tokens"), (["--file", scratch.file("missing.txt")], "missing.txt"),
-            (["--text", "And", "--chunk", "64", "--context", "32"], "--context")
+            (["--text", "And", "--chunk", "64", "--context", "32"], "--context"), (["--text", "And", "--chunks", "0"], "--chunks")
         ] {
             result = try Tools.run("strun", ["imatrix", float, "-o", out] + arguments)
             #expect(result.status != 0 && result.stderr.contains(message), "\(arguments): \(result.stderr)")
