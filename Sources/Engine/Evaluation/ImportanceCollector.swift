@@ -92,54 +92,72 @@ public final class ImportanceCollector {
         return ImportanceMatrix(entries: entries, datasets: datasets, chunkCount: chunks, chunkSize: chunkSize)
     }
 
-    private static func addSquares(_ rows: UnsafeBufferPointer<Float>, columns: Int, into sums: inout [Double]) {
-        for r in 0..<rows.count / columns {
+    /// sums[i] += x[i]² for each of the rows (`columns` floats each) of `values` listed in
+    /// `rows` (all of them when nil).
+    private static func addSquares(
+        _ values: UnsafeBufferPointer<Float>, columns: Int, rows: UnsafeBufferPointer<Int>? = nil,
+        into sums: UnsafeMutablePointer<Double>
+    ) {
+        let count = rows?.count ?? values.count / columns
+        for r in 0..<count {
+            let row = values.baseAddress! + (rows?[r] ?? r) * columns
             for i in 0..<columns {
-                let v = Double(rows[r * columns + i])
+                let v = Double(row[i])
                 sums[i] += v * v
             }
         }
     }
 
     private func attach() {
-        let c = config
-        session.attentionHook = { [unowned self] layer, stage, values in
-            switch stage {
-            case .input:
-                Self.addSquares(values, columns: c.hiddenSize, into: &layers[layer].attention)
-                layers[layer].attentionTokens += values.count / c.hiddenSize
-            case .output:
-                Self.addSquares(values, columns: c.queryWidth, into: &layers[layer].attentionOutput)
-            }
-        }
+        session.attentionHook = { [unowned self] layer, stage, values in observeAttention(layer: layer, stage: stage, values: values) }
         session.expertInputHook = { [unowned self] _, _, input in
             expertInput.removeAll(keepingCapacity: true)
             expertInput.append(contentsOf: input)
         }
         session.expertActivationHook = { [unowned self] layer, expert, rows, activations in
-            let hidden = c.hiddenSize, ffn = c.expertFFNSize
-            layers[layer].expertTokens[expert] += rows.count
-            for (i, t) in rows.enumerated() {
-                for j in 0..<hidden {
-                    let x = Double(expertInput[t * hidden + j])
-                    layers[layer].expertInput[expert * hidden + j] += x * x
-                }
-                for j in 0..<ffn {
-                    let a = Double(activations[i * ffn + j])
-                    layers[layer].activations[expert * ffn + j] += a * a
-                }
-            }
+            observeExpert(layer: layer, expert: expert, rows: rows, activations: activations)
         }
         session.residualHook = { [unowned self] layer, _, residual in
-            guard layer == c.layerCount else { return }
-            let hidden = c.hiddenSize
-            for t in 0..<residual.count / hidden {
-                normed.withUnsafeMutableBufferPointer { out in
-                    session.rmsNorm(residual.baseAddress! + t * hidden, session.model.outputNorm, into: out.baseAddress!)
-                }
-                normed.withUnsafeBufferPointer { Self.addSquares($0, columns: hidden, into: &output) }
-                outputTokens += 1
+            if layer == config.layerCount { observeFinal(UnsafeBufferPointer(residual)) }
+        }
+    }
+
+    private func observeAttention(layer l: Int, stage: Session.AttentionStage, values: UnsafeBufferPointer<Float>) {
+        let c = config
+        switch stage {
+        case .input:
+            layers[l].attention.withUnsafeMutableBufferPointer { Self.addSquares(values, columns: c.hiddenSize, into: $0.baseAddress!) }
+            layers[l].attentionTokens += values.count / c.hiddenSize
+        case .output:
+            layers[l].attentionOutput.withUnsafeMutableBufferPointer {
+                Self.addSquares(values, columns: c.queryWidth, into: $0.baseAddress!)
             }
         }
+    }
+
+    private func observeExpert(layer l: Int, expert e: Int, rows: UnsafeBufferPointer<Int>, activations: UnsafeBufferPointer<Float>) {
+        let hidden = config.hiddenSize, ffn = config.expertFFNSize
+        layers[l].expertTokens[e] += rows.count
+        expertInput.withUnsafeBufferPointer { input in
+            layers[l].expertInput.withUnsafeMutableBufferPointer {
+                Self.addSquares(input, columns: hidden, rows: rows, into: $0.baseAddress! + e * hidden)
+            }
+        }
+        layers[l].activations.withUnsafeMutableBufferPointer {
+            Self.addSquares(activations, columns: ffn, into: $0.baseAddress! + e * ffn)
+        }
+    }
+
+    private func observeFinal(_ residual: UnsafeBufferPointer<Float>) {
+        let hidden = config.hiddenSize
+        normed.withUnsafeMutableBufferPointer { normed in
+            output.withUnsafeMutableBufferPointer { sums in
+                for t in 0..<residual.count / hidden {
+                    session.rmsNorm(residual.baseAddress! + t * hidden, session.model.outputNorm, into: normed.baseAddress!)
+                    Self.addSquares(UnsafeBufferPointer(normed), columns: hidden, into: sums.baseAddress!)
+                }
+            }
+        }
+        outputTokens += residual.count / hidden
     }
 }
