@@ -105,7 +105,11 @@ struct STQuant: ParsableCommand {
             if !quiet && !json, imatrix != nil {
                 writeStandardError(
                     "stquant: importance matrix: \(plan.importance.count) tensors weighted"
-                        + (plan.unweighted.isEmpty ? "" : ", \(plan.unweighted.count) with nothing in it quantised plainly") + "\n")
+                        + (plan.unweighted.isEmpty
+                            ? ""
+                            : ", \(plan.unweighted.count) with nothing in it quantised plainly ("
+                                + plan.unweighted.prefix(4).joined(separator: ", ") + (plan.unweighted.count > 4 ? ", …" : "") + ")") + "\n"
+                )
             }
             if !quiet && !json, !fallbacks.isEmpty {
                 writeStandardError(
