@@ -62,6 +62,9 @@ struct STConvert: ParsableCommand {
                 + "by error weighted by this importance matrix, as stquant --imatrix.", valueName: "FILE"))
     var imatrix: String?
 
+    @Flag(help: "Converting a checkpoint with --type q4_0: the token embedding's blocks chosen as stquant --router-aware chooses them.")
+    var routerAware = false
+
     @Option(help: "With --type: type for the token embeddings.")
     var embeddingType: TensorDType?
 
@@ -110,6 +113,10 @@ struct STConvert: ParsableCommand {
             throw ValidationError("missing -o/--output: the file to write")
         }
         if imatrix != nil, let type, type != .q4_0 { throw ValidationError("--imatrix weighs q4_0 blocks: it goes with --type q4_0") }
+        if routerAware && input != .checkpoint {
+            throw ValidationError(
+                "--router-aware goes with converting a checkpoint (--type q4_0); for a package use stquant --router-aware")
+        }
         switch input {
         case .package:
             guard dryRun || output!.hasSuffix(".gguf") else {
@@ -131,8 +138,8 @@ struct STConvert: ParsableCommand {
                     throw ValidationError("--type must be q4_0 or q8_0 (got '\(type.rawValue)'); --dtype writes float types")
                 }
                 if dtype != nil { throw ValidationError("--type quantises from the checkpoint's own dtype; leave out --dtype") }
-            } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty || imatrix != nil {
-                throw ValidationError("--embedding-type, --output-type, --tensor-type and --imatrix go with --type")
+            } else if embeddingType != nil || outputType != nil || !tensorTypes.isEmpty || imatrix != nil || routerAware {
+                throw ValidationError("--embedding-type, --output-type, --tensor-type, --imatrix and --router-aware go with --type")
             }
             if let dtype, dtype.isQuantized {
                 throw ValidationError("--dtype must be f32, f16 or bf16 (got '\(dtype.rawValue)'); quantise with stquant")
@@ -234,6 +241,7 @@ struct STConvert: ParsableCommand {
         for text in tensorTypes { overrides.append(try QuantizationPolicy.parseOverride(text)) }
         var policy = QuantizationPolicy(type: type!, embeddingType: embeddingType, outputType: outputType, overrides: overrides)
         if let imatrix { policy.importance = try ImportanceMatrix(path: imatrix) }
+        policy.routerAware = routerAware
         let plan = try Quantizer.plan(source: try ConversionSource(conversion), policy: policy)
         if dryRun {
             print(QuantizationSummary.plan(plan))

@@ -54,6 +54,14 @@ struct STQuant: ParsableCommand {
                 + "as llama-quantize --imatrix chooses them.", valueName: "FILE"))
     var imatrix: String?
 
+    @Flag(
+        help: ArgumentHelp(
+            "Choose the Q4_0 token embedding's blocks with error feedback (GPTQ's order of work, ggml's blocks) that keeps their "
+                + "rounding error out of the directions the routers read: every router reads the raw residual stream the embedding "
+                + "starts. Needs no calibration text; with --imatrix for the rest it took the trained fixture's mean KL from "
+                + "0.0335 to 0.022 (plain Q4_0: 0.040). Not what llama-quantize writes."))
+    var routerAware = false
+
     @Flag(help: "Allow re-quantising tensors that are already quantised to another type.")
     var allowRequantize = false
 
@@ -95,6 +103,7 @@ struct STQuant: ParsableCommand {
                 type: type, embeddingType: embeddingType, outputType: outputType,
                 overrides: overrides, allowRequantize: allowRequantize, groupedLayouts: !plainRows)
             if let imatrix { policy.importance = try ImportanceMatrix(path: imatrix) }
+            policy.routerAware = routerAware
             let source = try PackageReader(path: input)
             let plan = try Quantizer.plan(source: source, policy: policy)
             let fallbacks = plan.manifest.tensors.filter { plan.decisions[$0.name]!.fellBack }
@@ -110,6 +119,11 @@ struct STQuant: ParsableCommand {
                             : ", \(plan.unweighted.count) with nothing in it quantised plainly ("
                                 + plan.unweighted.prefix(4).joined(separator: ", ") + (plan.unweighted.count > 4 ? ", …" : "") + ")") + "\n"
                 )
+            }
+            if !quiet && !json, !plan.compensation.isEmpty {
+                writeStandardError(
+                    "stquant: router-aware: \(plan.compensation.keys.sorted().joined(separator: ", ")) with error feedback against the "
+                        + "\(source.manifest.config.layerCount) routers\n")
             }
             if !quiet && !json, !fallbacks.isEmpty {
                 writeStandardError(

@@ -21,6 +21,20 @@ void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squar
 /// ggml that fuses them into FMAs can differ in the last bit of a sum, and so in a choice).
 void st_quantize_q4_0_weighted(const float *x, int64_t rows, int64_t row_length, const float *importance, uint8_t *out);
 
+/// Q4_0 blocks chosen with error feedback, in GPTQ's order of work, so that each row's rounding
+/// error e keeps eᵀ H e small for a positive definite H given through `u`, the upper Cholesky
+/// factor of H⁻¹ (`n` × `n`, row-major, from st_gptq_factor). Values are taken left to right;
+/// each block's scale is the reference quantiser's (its largest value / −8) on the block's values
+/// as the errors carried so far left them, each value rounds as the reference rounds it (clamped
+/// to the format), and its error e_c is carried into the values after it: w_i −= e_c · u[c][i] /
+/// u[c][c]. With H the identity nothing is carried and the bytes are st_quantize_q4_0's.
+void st_quantize_q4_0_compensated(const float *x, int64_t rows, int64_t n, const double *u, uint8_t *out);
+
+/// The factor st_quantize_q4_0_compensated takes: U upper triangular with Uᵀ U = H⁻¹, for `h`
+/// (`n` × `n`, row-major, symmetric). Returns 0, or −1 when H is not positive definite (or
+/// memory ran out).
+int st_gptq_factor(const double *h, int64_t n, double *u);
+
 /// ggml's type codes (ggml.h's `ggml_type`) of the block formats st_ggml_decode reads.
 enum {
     ST_GGML_Q4_1 = 3,

@@ -22,6 +22,9 @@ public struct QuantizationPolicy: Sendable {
     /// Q4_0 blocks chosen by error weighted by this importance matrix (`--imatrix`), as
     /// `llama-quantize --imatrix` chooses them.
     public var importance: ImportanceMatrix?
+    /// A Q4_0 token embedding's blocks chosen with error feedback that keeps its rounding error
+    /// out of the directions the routers read (`--router-aware`; `Quantizer.routerCompensation`).
+    public var routerAware = false
 
     public init(
         type: TensorDType, embeddingType: TensorDType? = nil, outputType: TensorDType? = nil,
