@@ -6,7 +6,8 @@
 #
 # 1. The trained fixture: `strun imatrix` over Tests/Fixtures/trained/calibration-sample.txt
 #    (training chapters, chunks of 512), then Q4_0 plain, with the matrix, and both with the tied
-#    embedding in q8_0 (llama.cpp's presets never store a tied embedding in Q4_0): `strun compare`
+#    embedding in q8_0 (llama.cpp's presets never store a tied embedding in Q4_0), and with
+#    `stquant --router-aware` (the embedding's blocks with error feedback against the routers): `strun compare`
 #    against the float package over the held-out sample (mean and 99th-percentile KL, top-1,
 #    perplexity), and each group of matrices quantised alone, to see where the loss is.
 # 2. A variant llama.cpp routes as we do: every router scaled by 1/8 (exact in bf16), so that no
@@ -33,7 +34,7 @@ echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); llama.cpp from lla
 judge() {  # label base.stpk other.stpk
     "$B/strun" compare "$2" "$3" --file "$F/held-out-sample.txt" --json -t "$threads" | python3 -c "
 import json, sys; d = json.load(sys.stdin)
-print('  %-44s mean KL %.4f  p99 %.3f  top-1 %.1f%%  perplexity %.2f (base %.2f)' % ('$1', d['mean_kl'], d['p99_kl'],
+print('  %-48s mean KL %.4f  p99 %.3f  top-1 %.1f%%  perplexity %.2f (base %.2f)' % ('$1', d['mean_kl'], d['p99_kl'],
       100 * d['top1_agreement'], d['other_perplexity'], d['base_perplexity']))"
 }
 
@@ -51,6 +52,10 @@ for embedding in q4_0 q8_0; do
     judge "embedding $embedding, plain" "$work/f32.stpk" "$work/plain.stpk"
     judge "embedding $embedding, our imatrix" "$work/f32.stpk" "$work/weighted.stpk"
 done
+quant "$work/aware.stpk" "$work/f32.stpk" --router-aware
+judge "embedding q4_0, --router-aware" "$work/f32.stpk" "$work/aware.stpk"
+quant "$work/aware.stpk" "$work/f32.stpk" --router-aware --imatrix "$work/ours.gguf"
+judge "embedding q4_0, our imatrix and --router-aware" "$work/f32.stpk" "$work/aware.stpk"
 echo "  each group alone in Q4_0 (the rest float32):"
 keep_attn=(--tensor-type 'layers.*.attn_*=f32')
 keep_in=(--tensor-type 'layers.*.experts.*.gate=f32' --tensor-type 'layers.*.experts.*.up=f32')
