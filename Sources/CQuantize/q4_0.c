@@ -1,6 +1,7 @@
 // ggml's Q4_0 quantiser, bit for bit (see cquantize.h). Written so that clang vectorises it: the
 // searches are selects, and the float-to-byte conversion is defined for every input.
 #include "cquantize.h"
+#include "q4_0_rule.h"
 
 #include <math.h>
 #include <string.h>
@@ -13,13 +14,6 @@ typedef struct {
 } block_q4_0;
 _Static_assert(sizeof(block_q4_0) == 18, "Q4_0 blocks are 18 bytes");
 
-// The low byte of cvttss2si(v), defined for every input: NaN or out of range gives INT32_MIN,
-// whose low byte is 0, so those become 0 here; written as a select so that the loop vectorises.
-static inline int8_t low_byte_like_x86(float v) {
-    const float t = (v != v || v >= 2147483648.0f || v < -2147483648.0f) ? 0.0f : v;
-    return (int8_t)(int32_t)t;
-}
-
 void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squared_error, double *sum_squared_value,
                       float *max_abs_error) {
     // Every product and sum rounded on its own, as in the reference (no fused multiply-adds).
@@ -29,23 +23,8 @@ void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squar
     for (int64_t b = 0; b < n / 32; b++) {
         const float *v = x + b * 32;
         block_q4_0 *block = (block_q4_0 *)out + b;
-        // The reference keeps the first value of largest magnitude (sign and all) and skips NaN;
-        // found in two passes that vectorise: the largest magnitude, then its first value
-        // (+0 when every value is ±0, as the reference's starting max).
-        float amax = 0, max = 0;
-        for (int j = 0; j < 32; j++) {
-            const float a = fabsf(v[j]);
-            amax = a > amax ? a : amax;
-        }
-        if (amax > 0) {
-            for (int j = 0; j < 32; j++) {
-                if (fabsf(v[j]) == amax) {
-                    max = v[j];
-                    break;
-                }
-            }
-        }
-        const float d = max / -8;
+        // The reference keeps the first value of largest magnitude (sign and all) and skips NaN.
+        const float d = st_q4_0_scale(v);
         const float id = d != 0 ? 1.0f / d : 0.0f;
         const _Float16 h = (_Float16)d;
         uint16_t bits;
@@ -53,8 +32,8 @@ void st_quantize_q4_0(const float *x, int64_t n, uint8_t *out, double *sum_squar
         block->d = bits;
         for (int j = 0; j < 16; j++) {
             const float x0 = v[j] * id, x1 = v[j + 16] * id;
-            int8_t q0 = low_byte_like_x86(x0 + 8.5f);
-            int8_t q1 = low_byte_like_x86(x1 + 8.5f);
+            int8_t q0 = st_low_byte_like_x86(x0 + 8.5f);
+            int8_t q1 = st_low_byte_like_x86(x1 + 8.5f);
             if (q0 > 15) q0 = 15;
             if (q1 > 15) q1 = 15;
             block->qs[j] = (uint8_t)((uint8_t)q0 | (uint8_t)((uint8_t)q1 << 4));

@@ -115,29 +115,6 @@ public enum Q8_0 {
         }
     }
 
-    /// Quantises `rows` rows of `rowLength` values (a multiple of 32) with error feedback that
-    /// keeps each row's rounding error e small in eᵀ H e, `factor` being `compensationFactor(h)`:
-    /// GPTQ's order of work on ggml's blocks (cquantize.h, st_quantize_q4_0_compensated).
-    public static func quantize(
-        _ x: UnsafePointer<Float>, rows: Int, rowLength: Int, compensation factor: UnsafePointer<Double>,
-        into out: UnsafeMutableRawPointer
-    ) {
-        precondition(rowLength % blockSize == 0)
-        st_quantize_q4_0_compensated(x, Int64(rows), Int64(rowLength), factor, out.assumingMemoryBound(to: UInt8.self))
-    }
-
-    /// The factor `quantize(_:rows:rowLength:compensation:into:)` takes for `h` (n × n, row-major,
-    /// symmetric positive definite): U upper triangular with Uᵀ U = H⁻¹. nil when H is not
-    /// positive definite.
-    public static func compensationFactor(_ h: [Double], n: Int) -> [Double]? {
-        precondition(h.count == n * n)
-        var u = [Double](repeating: 0, count: n * n)
-        let status = h.withUnsafeBufferPointer { h in
-            u.withUnsafeMutableBufferPointer { st_gptq_factor(h.baseAddress!, Int64(n), $0.baseAddress!) }
-        }
-        return status == 0 ? u : nil
-    }
-
     public static func dequantize(_ blocks: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
         precondition(count % blockSize == 0)
         for b in 0..<count / blockSize {
