@@ -5,7 +5,8 @@ import Format
 /// matrices see every token (q, k and v the attention input rmsnorm(x) ⊙ attention_norm, the
 /// output matrix the heads' outputs); an expert's gate and up matrices see the ffn-normed input of
 /// the tokens routed to it, its down matrix their ReGLU activations relu(W_gate h) ⊙ (W_up h)
-/// (before the mixture weight); an untied output matrix sees the final norm's output. Routers stay
+/// (before the mixture weight); the output matrix (the embedding, when tied) sees the final norm's
+/// output. Routers stay
 /// float and are not collected. Names follow our GGUF export (`ImportanceMatrix.source(of:)`).
 ///
 /// Attach to a session, feed it text in chunks, read `matrix`. It observes through the session's

@@ -59,17 +59,10 @@ extension Session {
     func mixExperts(layer: LayerWeights, index: Int, count n: Int) throws(EngineError) {
         let c = model.config, hidden = c.hiddenSize
         let input = expertInput(layer: layer, index: index, count: n)
-        // Recording activations: each expert's tokens get rows of `activationRows`, zero where
-        // the ReLU stops a neuron.
+        // Recording activations: each expert's tokens get rows of `activationRows` from
+        // `assignments.firstRow`, zero where the ReLU stops a neuron.
         let recording = expertActivationHook != nil
-        if recording {
-            var row = 0
-            for e in 0..<c.expertCount {
-                assignments.firstRow[e] = row
-                row += assignments.counts[e]
-            }
-            activationRows!.update(repeating: 0, count: row * c.expertFFNSize)
-        }
+        if recording { activationRows!.update(repeating: 0, count: n * c.activeExperts * c.expertFFNSize) }
         // Each worker adds into its own buffer; the buffers are summed in worker order.
         let workers = max(1, min(threads, c.expertFFNSize))
         for worker in 0..<workers { (partials + worker * Session.maximumBatch * hidden).update(repeating: 0, count: n * hidden) }
@@ -125,8 +118,8 @@ extension Session {
         let quantized = normed.quantizedForm()
         guard n > 1 else { return ExpertWork.Input(floats: normed.floats, quantized: quantized, gathered: nil) }
         expertInputs.setCount(0)
+        // In expert order, so expert e's tokens start at row `assignments.firstRow[e]` (set by `route`).
         for e in 0..<model.config.expertCount {
-            assignments.firstRow[e] = expertInputs.count
             for i in 0..<assignments.counts[e] { expertInputs.append(row: assignments.tokens[e * Session.maximumBatch + i], of: normed) }
         }
         return ExpertWork.Input(floats: normed.floats, quantized: quantized, gathered: expertInputs.quantizedForm())

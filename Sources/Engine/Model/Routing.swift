@@ -18,7 +18,9 @@ final class ExpertAssignments: @unchecked Sendable {
     let counts: UnsafeMutablePointer<Int>  // (experts)
     let tokens: UnsafeMutablePointer<Int>  // (experts, batch)
     let weights: UnsafeMutablePointer<Float>  // (experts, batch)
-    let firstRow: UnsafeMutablePointer<Int>  // (experts): where an expert's tokens start in the gathered batch
+    /// (experts): where expert e's tokens start when the batch's tokens are grouped by expert
+    /// (the gathered batch, recorded activations): the counts of the experts before e.
+    let firstRow: UnsafeMutablePointer<Int>
     let chosen: UnsafeMutablePointer<Int>  // (active): one token's choice, best first
     let used: UnsafeMutablePointer<Int>  // (experts): the experts any token of the batch chose
     var usedCount = 0
@@ -101,9 +103,14 @@ extension Session {
             }
         }
         routing.usedCount = 0
-        for e in 0..<c.expertCount where routing.counts[e] > 0 {
-            routing.used[routing.usedCount] = e
-            routing.usedCount += 1
+        var row = 0
+        for e in 0..<c.expertCount {
+            routing.firstRow[e] = row
+            row += routing.counts[e]
+            if routing.counts[e] > 0 {
+                routing.used[routing.usedCount] = e
+                routing.usedCount += 1
+            }
         }
     }
 }

@@ -198,23 +198,24 @@ public enum Quantizer {
         return [TensorNames.embedding: factor]
     }
 
-    /// All of tensor `name` of `source` as float32, rows in plain order.
+    /// All of tensor `name` of `source` as float32, rows in plain order (as `PackageReader.decode`,
+    /// for any source).
     static func floats(of name: String, from source: any TensorSource) throws(FormatError) -> [Float] {
         guard let t = source.tensor(name) else { throw .invalidRequest("the package has no \(name)") }
-        let count = t.shape.reduce(1, *)
-        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, t.dtype.byteLength(shape: t.shape)!), alignment: 64)
+        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, t.length), alignment: 64)
         defer { bytes.deallocate() }
-        try source.read(t, from: 0, into: UnsafeMutableRawBufferPointer(rebasing: bytes[..<t.dtype.byteLength(shape: t.shape)!]))
-        var plain = UnsafeRawPointer(bytes.baseAddress!)
-        let rearranged = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 64)
-        defer { rearranged.deallocate() }
-        if t.layout.isGrouped, t.shape.count == 2 {
-            t.layout.plainRows(
-                plain, into: rearranged.baseAddress!, rowBytes: t.dtype.byteLength(shape: [t.shape[1]])!, rowCount: t.shape[0])
-            plain = UnsafeRawPointer(rearranged.baseAddress!)
+        try source.read(t, from: 0, into: UnsafeMutableRawBufferPointer(rebasing: bytes[..<t.length]))
+        var out = [Float](repeating: 0, count: t.elementCount)
+        out.withUnsafeMutableBufferPointer { out in
+            guard t.layout.isGrouped else {
+                TensorCodec.decode(UnsafeRawPointer(bytes.baseAddress!), dtype: t.dtype, count: t.elementCount, into: out.baseAddress!)
+                return
+            }
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: t.length, alignment: 64)
+            defer { plain.deallocate() }
+            t.layout.plainRows(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: t.length / t.rows, rowCount: t.rows)
+            TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: t.dtype, count: t.elementCount, into: out.baseAddress!)
         }
-        var out = [Float](repeating: 0, count: count)
-        out.withUnsafeMutableBufferPointer { TensorCodec.decode(plain, dtype: t.dtype, count: count, into: $0.baseAddress!) }
         return out
     }
 
