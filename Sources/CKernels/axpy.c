@@ -327,18 +327,30 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
 
 void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
                             const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1) {
-    int a = 0, b = 0, count = 0;
-    while (a < n0 || b < n1) {
-        if (b >= n1 || (a < n0 && rows0[a] < rows1[b])) {
-            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = 0;
-        } else if (a >= n0 || rows1[b] < rows0[a]) {
-            merged[count] = rows1[b]; m0[count] = 0; m1[count] = c1[b++];
-        } else {
-            merged[count] = rows0[a]; m0[count] = c0[a++]; m1[count] = c1[b++];
-        }
-        count++;
+    // The rows both tokens use go through the two-output kernel (each unpacked once for both);
+    // the rows only one uses through the one-output kernel, which does not spend a multiply-add
+    // of zero on the other output. Layout of the scratch: the shared rows first, then the first
+    // token's own, then the second's.
+    int shared = 0;
+    for (int a = 0, b = 0; a < n0 && b < n1;) {
+        if (rows0[a] < rows1[b]) a++;
+        else if (rows1[b] < rows0[a]) b++;
+        else { shared++; a++; b++; }
     }
-    st_table()->axpy_rows2_q4_0(base, row_bytes, merged, m0, m1, count, y0, y1, n);
+    int both = 0, only0 = shared, only1 = shared + (n0 - shared);
+    for (int a = 0, b = 0; a < n0 || b < n1;) {
+        if (b >= n1 || (a < n0 && rows0[a] < rows1[b])) {
+            merged[only0] = rows0[a]; m0[only0++] = c0[a++];
+        } else if (a >= n0 || rows1[b] < rows0[a]) {
+            merged[only1] = rows1[b]; m1[only1++] = c1[b++];
+        } else {
+            merged[both] = rows0[a]; m0[both] = c0[a++]; m1[both++] = c1[b++];
+        }
+    }
+    const st_kernel_table *k = st_table();
+    if (shared > 0) k->axpy_rows2_q4_0(base, row_bytes, merged, m0, m1, shared, y0, y1, n);
+    if (n0 > shared) k->axpy_rows_q4_0(base, row_bytes, merged + shared, m0 + shared, n0 - shared, y0, n, NULL, 0);
+    if (n1 > shared) k->axpy_rows_q4_0(base, row_bytes, merged + n0, m1 + n0, n1 - shared, y1, n, NULL, 0);
 }
 
 void st_add_rows(float *y, const float *rows, int count, int stride, int n) {
