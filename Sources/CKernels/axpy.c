@@ -337,7 +337,7 @@ void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, c
         else if (rows1[b] < rows0[a]) b++;
         else { shared++; a++; b++; }
     }
-    int both = 0, only0 = shared, only1 = shared + (n0 - shared);
+    int both = 0, only0 = shared, only1 = n0;
     for (int a = 0, b = 0; a < n0 || b < n1;) {
         if (b >= n1 || (a < n0 && rows0[a] < rows1[b])) {
             merged[only0] = rows0[a]; m0[only0++] = c0[a++];

@@ -81,8 +81,7 @@ void st_quantize_q4_0_compensated(const float *x, int64_t rows, int64_t n, const
                 // clamped before the conversion when a carried error took the value past the
                 // block's largest (where the byte conversion would wrap).
                 const float t = (float)w[c] * id + 8.5f;
-                int8_t k = t >= 16.0f ? 15 : t < 0.0f ? 0 : st_low_byte_like_x86(t);
-                k = k > 15 ? 15 : k;
+                const int8_t k = t >= 16.0f ? 15 : t < 0.0f ? 0 : st_low_byte_like_x86(t);
                 q[j] = k;
                 const double error = (w[c] - scale * (k - 8)) / u[c * n + c];
                 const double *row = u + c * n;

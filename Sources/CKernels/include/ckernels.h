@@ -153,8 +153,9 @@ void st_interleave_q8_0_b8(const int8_t *xq, int8_t *xr, int blocks);
 void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const float *coefficients, int count, float *y, int n);
 
 /// Two tokens' down rows at once: y0 += Σ c0[a] · row rows0[a] (n0 rows) and y1 likewise, each
-/// row list ascending; the union goes through the kernel once (each shared row unpacked once).
-/// `merged`, `m0` and `m1` are scratch for n0 + n1 entries.
+/// row list ascending; the rows both lists hold go through the two-output kernel (each unpacked
+/// once for both), the others through the one-output kernel. `merged`, `m0` and `m1` are scratch
+/// for n0 + n1 entries.
 void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
                             const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1);
 
