@@ -172,15 +172,7 @@ public final class PackageReader: @unchecked Sendable {
     /// A tensor's values as float32 in the source's element order for its orientation, whatever
     /// its dtype and however its rows are grouped.
     public func decode(_ tensor: TensorEntry, into out: UnsafeMutablePointer<Float>) {
-        let bytes = bytes(of: tensor)
-        guard tensor.layout.isGrouped else {
-            TensorCodec.decode(bytes.baseAddress!, dtype: tensor.dtype, count: tensor.elementCount, into: out)
-            return
-        }
-        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: tensor.length, alignment: 64)
-        defer { plain.deallocate() }
-        tensor.layout.plainRows(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: tensor.length / tensor.rows, rowCount: tensor.rows)
-        TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: tensor.dtype, count: tensor.elementCount, into: out)
+        tensor.decode(bytes(of: tensor).baseAddress!, into: out)
     }
 
     public func bytes(of tensor: TensorEntry) -> UnsafeRawBufferPointer {
@@ -301,5 +293,20 @@ public final class PackageReader: @unchecked Sendable {
             spanIndex += 1
         }
         progress(total, total)
+    }
+}
+
+extension TensorEntry {
+    /// This tensor's bytes as a package stores them (`length` of them) as float32 in the source's
+    /// element order for its orientation, whatever its dtype and however its rows are grouped.
+    public func decode(_ bytes: UnsafeRawPointer, into out: UnsafeMutablePointer<Float>) {
+        guard layout.isGrouped else {
+            TensorCodec.decode(bytes, dtype: dtype, count: elementCount, into: out)
+            return
+        }
+        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 64)
+        defer { plain.deallocate() }
+        layout.plainRows(bytes, into: plain.baseAddress!, rowBytes: length / rows, rowCount: rows)
+        TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: dtype, count: elementCount, into: out)
     }
 }

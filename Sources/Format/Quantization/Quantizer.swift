@@ -198,7 +198,7 @@ public enum Quantizer {
         return [TensorNames.embedding: factor]
     }
 
-    /// All of tensor `name` of `source` as float32, rows in plain order (as `PackageReader.decode`,
+    /// All of tensor `name` of `source` as float32, rows in plain order (`PackageReader.decode`
     /// for any source).
     static func floats(of name: String, from source: any TensorSource) throws(FormatError) -> [Float] {
         guard let t = source.tensor(name) else { throw .invalidRequest("the package has no \(name)") }
@@ -206,16 +206,7 @@ public enum Quantizer {
         defer { bytes.deallocate() }
         try source.read(t, from: 0, into: UnsafeMutableRawBufferPointer(rebasing: bytes[..<t.length]))
         var out = [Float](repeating: 0, count: t.elementCount)
-        out.withUnsafeMutableBufferPointer { out in
-            guard t.layout.isGrouped else {
-                TensorCodec.decode(UnsafeRawPointer(bytes.baseAddress!), dtype: t.dtype, count: t.elementCount, into: out.baseAddress!)
-                return
-            }
-            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: t.length, alignment: 64)
-            defer { plain.deallocate() }
-            t.layout.plainRows(bytes.baseAddress!, into: plain.baseAddress!, rowBytes: t.length / t.rows, rowCount: t.rows)
-            TensorCodec.decode(UnsafeRawPointer(plain.baseAddress!), dtype: t.dtype, count: t.elementCount, into: out.baseAddress!)
-        }
+        out.withUnsafeMutableBufferPointer { t.decode(UnsafeRawPointer(bytes.baseAddress!), into: $0.baseAddress!) }
         return out
     }
 
