@@ -216,11 +216,11 @@ ST_AVX2 static inline __m256 sum8(const __m256 v[8]) {
 // prompt 9-16% faster on the AVX2 tier.)
 ST_AVX2 __attribute__((always_inline)) static inline void tile_scores_avx2(const float *const *k, int p0, const float *qT, int ml, int mv0,
                                                                          int head_dim, float *S, const int nv) {
-    __m256 acc[4][3];
+    __m256 acc[4][2];
     for (int r = 0; r < 4; r++)
         for (int i = 0; i < nv; i++) acc[r][i] = _mm256_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
-        __m256 q[3];
+        __m256 q[2];
         for (int i = 0; i < nv; i++) q[i] = _mm256_load_ps(qT + (size_t)d * ml + (mv0 + i) * 8);
         for (int r = 0; r < 4; r++) {
             const __m256 b = _mm256_broadcast_ss(k[p0 + r] + d);
@@ -233,11 +233,11 @@ ST_AVX2 __attribute__((always_inline)) static inline void tile_scores_avx2(const
 
 ST_AVX2 __attribute__((always_inline)) static inline void tile_values_avx2(const float *const *v, int count, const float *W, int ml,
                                                                          int mv0, int d0, float *oT, const int nv) {
-    __m256 acc[4][3];
+    __m256 acc[4][2];
     for (int r = 0; r < 4; r++)
         for (int i = 0; i < nv; i++) acc[r][i] = _mm256_load_ps(oT + (size_t)(d0 + r) * ml + (mv0 + i) * 8);
     for (int p = 0; p < count; p++) {
-        __m256 w[3];
+        __m256 w[2];
         for (int i = 0; i < nv; i++) w[i] = _mm256_load_ps(W + (size_t)p * ml + (mv0 + i) * 8);
         for (int r = 0; r < 4; r++) {
             const __m256 b = _mm256_broadcast_ss(v[p] + d0 + r);
