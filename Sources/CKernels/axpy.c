@@ -128,10 +128,112 @@ ST_AVX2 ST_AXPY_ROWS(st_axpy_rows_q4_0_avx2) {
     }
 }
 
+// Two tokens' rows in 16-bit integers, where a row's blocks come in whole eights (every model
+// shape; others take the float form below). vpmaddwd multiplies two rows' nibbles by their
+// coefficients and adds the pair in one step, so each pair of rows is unpacked once for both
+// tokens and every multiply-add covers 16 products, twice the float form's. Per chunk of up to
+// 2 · I16_PAIRS rows: each token's c·d (row coefficient times block scale) is rounded to an integer
+// against 32767 / the chunk's largest |c·d| at that block, the two rows of a pair side by side in
+// one 32-bit word; each block's 32 sums stay in int32 through the chunk (at most 2 · 32 pairs ·
+// 15 · 32767 plus the offset, far inside) and meet the float scale once. Each product's
+// coefficient is within half a step (1/65534 of the chunk's largest) of the float form's.
+// Measured on the 21B width's P = 512 prompt (AVX2 tier, Zen 4): 1.5x the float form's speed per
+// row in a microbenchmark, the down rows' share of the profile 0.89 → 0.77 of the dense dots'.
+#define I16_PAIRS 32
+#define I16_WORDS 4096
+#define I16_MAX_BLOCKS 512
+
+ST_AVX2 static void rows2_i16_avx2(const uint8_t *m, int row_bytes, const int *rows, const float *c0, const float *c1, int count,
+                                   float *y0, float *y1, int blocks) {
+    const float *cs[2] = {c0, c1};
+    float *ys[2] = {y0, y1};
+    const int pairs_max = I16_WORDS / (2 * blocks) < I16_PAIRS ? I16_WORDS / (2 * blocks) : I16_PAIRS;
+    float dscale[I16_WORDS];                 // the chunk's rows' block scales, row by row
+    int32_t words[I16_WORDS];                // [token][pair][block]: two rows' 16-bit coefficients
+    float scale[2][I16_MAX_BLOCKS];          // per token and block: the largest |c·d|, then the step
+    int32_t seed[2][I16_MAX_BLOCKS];         // −8 · Σ coefficients (the nibbles' offset of 8)
+    const st_block_q4_0 *ptr[2 * I16_PAIRS];
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i mask = _mm256_set1_epi16(0x0F);
+    for (int a = 0; a < count; a += 2 * pairs_max) {
+        const int k_count = count - a < 2 * pairs_max ? count - a : 2 * pairs_max;
+        const int pairs = (k_count + 1) / 2;
+        // The rows' scales as floats, and each token's largest |c·d| per block. An odd chunk's
+        // last pair repeats its row with coefficient 0.
+        for (int t = 0; t < 2; t++)
+            for (int b = 0; b < blocks; b += 8) _mm256_storeu_ps(scale[t] + b, _mm256_setzero_ps());
+        for (int k = 0; k < 2 * pairs; k++) {
+            const int real = k < k_count;
+            ptr[k] = (const st_block_q4_0 *)(m + (size_t)rows[a + (real ? k : k - 1)] * row_bytes);
+            float *d = dscale + (size_t)k * blocks;
+            for (int b = 0; b < blocks; b++) d[b] = _cvtsh_ss(ptr[k][b].d);
+            for (int t = 0; t < 2 && real; t++) {
+                const __m256 c = _mm256_set1_ps(fabsf(cs[t][a + k]));
+                for (int b = 0; b < blocks; b += 8) {
+                    const __m256 v = _mm256_mul_ps(c, _mm256_andnot_ps(sign, _mm256_loadu_ps(d + b)));
+                    _mm256_storeu_ps(scale[t] + b, _mm256_max_ps(v, _mm256_loadu_ps(scale[t] + b)));
+                }
+            }
+        }
+        // The coefficient words and seeds; scale becomes each block's step (largest / 32767).
+        for (int t = 0; t < 2; t++) {
+            for (int b = 0; b < blocks; b += 8) {
+                const __m256 s = _mm256_loadu_ps(scale[t] + b);
+                const __m256 positive = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_GT_OQ);
+                const __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(32767.0f), s), positive);
+                _mm256_storeu_ps(scale[t] + b, _mm256_mul_ps(s, _mm256_set1_ps(1.0f / 32767.0f)));
+                __m256i sum = _mm256_setzero_si256();
+                for (int p = 0; p < pairs; p++) {
+                    const float f0 = cs[t][a + 2 * p], f1 = 2 * p + 1 < k_count ? cs[t][a + 2 * p + 1] : 0.0f;
+                    const __m256 d0 = _mm256_loadu_ps(dscale + (size_t)(2 * p) * blocks + b);
+                    const __m256 d1 = _mm256_loadu_ps(dscale + (size_t)(2 * p + 1) * blocks + b);
+                    const __m256i w0 = _mm256_cvtps_epi32(_mm256_mul_ps(d0, _mm256_mul_ps(_mm256_set1_ps(f0), inv)));
+                    const __m256i w1 = _mm256_cvtps_epi32(_mm256_mul_ps(d1, _mm256_mul_ps(_mm256_set1_ps(f1), inv)));
+                    sum = _mm256_add_epi32(sum, _mm256_add_epi32(w0, w1));
+                    _mm256_storeu_si256((__m256i *)(words + ((size_t)t * pairs + p) * blocks + b),
+                                        _mm256_blend_epi16(w0, _mm256_slli_epi32(w1, 16), 0xAA));
+                }
+                _mm256_storeu_si256((__m256i *)(seed[t] + b), _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), sum), 3));
+            }
+        }
+        // Block by block: every pair of rows into the int32 sums, then the outputs.
+        for (int b = 0; b < blocks; b++) {
+            __m256i acc[2][4];
+            for (int t = 0; t < 2; t++)
+                for (int v = 0; v < 4; v++) acc[t][v] = _mm256_set1_epi32(seed[t][b]);
+            for (int p = 0; p < pairs; p++) {
+                // Pairs (row 2p, row 2p + 1) of values 0..7, 8..15, 16..23 and 24..31 as 16-bit lanes.
+                const __m128i q0 = _mm_loadu_si128((const __m128i *)ptr[2 * p][b].qs);
+                const __m128i q1 = _mm_loadu_si128((const __m128i *)ptr[2 * p + 1][b].qs);
+                const __m256i lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(q0, q1));
+                const __m256i hi = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(q0, q1));
+                const __m256i w[4] = {_mm256_and_si256(lo, mask), _mm256_and_si256(hi, mask), _mm256_srli_epi16(lo, 4),
+                                      _mm256_srli_epi16(hi, 4)};
+                for (int t = 0; t < 2; t++) {
+                    const __m256i c = _mm256_set1_epi32(words[((size_t)t * pairs + p) * blocks + b]);
+                    for (int v = 0; v < 4; v++) acc[t][v] = _mm256_add_epi32(acc[t][v], _mm256_madd_epi16(w[v], c));
+                }
+            }
+            for (int t = 0; t < 2; t++) {
+                const __m256 s = _mm256_set1_ps(scale[t][b]);
+                float *o = ys[t] + b * ST_QK;
+                for (int v = 0; v < 4; v++) {
+                    _mm256_storeu_ps(o + 8 * v, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[t][v]), _mm256_loadu_ps(o + 8 * v)));
+                }
+            }
+        }
+    }
+}
+
+
 // Two tokens' rows in one pass (a prompt's tokens that chose the same expert share most of its
 // active neurons): each row block is unpacked once for both, and each output's 32-float slice is
-// loaded and stored once per four rows.
+// loaded and stored once per four rows. Rows of whole eights of blocks take the integer form above.
 ST_AVX2 ST_AXPY_ROWS2(st_axpy_rows2_q4_0_avx2) {
+    if (n / ST_QK % 8 == 0 && n / ST_QK <= I16_MAX_BLOCKS) {
+        rows2_i16_avx2(base, row_bytes, rows, c0, c1, count, y0, y1, n / ST_QK);
+        return;
+    }
     const uint8_t *m = base;
     const int blocks = n / ST_QK;
     const __m256i mask = _mm256_set1_epi32(0x0F);

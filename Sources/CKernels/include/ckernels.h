@@ -154,8 +154,10 @@ void st_axpy_rows_q4_0(const void *base, int row_bytes, const int *rows, const f
 
 /// Two tokens' down rows at once: y0 += Σ c0[a] · row rows0[a] (n0 rows) and y1 likewise, each
 /// row list ascending; the rows both lists hold go through the two-output kernel (each unpacked
-/// once for both), the others through the one-output kernel. `merged`, `m0` and `m1` are scratch
-/// for n0 + n1 entries.
+/// once for both), the others through the one-output kernel. On the AVX2 tier the two-output
+/// kernel works in 16-bit integers where n is a multiple of 256: each c · (block scale) is rounded
+/// to 1/32767 of the largest such product at that block among up to 64 rows at a time. `merged`,
+/// `m0` and `m1` are scratch for n0 + n1 entries.
 void st_axpy_rows_q4_0_pair(const void *base, int row_bytes, const int *rows0, const float *c0, int n0, const int *rows1,
                             const float *c1, int n1, float *y0, float *y1, int n, int *merged, float *m0, float *m1);
 
