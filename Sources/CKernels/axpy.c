@@ -225,7 +225,6 @@ ST_AVX2 static void rows2_i16_avx2(const uint8_t *m, int row_bytes, const int *r
     }
 }
 
-
 // Two tokens' rows in one pass (a prompt's tokens that chose the same expert share most of its
 // active neurons): each row block is unpacked once for both, and each output's 32-float slice is
 // loaded and stored once per four rows. Rows of whole eights of blocks take the integer form above.

@@ -514,7 +514,7 @@ import Testing
                     for (t, list) in lists.enumerated() {
                         for (r, c) in zip(list, coefficients[t]) where shared.contains(r) {
                             let d = matrix.withUnsafeBytes {
-                                $0.loadUnaligned(fromByteOffset: Int(r) * rowBytes + b * 18, as: Float16.self)
+                                $0.loadUnaligned(fromByteOffset: Int(r) * rowBytes + b * TensorDType.q4_0.blockBytes, as: Float16.self)
                             }
                             largest = max(largest, abs(c * Float(d)))
                         }
